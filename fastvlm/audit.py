@@ -1,0 +1,108 @@
+"""Static audit: compile every kernel x config for an H100 (sm_90a) without a GPU.
+
+For each case it reports registers, spilled bytes, shared memory and whether the matrix instructions are wgmma.
+Run it as ``fastvlm audit`` or ``python -m fastvlm.audit [--json]``. It must run in a process where
+``TRITON_INTERPRET`` is unset: with the interpreter on, triton builds its own standard library as interpreter
+functions at import and compilation fails with misleading errors.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+H100_SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
+
+
+def _cases():
+    from fastvlm.kernels import gemm, norm_stats
+
+    return gemm.audit_cases() + norm_stats.audit_cases()
+
+
+def _ptxas():
+    import triton
+
+    path = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    return path if os.path.exists(path) else None
+
+
+def compile_case(case, arch=90):
+    """Compile one case and return its resource report (a dict)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(case["fn"].arg_names)
+    missing = set(names) ^ set(case["signature"])
+    if missing:
+        raise ValueError(f"audit case {case['name']}: signature does not match the kernel's arguments: {sorted(missing)}")
+    signature = {n: case["signature"][n] for n in names}  # in the kernel's argument order
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in case["divisible"]}
+    src = ASTSource(fn=case["fn"], signature=signature, constexprs=dict(case["constexprs"]), attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
+    ptx = compiled.asm["ptx"]
+    report = {
+        "name": case["name"],
+        "num_warps": case["num_warps"],
+        "num_stages": case["num_stages"],
+        "shared_bytes": int(compiled.metadata.shared),
+        "wgmma": "wgmma.mma_async" in ptx,
+        "mma_sync": "mma.sync" in ptx,
+        "expect_mma": case["expect_mma"],
+        "registers": None,
+        "spill_bytes": None,
+    }
+    ptxas = _ptxas()
+    if ptxas:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = os.path.join(tmp, "k.ptx")
+            with open(p, "w") as f:
+                f.write(ptx)
+            target = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)
+            res = subprocess.run([ptxas, "-v", f"--gpu-name={target}", p, "-o", os.path.join(tmp, "k.cubin")],
+                                 capture_output=True, text=True)
+            text = res.stdout + res.stderr
+            regs = re.search(r"Used (\d+) registers", text)
+            spills = re.findall(r"(\d+) bytes spill stores", text) + re.findall(r"(\d+) bytes spill loads", text)
+            report["registers"] = int(regs.group(1)) if regs else None
+            report["spill_bytes"] = sum(int(s) for s in spills) if spills else 0
+    report["ok"] = (report["shared_bytes"] <= H100_SMEM_LIMIT and (report["spill_bytes"] or 0) == 0
+                    and (report["wgmma"] or not report["expect_mma"]))
+    return report
+
+
+def run_audit():
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise RuntimeError("fastvlm audit must run without TRITON_INTERPRET=1 (unset it; the audit compiles, it never launches)")
+    return [compile_case(c) for c in _cases()]
+
+
+def format_table(reports):
+    head = f"{'kernel / config':58} {'regs':>5} {'spill B':>8} {'smem KB':>8} {'matrix':>9}  ok"
+    lines = [head, "-" * len(head)]
+    for r in reports:
+        mma = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "-")
+        lines.append(f"{r['name']:58} {r['registers'] if r['registers'] is not None else '?':>5} "
+                     f"{r['spill_bytes'] if r['spill_bytes'] is not None else '?':>8} {r['shared_bytes'] / 1024:8.1f} "
+                     f"{mma:>9}  {'yes' if r['ok'] else 'NO'}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    reports = run_audit()
+    if "--json" in argv:
+        print(json.dumps(reports))
+    else:
+        print("sm_90a compile audit (no GPU needed): shared memory limit 227 KB, no spills, wgmma for GEMM tiles")
+        print(format_table(reports))
+    return 0 if all(r["ok"] for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

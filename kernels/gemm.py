@@ -1,0 +1,290 @@
+"""The fused GEMM every fastvlm op is built on: ``out = epilogue(prologue(A) @ W^T)``.
+
+    A  [M, K]  activations, any strides (a view such as Qwen2-VL's free 2x2 merge ``x.view(-1, 4 * D)`` is read as is)
+    W  [N, K]  an nn.Linear weight, any strides (never transposed or copied)
+
+Prologue, applied to each A tile right after it is loaded (fp32 math, then cast back to A's dtype for the tensor
+cores, which is where PyTorch rounds the norm's output too):
+    NORM = "none" | "layernorm" | "rmsnorm"
+    The statistics come from kernels/norm_stats.py, one (mean, rstd) per *norm row*. A norm row is ``NORM_GROUP``
+    consecutive columns of A, so a norm over the unmerged width (Qwen2-VL: LayerNorm(1280) then view(-1, 5120)) and a
+    norm over the full row (InternVL, Qwen3-VL post-shuffle) are the same code.
+    "rmsnorm" reproduces the transformers RMSNorm cast point: ``w * (x * rstd).to(x.dtype)``.
+
+Epilogue, on the fp32 accumulator:
+    + bias -> [store the pre-activation, for backward] -> ACT -> [* (A @ Wup^T + bup): gated pair, SwiGLU]
+    -> [+ residual] -> cast to out's dtype -> store
+
+A-load hook: ``_a_tile_offsets`` maps a tile of logical A coordinates (rows m, columns k) to element offsets. Today
+it is the strided 2-D map; gathers (im2col for patch embedding, space-to-depth for pixel shuffle) are further
+``A_MODE`` branches of that one function, so the K loop, prologue and epilogue stay shared.
+
+Numerics: fp32 accumulation always. fp32 inputs use ``PRECISION`` ("ieee" unless the caller allowed TF32, matching
+torch.backends.cuda.matmul.allow_tf32). All offsets are int64.
+"""
+import triton
+import triton.language as tl
+
+from ._interp import autotune_configs, dot_operand
+from .activations import ACTIVATIONS, apply_act
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The first one is what the interpreter runs.
+# 64-row tiles reach wgmma with 4 warps (one warpgroup); 128-row tiles use 8 warps (two warpgroups).
+GEMM_CONFIGS = [
+    (128, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4),
+]
+# 128x256 tiles were tried and dropped: ptxas spills (80-208 B) with a GELU or norm epilogue at 8 warps.
+SMEM_BUDGET = 200 * 1024  # of the 227 KB an H100 block may use; leaves room for the epilogue's layout conversion
+
+
+def _smem_estimate(bm, bn, bk, stages, elem_bytes, gated):
+    return (bm * bk + bk * bn * (2 if gated else 1)) * elem_bytes * stages
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    gated = named_args.get("GATED", kwargs.get("GATED", False))
+    a = named_args["a_ptr"]
+    elem = a.element_size() if hasattr(a, "element_size") else 2
+    kept = [c for c in configs
+            if _smem_estimate(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages, elem, gated)
+            <= SMEM_BUDGET and not (gated and c.kwargs["BLOCK_N"] > 128)]
+    return kept or configs[-1:]
+
+
+def _triton_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in GEMM_CONFIGS]
+
+
+@triton.jit
+def _a_tile_offsets(rm64, rk64, stride_am, stride_ak, A_MODE: tl.constexpr):
+    # Strided rows. Future modes ("im2col", "space_to_depth") compute the same [BLOCK_M, BLOCK_K] offsets from
+    # separable row and column terms.
+    return rm64[:, None] * stride_am + rk64[None, :] * stride_ak
+
+
+@triton.jit
+def _prologue_norm(a, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, n_groups, NORM_GROUP,
+                   NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, NORM_ALIGNED: tl.constexpr):
+    xf = a.to(tl.float32)
+    if NORM_ALIGNED:
+        # the whole K tile lies in one norm group: one statistic per row
+        sidx = rm64 * n_groups + k0 // NORM_GROUP
+        rs = tl.load(rstd_ptr + sidx, mask=mask_m, other=0.0)[:, None]
+        if NORM == "layernorm":
+            mu = tl.load(mean_ptr + sidx, mask=mask_m, other=0.0)[:, None]
+    else:
+        sidx = rm64[:, None] * n_groups + (rk // NORM_GROUP)[None, :]
+        smask = mask_m[:, None] & mask_k[None, :]
+        rs = tl.load(rstd_ptr + sidx, mask=smask, other=0.0)
+        if NORM == "layernorm":
+            mu = tl.load(mean_ptr + sidx, mask=smask, other=0.0)
+    wcol = rk % NORM_GROUP
+    nw = tl.load(nw_ptr + wcol, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    if NORM == "layernorm":
+        y = (xf - mu) * rs * nw
+        if HAS_NORM_BIAS:
+            y += tl.load(nb_ptr + wcol, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    else:  # rmsnorm, transformers cast point: weight * (x * rstd).to(input dtype)
+        y = (xf * rs).to(a.dtype).to(tl.float32) * nw
+    return y.to(a.dtype)
+
+
+@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "GATED", "NORM", "ACT"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.heuristics({"NORM_ALIGNED": lambda args: args["NORM"] != "none" and args["NORM_GROUP"] % args["BLOCK_K"] == 0})
+@triton.jit
+def _fused_linear_kernel(
+    a_ptr,  # [M, K]
+    w_ptr,  # [N, K]
+    wu_ptr,  # [N, K] up weight of the gated pair (GATED), else unused
+    bias_ptr,  # [N] (HAS_BIAS)
+    bu_ptr,  # [N] bias of the up weight (GATED and HAS_BIAS)
+    res_ptr,  # [M, N] residual (HAS_RES)
+    out_ptr,  # [M, N]
+    pre_ptr,  # [M, N] pre-activation (STORE_PRE)
+    mean_ptr,  # [M * K / NORM_GROUP] fp32 (NORM == "layernorm")
+    rstd_ptr,  # [M * K / NORM_GROUP] fp32 (NORM != "none")
+    nw_ptr,  # [NORM_GROUP] norm weight
+    nb_ptr,  # [NORM_GROUP] norm bias (HAS_NORM_BIAS)
+    M, N, K, M_BUCKET,
+    stride_am, stride_ak, stride_wn, stride_wk, stride_wun, stride_wuk,
+    stride_rm, stride_rn, stride_om, stride_on, stride_pm, stride_pn,
+    NORM_GROUP,
+    A_MODE: tl.constexpr, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, NORM_ALIGNED: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # grouped program order: GROUP_M row-tiles share each column-tile of W while it is in L2
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_in_group = GROUP_M * num_pid_n
+    first_m = (pid // num_in_group) * GROUP_M
+    group_m = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % num_in_group) % group_m
+    pid_n = (pid % num_in_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    n_groups = K // NORM_GROUP
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        mask_k = rk < K
+        rk64 = rk.to(tl.int64)
+        a = tl.load(a_ptr + _a_tile_offsets(rm64, rk64, stride_am, stride_ak, A_MODE),
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        if NORM != "none":
+            a = _prologue_norm(a, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, n_groups,
+                               NORM_GROUP, NORM, HAS_NORM_BIAS, NORM_ALIGNED)
+        wmask = mask_k[:, None] & mask_n[None, :]
+        w = tl.load(w_ptr + rk64[:, None] * stride_wk + rn64[None, :] * stride_wn, mask=wmask, other=0.0)
+        acc = tl.dot(dot_operand(a), dot_operand(w), acc, input_precision=PRECISION)
+        if GATED:
+            wu = tl.load(wu_ptr + rk64[:, None] * stride_wuk + rn64[None, :] * stride_wun, mask=wmask, other=0.0)
+            acc_up = tl.dot(dot_operand(a), dot_operand(wu), acc_up, input_precision=PRECISION)
+
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    omask = mask_m[:, None] & mask_n[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + rm64[:, None] * stride_pm + rn64[None, :] * stride_pn,
+                 acc.to(pre_ptr.dtype.element_ty), mask=omask)
+    acc = apply_act(acc, ACT)
+    if GATED:
+        if HAS_BIAS:
+            acc_up += tl.load(bu_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc = acc * acc_up
+    if HAS_RES:
+        acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn64[None, :] * stride_rn,
+                       mask=omask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+             mask=omask)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
+                 norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None,
+                 store_pre=False, out_dtype=None, precision=None, config=None):
+    """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
+
+    ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuple that bypasses the autotuner
+    (tests use it to cover every tile shape under the interpreter).
+    """
+    import torch
+
+    _check(a.dim() == 2, f"fused_linear: a must be 2-D [M, K], got shape {tuple(a.shape)}")
+    _check(weight.dim() == 2 and weight.shape[1] == a.shape[1],
+           f"fused_linear: weight must be [N, {a.shape[1]}] to match a [M, K], got {tuple(weight.shape)}")
+    _check(act in ACTIVATIONS, f"fused_linear: act must be one of {ACTIVATIONS}, got {act!r}")
+    _check(norm in ("none", "layernorm", "rmsnorm"), f"fused_linear: unknown norm {norm!r}")
+    M, K = a.shape
+    N = weight.shape[0]
+    gated = up_weight is not None
+    if gated:
+        _check(up_weight.shape == weight.shape, f"fused_linear: up_weight must be {tuple(weight.shape)}, got {tuple(up_weight.shape)}")
+        _check(not store_pre, "fused_linear: store_pre is not supported with a gated pair")
+        _check((bias is None) == (up_bias is None), "fused_linear: give both bias and up_bias, or neither")
+    if bias is not None:
+        _check(bias.shape == (N,), f"fused_linear: bias must be [{N}], got {tuple(bias.shape)}")
+    if residual is not None:
+        _check(residual.shape == (M, N), f"fused_linear: residual must be [{M}, {N}], got {tuple(residual.shape)}")
+    if norm != "none":
+        _check(norm_group is not None and norm_group > 0 and K % norm_group == 0,
+               f"fused_linear: norm_group must divide K={K}, got {norm_group}")
+        rows = M * (K // norm_group)
+        _check(rstd is not None and rstd.shape == (rows,) and rstd.dtype == torch.float32,
+               f"fused_linear: rstd must be fp32 [{rows}]")
+        _check(norm == "rmsnorm" or (mean is not None and mean.shape == (rows,)), f"fused_linear: mean must be fp32 [{rows}]")
+        _check(norm_weight is not None and norm_weight.shape == (norm_group,),
+               f"fused_linear: norm_weight must be [{norm_group}]")
+    out_dtype = out_dtype or a.dtype
+    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    pre = torch.empty((M, N), device=a.device, dtype=out_dtype) if store_pre else None
+    if M == 0 or N == 0:
+        return (out, pre) if store_pre else out
+    if precision is None:
+        precision = "tf32" if (a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    dummy = out
+    args = (
+        a, weight, up_weight if gated else dummy, bias if bias is not None else dummy,
+        up_bias if up_bias is not None else dummy, residual if residual is not None else dummy, out,
+        pre if store_pre else dummy, mean if mean is not None else dummy, rstd if rstd is not None else dummy,
+        norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
+        M, N, K, triton.next_power_of_2(M),
+        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
+        up_weight.stride(0) if gated else 0, up_weight.stride(1) if gated else 0,
+        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+        out.stride(0), out.stride(1), pre.stride(0) if store_pre else 0, pre.stride(1) if store_pre else 0,
+        norm_group if norm != "none" else K,
+    )
+    flags = dict(A_MODE="strided", NORM=norm, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=bias is not None, ACT=act,
+                 GATED=gated, HAS_RES=residual is not None, STORE_PRE=bool(store_pre), PRECISION=precision)
+    if config is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        _fused_linear_kernel[grid](*args, **flags)
+    else:
+        bm, bn, bk, warps, stages = config
+        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
+        _fused_linear_kernel.fn[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                                      num_warps=warps, num_stages=stages)
+    return (out, pre) if store_pre else out
+
+
+_PTR_ARGS = ("a_ptr", "w_ptr", "wu_ptr", "bias_ptr", "bu_ptr", "res_ptr", "out_ptr", "pre_ptr", "mean_ptr", "rstd_ptr",
+             "nw_ptr", "nb_ptr")
+
+
+def audit_cases():
+    """Compile cases for ``fastvlm audit``: every autotune config x the epilogue variants the ops launch on sm_90,
+    with the specialisation the JIT would see for contiguous 16-aligned bf16 tensors (unit inner strides become
+    constexpr 1; pointers, sizes and leading strides divisible by 16)."""
+    variants = [
+        ("linear_gelu+pre", dict(NORM="none", HAS_NORM_BIAS=False, HAS_BIAS=True, ACT="gelu", GATED=False,
+                                 HAS_RES=False, STORE_PRE=True)),
+        ("layernorm_linear_gelu", dict(NORM="layernorm", HAS_NORM_BIAS=True, HAS_BIAS=True, ACT="gelu", GATED=False,
+                                       HAS_RES=False, STORE_PRE=False)),
+        ("rmsnorm_linear", dict(NORM="rmsnorm", HAS_NORM_BIAS=False, HAS_BIAS=True, ACT="none", GATED=False,
+                                HAS_RES=False, STORE_PRE=False)),
+        ("swiglu_gated+res", dict(NORM="none", HAS_NORM_BIAS=False, HAS_BIAS=False, ACT="silu", GATED=True,
+                                  HAS_RES=True, STORE_PRE=False)),
+    ]
+    cases = []
+    for vname, flags in variants:
+        for bm, bn, bk, warps, stages in GEMM_CONFIGS:
+            if _smem_estimate(bm, bn, bk, stages, 2, flags["GATED"]) > SMEM_BUDGET or (flags["GATED"] and bn > 128):
+                continue
+            sig = {name: "*bf16" for name in _PTR_ARGS}
+            sig.update(mean_ptr="*fp32", rstd_ptr="*fp32")
+            for name in ("M", "N", "K", "M_BUCKET", "stride_am", "stride_wn", "stride_wun", "stride_rm", "stride_om",
+                         "stride_pm", "NORM_GROUP"):
+                sig[name] = "i32"
+            for name in ("stride_ak", "stride_wk", "stride_wuk", "stride_rn", "stride_on", "stride_pn"):
+                sig[name] = "constexpr"
+            constexprs = {name: 1 for name in ("stride_ak", "stride_wk", "stride_wuk", "stride_rn", "stride_on", "stride_pn")}
+            constexprs.update(flags, A_MODE="strided", PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                              NORM_ALIGNED=flags["NORM"] != "none")
+            for name in ("A_MODE", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "HAS_BIAS", "ACT", "GATED", "HAS_RES",
+                         "STORE_PRE", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+                sig[name] = "constexpr"
+            divisible = _PTR_ARGS + ("N", "K", "M_BUCKET", "stride_am", "stride_wn", "stride_wun", "stride_rm",
+                                     "stride_om", "stride_pm", "NORM_GROUP")
+            cases.append(dict(name=f"fused_linear[{vname}] {bm}x{bn}x{bk} w{warps} s{stages}", fn=_fused_linear_kernel.fn.fn,
+                              signature=sig, constexprs=constexprs, divisible=divisible, num_warps=warps,
+                              num_stages=stages, expect_mma=True))
+    return cases
