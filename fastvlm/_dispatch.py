@@ -1,0 +1,178 @@
+"""Backend choice, explained fallbacks and ``fastvlm.trace()``.
+
+Every op asks ``choose_backend(op, device, reasons)`` once per call. ``reasons`` are the op's own reasons why its
+Triton kernel cannot run these inputs (dtype, shapes, unsupported options); this module adds the environment's
+(device, Triton importable, FASTVLM_BACKEND). The answer is "triton" or "torch" (the plain-PyTorch path):
+
+* FASTVLM_BACKEND=auto (default): Triton on CUDA tensors when nothing forbids it, else the PyTorch path. A fallback
+  is reported once per (op, reasons) as a ``FastVLMFallbackWarning``; FASTVLM_STRICT=1 turns it into an error that
+  lists every reason.
+* FASTVLM_BACKEND=triton: Triton or an error (never a fallback). On CPU tensors this needs TRITON_INTERPRET=1 set
+  before triton is imported: the real kernels then run in the Triton interpreter, which is how CI checks them.
+* FASTVLM_BACKEND=torch: always the PyTorch path (an explicit choice, so no warning; trace() still records it).
+
+The environment is read at every call, so tests and users can switch backends without re-importing.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+
+class FastVLMFallbackWarning(UserWarning):
+    """A fastvlm op ran its PyTorch path instead of its kernel; the message says why."""
+
+
+class FastVLMFallbackError(RuntimeError):
+    """Raised under FASTVLM_STRICT=1 (or FASTVLM_BACKEND=triton) when the fast path cannot run."""
+
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def requested_backend() -> str:
+    value = os.environ.get("FASTVLM_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"FASTVLM_BACKEND must be one of {BACKENDS}, got {value!r}")
+    return value
+
+
+def strict() -> bool:
+    return os.environ.get("FASTVLM_STRICT", "0") not in ("", "0", "false", "False")
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_status() -> tuple[bool, str]:
+    """(importable, why not). Cached: triton's importability does not change within a process."""
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+
+        from fastvlm.kernels import gemm  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken install raising anything else
+        return False, f"triton cannot be imported ({type(exc).__name__}: {exc})"
+    return True, ""
+
+
+def environment_reasons(device) -> list[str]:
+    """Why the Triton kernels cannot run on tensors of ``device`` in this process (empty when they can)."""
+    ok, why = triton_status()
+    if device.type == "cuda":
+        return [] if ok else [why]
+    if device.type == "cpu":
+        if not interpreter_enabled():
+            return ["tensors are on cpu: the Triton kernels need a CUDA device (or FASTVLM_BACKEND=triton with "
+                    "TRITON_INTERPRET=1 to run them in the Triton interpreter)"]
+        if requested_backend() != "triton":
+            return ["tensors are on cpu: the Triton interpreter runs only when FASTVLM_BACKEND=triton"]
+        return [] if ok else [why]
+    return [f"tensors are on {device.type}: fastvlm kernels support CUDA only"]
+
+
+# ---------------------------------------------------------------- recording
+
+
+@dataclass
+class OpRecord:
+    op: str
+    backend: str
+    reasons: tuple[str, ...] = ()
+    detail: str = ""
+
+
+@dataclass
+class Trace:
+    """Records of the fastvlm ops called inside a ``fastvlm.trace()`` block. ``print(trace)`` gives a table."""
+
+    records: list[OpRecord] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        if not self.records:
+            return "fastvlm.trace: no fastvlm op was called"
+        rows = [("op", "backend", "shapes", "fallback reason")]
+        for r in self.records:
+            rows.append((r.op, r.backend, r.detail, "; ".join(r.reasons) or "-"))
+        widths = [max(len(row[i]) for row in rows) for i in range(3)]
+        out = []
+        for i, row in enumerate(rows):
+            out.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
+            if i == 0:
+                out.append("-" * (sum(widths) + 6 + len("fallback reason")))
+        return "\n".join(out)
+
+    __repr__ = __str__
+
+    def backends(self) -> list[str]:
+        return [r.backend for r in self.records]
+
+
+_local = threading.local()
+_warned: set = set()
+_warn_lock = threading.Lock()
+
+
+@contextmanager
+def trace():
+    """Record every fastvlm op called inside the block: op name, backend that ran, fallback reasons."""
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    t = Trace()
+    stack.append(t)
+    try:
+        yield t
+    finally:
+        stack.remove(t)
+
+
+def _record(rec: OpRecord) -> None:
+    for t in getattr(_local, "stack", ()):
+        t.records.append(rec)
+
+
+def report_fallback(op: str, reasons, detail: str = "", explicit: bool = False) -> None:
+    """Record a PyTorch-path call and warn (once per op and reasons) or raise under FASTVLM_STRICT=1."""
+    reasons = tuple(reasons)
+    _record(OpRecord(op, "torch", reasons, detail))
+    if explicit:
+        return
+    if strict():
+        raise FastVLMFallbackError(f"fastvlm op {op} cannot take its fast path (FASTVLM_STRICT=1):\n"
+                                   + "\n".join(f"  - {r}" for r in reasons))
+    key = (op, reasons)
+    with _warn_lock:
+        if key in _warned:
+            return
+        _warned.add(key)
+    warnings.warn(f"fastvlm: {op} ran its PyTorch path: " + "; ".join(reasons), FastVLMFallbackWarning, stacklevel=3)
+
+
+def choose_backend(op: str, device, reasons=(), detail: str = "") -> str:
+    """Pick "triton" or "torch" for one call of ``op`` (see the module docstring for the rules)."""
+    req = requested_backend()
+    if req == "torch":
+        report_fallback(op, ("FASTVLM_BACKEND=torch",), detail, explicit=True)
+        return "torch"
+    all_reasons = list(reasons) + environment_reasons(device)
+    if not all_reasons:
+        _record(OpRecord(op, "triton", (), detail))
+        return "triton"
+    if req == "triton":
+        raise FastVLMFallbackError(f"FASTVLM_BACKEND=triton but {op} cannot run its Triton kernel:\n"
+                                   + "\n".join(f"  - {r}" for r in all_reasons))
+    report_fallback(op, all_reasons, detail)
+    return "torch"
+
+
+def reset_warnings() -> None:
+    """Forget which fallbacks were already reported (tests use it)."""
+    with _warn_lock:
+        _warned.clear()
