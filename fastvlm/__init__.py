@@ -1,2 +1,17 @@
-"""fastvlm: fused kernels for the vision-to-LLM path of vision-language models."""
+"""fastvlm: fused kernels for the vision-to-LLM path of vision-language models.
+
+    import fastvlm
+    fused = fastvlm.nn.from_module(model.model.multi_modal_projector)   # shares the original's parameters
+    with fastvlm.trace() as t:
+        out = fused(features)
+    print(t)                                                             # which backend ran, and why
+
+Backends: Triton kernels on CUDA tensors; a plain-PyTorch path elsewhere (see README, "How backends are chosen").
+"""
 __version__ = "0.1.0"
+
+from fastvlm import nn  # noqa: E402
+from fastvlm._dispatch import FastVLMFallbackError, FastVLMFallbackWarning, trace  # noqa: E402
+from fastvlm.ops.projector import mlp_projector  # noqa: E402
+
+__all__ = ["nn", "trace", "mlp_projector", "FastVLMFallbackError", "FastVLMFallbackWarning", "__version__"]

@@ -180,9 +180,10 @@ def _check(cond, msg):
 
 def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
                  norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None,
-                 store_pre=False, out_dtype=None, precision=None, config=None):
+                 store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None):
     """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
 
+    ``out`` / ``pre``: optional preallocated [M, N] outputs (any strides), written in place.
     ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuple that bypasses the autotuner
     (tests use it to cover every tile shape under the interpreter).
     """
@@ -213,9 +214,13 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         _check(norm == "rmsnorm" or (mean is not None and mean.shape == (rows,)), f"fused_linear: mean must be fp32 [{rows}]")
         _check(norm_weight is not None and norm_weight.shape == (norm_group,),
                f"fused_linear: norm_weight must be [{norm_group}]")
-    out_dtype = out_dtype or a.dtype
-    out = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    pre = torch.empty((M, N), device=a.device, dtype=out_dtype) if store_pre else None
+    out_dtype = out_dtype or (out.dtype if out is not None else a.dtype)
+    if out is None:
+        out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    _check(out.shape == (M, N) and out.device == a.device, f"fused_linear: out must be [{M}, {N}] on {a.device}")
+    if store_pre and pre is None:
+        pre = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    _check(pre is None or pre.shape == (M, N), f"fused_linear: pre must be [{M}, {N}]")
     if M == 0 or N == 0:
         return (out, pre) if store_pre else out
     if precision is None:

@@ -1,0 +1,245 @@
+"""Drop-in fused MLP projectors for the transformers connector classes.
+
+Each family is one row of ``RECIPES`` (data, not code): where the original class lives, the attribute paths of its
+norm / linear_1 / activation / linear_2, the name of its forward argument, and how its 2x2 merge is expressed. From a
+recipe, ``fused_class`` builds ``Fused<Original>``, a subclass of the original class:
+
+* same constructor (inherited), same parameters and state_dict keys (the children are the original nn.Linear /
+  norm modules), ``isinstance(fused, Original)`` holds, so transformers' init and output hooks still apply;
+* ``forward`` has the original's signature and return type and runs ``fastvlm.ops.mlp_projector``;
+* when the fused path cannot reproduce the module (a LoRA-wrapped linear, an activation or norm without a kernel,
+  hooks on a child, autocast), it says why (warning once, or an error under FASTVLM_STRICT=1) and runs the original
+  class's forward unchanged.
+
+``Fused<Original>.from_module(original)`` and ``fastvlm.nn.from_module(original)`` build the fused module around the
+original's own children and parameters: nothing is copied, and both modules see later updates.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from fastvlm import _dispatch
+from fastvlm.ops.projector import mlp_projector
+from fastvlm.reference.activations import activation_name
+
+
+@dataclass(frozen=True)
+class ProjectorRecipe:
+    family: str
+    module: str  # transformers module that defines the original class
+    cls: str  # original class name
+    fused_name: str
+    input_name: str  # the original forward's argument name (callers may pass it by keyword)
+    linear_1: str
+    linear_2: Optional[str] = None
+    act: Optional[str] = None
+    norm: Optional[str] = None
+    merged_width: Optional[str] = None  # attribute with the merged row width: forward views x as (-1, width)
+
+
+def _llava_like(family, module, cls):
+    return ProjectorRecipe(family, module, cls, f"Fused{cls}", "image_features", "linear_1", "linear_2", "act")
+
+
+_T = "transformers.models."
+RECIPES = (
+    _llava_like("llava", _T + "llava.modeling_llava", "LlavaMultiModalProjector"),
+    _llava_like("llava_next", _T + "llava_next.modeling_llava_next", "LlavaNextMultiModalProjector"),
+    _llava_like("llava_next_video", _T + "llava_next_video.modeling_llava_next_video",
+                "LlavaNextVideoMultiModalProjector"),
+    _llava_like("llava_onevision", _T + "llava_onevision.modeling_llava_onevision", "LlavaOnevisionMultiModalProjector"),
+    _llava_like("video_llava", _T + "video_llava.modeling_video_llava", "VideoLlavaMultiModalProjector"),
+    _llava_like("fast_vlm", _T + "fast_vlm.modeling_fast_vlm", "FastVlmMultiModalProjector"),
+    ProjectorRecipe("paligemma", _T + "paligemma.modeling_paligemma", "PaliGemmaMultiModalProjector",
+                    "FusedPaliGemmaMultiModalProjector", "image_features", "linear"),
+    ProjectorRecipe("vipllava", _T + "vipllava.modeling_vipllava", "VipLlavaMultiModalProjector",
+                    "FusedVipLlavaMultiModalProjector", "hidden_states", "linear_1", "linear_2", "act",
+                    norm="projector_layernorm"),
+    ProjectorRecipe("internvl", _T + "internvl.modeling_internvl", "InternVLMultiModalProjector",
+                    "FusedInternVLMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
+                    norm="layer_norm"),
+    ProjectorRecipe("qwen2_vl", _T + "qwen2_vl.modeling_qwen2_vl", "PatchMerger", "FusedQwen2VLPatchMerger", "x",
+                    "mlp.0", "mlp.2", "mlp.1", norm="ln_q", merged_width="hidden_size"),
+    ProjectorRecipe("qwen2_5_vl", _T + "qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLPatchMerger",
+                    "FusedQwen2_5_VLPatchMerger", "x", "mlp.0", "mlp.2", "mlp.1", norm="ln_q",
+                    merged_width="hidden_size"),
+    ProjectorRecipe("qwen3_vl", _T + "qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchMerger",
+                    "FusedQwen3VLVisionPatchMerger", "x", "linear_fc1", "linear_fc2", "act_fn", norm="norm",
+                    merged_width="hidden_size"),
+    ProjectorRecipe("qwen3_vl_moe", _T + "qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger",
+                    "FusedQwen3VLMoeVisionPatchMerger", "x", "linear_fc1", "linear_fc2", "act_fn", norm="norm",
+                    merged_width="hidden_size"),
+)
+
+# RMSNorm classes whose math is exactly ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` (checked in the
+# transformers 5.x source); others (Gemma's 1 + w, torch.nn.RMSNorm's cast points) take the original path.
+_RMSNORM_CLASSES = ("Qwen2_5_VLRMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm", "Mistral3RMSNorm", "Qwen3VLTextRMSNorm")
+
+
+def _norm_plan(mod):
+    """(kind, weight, bias, eps) of a supported norm module, or a reason string."""
+    if type(mod) is nn.LayerNorm:
+        if len(mod.normalized_shape) != 1:
+            return f"LayerNorm over {mod.normalized_shape} (only the last dimension is fused)"
+        if mod.weight is None:
+            return "LayerNorm without elementwise_affine has no fused kernel"
+        return "layernorm", mod.weight, mod.bias, mod.eps
+    name = type(mod).__name__
+    if name in _RMSNORM_CLASSES:
+        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
+        if eps is None or getattr(mod, "weight", None) is None:
+            return f"{name} lacks weight/eps attributes"
+        return "rmsnorm", mod.weight, None, float(eps)
+    return f"norm {name} has no fused kernel"
+
+
+def _child_reasons(name, mod):
+    reasons = []
+    if mod._forward_hooks or mod._forward_pre_hooks:
+        reasons.append(f"{name} has forward hooks, which the fused path would not call")
+    return reasons
+
+
+class _FusedProjectorMixin:
+    """The fused forward shared by every ``Fused<Original>`` projector class."""
+
+    _fastvlm_recipe: ProjectorRecipe
+    _fastvlm_base: type
+
+    def _fastvlm_plan(self, x):
+        r = self._fastvlm_recipe
+        reasons = []
+        lin1 = self.get_submodule(r.linear_1)
+        lin2 = self.get_submodule(r.linear_2) if r.linear_2 else None
+        for name, lin in ((r.linear_1, lin1), (r.linear_2, lin2)):
+            if lin is not None:
+                if type(lin) is not nn.Linear and not isinstance(lin, FusedLinear):
+                    reasons.append(f"{name} is {type(lin).__name__}, not torch.nn.Linear")
+                reasons += _child_reasons(name, lin)
+        act = "none"
+        if r.act:
+            act_mod = self.get_submodule(r.act)
+            act = activation_name(act_mod)
+            if act is None:
+                reasons.append(f"activation {type(act_mod).__name__} has no fused kernel")
+        plan = dict(act=act or "none")
+        if r.norm:
+            norm_mod = self.get_submodule(r.norm)
+            np_ = _norm_plan(norm_mod)
+            if isinstance(np_, str):
+                reasons.append(np_)
+            else:
+                kind, w, b, eps = np_
+                plan.update(norm=kind, norm_weight=w, norm_bias=b, eps=eps, norm_group=w.shape[0])
+            reasons += _child_reasons(r.norm, norm_mod)
+        if torch.is_autocast_enabled(x.device.type):
+            reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
+        if reasons:
+            return None, reasons
+        plan.update(w1=lin1.weight, b1=lin1.bias, w2=lin2.weight if lin2 is not None else None,
+                    b2=lin2.bias if lin2 is not None else None)
+        return plan, []
+
+    def _fastvlm_forward(self, x):
+        r = self._fastvlm_recipe
+        plan, reasons = self._fastvlm_plan(x)
+        if reasons:
+            _dispatch.report_fallback(r.fused_name, reasons, f"x{tuple(x.shape)}")
+            return self._fastvlm_base.forward(self, x)
+        if r.merged_width:
+            # the free 2x2 merge: rows of `width` = 4 consecutive patches. The norm width (the norm weight's size)
+            # says whether the norm runs per patch (Qwen2-VL, Qwen3-VL main) or per merged row (Qwen3-VL deepstack).
+            width = getattr(self, r.merged_width)
+            if x.numel() % width:
+                raise ValueError(f"{r.fused_name}: x of shape {tuple(x.shape)} cannot be viewed as rows of width "
+                                 f"{width} (the spatial merge needs whole merge windows)")
+            x = x.reshape(-1, width)
+        w1, b1, w2, b2 = plan.pop("w1"), plan.pop("b1"), plan.pop("w2"), plan.pop("b2")
+        return mlp_projector(x, w1, b1, w2, b2, **plan)
+
+    @classmethod
+    def from_module(cls, original):
+        """Wrap ``original`` (an instance of the original class) without copying: same children, same tensors."""
+        if not isinstance(original, cls._fastvlm_base):
+            raise TypeError(f"{cls.__name__}.from_module expects a {cls._fastvlm_base.__name__}, got "
+                            f"{type(original).__name__}")
+        return _adopt(cls, original)
+
+
+def _adopt(cls, original):
+    """A ``cls`` instance sharing ``original``'s children, parameters, buffers and plain attributes (hooks excluded)."""
+    fused = cls.__new__(cls)
+    nn.Module.__init__(fused)
+    module_state = set(fused.__dict__)
+    for key, value in original.__dict__.items():
+        if key not in module_state:
+            fused.__dict__[key] = value
+    fused._parameters = dict(original._parameters)
+    fused._buffers = dict(original._buffers)
+    fused._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
+    fused._modules = dict(original._modules)
+    fused.training = original.training
+    return fused
+
+
+# one forward per argument name, so that the fused forward's signature is the original's
+def _fwd_image_features(self, image_features):
+    return self._fastvlm_forward(image_features)
+
+
+def _fwd_hidden_states(self, hidden_states):
+    return self._fastvlm_forward(hidden_states)
+
+
+def _fwd_x(self, x: torch.Tensor) -> torch.Tensor:
+    return self._fastvlm_forward(x)
+
+
+_FORWARDS = {"image_features": _fwd_image_features, "hidden_states": _fwd_hidden_states, "x": _fwd_x}
+
+
+@functools.lru_cache(maxsize=None)
+def fused_class(recipe: ProjectorRecipe):
+    """Build (once) the ``Fused<Original>`` class of a recipe. Raises ImportError when the original is absent."""
+    base = getattr(importlib.import_module(recipe.module), recipe.cls)
+    forward = _FORWARDS[recipe.input_name]
+    doc = (f"Drop-in fused replacement for transformers' ``{recipe.cls}`` ({recipe.family}): same constructor, "
+           f"state_dict and forward; runs fastvlm.ops.mlp_projector.")
+    cls = type(recipe.fused_name, (_FusedProjectorMixin, base),
+               {"forward": forward, "_fastvlm_recipe": recipe, "_fastvlm_base": base, "__doc__": doc,
+                "__module__": "fastvlm.nn"})
+    return cls
+
+
+class FusedLinear(nn.Linear):
+    """Drop-in ``torch.nn.Linear`` running the fused GEMM (BLIP-2's ``language_projection`` is a bare Linear)."""
+
+    def forward(self, input):
+        reasons = []
+        if torch.is_autocast_enabled(input.device.type):
+            reasons.append("autocast is enabled (nn.Linear's forward reproduces autocast's casts)")
+        if reasons:
+            _dispatch.report_fallback("FusedLinear", reasons, f"x{tuple(input.shape)}")
+            return super().forward(input)
+        return mlp_projector(input, self.weight, self.bias, act="none")
+
+    @classmethod
+    def from_module(cls, original):
+        if type(original) is not nn.Linear:
+            raise TypeError(f"FusedLinear.from_module expects a torch.nn.Linear, got {type(original).__name__}")
+        return _adopt(cls, original)
+
+
+def recipe_for(module_or_class):
+    """The recipe whose original class is ``type(module)`` (exact class and module match), or None."""
+    cls = module_or_class if isinstance(module_or_class, type) else type(module_or_class)
+    for r in RECIPES:
+        if cls.__name__ == r.cls and cls.__module__ == r.module:
+            return r
+    return None
