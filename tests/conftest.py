@@ -1,0 +1,60 @@
+"""Test setup. Runs before anything imports triton.
+
+Without a GPU, TRITON_INTERPRET=1 is set so that tests which select FASTVLM_BACKEND=triton run the real kernels in
+the Triton interpreter, made strict by tests/interp_guard.py. The sm_90 compile audit runs in its own process without
+the interpreter (tests/compile/).
+"""
+import os
+import sys
+
+import pytest
+
+_HERE = os.path.dirname(__file__)
+sys.path.insert(0, _HERE)
+
+import torch  # noqa: E402  (importing torch does not import triton)
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ["TRITON_INTERPRET"] = "1"
+os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(_HERE, "..", ".triton_cache"))
+os.environ.pop("FASTVLM_BACKEND", None)
+os.environ.pop("FASTVLM_STRICT", None)
+
+if not HAS_CUDA:
+    import interp_guard  # noqa: E402
+
+    interp_guard.install()
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device():
+    return DEVICE
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """Run fastvlm ops on their Triton kernels (the interpreter on CPU)."""
+    monkeypatch.setenv("FASTVLM_BACKEND", "triton")
+    yield
+
+
+@pytest.fixture
+def torch_backend(monkeypatch):
+    monkeypatch.setenv("FASTVLM_BACKEND", "torch")
+    yield
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
