@@ -1,0 +1,81 @@
+"""Tiny instances of every supported transformers projector, built from config classes (no download)."""
+import torch
+import transformers
+
+from helpers import randomize_
+
+V = dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1)
+T = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
+         vocab_size=100)
+CLIP = dict(model_type="clip_vision_model", **V)
+SIGLIP = dict(model_type="siglip_vision_model", **V)
+LLAMA = dict(model_type="llama", **T)
+QWEN2 = dict(model_type="qwen2", **T)
+
+
+def _cfg(name, **kw):
+    return getattr(transformers, name)(**kw)
+
+
+def _mod(path, cls):
+    import importlib
+
+    return getattr(importlib.import_module("transformers.models." + path), cls)
+
+
+# family -> (build(act) -> module, input width, tokens are merged 2x2?)
+def build(family, act="gelu"):
+    if family in ("llava", "llava_next", "llava_next_video", "video_llava"):
+        cfgname = {"llava": "LlavaConfig", "llava_next": "LlavaNextConfig", "llava_next_video": "LlavaNextVideoConfig",
+                   "video_llava": "VideoLlavaConfig"}[family]
+        cls = {"llava": ("llava.modeling_llava", "LlavaMultiModalProjector"),
+               "llava_next": ("llava_next.modeling_llava_next", "LlavaNextMultiModalProjector"),
+               "llava_next_video": ("llava_next_video.modeling_llava_next_video", "LlavaNextVideoMultiModalProjector"),
+               "video_llava": ("video_llava.modeling_video_llava", "VideoLlavaMultiModalProjector")}[family]
+        m = _mod(*cls)(_cfg(cfgname, vision_config=CLIP, text_config=LLAMA, projector_hidden_act=act))
+    elif family == "llava_onevision":
+        m = _mod("llava_onevision.modeling_llava_onevision", "LlavaOnevisionMultiModalProjector")(
+            _cfg("LlavaOnevisionConfig", vision_config=SIGLIP, text_config=QWEN2, projector_hidden_act=act))
+    elif family == "fast_vlm":
+        cfg = _cfg("FastVlmConfig", text_config=QWEN2, projector_hidden_act=act)
+        cfg.vision_config.hidden_size = 48
+        m = _mod("fast_vlm.modeling_fast_vlm", "FastVlmMultiModalProjector")(cfg)
+    elif family == "paligemma":
+        m = _mod("paligemma.modeling_paligemma", "PaliGemmaMultiModalProjector")(
+            _cfg("PaliGemmaConfig", vision_config=dict(projection_dim=64, **SIGLIP),
+                 text_config=dict(model_type="gemma", head_dim=16, **T)))
+    elif family == "vipllava":
+        m = _mod("vipllava.modeling_vipllava", "VipLlavaMultiModalProjector")(
+            _cfg("VipLlavaConfig", vision_config=CLIP, text_config=LLAMA, projector_hidden_act=act))
+    elif family == "internvl":
+        m = _mod("internvl.modeling_internvl", "InternVLMultiModalProjector")(
+            _cfg("InternVLConfig", vision_config=dict(model_type="internvl_vision", **V), text_config=QWEN2,
+                 projector_hidden_act=act))
+    elif family == "qwen2_vl":
+        m = _mod("qwen2_vl.modeling_qwen2_vl", "PatchMerger")(dim=40, context_dim=24, spatial_merge_size=2)
+    elif family == "qwen2_5_vl":
+        m = _mod("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLPatchMerger")(dim=40, context_dim=24)
+    elif family in ("qwen3_vl", "qwen3_vl_deepstack"):
+        from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+
+        cfg = Qwen3VLVisionConfig(hidden_size=24, out_hidden_size=40, num_heads=4, intermediate_size=32, depth=1)
+        m = _mod("qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchMerger")(
+            cfg, use_postshuffle_norm=family == "qwen3_vl_deepstack")
+    else:
+        raise KeyError(family)
+    return randomize_(m.eval())
+
+
+FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "video_llava", "fast_vlm", "paligemma",
+            "vipllava", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack"]
+MERGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack"}
+
+
+def input_for(family, module, tokens=12, dtype=torch.float32, device="cpu"):
+    """A random input shaped as the family's caller passes it ([B, P, D], or [patches, D] for the mergers)."""
+    lin = module.get_submodule({"paligemma": "linear"}.get(family, "linear_1" if family not in MERGED else
+                                                         ("mlp.0" if family.startswith("qwen2") else "linear_fc1")))
+    if family in MERGED:
+        width = lin.in_features // 4
+        return torch.randn(4 * tokens, width, dtype=dtype, device=device) * 2 + 0.5
+    return torch.randn(2, tokens // 2 + 1, lin.in_features, dtype=dtype, device=device) * 2 + 0.5
