@@ -12,19 +12,7 @@ import math
 
 import torch
 
-POISON = {torch.float32: float("nan"), torch.float16: float("nan"), torch.bfloat16: float("nan")}
-
-
-def rel_err(out, ref):
-    out = out.detach().to(torch.float64)
-    ref = ref.detach().to(torch.float64)
-    den = ref.norm()
-    return float((out - ref).norm() / (den if den > 0 else 1.0))
-
-
-def tol(dtype, k, roundings=1):
-    eps = torch.finfo(dtype).eps
-    return 2 * eps * math.sqrt(roundings) + 2 * math.sqrt(k) * torch.finfo(torch.float32).eps
+from fastvlm.testing import randomize_, rel_err, tolerance as tol  # noqa: F401  (one definition, shared)
 
 
 def assert_close(out, ref, dtype, k, roundings=1, what="output"):
@@ -54,11 +42,3 @@ class Guarded:
 def guarded_copy(t):
     g = Guarded(tuple(t.shape), t.dtype, t.device, fill=t)
     return g
-
-
-def randomize_(module, std=0.5, generator=None):
-    """Re-randomise every parameter (transformers initialises some to zero or one), in place."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator, dtype=torch.float32).mul_(std).to(p.dtype))
-    return module

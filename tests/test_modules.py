@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fastvlm
-from families import FAMILIES, MERGED, build, input_for
+from fastvlm.testing import FAMILIES, MERGED, build, input_for
 from helpers import assert_close, rel_err
 
 @pytest.fixture(autouse=True)
@@ -95,7 +95,7 @@ def test_constructor_and_checkpoint_load(family, torch_backend):
         cfg_cls = {"llava": "LlavaConfig", "vipllava": "VipLlavaConfig"}[family]
         import transformers
 
-        from families import CLIP, LLAMA
+        from fastvlm.testing import CLIP, LLAMA
 
         fresh = cls(getattr(transformers, cfg_cls)(vision_config=CLIP, text_config=LLAMA))
     with tempfile.TemporaryDirectory() as d:

@@ -95,7 +95,7 @@ def test_opcheck(case):
 def test_compile_fullgraph_no_recompile(torch_backend):
     import torch._dynamo
 
-    from families import build, input_for
+    from fastvlm.testing import build, input_for
 
     m = build("qwen2_5_vl")
     fused = fastvlm.nn.from_module(m)
@@ -115,7 +115,7 @@ def test_compile_fullgraph_no_recompile(torch_backend):
 
 
 def test_compile_inductor_fullgraph(torch_backend):
-    from families import build, input_for
+    from fastvlm.testing import build, input_for
 
     m = build("llava")
     fused = fastvlm.nn.from_module(m)
@@ -127,7 +127,7 @@ def test_compile_inductor_fullgraph(torch_backend):
 
 def test_saved_activation_memory(torch_backend):
     """Backward keeps x, fp32 stats and the pre-activation only; eager transformers also keeps norm(x) and act(h)."""
-    from families import build, input_for
+    from fastvlm.testing import build, input_for
 
     def saved_bytes(fn):
         seen = {}

@@ -107,7 +107,7 @@ def _forward_triton(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group,
                          norm_weight=norm_weight, norm_bias=norm_bias, store_pre=store_pre)
     a, h = first if store_pre else (first, None)
     y = a if w2 is None else fused_linear(a, w2, b2)
-    return _pack(x, y, h, mean, rstd, save)
+    return y, h, mean, rstd
 
 
 def _forward_torch(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save):
@@ -119,10 +119,11 @@ def _forward_torch(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, 
     mean = rstd = None
     if save and norm != "none":
         mean, rstd = norm_stats_ref(x, norm, norm_group, eps)
-    return _pack(x, y, h if save and _needs_h(w2, act) else None, mean, rstd, save)
+    return y, (h if save and _needs_h(w2, act) else None), mean, rstd
 
 
 def _pack(x, y, h, mean, rstd, save):
+    """The custom op must return tensors: absent ones become empty tensors (the fake gives the same shapes)."""
     f32 = torch.promote_types(x.dtype, torch.float32)
     if not save:
         return y, _empty(x), _empty(x, f32), _empty(x, f32)
@@ -131,6 +132,7 @@ def _pack(x, y, h, mean, rstd, save):
 
 
 def _forward(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save):
+    """(y, h, mean, rstd); h/mean/rstd are None when not saved."""
     detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {(w2 if w2 is not None else w1).shape[0]}"
     reasons = _kernel_reasons(x, w1, b1, w2, b2, norm_weight, norm_bias)
     backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, detail)
@@ -221,7 +223,7 @@ def mlp_projector_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tenso
                      norm_bias: Optional[torch.Tensor], norm: str, norm_group: int, eps: float, act: str,
                      save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, h, mean, rstd). h/mean/rstd are what backward needs (empty unless ``save``)."""
-    return _forward(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save)
+    return _pack(x, *_forward(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save), save)
 
 
 @mlp_projector_op.register_fake

@@ -1,8 +1,33 @@
-"""Tiny instances of every supported transformers projector, built from config classes (no download)."""
-import torch
-import transformers
+"""Tiny instances of every supported transformers projector, built from config classes (no download), and the
+error bound used by the tests and by ``fastvlm check``. Needs transformers (the ``hf`` extra)."""
+import math
 
-from helpers import randomize_
+import torch
+
+
+def rel_err(out, ref):
+    """||out - ref|| / ||ref|| in float64."""
+    out = out.detach().to(torch.float64)
+    ref = ref.detach().to(torch.float64)
+    den = ref.norm()
+    return float((out - ref).norm() / (den if den > 0 else 1.0))
+
+
+def tolerance(dtype, k, roundings=1):
+    """Relative-error bound against a float64 reference: ``2 eps(dtype) sqrt(roundings) + 2 sqrt(K) eps(fp32)``.
+
+    ``roundings``: how many times the result passes through ``dtype`` (norm output, activation, output);
+    ``k``: the reduction length. The factor 2 covers the Triton interpreter's round-toward-zero bf16 casts.
+    """
+    return 2 * torch.finfo(dtype).eps * math.sqrt(roundings) + 2 * math.sqrt(k) * torch.finfo(torch.float32).eps
+
+
+def randomize_(module, std=0.5):
+    """Re-randomise every parameter in place (transformers initialises some to zero or one)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, dtype=torch.float32).mul_(std).to(p.dtype))
+    return module
 
 V = dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1)
 T = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1,
@@ -14,6 +39,8 @@ QWEN2 = dict(model_type="qwen2", **T)
 
 
 def _cfg(name, **kw):
+    import transformers
+
     return getattr(transformers, name)(**kw)
 
 
