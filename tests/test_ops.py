@@ -114,6 +114,23 @@ def test_compile_fullgraph_no_recompile(torch_backend):
     assert rel_err(xg.grad, xr.grad) < 1e-5
 
 
+@pytest.mark.parametrize("family", ["llava", "paligemma", "vipllava", "qwen2_vl", "qwen3_vl", "qwen3_vl_deepstack"])
+def test_every_module_compiles_fullgraph(family, torch_backend):
+    import torch._dynamo
+
+    from fastvlm.testing import build, input_for
+
+    m = build(family)
+    fused = fastvlm.nn.from_module(m)
+    x = input_for(family, m)
+    torch._dynamo.reset()
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert_close(compiled(x), m(x), torch.float32, x.shape[-1])
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled(torch.randn_like(x))
+
+
 def test_compile_inductor_fullgraph(torch_backend):
     from fastvlm.testing import build, input_for
 
