@@ -44,10 +44,17 @@ def _cfg(name, **kw):
     return getattr(transformers, name)(**kw)
 
 
+class FamilyUnavailable(ImportError):
+    """The installed transformers has no such class (older or newer release)."""
+
+
 def _mod(path, cls):
     import importlib
 
-    return getattr(importlib.import_module("transformers.models." + path), cls)
+    try:
+        return getattr(importlib.import_module("transformers.models." + path), cls)
+    except (ImportError, AttributeError) as exc:
+        raise FamilyUnavailable(f"transformers has no {path}.{cls}: {exc}") from exc
 
 
 # family -> (build(act) -> module, input width, tokens are merged 2x2?)

@@ -8,6 +8,7 @@ import fastvlm
 from fastvlm import _dispatch
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.projector import mlp_projector_ref
+from fastvlm.testing import FAMILIES
 from helpers import assert_close, rel_err
 
 CASES = {  # name: (norm, group-of-4 merge?, act, two linears?)
@@ -114,7 +115,7 @@ def test_compile_fullgraph_no_recompile(torch_backend):
     assert rel_err(xg.grad, xr.grad) < 1e-5
 
 
-@pytest.mark.parametrize("family", ["llava", "paligemma", "vipllava", "qwen2_vl", "qwen3_vl", "qwen3_vl_deepstack"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_module_compiles_fullgraph(family, torch_backend):
     import torch._dynamo
 
