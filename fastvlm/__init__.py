@@ -12,6 +12,14 @@ __version__ = "0.1.0"
 
 from fastvlm import nn  # noqa: E402
 from fastvlm._dispatch import FastVLMFallbackError, FastVLMFallbackWarning, trace  # noqa: E402
+from fastvlm.integrations.transformers import (  # noqa: E402
+    PatchReport,
+    apply_to_transformers,
+    patch,
+    revert_transformers,
+    unpatch,
+)
 from fastvlm.ops.projector import mlp_projector  # noqa: E402
 
-__all__ = ["nn", "trace", "mlp_projector", "FastVLMFallbackError", "FastVLMFallbackWarning", "__version__"]
+__all__ = ["nn", "trace", "mlp_projector", "patch", "unpatch", "PatchReport", "apply_to_transformers",
+           "revert_transformers", "FastVLMFallbackError", "FastVLMFallbackWarning", "__version__"]

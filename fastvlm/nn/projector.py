@@ -112,16 +112,15 @@ class _FusedProjectorMixin:
     _fastvlm_recipe: ProjectorRecipe
     _fastvlm_base: type
 
-    def _fastvlm_plan(self, x):
+    def _fastvlm_structure(self):
+        """(plan, reasons) from the module's structure alone: child types, activation, norm."""
         r = self._fastvlm_recipe
         reasons = []
         lin1 = self.get_submodule(r.linear_1)
         lin2 = self.get_submodule(r.linear_2) if r.linear_2 else None
         for name, lin in ((r.linear_1, lin1), (r.linear_2, lin2)):
-            if lin is not None:
-                if type(lin) is not nn.Linear and not isinstance(lin, FusedLinear):
-                    reasons.append(f"{name} is {type(lin).__name__}, not torch.nn.Linear")
-                reasons += _child_reasons(name, lin)
+            if lin is not None and type(lin) is not nn.Linear and not isinstance(lin, FusedLinear):
+                reasons.append(f"{name} is {type(lin).__name__}, not torch.nn.Linear")
         act = "none"
         if r.act:
             act_mod = self.get_submodule(r.act)
@@ -130,21 +129,28 @@ class _FusedProjectorMixin:
                 reasons.append(f"activation {type(act_mod).__name__} has no fused kernel")
         plan = dict(act=act or "none")
         if r.norm:
-            norm_mod = self.get_submodule(r.norm)
-            np_ = _norm_plan(norm_mod)
+            np_ = _norm_plan(self.get_submodule(r.norm))
             if isinstance(np_, str):
                 reasons.append(np_)
             else:
                 kind, w, b, eps = np_
                 plan.update(norm=kind, norm_weight=w, norm_bias=b, eps=eps, norm_group=w.shape[0])
-            reasons += _child_reasons(r.norm, norm_mod)
-        if torch.is_autocast_enabled(x.device.type):
-            reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         if reasons:
             return None, reasons
         plan.update(w1=lin1.weight, b1=lin1.bias, w2=lin2.weight if lin2 is not None else None,
                     b2=lin2.bias if lin2 is not None else None)
         return plan, []
+
+    def _fastvlm_plan(self, x):
+        """The structure's plan plus the per-call conditions (hooks on children, autocast)."""
+        plan, reasons = self._fastvlm_structure()
+        r = self._fastvlm_recipe
+        for name in (r.linear_1, r.linear_2, r.norm):
+            if name:
+                reasons += _child_reasons(name, self.get_submodule(name))
+        if torch.is_autocast_enabled(x.device.type):
+            reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
+        return (None, reasons) if reasons else (plan, [])
 
     def _fastvlm_forward(self, x):
         r = self._fastvlm_recipe
@@ -172,19 +178,29 @@ class _FusedProjectorMixin:
         return _adopt(cls, original)
 
 
+# instance attributes that accelerate's device hooks put on a module: never copied (they are bound to the
+# original); the hook itself is re-attached to the fused module instead
+_ACCELERATE_ATTRS = ("forward", "_old_forward", "_hf_hook")
+
+
 def _adopt(cls, original):
     """A ``cls`` instance sharing ``original``'s children, parameters, buffers and plain attributes (hooks excluded)."""
     fused = cls.__new__(cls)
     nn.Module.__init__(fused)
     module_state = set(fused.__dict__)
     for key, value in original.__dict__.items():
-        if key not in module_state:
+        if key not in module_state and key not in _ACCELERATE_ATTRS:
             fused.__dict__[key] = value
     fused._parameters = dict(original._parameters)
     fused._buffers = dict(original._buffers)
     fused._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
     fused._modules = dict(original._modules)
     fused.training = original.training
+    hook = original.__dict__.get("_hf_hook")
+    if hook is not None:  # a device_map placement (accelerate): the fused module gets the same hook
+        from accelerate.hooks import add_hook_to_module
+
+        add_hook_to_module(fused, hook)
     return fused
 
 

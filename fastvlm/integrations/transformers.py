@@ -1,0 +1,239 @@
+"""Accelerate an existing transformers model in one call.
+
+Instance level: ``fastvlm.patch(model)`` walks ``model.named_modules()`` and swaps each module that a recipe
+recognises (fastvlm.nn.RECIPES, matched by exact class and defining module) for its ``Fused<Original>`` built with
+``from_module`` (same child modules, same tensors: nothing is copied and state_dict keys are unchanged).
+``fastvlm.unpatch(model)`` puts the original module objects back.
+
+Class level: ``fastvlm.apply_to_transformers()`` replaces each recognised class *in the one transformers module that
+defines it* by its fused subclass, so every later construction route (``from_pretrained``, ``from_config``, calling
+the class) builds fused modules; ``fastvlm.revert_transformers()`` puts the saved class objects back. transformers'
+``register_patch_mapping`` is not used: it matches class *names* across every transformers module (a generic name
+such as Qwen2-VL's ``PatchMerger`` could hit another model's class of that name) and covers only the
+``from_pretrained``/``from_config`` routes, while the module attribute covers all three.
+
+Nothing in torch.nn or torch.nn.functional is modified, and no transformers forward is copied.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+
+from fastvlm.nn.projector import RECIPES, FusedLinear, _FusedProjectorMixin, fused_class, recipe_for
+
+# bare nn.Linear connectors, by (owner class name, attribute): BLIP-2's projection into the LLM
+LINEAR_SLOTS = {
+    ("Blip2ForConditionalGeneration", "language_projection"),
+    ("InstructBlipForConditionalGeneration", "language_projection"),
+    ("InstructBlipVideoForConditionalGeneration", "language_projection"),
+}
+
+# recognised connector / embedding classes whose kernels do not exist yet: reported, never swapped
+NOT_YET = {
+    **{c: "average-pooling projector: kernel planned (issue 5)" for c in ("Gemma3MultiModalProjector", "LlavaNextVideoPooler")},
+    **{c: "pixel-shuffle connector: kernel planned (issue 5)" for c in (
+        "Idefics3Connector", "SmolVLMConnector", "Llama4VisionPixelShuffleMLP", "Llama4MultiModalProjector",
+        "AyaVisionMultiModalProjector", "Mistral3MultiModalProjector")},
+    "Idefics2Connector": "Perceiver resampler: kernel planned (issue 5)",
+    **{c: "Q-Former: kernel planned (issue 4)" for c in ("Blip2QFormerModel", "InstructBlipQFormerModel",
+                                                         "InstructBlipVideoQFormerModel")},
+    **{c: "patch embedding: kernel planned (issue 3)" for c in (
+        "CLIPVisionEmbeddings", "SiglipVisionEmbeddings", "Blip2VisionEmbeddings", "InstructBlipVisionEmbeddings",
+        "Idefics2VisionEmbeddings", "Idefics3VisionEmbeddings", "SmolVLMVisionEmbeddings", "PatchEmbed",
+        "Qwen2_5_VisionPatchEmbed", "Qwen3VLVisionPatchEmbed", "InternVLVisionEmbeddings", "Llama4UnfoldConvolution")},
+}
+
+_ORIGINALS = "_fastvlm_originals"
+
+
+@dataclass
+class PatchEntry:
+    path: str
+    original: str
+    fused: str
+    status: str  # "patched" | "already fused" | "not swapped" | "skipped"
+    detail: str = ""
+
+
+@dataclass
+class PatchReport:
+    """What ``fastvlm.patch`` did to each recognised module. ``print(report)`` gives a table."""
+
+    model: str
+    entries: list[PatchEntry] = field(default_factory=list)
+
+    @property
+    def patched(self):
+        return [e for e in self.entries if e.status == "patched"]
+
+    @property
+    def not_swapped(self):
+        return [e for e in self.entries if e.status == "not swapped"]
+
+    def counts(self):
+        out = {}
+        for e in self.entries:
+            out[e.status] = out.get(e.status, 0) + 1
+        return out
+
+    def __str__(self):
+        if not self.entries:
+            return f"fastvlm.patch({self.model}): no recognised connector or embedding module"
+        rows = [("module", "original", "fastvlm", "status", "detail")]
+        rows += [(e.path or "<root>", e.original, e.fused or "-", e.status, e.detail or "-") for e in self.entries]
+        w = [max(len(r[i]) for r in rows) for i in range(4)]
+        summary = ", ".join(f"{n} {status}" for status, n in self.counts().items())
+        lines = [f"fastvlm.patch({self.model}): {summary}"]
+        for i, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(x) for c, x in zip(r[:4], w)) + "  " + r[4])
+            if i == 0:
+                lines.append("-" * (sum(w) + 8 + len("detail")))
+        return "\n".join(lines)
+
+    __repr__ = __str__
+
+
+def _set_submodule(root, path, module):
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def _probe(recipe, fused):
+    """A random input shaped as the family's caller passes it, on the module's device and dtype."""
+    lin1 = fused.get_submodule(recipe.linear_1)
+    w = lin1.weight
+    if recipe.merged_width:
+        width = getattr(fused, recipe.merged_width)
+        return torch.randn(16, width // 4, device=w.device, dtype=w.dtype)
+    return torch.randn(2, 5, lin1.in_features, device=w.device, dtype=w.dtype)
+
+
+def _verify(original, fused, x):
+    from fastvlm.testing import rel_err, tolerance
+
+    with torch.no_grad():
+        ref = original(x)
+        out = fused(x)
+    err = rel_err(out, ref)
+    bound = tolerance(x.dtype, x.shape[-1], roundings=3)
+    return err, bound
+
+
+def _selected(ops, recipe=None, name=None):
+    if ops is None:
+        return True
+    keys = {name} if name else {recipe.family, recipe.cls, recipe.fused_name}
+    return bool(keys & set(ops))
+
+
+def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
+    """Swap every supported connector module of ``model`` for its fused equivalent, in place.
+
+    ``ops``: restrict to these families / class names (e.g. ``{"llava"}`` or ``{"PatchMerger"}``; ``"FusedLinear"``
+    selects BLIP-2's language_projection). ``verify``: run original and fused module on a random probe and record
+    the relative error against the fastvlm tolerance for the module's dtype. Returns a ``PatchReport``.
+    """
+    report = PatchReport(type(model).__name__)
+    originals = model.__dict__.setdefault(_ORIGINALS, {})
+    owners = {name: type(mod).__name__ for name, mod in model.named_modules()}
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, (_FusedProjectorMixin, FusedLinear)):
+            report.entries.append(PatchEntry(name, type(mod).__mro__[2].__name__ if isinstance(mod, _FusedProjectorMixin)
+                                             else "Linear", type(mod).__name__, "already fused"))
+            continue
+        recipe = recipe_for(mod)
+        parent, _, attr = name.rpartition(".")
+        if recipe is not None:
+            cls = fused_class(recipe)
+            if not _selected(ops, recipe):
+                report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "skipped", "not in ops"))
+                continue
+            fused = cls.from_module(mod)
+            _, reasons = fused._fastvlm_structure()
+            if reasons:
+                report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "not swapped", "; ".join(reasons)))
+                continue
+            detail = _swap(model, originals, name, mod, fused, verify, _probe(recipe, fused) if verify else None)
+            report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "patched", detail))
+        elif type(mod) is nn.Linear and (owners.get(parent), attr) in LINEAR_SLOTS:
+            if not _selected(ops, name="FusedLinear"):
+                report.entries.append(PatchEntry(name, "Linear", "FusedLinear", "skipped", "not in ops"))
+                continue
+            fused = FusedLinear.from_module(mod)
+            probe = None
+            if verify:
+                probe = torch.randn(2, 5, mod.in_features, device=mod.weight.device, dtype=mod.weight.dtype)
+            detail = _swap(model, originals, name, mod, fused, verify, probe)
+            report.entries.append(PatchEntry(name, "Linear", "FusedLinear", "patched", detail))
+        elif type(mod).__name__ in NOT_YET:
+            report.entries.append(PatchEntry(name, type(mod).__name__, "", "not swapped", NOT_YET[type(mod).__name__]))
+    return report
+
+
+def _swap(model, originals, name, original, fused, verify, probe):
+    detail = ""
+    if verify:
+        if probe.device.type == "meta":
+            detail = "verify skipped: parameters are on the meta device"
+        else:
+            err, bound = _verify(original, fused, probe)
+            ok = math.isfinite(err) and err <= bound
+            detail = f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+    _set_submodule(model, name, fused)
+    originals[name] = original
+    return detail
+
+
+def unpatch(model: nn.Module) -> int:
+    """Put back the original module objects that ``patch`` replaced; returns how many were restored."""
+    originals = model.__dict__.pop(_ORIGINALS, {})
+    for name, original in originals.items():
+        _set_submodule(model, name, original)
+    return len(originals)
+
+
+# ------------------------------------------------------------------------------------------------ class level
+
+_SAVED_CLASSES: dict = {}
+
+
+def apply_to_transformers(ops=None) -> list[str]:
+    """Make transformers build fused connector modules by every route; returns the replaced class names.
+
+    BLIP-2's ``language_projection`` is a bare ``nn.Linear`` created through ``torch.nn``; it is left to the
+    instance-level ``patch`` rather than touching torch.nn.
+    """
+    replaced = []
+    for recipe in RECIPES:
+        if not _selected(ops, recipe):
+            continue
+        try:
+            module = importlib.import_module(recipe.module)
+        except ImportError:
+            continue
+        key = (recipe.module, recipe.cls)
+        if key in _SAVED_CLASSES:
+            replaced.append(recipe.cls)
+            continue
+        original = getattr(module, recipe.cls, None)
+        if original is None:
+            continue
+        fused = fused_class(recipe)
+        _SAVED_CLASSES[key] = original
+        setattr(module, recipe.cls, fused)
+        replaced.append(recipe.cls)
+    return replaced
+
+
+def revert_transformers() -> list[str]:
+    """Restore every class object saved by ``apply_to_transformers``; returns the restored class names."""
+    restored = []
+    for (module_name, cls_name), original in list(_SAVED_CLASSES.items()):
+        setattr(importlib.import_module(module_name), cls_name, original)
+        restored.append(cls_name)
+        del _SAVED_CLASSES[(module_name, cls_name)]
+    return restored
