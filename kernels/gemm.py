@@ -15,9 +15,10 @@ Epilogue, on the fp32 accumulator:
     + bias -> [store the pre-activation, for backward] -> ACT -> [* (A @ Wup^T + bup): gated pair, SwiGLU]
     -> [+ residual] -> cast to out's dtype -> store
 
-A-load hook: ``_a_tile_offsets`` maps a tile of logical A coordinates (rows m, columns k) to element offsets. Today
-it is the strided 2-D map; gathers (im2col for patch embedding, space-to-depth for pixel shuffle) are further
-``A_MODE`` branches of that one function, so the K loop, prologue and epilogue stay shared.
+A-load hook: ``_load_a_tile`` produces each tile of the *logical* A from the stored tensor X. "strided" reads X as A;
+"concat"/"concat_cm" gather the source rows of a space-to-depth merge (pixel shuffle) through a small int64 row
+table; "mean" averages the rows of a pooling window as they are loaded. Patch embedding's im2col will be one more
+branch. The K loop, prologue and epilogue are shared by all.
 
 Numerics: fp32 accumulation always. fp32 inputs use ``PRECISION`` ("ieee" unless the caller allowed TF32, matching
 torch.backends.cuda.matmul.allow_tf32). All offsets are int64.
@@ -60,17 +61,58 @@ def _triton_configs():
 
 
 @triton.jit
-def _a_tile_offsets(rm64, rk64, stride_am, stride_ak, A_MODE: tl.constexpr):
-    # Strided rows. Future modes ("im2col", "space_to_depth") compute the same [BLOCK_M, BLOCK_K] offsets from
-    # separable row and column terms.
-    return rm64[:, None] * stride_am + rk64[None, :] * stride_ak
+def _load_a_tile(a_ptr, rows_ptr, rm64, rk, mask_m, mask_k, stride_am, stride_ak, Q, D_SRC,
+                 A_MODE: tl.constexpr, A_ALIGNED: tl.constexpr):
+    """Load the [BLOCK_M, BLOCK_K] tile of the logical A at rows rm, columns rk; also return the source row of each
+    element and its channel within that row (for norms over source rows). A_MODE:
+      "strided"    A[m, k] = X[m, k]
+      "concat"     A[m, q*D + d] = X[rows[m, q], d]         space-to-depth, patch-major (Idefics3, InternVL, Llama 4)
+      "concat_cm"  A[m, d*Q + q] = X[rows[m, q], d]         space-to-depth, channel-major (F.unfold: Mistral 3)
+      "mean"       A[m, d]       = mean_q X[rows[m, q], d]  average pooling (Gemma 3); K == D
+    ``rows`` [M, Q] (int64 source-row indices) encodes grid shapes, merge order and ragged images."""
+    mask = mask_m[:, None] & mask_k[None, :]
+    rk64 = rk.to(tl.int64)
+    chan = rk64
+    if A_MODE == "strided":
+        src = rm64[:, None] + 0 * rk64[None, :]
+        a = tl.load(a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak, mask=mask, other=0.0)
+    elif A_MODE == "mean":
+        acc = tl.zeros(mask.shape, dtype=tl.float32)
+        for q in range(0, Q):
+            tok = tl.load(rows_ptr + rm64 * Q + q, mask=mask_m, other=0)
+            acc += tl.load(a_ptr + tok[:, None] * stride_am + rk64[None, :] * stride_ak, mask=mask,
+                           other=0.0).to(tl.float32)
+        a = (acc / Q).to(a_ptr.dtype.element_ty)  # PyTorch's AvgPool rounds the pooled value to the input dtype
+        src = rm64[:, None] + 0 * rk64[None, :]
+    else:
+        if A_MODE == "concat":
+            q = rk64 // D_SRC
+            d = rk64 % D_SRC
+        else:  # "concat_cm"
+            q = rk64 % Q
+            d = rk64 // Q
+        if A_ALIGNED:  # the whole K tile comes from one source row per output row
+            tok = tl.load(rows_ptr + rm64 * Q + tl.min(q, axis=0), mask=mask_m, other=0)
+            src = tok[:, None] + 0 * rk64[None, :]
+        else:
+            src = tl.load(rows_ptr + rm64[:, None] * Q + q[None, :], mask=mask, other=0)
+        a = tl.load(a_ptr + src * stride_am + d[None, :] * stride_ak, mask=mask, other=0.0)
+        chan = d
+    return a, src, chan
 
 
 @triton.jit
-def _prologue_norm(a, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, n_groups, NORM_GROUP,
-                   NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, NORM_ALIGNED: tl.constexpr):
+def _prologue_norm(a, src, chan, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, n_groups, NORM_GROUP,
+                   NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, NORM_ALIGNED: tl.constexpr,
+                   NORM_SRC: tl.constexpr):
     xf = a.to(tl.float32)
-    if NORM_ALIGNED:
+    if NORM_SRC:
+        # statistics belong to the gathered source rows (a norm over each patch before the space-to-depth merge)
+        smask = mask_m[:, None] & mask_k[None, :]
+        rs = tl.load(rstd_ptr + src, mask=smask, other=0.0)
+        if NORM == "layernorm":
+            mu = tl.load(mean_ptr + src, mask=smask, other=0.0)
+    elif NORM_ALIGNED:
         # the whole K tile lies in one norm group: one statistic per row
         sidx = rm64 * n_groups + k0 // NORM_GROUP
         rs = tl.load(rstd_ptr + sidx, mask=mask_m, other=0.0)[:, None]
@@ -82,12 +124,17 @@ def _prologue_norm(a, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, 
         rs = tl.load(rstd_ptr + sidx, mask=smask, other=0.0)
         if NORM == "layernorm":
             mu = tl.load(mean_ptr + sidx, mask=smask, other=0.0)
-    wcol = rk % NORM_GROUP
+    if NORM_SRC:
+        wcol = chan
+    else:
+        wcol = rk % NORM_GROUP
     nw = tl.load(nw_ptr + wcol, mask=mask_k, other=0.0).to(tl.float32)[None, :]
     if NORM == "layernorm":
         y = (xf - mu) * rs * nw
         if HAS_NORM_BIAS:
             y += tl.load(nb_ptr + wcol, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+    elif NORM == "rmsnorm_1p":  # Gemma: fp32 x * rstd * (1 + w), one cast at the end
+        y = xf * rs * (1.0 + nw)
     else:  # rmsnorm, transformers cast point: weight * (x * rstd).to(input dtype)
         y = (xf * rs).to(a.dtype).to(tl.float32) * nw
     return y.to(a.dtype)
@@ -95,7 +142,10 @@ def _prologue_norm(a, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, 
 
 @triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "GATED", "NORM", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_configs})
-@triton.heuristics({"NORM_ALIGNED": lambda args: args["NORM"] != "none" and args["NORM_GROUP"] % args["BLOCK_K"] == 0})
+@triton.heuristics({
+    "NORM_ALIGNED": lambda args: args["NORM"] != "none" and args["NORM_GROUP"] % args["BLOCK_K"] == 0,
+    "A_ALIGNED": lambda args: args["A_MODE"] == "concat" and args["D_SRC"] % args["BLOCK_K"] == 0,
+})
 @triton.jit
 def _fused_linear_kernel(
     a_ptr,  # [M, K]
@@ -110,12 +160,13 @@ def _fused_linear_kernel(
     rstd_ptr,  # [M * K / NORM_GROUP] fp32 (NORM != "none")
     nw_ptr,  # [NORM_GROUP] norm weight
     nb_ptr,  # [NORM_GROUP] norm bias (HAS_NORM_BIAS)
-    M, N, K, M_BUCKET,
+    rows_ptr,  # [M, Q] int64 source rows (A_MODE != "strided")
+    M, N, K, M_BUCKET, Q, D_SRC,
     stride_am, stride_ak, stride_wn, stride_wk, stride_wun, stride_wuk,
     stride_rm, stride_rn, stride_om, stride_on, stride_pm, stride_pn,
     NORM_GROUP,
-    A_MODE: tl.constexpr, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, NORM_ALIGNED: tl.constexpr,
-    HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
+    A_MODE: tl.constexpr, A_ALIGNED: tl.constexpr, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
+    NORM_ALIGNED: tl.constexpr, NORM_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -143,11 +194,11 @@ def _fused_linear_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < K
         rk64 = rk.to(tl.int64)
-        a = tl.load(a_ptr + _a_tile_offsets(rm64, rk64, stride_am, stride_ak, A_MODE),
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        a, src, chan = _load_a_tile(a_ptr, rows_ptr, rm64, rk, mask_m, mask_k, stride_am, stride_ak, Q, D_SRC,
+                                    A_MODE, A_ALIGNED)
         if NORM != "none":
-            a = _prologue_norm(a, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, n_groups,
-                               NORM_GROUP, NORM, HAS_NORM_BIAS, NORM_ALIGNED)
+            a = _prologue_norm(a, src, chan, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, n_groups,
+                               NORM_GROUP, NORM, HAS_NORM_BIAS, NORM_ALIGNED, NORM_SRC)
         wmask = mask_k[:, None] & mask_n[None, :]
         w = tl.load(w_ptr + rk64[:, None] * stride_wk + rn64[None, :] * stride_wn, mask=wmask, other=0.0)
         acc = tl.dot(dot_operand(a), dot_operand(w), acc, input_precision=PRECISION)
@@ -178,23 +229,43 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
+A_MODES = ("strided", "concat", "concat_cm", "mean")
+NORMS = ("none", "layernorm", "rmsnorm", "rmsnorm_1p")
+
+
+def logical_k(a, a_rows, a_mode):
+    """Width of the logical A read from ``a`` (see ``_load_a_tile``)."""
+    if a_mode in ("concat", "concat_cm"):
+        return a_rows.shape[1] * a.shape[1]
+    return a.shape[1]
+
+
 def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
-                 norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None,
-                 store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None):
+                 norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None, norm_src=False,
+                 a_rows=None, a_mode="strided", store_pre=False, out_dtype=None, precision=None, config=None, out=None,
+                 pre=None):
     """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
 
+    ``a_mode``/``a_rows``: how the logical A [M, K] is read from ``a`` (see ``_load_a_tile``); with a row table,
+    M = a_rows.shape[0]. ``norm_src``: the statistics are per source row of ``a`` (norm before the merge).
     ``out`` / ``pre``: optional preallocated [M, N] outputs (any strides), written in place.
     ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuple that bypasses the autotuner
     (tests use it to cover every tile shape under the interpreter).
     """
     import torch
 
-    _check(a.dim() == 2, f"fused_linear: a must be 2-D [M, K], got shape {tuple(a.shape)}")
-    _check(weight.dim() == 2 and weight.shape[1] == a.shape[1],
-           f"fused_linear: weight must be [N, {a.shape[1]}] to match a [M, K], got {tuple(weight.shape)}")
+    _check(a.dim() == 2, f"fused_linear: a must be 2-D, got shape {tuple(a.shape)}")
+    _check(a_mode in A_MODES, f"fused_linear: a_mode must be one of {A_MODES}, got {a_mode!r}")
+    if a_mode != "strided":
+        _check(a_rows is not None and a_rows.dim() == 2 and a_rows.dtype == torch.int64,
+               f"fused_linear: a_mode {a_mode!r} needs a_rows, an int64 [M, Q] table of rows of a")
+        _check(a_rows.is_contiguous(), "fused_linear: a_rows must be contiguous")
+    K = logical_k(a, a_rows, a_mode)
+    M = a.shape[0] if a_mode == "strided" else a_rows.shape[0]
+    _check(weight.dim() == 2 and weight.shape[1] == K,
+           f"fused_linear: weight must be [N, {K}] to match the logical A [M, K], got {tuple(weight.shape)}")
     _check(act in ACTIVATIONS, f"fused_linear: act must be one of {ACTIVATIONS}, got {act!r}")
-    _check(norm in ("none", "layernorm", "rmsnorm"), f"fused_linear: unknown norm {norm!r}")
-    M, K = a.shape
+    _check(norm in NORMS, f"fused_linear: unknown norm {norm!r}")
     N = weight.shape[0]
     gated = up_weight is not None
     if gated:
@@ -208,10 +279,13 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     if norm != "none":
         _check(norm_group is not None and norm_group > 0 and K % norm_group == 0,
                f"fused_linear: norm_group must divide K={K}, got {norm_group}")
-        rows = M * (K // norm_group)
+        _check(not norm_src or (a_mode in ("concat", "concat_cm") and norm_group == a.shape[1]
+                                and norm in ("layernorm", "rmsnorm")),
+               "fused_linear: norm_src needs a space-to-depth a_mode and norm_group equal to a's width")
+        rows = a.shape[0] if norm_src else M * (K // norm_group)
         _check(rstd is not None and rstd.shape == (rows,) and rstd.dtype == torch.float32,
                f"fused_linear: rstd must be fp32 [{rows}]")
-        _check(norm == "rmsnorm" or (mean is not None and mean.shape == (rows,)), f"fused_linear: mean must be fp32 [{rows}]")
+        _check(norm != "layernorm" or (mean is not None and mean.shape == (rows,)), f"fused_linear: mean must be fp32 [{rows}]")
         _check(norm_weight is not None and norm_weight.shape == (norm_group,),
                f"fused_linear: norm_weight must be [{norm_group}]")
     out_dtype = out_dtype or (out.dtype if out is not None else a.dtype)
@@ -231,14 +305,16 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         up_bias if up_bias is not None else dummy, residual if residual is not None else dummy, out,
         pre if store_pre else dummy, mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-        M, N, K, triton.next_power_of_2(M),
+        a_rows if a_rows is not None else dummy,
+        M, N, K, triton.next_power_of_2(M), a_rows.shape[1] if a_rows is not None else 1, a.shape[1],
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
         up_weight.stride(0) if gated else 0, up_weight.stride(1) if gated else 0,
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         out.stride(0), out.stride(1), pre.stride(0) if store_pre else 0, pre.stride(1) if store_pre else 0,
         norm_group if norm != "none" else K,
     )
-    flags = dict(A_MODE="strided", NORM=norm, HAS_NORM_BIAS=norm_bias is not None, HAS_BIAS=bias is not None, ACT=act,
+    flags = dict(A_MODE=a_mode, NORM=norm, HAS_NORM_BIAS=norm_bias is not None, NORM_SRC=bool(norm_src),
+                 HAS_BIAS=bias is not None, ACT=act,
                  GATED=gated, HAS_RES=residual is not None, STORE_PRE=bool(store_pre), PRECISION=precision)
     if config is None:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
@@ -252,22 +328,24 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
 
 
 _PTR_ARGS = ("a_ptr", "w_ptr", "wu_ptr", "bias_ptr", "bu_ptr", "res_ptr", "out_ptr", "pre_ptr", "mean_ptr", "rstd_ptr",
-             "nw_ptr", "nb_ptr")
+             "nw_ptr", "nb_ptr", "rows_ptr")
 
 
 def audit_cases():
     """Compile cases for ``fastvlm audit``: every autotune config x the epilogue variants the ops launch on sm_90,
     with the specialisation the JIT would see for contiguous 16-aligned bf16 tensors (unit inner strides become
     constexpr 1; pointers, sizes and leading strides divisible by 16)."""
+    base = dict(A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
+                GATED=False, HAS_RES=False, STORE_PRE=False)
     variants = [
-        ("linear_gelu+pre", dict(NORM="none", HAS_NORM_BIAS=False, HAS_BIAS=True, ACT="gelu", GATED=False,
-                                 HAS_RES=False, STORE_PRE=True)),
-        ("layernorm_linear_gelu", dict(NORM="layernorm", HAS_NORM_BIAS=True, HAS_BIAS=True, ACT="gelu", GATED=False,
-                                       HAS_RES=False, STORE_PRE=False)),
-        ("rmsnorm_linear", dict(NORM="rmsnorm", HAS_NORM_BIAS=False, HAS_BIAS=True, ACT="none", GATED=False,
-                                HAS_RES=False, STORE_PRE=False)),
-        ("swiglu_gated+res", dict(NORM="none", HAS_NORM_BIAS=False, HAS_BIAS=False, ACT="silu", GATED=True,
-                                  HAS_RES=True, STORE_PRE=False)),
+        ("linear_gelu+pre", dict(base, HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
+        ("layernorm_linear_gelu", dict(base, NORM="layernorm", HAS_NORM_BIAS=True, HAS_BIAS=True, ACT="gelu")),
+        ("rmsnorm_linear", dict(base, NORM="rmsnorm", HAS_BIAS=True)),
+        ("swiglu_gated+res", dict(base, ACT="silu", GATED=True, HAS_RES=True)),
+        ("shuffle_layernorm_linear_gelu", dict(base, A_MODE="concat", NORM="layernorm", HAS_NORM_BIAS=True,
+                                               HAS_BIAS=True, ACT="gelu")),
+        ("shuffle_cm_linear", dict(base, A_MODE="concat_cm")),
+        ("avgpool_rmsnorm1p_linear", dict(base, A_MODE="mean", NORM="rmsnorm_1p")),
     ]
     cases = []
     for vname, flags in variants:
@@ -276,18 +354,19 @@ def audit_cases():
                 continue
             sig = {name: "*bf16" for name in _PTR_ARGS}
             sig.update(mean_ptr="*fp32", rstd_ptr="*fp32")
-            for name in ("M", "N", "K", "M_BUCKET", "stride_am", "stride_wn", "stride_wun", "stride_rm", "stride_om",
-                         "stride_pm", "NORM_GROUP"):
+            sig["rows_ptr"] = "*i64"
+            for name in ("M", "N", "K", "M_BUCKET", "Q", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",
+                         "stride_om", "stride_pm", "NORM_GROUP"):
                 sig[name] = "i32"
             for name in ("stride_ak", "stride_wk", "stride_wuk", "stride_rn", "stride_on", "stride_pn"):
                 sig[name] = "constexpr"
             constexprs = {name: 1 for name in ("stride_ak", "stride_wk", "stride_wuk", "stride_rn", "stride_on", "stride_pn")}
-            constexprs.update(flags, A_MODE="strided", PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                              NORM_ALIGNED=flags["NORM"] != "none")
-            for name in ("A_MODE", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "HAS_BIAS", "ACT", "GATED", "HAS_RES",
-                         "STORE_PRE", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+            constexprs.update(flags, PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
+                              NORM_ALIGNED=flags["NORM"] != "none", A_ALIGNED=flags["A_MODE"] == "concat")
+            for name in ("A_MODE", "A_ALIGNED", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "NORM_SRC", "HAS_BIAS", "ACT",
+                         "GATED", "HAS_RES", "STORE_PRE", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
                 sig[name] = "constexpr"
-            divisible = _PTR_ARGS + ("N", "K", "M_BUCKET", "stride_am", "stride_wn", "stride_wun", "stride_rm",
+            divisible = _PTR_ARGS + ("N", "K", "M_BUCKET", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",
                                      "stride_om", "stride_pm", "NORM_GROUP")
             cases.append(dict(name=f"fused_linear[{vname}] {bm}x{bn}x{bk} w{warps} s{stages}", fn=_fused_linear_kernel.fn.fn,
                               signature=sig, constexprs=constexprs, divisible=divisible, num_warps=warps,

@@ -10,51 +10,82 @@ import triton.language as tl
 
 
 @triton.jit
+def _load_chunk(x_ptr, rows_ptr, rows64, mask_r, cols, mask_c, q, Q, stride_r, MODE: tl.constexpr):
+    """fp32 [BLOCK_R, BLOCK_C] chunk of the logical rows (see ``row_stats``)."""
+    m = mask_r[:, None] & mask_c[None, :]
+    if MODE == "strided":
+        x = tl.load(x_ptr + rows64[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    elif MODE == "concat":
+        tok = tl.load(rows_ptr + rows64 * Q + q, mask=mask_r, other=0)
+        x = tl.load(x_ptr + tok[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(tl.float32)
+    else:  # "mean": the pooled row, rounded to the input dtype as PyTorch's AvgPool does
+        x = tl.zeros(m.shape, dtype=tl.float32)
+        for qq in range(0, Q):
+            tok = tl.load(rows_ptr + rows64 * Q + qq, mask=mask_r, other=0)
+            x += tl.load(x_ptr + tok[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(tl.float32)
+        x = (x / Q).to(x_ptr.dtype.element_ty).to(tl.float32)
+    return x
+
+
+@triton.jit
 def _row_stats_kernel(
-    x_ptr,  # [R, C], unit column stride
+    x_ptr,  # [T, C] source rows, unit column stride
+    rows_ptr,  # [R, Q] int64 source-row table (MODE != "strided")
     mean_ptr,  # [R] fp32 (untouched when RMS)
     rstd_ptr,  # [R] fp32
     R,
     C,
+    Q,
     stride_r,
     eps,
     RMS: tl.constexpr,
+    MODE: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_r = rows < R
-    base = x_ptr + rows.to(tl.int64)[:, None] * stride_r
+    rows64 = rows.to(tl.int64)
+    NQ = Q if MODE == "concat" else 1
+    n = (NQ * C).to(tl.float32)
     mean = tl.zeros((BLOCK_R,), tl.float32)
     if not RMS:
         acc = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+        for q in range(0, NQ):
+            for c0 in range(0, C, BLOCK_C):
+                cols = c0 + tl.arange(0, BLOCK_C)
+                acc += _load_chunk(x_ptr, rows_ptr, rows64, mask_r, cols, cols < C, q, Q, stride_r, MODE)
+        mean = tl.sum(acc, axis=1) / n
+    acc2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
+    for q in range(0, NQ):
         for c0 in range(0, C, BLOCK_C):
             cols = c0 + tl.arange(0, BLOCK_C)
-            m = mask_r[:, None] & (cols < C)[None, :]
-            acc += tl.load(base + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        mean = tl.sum(acc, axis=1) / C
-    acc2 = tl.zeros((BLOCK_R, BLOCK_C), tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        cols = c0 + tl.arange(0, BLOCK_C)
-        m = mask_r[:, None] & (cols < C)[None, :]
-        x = tl.load(base + cols[None, :], mask=m, other=0.0).to(tl.float32)
-        d = tl.where(m, x - mean[:, None], 0.0)
-        acc2 += d * d
-    var = tl.sum(acc2, axis=1) / C
+            mc = cols < C
+            x = _load_chunk(x_ptr, rows_ptr, rows64, mask_r, cols, mc, q, Q, stride_r, MODE)
+            d = tl.where(mask_r[:, None] & mc[None, :], x - mean[:, None], 0.0)
+            acc2 += d * d
+    var = tl.sum(acc2, axis=1) / n
     rstd = 1.0 / tl.sqrt(var + eps)
     if not RMS:
-        tl.store(mean_ptr + rows, mean, mask=mask_r)
-    tl.store(rstd_ptr + rows, rstd, mask=mask_r)
+        tl.store(mean_ptr + rows64, mean, mask=mask_r)
+    tl.store(rstd_ptr + rows64, rstd, mask=mask_r)
 
 
-def row_stats(x, eps, rms, *, block_r=None, block_c=None):
-    """Statistics of the rows of a 2-D tensor ``x`` [R, C]: returns (mean, rstd) in fp32 (mean is None for RMS)."""
+def row_stats(x, eps, rms, *, rows=None, mode="strided", block_r=None, block_c=None):
+    """fp32 (mean, rstd) of logical rows of the 2-D tensor ``x`` [T, C] (mean is None for RMS).
+
+    mode "strided": the rows of x; "concat": row r is the concatenation of x[rows[r, q]] over q (a space-to-depth
+    merged row); "mean": row r is the average of x[rows[r, q]] over q (a pooled row). ``rows``: int64 [R, Q].
+    """
     import torch
 
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"row_stats: x must be 2-D with unit column stride, got shape {tuple(x.shape)} strides {x.stride()}")
-    R, C = x.shape
+    if mode != "strided" and (rows is None or rows.dtype != torch.int64 or not rows.is_contiguous()):
+        raise ValueError(f"row_stats: mode {mode!r} needs rows, a contiguous int64 [R, Q] table")
+    C = x.shape[1]
+    R = x.shape[0] if mode == "strided" else rows.shape[0]
     rstd = torch.empty(R, device=x.device, dtype=torch.float32)
     mean = None if rms else torch.empty(R, device=x.device, dtype=torch.float32)
     if R == 0:
@@ -63,24 +94,25 @@ def row_stats(x, eps, rms, *, block_r=None, block_c=None):
     block_r = block_r or max(1, min(16, 4096 // block_c))
     grid = (triton.cdiv(R, block_r),)
     _row_stats_kernel[grid](
-        x, mean if mean is not None else rstd, rstd, R, C, x.stride(0), float(eps),
-        RMS=bool(rms), BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
+        x, rows if rows is not None else rstd, mean if mean is not None else rstd, rstd, R, C,
+        rows.shape[1] if rows is not None else 1, x.stride(0), float(eps),
+        RMS=bool(rms), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
     )
     return mean, rstd
 
 
 def audit_cases():
-    """Compile cases for ``fastvlm audit`` (sm_90): the stats pass over bf16 rows of width 1280 and 4096."""
+    """Compile cases for ``fastvlm audit`` (sm_90): the stats pass in each mode over bf16 rows."""
     cases = []
-    for rms in (False, True):
+    for rms, mode in ((False, "strided"), (True, "strided"), (False, "concat"), (True, "mean")):
         cases.append(dict(
-            name=f"row_stats[{'rms' if rms else 'ln'}]",
+            name=f"row_stats[{'rms' if rms else 'ln'},{mode}]",
             fn=_row_stats_kernel,
-            signature={"x_ptr": "*bf16", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "R": "i32", "C": "i32",
-                       "stride_r": "i32", "eps": "fp32", "RMS": "constexpr", "BLOCK_R": "constexpr",
-                       "BLOCK_C": "constexpr"},
-            constexprs={"RMS": rms, "BLOCK_R": 4, "BLOCK_C": 1024},
-            divisible=("x_ptr", "mean_ptr", "rstd_ptr", "C", "stride_r"),
+            signature={"x_ptr": "*bf16", "rows_ptr": "*i64", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "R": "i32",
+                       "C": "i32", "Q": "i32", "stride_r": "i32", "eps": "fp32", "RMS": "constexpr",
+                       "MODE": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
+            constexprs={"RMS": rms, "MODE": mode, "BLOCK_R": 4, "BLOCK_C": 1024},
+            divisible=("x_ptr", "rows_ptr", "mean_ptr", "rstd_ptr", "C", "stride_r"),
             num_warps=4, num_stages=1, expect_mma=False,
         ))
     return cases

@@ -1,44 +1,78 @@
-"""``fastvlm::mlp_projector``: [norm] -> linear_1 -> act -> [linear_2] as one custom op.
+"""``fastvlm::mlp_projector``: [merge/pool] -> [norm] -> linear_1 -> act -> [linear_2 -> act2] as one custom op.
 
-Reads top to bottom: validation -> the two forward paths (Triton launchers in fastvlm.kernels.gemm, the PyTorch path
-in fastvlm.reference.projector) -> backward -> torch.library registration (fake + autograd) -> the public functional.
+Reads top to bottom: the op's configuration (``Spec``) and validation -> the two forward paths (Triton launchers in
+fastvlm.kernels, the PyTorch path built from fastvlm.reference) -> backward -> torch.library registration (fake +
+autograd) -> the public functional.
 
-What is fused (Triton path, two launches plus one tiny statistics pass when there is a norm):
-    stats  = row_stats(x)                                      fp32 mean/rstd per norm row
-    a, h   = GEMM(x -> norm on load, W1, + b1 -> [h stored only when training] -> act)
-    y      = GEMM(a, W2, + b2)
-The normalised input and the post-activation tensor never need to be kept for backward:
+The input ``x`` [T, D] holds vision tokens. The GEMM reads a *logical* A [M, K] from it (fastvlm.ops.layout):
+    a_mode "strided"    A = x (a free view, e.g. Qwen2-VL's 2x2 merge ``x.view(-1, 4 * D)``)
+    a_mode "concat"     A[m] = concat of x[rows[m, q]], q = 0..Q-1 (pixel shuffle, patch-major)
+    a_mode "concat_cm"  the same merge in channel-major column order (F.unfold)
+    a_mode "mean"       A[m] = mean of x[rows[m, q]] (k x k average pooling)
+The norm runs on groups of ``norm_group`` columns of A, or, with ``norm_src``, on the rows of x before the merge.
 
-    saved for backward   x (already held by the caller), fp32 stats (8 B per norm row), pre-activation h
-    recomputed           norm(x) from the stats, act(h)
-    eager transformers   keeps norm(x), h and act(h)
+What is fused (Triton path; one small statistics pass when there is a norm, then one launch per linear):
+    stats  = row_stats(x or A)                  fp32 mean/rstd per norm row
+    a, h   = GEMM(A -> norm on load, W1, + b1 -> [h stored only when training] -> act)
+    y, z   = GEMM(a, W2, + b2 -> [z stored only when training and act2] -> act2)
+Neither the merged/pooled A, nor its normalised form, nor act(h) is kept for backward:
 
-Backward runs in PyTorch ops (cuBLAS GEMMs, fp32 elementwise math); a Triton backward is future work.
+    saved for backward   x (already held by the caller), the row table, fp32 stats, h, z (only with act2)
+    recomputed           A and norm(A) from x and the stats, act(h)
+    eager transformers   keeps the shuffled copy, norm(A), h and act(h)
+
+Backward runs in PyTorch ops (cuBLAS GEMMs, fp32 elementwise math, index_add for the merge's adjoint); a Triton
+backward is future work.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm.ops.layout import gather_ref, scatter_back
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 from fastvlm.reference.projector import norm_ref, norm_stats_ref
 
 OP_NAME = "fastvlm::mlp_projector"
-NORMS = ("none", "layernorm", "rmsnorm")
+NORMS = ("none", "layernorm", "rmsnorm", "rmsnorm_1p")
+A_MODES = ("strided", "concat", "concat_cm", "mean")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@dataclass(frozen=True)
+class Spec:
+    norm: str
+    norm_group: int
+    eps: float
+    act: str
+    act2: str
+    a_mode: str
+    norm_src: bool
+
+
+def _k_of(x, rows, a_mode):
+    return x.shape[1] * rows.shape[1] if a_mode in ("concat", "concat_cm") else x.shape[1]
 
 
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, act):
+def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec):
     """Shape errors that the original modules would also reject, named after the tensor at fault."""
     if x.dim() != 2:
         raise ValueError(f"mlp_projector: x must be 2-D [tokens, features] here, got shape {tuple(x.shape)}")
-    M, K = x.shape
+    if s.a_mode not in A_MODES:
+        raise ValueError(f"mlp_projector: a_mode must be one of {A_MODES}, got {s.a_mode!r}")
+    if s.a_mode != "strided":
+        if rows is None or rows.dim() != 2 or rows.dtype != torch.int64:
+            raise ValueError(f"mlp_projector: a_mode {s.a_mode!r} needs rows, an int64 [M, Q] table of token indices")
+        if rows.device != x.device:
+            raise ValueError(f"mlp_projector: rows is on {rows.device} but x on {x.device}")
+    K = x.shape[1] if s.a_mode == "strided" else _k_of(x, rows, s.a_mode)
     if w1.dim() != 2 or w1.shape[1] != K:
         raise ValueError(f"mlp_projector: linear_1.weight must be [out, {K}] for input features of width {K}, "
                          f"got {tuple(w1.shape)}")
@@ -49,30 +83,34 @@ def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, act):
             raise ValueError(f"mlp_projector: linear_2.weight must be [out, {w1.shape[0]}], got {tuple(w2.shape)}")
         if b2 is not None and b2.shape != (w2.shape[0],):
             raise ValueError(f"mlp_projector: linear_2.bias must be [{w2.shape[0]}], got {tuple(b2.shape)}")
-    elif b2 is not None:
-        raise ValueError("mlp_projector: linear_2.bias given without linear_2.weight")
-    if act not in ACTIVATIONS:
-        raise ValueError(f"mlp_projector: act must be one of {ACTIVATIONS}, got {act!r}")
-    if norm not in NORMS:
-        raise ValueError(f"mlp_projector: norm must be one of {NORMS}, got {norm!r}")
-    if norm != "none":
-        if norm_group <= 0 or K % norm_group:
-            raise ValueError(f"mlp_projector: the norm width {norm_group} must divide the input width {K}")
-        if norm_weight is None or norm_weight.shape != (norm_group,):
-            raise ValueError(f"mlp_projector: norm weight must be [{norm_group}], got "
+    elif b2 is not None or s.act2 != "none":
+        raise ValueError("mlp_projector: linear_2.bias / act2 given without linear_2.weight")
+    for name, a in (("act", s.act), ("act2", s.act2)):
+        if a not in ACTIVATIONS:
+            raise ValueError(f"mlp_projector: {name} must be one of {ACTIVATIONS}, got {a!r}")
+    if s.norm not in NORMS:
+        raise ValueError(f"mlp_projector: norm must be one of {NORMS}, got {s.norm!r}")
+    if s.norm != "none":
+        width = x.shape[1] if s.norm_src else K
+        if s.norm_group <= 0 or width % s.norm_group:
+            raise ValueError(f"mlp_projector: the norm width {s.norm_group} must divide the normalised width {width}")
+        if s.norm_src and (s.a_mode not in ("concat", "concat_cm") or s.norm_group != x.shape[1]
+                           or s.norm == "rmsnorm_1p"):
+            raise ValueError("mlp_projector: norm_src (a norm before the merge) needs a concat a_mode, a norm over "
+                             "each whole token row, and layernorm or rmsnorm")
+        if norm_weight is None or norm_weight.shape != (s.norm_group,):
+            raise ValueError(f"mlp_projector: norm weight must be [{s.norm_group}], got "
                              f"{None if norm_weight is None else tuple(norm_weight.shape)}")
-        if norm_bias is not None and (norm != "layernorm" or norm_bias.shape != (norm_group,)):
-            raise ValueError(f"mlp_projector: norm bias must be [{norm_group}] and only with a layernorm")
+        if norm_bias is not None and (s.norm != "layernorm" or norm_bias.shape != (s.norm_group,)):
+            raise ValueError(f"mlp_projector: norm bias must be [{s.norm_group}] and only with a layernorm")
 
 
-def _kernel_reasons(x, w1, b1, w2, b2, norm_weight, norm_bias):
+def _kernel_reasons(x, tensors):
     """Why the Triton kernels cannot run these inputs (empty list when they can)."""
     reasons = []
     if x.dtype not in KERNEL_DTYPES:
         reasons.append(f"x dtype {x.dtype} is not one of float16/bfloat16/float32")
-    named = (("linear_1.weight", w1), ("linear_1.bias", b1), ("linear_2.weight", w2), ("linear_2.bias", b2),
-             ("norm.weight", norm_weight), ("norm.bias", norm_bias))
-    for name, t in named:
+    for name, t in tensors:
         if t is None:
             continue
         if t.dtype != x.dtype:
@@ -82,95 +120,112 @@ def _kernel_reasons(x, w1, b1, w2, b2, norm_weight, norm_bias):
     return reasons
 
 
-def _needs_h(w2, act):
-    return w2 is not None or act != "none"
+def _saves_h(w2, s: Spec):
+    return w2 is not None or s.act != "none"
 
 
 # ------------------------------------------------------------------------------------------------ forward paths
 
 
-def _empty(x, dtype=None):
-    return x.new_empty((0,), dtype=dtype or x.dtype)
-
-
-def _forward_triton(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save):
+def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
     from fastvlm.kernels.gemm import fused_linear
     from fastvlm.kernels.norm_stats import row_stats
 
+    if x.stride(1) != 1:
+        x = x.contiguous()
     mean = rstd = None
-    if norm != "none":
-        if x.stride(1) != 1 or (norm_group != x.shape[1] and not x.is_contiguous()):
-            x = x.contiguous()
-        mean, rstd = row_stats(x.reshape(-1, norm_group) if norm_group != x.shape[1] else x, eps, norm == "rmsnorm")
-    store_pre = save and _needs_h(w2, act)
-    first = fused_linear(x, w1, b1, act=act, norm=norm, norm_group=norm_group, mean=mean, rstd=rstd,
-                         norm_weight=norm_weight, norm_bias=norm_bias, store_pre=store_pre)
-    a, h = first if store_pre else (first, None)
-    y = a if w2 is None else fused_linear(a, w2, b2)
-    return y, h, mean, rstd
-
-
-def _forward_torch(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save):
-    xn = norm_ref(x, norm, norm_weight, norm_bias, norm_group, eps)
-    h = F.linear(xn, w1, b1)
-    y = act_ref(h, act)
+    K = _k_of(x, rows, s.a_mode)
+    if s.norm != "none":
+        rms = s.norm != "layernorm"
+        if s.norm_src:
+            mean, rstd = row_stats(x, s.eps, rms)
+        elif s.a_mode == "strided":
+            if s.norm_group != K and not x.is_contiguous():
+                x = x.contiguous()
+            mean, rstd = row_stats(x.reshape(-1, s.norm_group) if s.norm_group != K else x, s.eps, rms)
+        else:  # a norm over whole merged (concat) or pooled (mean) rows
+            mean, rstd = row_stats(x, s.eps, rms, rows=rows, mode=s.a_mode)
+    first = fused_linear(x, w1, b1, act=s.act, norm=s.norm, norm_group=s.norm_group, mean=mean, rstd=rstd,
+                         norm_weight=nw, norm_bias=nb, norm_src=s.norm_src, a_rows=rows, a_mode=s.a_mode,
+                         store_pre=save and _saves_h(w2, s))
+    a, h = first if isinstance(first, tuple) else (first, None)
+    z = None
+    y = a
     if w2 is not None:
-        y = F.linear(y, w2, b2)
+        second = fused_linear(a, w2, b2, act=s.act2, store_pre=save and s.act2 != "none")
+        y, z = second if isinstance(second, tuple) else (second, None)
+    return y, h, z, mean, rstd
+
+
+def _logical_a(x, nw, nb, rows, s: Spec, normed=True):
+    """A (normalised when ``normed``) with torch ops: the PyTorch path and the backward's recomputation."""
+    if s.norm == "none" or not normed:
+        return gather_ref(x, rows, s.a_mode)
+    if s.norm_src:
+        return gather_ref(norm_ref(x, s.norm, nw, nb, s.norm_group, s.eps), rows, s.a_mode)
+    return norm_ref(gather_ref(x, rows, s.a_mode), s.norm, nw, nb, s.norm_group, s.eps)
+
+
+def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
+    h = F.linear(_logical_a(x, nw, nb, rows, s), w1, b1)
+    y = act_ref(h, s.act)
+    z = None
+    if w2 is not None:
+        z = F.linear(y, w2, b2)
+        y = act_ref(z, s.act2)
     mean = rstd = None
-    if save and norm != "none":
-        mean, rstd = norm_stats_ref(x, norm, norm_group, eps)
-    return y, (h if save and _needs_h(w2, act) else None), mean, rstd
+    if save and s.norm != "none":
+        stats_of = x if s.norm_src else gather_ref(x, rows, s.a_mode)
+        mean, rstd = norm_stats_ref(stats_of, s.norm, s.norm_group, s.eps)
+    return (y, h if save and _saves_h(w2, s) else None, z if save and s.act2 != "none" else None, mean, rstd)
 
 
-def _pack(x, y, h, mean, rstd, save):
-    """The custom op must return tensors: absent ones become empty tensors (the fake gives the same shapes)."""
-    f32 = torch.promote_types(x.dtype, torch.float32)
-    if not save:
-        return y, _empty(x), _empty(x, f32), _empty(x, f32)
-    return (y, h if h is not None else _empty(x), mean if mean is not None else _empty(x, f32),
-            rstd if rstd is not None else _empty(x, f32))
-
-
-def _forward(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save):
-    """(y, h, mean, rstd); h/mean/rstd are None when not saved."""
+def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
+    """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved."""
     detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {(w2 if w2 is not None else w1).shape[0]}"
-    reasons = _kernel_reasons(x, w1, b1, w2, b2, norm_weight, norm_bias)
-    backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, detail)
+    if s.a_mode != "strided":
+        detail += f" ({s.a_mode} of {rows.shape[1]})"
+    named = (("linear_1.weight", w1), ("linear_1.bias", b1), ("linear_2.weight", w2), ("linear_2.bias", b2),
+             ("norm.weight", nw), ("norm.bias", nb))
+    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
     impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save)
+    return impl(x, w1, b1, w2, b2, nw, nb, rows, s, save)
 
 
 # ------------------------------------------------------------------------------------------------ backward
 
 
-def _norm_from_stats(x, mean, rstd, norm_weight, norm_bias, norm, norm_group):
-    """Recompute the prologue's normalised input (x's dtype) from the saved fp32 statistics."""
+def _norm_from_stats(x, mean, rstd, nw, nb, norm, group):
+    """Recompute a norm's output (x's dtype) from saved statistics (the same cast points as norm_ref)."""
     ct = rstd.dtype  # fp32, or fp64 for fp64 inputs
-    xg = x.reshape(-1, norm_group).to(ct)
+    xg = x.reshape(-1, group).to(ct)
     if norm == "layernorm":
-        y = (xg - mean[:, None]) * rstd[:, None] * norm_weight.to(ct)
-        if norm_bias is not None:
-            y = y + norm_bias.to(ct)
+        y = (xg - mean[:, None]) * rstd[:, None] * nw.to(ct)
+        if nb is not None:
+            y = y + nb.to(ct)
         return y.to(x.dtype).reshape(x.shape)
-    y = norm_weight * (xg * rstd[:, None]).to(x.dtype)
-    return y.reshape(x.shape)
+    if norm == "rmsnorm_1p":
+        return (xg * rstd[:, None] * (1.0 + nw.to(ct))).to(x.dtype).reshape(x.shape)
+    return (nw * (xg * rstd[:, None]).to(x.dtype)).reshape(x.shape)
 
 
-def _norm_backward(gxn, x, mean, rstd, norm_weight, norm, norm_group, need_x, need_w, need_b):
+def _norm_backward(gxn, x, mean, rstd, nw, norm, group, need_x, need_w, need_b):
     ct = rstd.dtype
-    g = gxn.reshape(-1, norm_group).to(ct)
-    xg = x.reshape(-1, norm_group).to(ct)
+    g = gxn.reshape(-1, group).to(ct)
+    xg = x.reshape(-1, group).to(ct)
     xhat = (xg - mean[:, None]) * rstd[:, None] if norm == "layernorm" else xg * rstd[:, None]
     gw = gb = gx = None
     if need_w:
-        gw = ((g * xhat).sum(0) if norm == "layernorm" else (g * xhat.to(x.dtype).to(ct)).sum(0))
-        gw = gw.to(norm_weight.dtype)
+        if norm == "rmsnorm":
+            gw = (g * xhat.to(x.dtype).to(ct)).sum(0)
+        else:
+            gw = (g * xhat).sum(0)
+        gw = gw.to(nw.dtype)
     if need_b:
         gb = g.sum(0)
     if need_x:
-        gs = g * norm_weight.to(ct)
-        proj = (gs * xhat).mean(-1, keepdim=True)
-        gx = gs - xhat * proj
+        gs = g * (1.0 + nw.to(ct)) if norm == "rmsnorm_1p" else g * nw.to(ct)
+        gx = gs - xhat * (gs * xhat).mean(-1, keepdim=True)
         if norm == "layernorm":
             gx = gx - gs.mean(-1, keepdim=True)
         gx = (gx * rstd[:, None]).to(x.dtype).reshape(x.shape)
@@ -181,75 +236,111 @@ def _acc_dtype(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _backward(cfg, saved, gy, needs):
+def _backward(s: Spec, saved, gy, needs):
     """Gradients of (x, w1, b1, w2, b2, norm_weight, norm_bias) given dL/dy; ``needs`` flags which are wanted."""
-    norm, norm_group, act = cfg
-    x, w1, w2, norm_weight, norm_bias, h, mean, rstd = saved
+    x, w1, w2, nw, nb, rows, h, z, mean, rstd = saved
     need_x, need_w1, need_b1, need_w2, need_b2, need_nw, need_nb = needs
     gy = gy.contiguous()
     gx = gw1 = gb1 = gw2 = gb2 = gnw = gnb = None
     if w2 is not None:
+        gz = act_grad_ref(z, gy, s.act2) if s.act2 != "none" else gy
         if need_w2:
-            a = act_ref(h, act)
-            gw2 = (gy.t() @ a).to(w2.dtype)
+            gw2 = (gz.t() @ act_ref(h, s.act)).to(w2.dtype)
         if need_b2:
-            gb2 = gy.to(_acc_dtype(gy)).sum(0).to(w2.dtype)
-        ga = gy @ w2
+            gb2 = gz.to(_acc_dtype(gz)).sum(0).to(w2.dtype)
+        ga = gz @ w2
     else:
         ga = gy
-    gh = act_grad_ref(h, ga, act) if act != "none" else ga
+    gh = act_grad_ref(h, ga, s.act) if s.act != "none" else ga
     if need_b1:
         gb1 = gh.to(_acc_dtype(gh)).sum(0).to(w1.dtype)
     if need_w1:
-        xn = x if norm == "none" else _norm_from_stats(x, mean, rstd, norm_weight, norm_bias, norm, norm_group)
-        gw1 = (gh.t() @ xn).to(w1.dtype)
+        gw1 = (gh.t() @ _logical_a(x, nw, nb, rows, s) if s.norm == "none" else
+               gh.t() @ _normalised_from_stats(x, nw, nb, rows, mean, rstd, s)).to(w1.dtype)
     if need_x or need_nw or need_nb:
-        gxn = gh @ w1
-        if norm == "none":
-            gx = gxn
+        g_a = gh @ w1  # gradient of the (normalised) logical A
+        if s.norm == "none":
+            gx = scatter_back(g_a, rows, s.a_mode, x.shape[0]) if need_x else None
+        elif s.norm_src:
+            g_xn = scatter_back(g_a, rows, s.a_mode, x.shape[0])
+            gx, gnw, gnb = _norm_backward(g_xn, x, mean, rstd, nw, s.norm, s.norm_group, need_x, need_nw, need_nb)
         else:
-            gx, gnw, gnb = _norm_backward(gxn, x, mean, rstd, norm_weight, norm, norm_group, need_x, need_nw, need_nb)
-            if gnb is not None:
-                gnb = gnb.to(norm_bias.dtype)
+            a_raw = gather_ref(x, rows, s.a_mode)
+            g_raw, gnw, gnb = _norm_backward(g_a, a_raw, mean, rstd, nw, s.norm, s.norm_group, need_x, need_nw,
+                                             need_nb)
+            gx = scatter_back(g_raw, rows, s.a_mode, x.shape[0]) if need_x else None
+        if gnb is not None:
+            gnb = gnb.to(nb.dtype)
     return gx, gw1, gb1, gw2, gb2, gnw, gnb
+
+
+def _normalised_from_stats(x, nw, nb, rows, mean, rstd, s: Spec):
+    if s.norm_src:
+        return gather_ref(_norm_from_stats(x, mean, rstd, nw, nb, s.norm, s.norm_group), rows, s.a_mode)
+    return _norm_from_stats(gather_ref(x, rows, s.a_mode), mean, rstd, nw, nb, s.norm, s.norm_group)
 
 
 # ------------------------------------------------------------------------------------------------ registration
 
 
+def _pack(x, out, save):
+    """The custom op must return tensors: absent ones become empty tensors (the fake gives the same shapes)."""
+    f = torch.promote_types(x.dtype, torch.float32)
+    y, h, z, mean, rstd = out
+    e = lambda dt: x.new_empty((0,), dtype=dt)  # noqa: E731
+    return (y, h if h is not None else e(x.dtype), z if z is not None else e(x.dtype),
+            mean if mean is not None else e(f), rstd if rstd is not None else e(f))
+
+
+def _spec(norm, norm_group, eps, act, act2, a_mode, norm_src):
+    return Spec(norm, int(norm_group), float(eps), act, act2, a_mode, bool(norm_src))
+
+
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def mlp_projector_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: Optional[torch.Tensor],
                      b2: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
-                     norm_bias: Optional[torch.Tensor], norm: str, norm_group: int, eps: float, act: str,
-                     save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y, h, mean, rstd). h/mean/rstd are what backward needs (empty unless ``save``)."""
-    return _pack(x, *_forward(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save), save)
+                     norm_bias: Optional[torch.Tensor], rows: Optional[torch.Tensor], norm: str, norm_group: int,
+                     eps: float, act: str, act2: str, a_mode: str, norm_src: bool,
+                     save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, h, z, mean, rstd). h/z/mean/rstd are what backward needs (empty unless ``save``)."""
+    s = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src)
+    return _pack(x, _forward(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, save), save)
 
 
 @mlp_projector_op.register_fake
-def _(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save):
-    M, K = x.shape
+def _(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, norm, norm_group, eps, act, act2, a_mode, norm_src, save):
+    s = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src)
+    M = x.shape[0] if a_mode == "strided" else rows.shape[0]
+    K = x.shape[1] if a_mode == "strided" else _k_of(x, rows, a_mode)
+    f = torch.promote_types(x.dtype, torch.float32)
     y = x.new_empty((M, (w2 if w2 is not None else w1).shape[0]))
-    f32 = torch.promote_types(x.dtype, torch.float32)
-    h = x.new_empty((M, w1.shape[0])) if save and _needs_h(w2, act) else x.new_empty((0,))
-    rows = M * (K // norm_group) if norm != "none" else 0
-    mean = x.new_empty((rows if save and norm == "layernorm" else 0,), dtype=f32)
-    rstd = x.new_empty((rows if save and norm != "none" else 0,), dtype=f32)
-    return y, h, mean, rstd
+    h = x.new_empty((M, w1.shape[0]) if save and _saves_h(w2, s) else (0,))
+    z = x.new_empty((M, w2.shape[0]) if save and w2 is not None and act2 != "none" else (0,))
+    if not save or norm == "none":
+        n = 0
+    elif norm_src:
+        n = x.shape[0]
+    elif a_mode == "strided":
+        n = M * (K // norm_group)
+    else:
+        n = M
+    mean = x.new_empty((n if norm == "layernorm" else 0,), dtype=f)
+    rstd = x.new_empty((n,), dtype=f)
+    return y, h, z, mean, rstd
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, save = inputs
-    _, h, mean, rstd = output
-    ctx.cfg = (norm, norm_group, act)
-    ctx.save_for_backward(x, w1, w2, norm_weight, norm_bias, h, mean, rstd)
-    ctx.mark_non_differentiable(h, mean, rstd)
+    x, w1, b1, w2, b2, nw, nb, rows, norm, norm_group, eps, act, act2, a_mode, norm_src, save = inputs
+    _, h, z, mean, rstd = output
+    ctx.spec = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src)
+    ctx.save_for_backward(x, w1, w2, nw, nb, rows, h, z, mean, rstd)
+    ctx.mark_non_differentiable(h, z, mean, rstd)
 
 
-def _op_backward(ctx, gy, _gh, _gmean, _grstd):
+def _op_backward(ctx, gy, _gh, _gz, _gmean, _grstd):
     n = ctx.needs_input_grad
-    grads = _backward(ctx.cfg, ctx.saved_tensors, gy, (n[0], n[1], n[2], n[3], n[4], n[5], n[6]))
-    return (*grads, None, None, None, None, None)
+    grads = _backward(ctx.spec, ctx.saved_tensors, gy, tuple(n[:7]))
+    return (*grads, None, None, None, None, None, None, None, None, None)
 
 
 mlp_projector_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -259,40 +350,56 @@ class _MLPProjectorFunction(torch.autograd.Function):
     """The same forward/backward as the custom op, without the dispatcher's per-call cost (eager mode only)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act):
-        y, h, mean, rstd = _forward(x, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, eps, act, True)
-        ctx.cfg = (norm, norm_group, act)
-        ctx.save_for_backward(x, w1, w2, norm_weight, norm_bias, h, mean, rstd)
+    def forward(ctx, x, w1, b1, w2, b2, nw, nb, rows, s):
+        y, h, z, mean, rstd = _forward(x, w1, b1, w2, b2, nw, nb, rows, s, True)
+        ctx.spec = s
+        ctx.save_for_backward(x, w1, w2, nw, nb, rows, h, z, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         n = ctx.needs_input_grad
-        return (*_backward(ctx.cfg, ctx.saved_tensors, gy, n[:7]), None, None, None, None)
+        return (*_backward(ctx.spec, ctx.saved_tensors, gy, tuple(n[:7])), None, None)
 
 
 # ------------------------------------------------------------------------------------------------ functional
 
 
-def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", norm="none", norm_weight=None, norm_bias=None,
-                  norm_group=None, eps=1e-5):
-    """Fused ``linear_2(act(linear_1(norm(x))))`` over the last dimension of ``x``.
+def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", norm="none", norm_weight=None,
+                  norm_bias=None, norm_group=None, eps=1e-5, rows=None, a_mode="strided", norm_src=False):
+    """Fused ``act2(linear_2(act(linear_1(norm(A(x))))))``.
 
-    ``norm_group`` is the width the norm runs over (default: all of x's last dimension); a smaller group normalises
-    each group of columns separately, as Qwen2-VL's merger does before its 2x2 merge. ``w2=None`` gives a single
-    (optionally activated) linear. Eager calls skip the torch.library dispatcher; under torch.compile the call is the
-    registered custom op, so it is one opaque node with a fake implementation and autograd.
+    Without ``rows`` this works over the last dimension of ``x`` (any leading dimensions). With ``rows`` (an int64
+    [M, Q] table from fastvlm.ops.layout) ``x`` is [tokens, D] and A is the merged (``a_mode`` "concat",
+    "concat_cm") or pooled ("mean") rows; the result is [M, out].
+    ``norm``: "none", "layernorm", "rmsnorm" (transformers' cast point), "rmsnorm_1p" (Gemma: fp32, weight 1 + w).
+    ``norm_group``: the width the norm runs over (default: A's width); ``norm_src``: the norm runs on the rows of x
+    before the merge. ``w2=None`` gives a single (optionally activated) linear.
+    Eager calls skip the torch.library dispatcher; under torch.compile the call is the registered custom op.
     """
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    norm_group = int(norm_group or x2.shape[1]) if norm != "none" else x2.shape[1]
-    _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, act)
-    args = (x2, w1, b1, w2, b2, norm_weight, norm_bias, norm, norm_group, float(eps), act)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:7])
-    if torch.compiler.is_compiling():
-        y = torch.ops.fastvlm.mlp_projector(*args, needs_grad)[0]
-    elif needs_grad:
-        y = _MLPProjectorFunction.apply(*args)
+    if rows is None:
+        if a_mode != "strided":
+            raise ValueError(f"mlp_projector: a_mode {a_mode!r} needs rows")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        K = x2.shape[1]
     else:
-        y = _forward(*args, False)[0]
-    return y.reshape(*lead, y.shape[-1])
+        lead = None
+        x2 = x
+        K = _k_of(x2, rows, a_mode) if x2.dim() == 2 else -1
+    if norm == "none":
+        group = K
+    else:
+        group = int(norm_group or (x2.shape[-1] if norm_src else K))
+    s = _spec(norm, group, eps, act, act2, a_mode, norm_src)
+    _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s)
+    tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.compiler.is_compiling():
+        y = torch.ops.fastvlm.mlp_projector(*tensors, rows, s.norm, s.norm_group, s.eps, s.act, s.act2, s.a_mode,
+                                            s.norm_src, needs_grad)[0]
+    elif needs_grad:
+        y = _MLPProjectorFunction.apply(*tensors, rows, s)
+    else:
+        y = _forward(*tensors, rows, s, False)[0]
+    return y if lead is None else y.reshape(*lead, y.shape[-1])
