@@ -12,7 +12,7 @@ import time
 import torch
 
 import fastvlm
-from fastvlm.testing import FAMILIES, build, input_for, rel_err, tolerance
+from fastvlm.testing import FAMILIES, args_for, build, rel_err, tolerance
 
 
 def _cases(small):
@@ -22,12 +22,12 @@ def _cases(small):
         from fastvlm.bench.projector import build as bench_build
 
         for shape in ("llava-1.5-7b@1", "qwen2-vl-7b@1024"):
-            yield shape, (lambda shape=shape: bench_build(shape, "cpu", torch.float32)[:2])
+            yield shape, (lambda shape=shape: (lambda m, x, *_: (m, (x,)))(*bench_build(shape, "cpu", torch.float32)))
 
 
 def _tiny(fam):
     m = build(fam)
-    return m, input_for(fam, m)
+    return m, args_for(fam, m)
 
 
 def run_check(small=False):
@@ -39,16 +39,16 @@ def run_check(small=False):
     all_ok = True
     for name, make in _cases(small):
         torch.manual_seed(0)
-        m, x = make()
-        k = x.shape[-1]
+        m, args = make()
+        k = args[0].shape[-1] * 4
         with torch.no_grad():
-            ref = m.double()(x.double())
+            ref = m.double()(*(a.double() if a.is_floating_point() else a for a in args))
             m = m.to(device=device, dtype=dtype)
-            xd = x.to(device=device, dtype=dtype)
+            dargs = tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device) for a in args)
             fused = fastvlm.nn.from_module(m)
             with fastvlm.trace() as t:
                 t0 = time.perf_counter()
-                out = fused(xd)
+                out = fused(*dargs)
                 if device == "cuda":
                     torch.cuda.synchronize()
                 ms = (time.perf_counter() - t0) * 1e3

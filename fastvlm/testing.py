@@ -95,14 +95,62 @@ def build(family, act="gelu"):
         cfg = Qwen3VLVisionConfig(hidden_size=24, out_hidden_size=40, num_heads=4, intermediate_size=32, depth=1)
         m = _mod("qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchMerger")(
             cfg, use_postshuffle_norm=family == "qwen3_vl_deepstack")
+    elif family in ("idefics3", "smolvlm"):
+        cfg_cls, vt, scale = (("Idefics3Config", "idefics3_vision", 2) if family == "idefics3" else
+                              ("SmolVLMConfig", "smolvlm_vision", 3))
+        path = ("idefics3.modeling_idefics3", "Idefics3Connector") if family == "idefics3" else \
+            ("smolvlm.modeling_smolvlm", "SmolVLMConnector")
+        m = _mod(*path)(_cfg(cfg_cls, vision_config=dict(model_type=vt, **V), text_config=LLAMA, scale_factor=scale))
+    elif family in ("llama4_adapter", "llama4_projector"):
+        from transformers.models.llama4.configuration_llama4 import Llama4VisionConfig
+
+        vc = Llama4VisionConfig(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
+                                pixel_shuffle_ratio=0.5, projector_input_dim=80, projector_output_dim=80,
+                                vision_output_dim=80, image_size=56, patch_size=14)
+        if family == "llama4_adapter":
+            m = _mod("llama4.modeling_llama4", "Llama4VisionPixelShuffleMLP")(vc)
+        else:
+            m = _mod("llama4.modeling_llama4", "Llama4MultiModalProjector")(_cfg(
+                "Llama4Config", vision_config=vc.to_dict(), text_config=dict(
+                    hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
+                    num_hidden_layers=1, vocab_size=100)))
+    elif family == "gemma3":
+        m = _mod("gemma3.modeling_gemma3", "Gemma3MultiModalProjector")(_cfg(
+            "Gemma3Config", vision_config=dict(SIGLIP, image_size=56, patch_size=7),
+            text_config=dict(model_type="gemma3_text", head_dim=16, **T), mm_tokens_per_image=16))
+    elif family == "mistral3":
+        m = _mod("mistral3.modeling_mistral3", "Mistral3MultiModalProjector")(_cfg(
+            "Mistral3Config", vision_config=dict(model_type="pixtral", hidden_size=48, intermediate_size=64,
+                                                 num_attention_heads=4, num_hidden_layers=1, patch_size=14,
+                                                 image_size=112, head_dim=12),
+            text_config=dict(model_type="mistral", **T), spatial_merge_size=2))
     else:
         raise KeyError(family)
     return randomize_(m.eval())
 
 
 FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "video_llava", "fast_vlm", "paligemma",
-            "vipllava", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack"]
+            "vipllava", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack", "idefics3", "smolvlm",
+            "llama4_adapter", "llama4_projector", "gemma3", "mistral3"]
 MERGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack"}
+
+
+def args_for(family, module, tokens=12, dtype=torch.float32, device="cpu"):
+    """Random forward arguments shaped as the family's caller passes them (a tuple)."""
+    r = lambda *shape: torch.randn(*shape, dtype=dtype, device=device) * 2 + 0.5  # noqa: E731
+    if family == "idefics3":
+        return (r(2, 36, 48),)  # 6 x 6 grid, scale 2
+    if family == "smolvlm":
+        return (r(2, 36, 48),)  # 6 x 6 grid, scale 3
+    if family == "llama4_adapter":
+        return (r(3, 16, 16),)  # 4 x 4 grid of 16 channels, ratio 0.5
+    if family == "llama4_projector":
+        return (r(5, 80),)
+    if family == "gemma3":
+        return (r(2, 64, 48),)  # 8 x 8 grid pooled by 2
+    if family == "mistral3":  # two images of 4 x 6 and 2 x 2 patches (patch 14), packed in one sequence
+        return r(28, 48), torch.tensor([[56, 84], [28, 28]], device=device)
+    return (input_for(family, module, tokens, dtype, device),)
 
 
 def input_for(family, module, tokens=12, dtype=torch.float32, device="cpu"):

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fastvlm
-from fastvlm.testing import FAMILIES, MERGED, build, input_for
+from fastvlm.testing import FAMILIES, MERGED, args_for, build, input_for
 from helpers import assert_close, rel_err
 
 @pytest.fixture(autouse=True)
@@ -18,15 +18,23 @@ def _quiet():
         yield
 
 
+def _f64(args):
+    return tuple(a.double() if a.is_floating_point() else a for a in args)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reference_path_matches_original_fp32(family, torch_backend):
     m = build(family)
     fused = fastvlm.nn.from_module(m)
     assert isinstance(fused, type(m)) and type(fused) is not type(m)
-    x = input_for(family, m)
+    args = args_for(family, m)
+    with torch.no_grad(), fastvlm.trace() as t:
+        out = fused(*args)
+    assert t.records and all(r.op == "fastvlm::mlp_projector" for r in t.records), str(t)  # no module fallback
     with torch.no_grad():
-        assert_close(fused(x), m(x), torch.float32, x.shape[-1])
-        assert fused(x).shape == m(x).shape
+        ref = m(*args)
+    assert out.shape == ref.shape
+    assert_close(out, ref, torch.float32, args[0].shape[-1] * 4)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -34,12 +42,12 @@ def test_triton_path_matches_original(family, triton_backend):
     """The real kernels (the interpreter on CPU) against the module in float64."""
     m = build(family)
     fused = fastvlm.nn.from_module(m)
-    x = input_for(family, m)
+    args = args_for(family, m)
     with torch.no_grad(), fastvlm.trace() as t:
-        out = fused(x)
+        out = fused(*args)
     assert set(t.backends()) == {"triton"}, str(t)
     with torch.no_grad():
-        assert_close(out, m.double()(x.double()), torch.float32, x.shape[-1])
+        assert_close(out, m.double()(*_f64(args)), torch.float32, args[0].shape[-1] * 4)
 
 
 @pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "quick_gelu", "silu", "relu", "gelu_new"])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
+from fastvlm.ops.layout import pool_rows, ragged_space_to_depth_rows, space_to_depth_rows
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
 
@@ -41,6 +43,12 @@ class ProjectorRecipe:
     act: Optional[str] = None
     norm: Optional[str] = None
     merged_width: Optional[str] = None  # attribute with the merged row width: forward views x as (-1, width)
+    merge: Optional[str] = None  # "pixel_shuffle" | "avg_pool" | "unfold": how tokens are merged before linear_1
+    scale: Optional[str] = None  # attribute holding the merge scale (a ratio < 1 is inverted, as Llama 4's 0.5)
+    act2: Optional[str] = None  # activation after linear_2 (Llama 4's adapter)
+    weight_in_out: Optional[str] = None  # a Parameter [in, out] used instead of linear_1 (Gemma 3)
+    merger: Optional[str] = None  # a bias-free Linear applied to the merged rows before linear_1 (Mistral 3)
+    extra_input: Optional[str] = None  # a second forward argument (Mistral 3's image_sizes)
 
 
 def _llava_like(family, module, cls):
@@ -75,11 +83,30 @@ RECIPES = (
     ProjectorRecipe("qwen3_vl_moe", _T + "qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger",
                     "FusedQwen3VLMoeVisionPatchMerger", "x", "linear_fc1", "linear_fc2", "act_fn", norm="norm",
                     merged_width="hidden_size"),
+    # space-to-depth and pooling connectors: the merge happens inside the GEMM's A loads
+    ProjectorRecipe("idefics3", _T + "idefics3.modeling_idefics3", "Idefics3Connector", "FusedIdefics3Connector",
+                    "image_hidden_states", "modality_projection.proj", merge="pixel_shuffle", scale="scale_factor"),
+    ProjectorRecipe("smolvlm", _T + "smolvlm.modeling_smolvlm", "SmolVLMConnector", "FusedSmolVLMConnector",
+                    "image_hidden_states", "modality_projection.proj", merge="pixel_shuffle", scale="scale_factor"),
+    ProjectorRecipe("llama4", _T + "llama4.modeling_llama4", "Llama4VisionPixelShuffleMLP",
+                    "FusedLlama4VisionPixelShuffleMLP", "encoded_patches", "mlp.fc1", "mlp.fc2", "mlp.activation_fn",
+                    merge="pixel_shuffle", scale="pixel_shuffle_ratio", act2="mlp.activation_fn"),
+    ProjectorRecipe("llama4", _T + "llama4.modeling_llama4", "Llama4MultiModalProjector",
+                    "FusedLlama4MultiModalProjector", "image_features", "linear_1"),
+    ProjectorRecipe("gemma3", _T + "gemma3.modeling_gemma3", "Gemma3MultiModalProjector",
+                    "FusedGemma3MultiModalProjector", "vision_outputs", "", norm="mm_soft_emb_norm", merge="avg_pool",
+                    weight_in_out="mm_input_projection_weight"),
+    ProjectorRecipe("mistral3", _T + "mistral3.modeling_mistral3", "Mistral3MultiModalProjector",
+                    "FusedMistral3MultiModalProjector", "image_features", "linear_1", "linear_2", "act", norm="norm",
+                    merge="unfold", scale="patch_merger.spatial_merge_size", merger="patch_merger.merging_layer",
+                    extra_input="image_sizes"),
 )
 
 # RMSNorm classes whose math is exactly ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` (checked in the
 # transformers 5.x source); others (Gemma's 1 + w, torch.nn.RMSNorm's cast points) take the original path.
 _RMSNORM_CLASSES = ("Qwen2_5_VLRMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm", "Mistral3RMSNorm", "Qwen3VLTextRMSNorm")
+# RMSNorm classes computing ``(x * rsqrt(mean(x^2) + eps) * (1 + w)).type_as(x)`` entirely in fp32 (Gemma 3)
+_RMSNORM_1P_CLASSES = ("Gemma3RMSNorm",)
 
 
 def _norm_plan(mod):
@@ -96,6 +123,8 @@ def _norm_plan(mod):
         if eps is None or getattr(mod, "weight", None) is None:
             return f"{name} lacks weight/eps attributes"
         return "rmsnorm", mod.weight, None, float(eps)
+    if name in _RMSNORM_1P_CLASSES:
+        return "rmsnorm_1p", mod.weight, None, float(mod.eps)
     return f"norm {name} has no fused kernel"
 
 
@@ -112,22 +141,26 @@ class _FusedProjectorMixin:
     _fastvlm_recipe: ProjectorRecipe
     _fastvlm_base: type
 
+    def _fastvlm_linears(self):
+        r = self._fastvlm_recipe
+        names = [n for n in (r.merger, r.linear_1 or None, r.linear_2) if n]
+        return [(n, self.get_submodule(n)) for n in names]
+
     def _fastvlm_structure(self):
-        """(plan, reasons) from the module's structure alone: child types, activation, norm."""
+        """(plan, reasons) from the module's structure alone: child types, activations, norm, dropout."""
         r = self._fastvlm_recipe
         reasons = []
-        lin1 = self.get_submodule(r.linear_1)
-        lin2 = self.get_submodule(r.linear_2) if r.linear_2 else None
-        for name, lin in ((r.linear_1, lin1), (r.linear_2, lin2)):
-            if lin is not None and type(lin) is not nn.Linear and not isinstance(lin, FusedLinear):
+        for name, lin in self._fastvlm_linears():
+            if type(lin) is not nn.Linear and not isinstance(lin, FusedLinear):
                 reasons.append(f"{name} is {type(lin).__name__}, not torch.nn.Linear")
-        act = "none"
-        if r.act:
-            act_mod = self.get_submodule(r.act)
-            act = activation_name(act_mod)
-            if act is None:
-                reasons.append(f"activation {type(act_mod).__name__} has no fused kernel")
-        plan = dict(act=act or "none")
+        plan = {}
+        for key, path in (("act", r.act), ("act2", r.act2)):
+            plan[key] = "none"
+            if path:
+                act_mod = self.get_submodule(path)
+                plan[key] = activation_name(act_mod)
+                if plan[key] is None:
+                    reasons.append(f"activation {type(act_mod).__name__} has no fused kernel")
         if r.norm:
             np_ = _norm_plan(self.get_submodule(r.norm))
             if isinstance(np_, str):
@@ -135,39 +168,90 @@ class _FusedProjectorMixin:
             else:
                 kind, w, b, eps = np_
                 plan.update(norm=kind, norm_weight=w, norm_bias=b, eps=eps, norm_group=w.shape[0])
+        if self.training and any(getattr(m, "dropout", 0) for m in (self, *self.children())
+                                 if isinstance(getattr(m, "dropout", 0), float)):
+            reasons.append("dropout is active (module in training mode with p > 0)")
         if reasons:
             return None, reasons
-        plan.update(w1=lin1.weight, b1=lin1.bias, w2=lin2.weight if lin2 is not None else None,
-                    b2=lin2.bias if lin2 is not None else None)
+        if r.weight_in_out:
+            plan.update(w1=getattr(self, r.weight_in_out).t(), b1=None)
+        else:
+            lin1 = self.get_submodule(r.linear_1)
+            plan.update(w1=lin1.weight, b1=lin1.bias)
+        lin2 = self.get_submodule(r.linear_2) if r.linear_2 else None
+        plan.update(w2=lin2.weight if lin2 is not None else None, b2=lin2.bias if lin2 is not None else None)
         return plan, []
 
     def _fastvlm_plan(self, x):
         """The structure's plan plus the per-call conditions (hooks on children, autocast)."""
         plan, reasons = self._fastvlm_structure()
         r = self._fastvlm_recipe
-        for name in (r.linear_1, r.linear_2, r.norm):
+        for name in (r.merger, r.linear_1, r.linear_2, r.norm):
             if name:
                 reasons += _child_reasons(name, self.get_submodule(name))
         if torch.is_autocast_enabled(x.device.type):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         return (None, reasons) if reasons else (plan, [])
 
-    def _fastvlm_forward(self, x):
+    def _fastvlm_scale(self):
+        v = self.get_submodule(self._fastvlm_recipe.scale.rpartition(".")[0]) if "." in self._fastvlm_recipe.scale \
+            else self
+        v = getattr(v, self._fastvlm_recipe.scale.rpartition(".")[2])
+        return int(round(1 / v)) if v < 1 else int(v)
+
+    def _fastvlm_layout(self, x, extra):
+        """(x2d, rows, output shape or None, reasons) for the recipe's merge."""
         r = self._fastvlm_recipe
-        plan, reasons = self._fastvlm_plan(x)
-        if reasons:
-            _dispatch.report_fallback(r.fused_name, reasons, f"x{tuple(x.shape)}")
-            return self._fastvlm_base.forward(self, x)
-        if r.merged_width:
-            # the free 2x2 merge: rows of `width` = 4 consecutive patches. The norm width (the norm weight's size)
-            # says whether the norm runs per patch (Qwen2-VL, Qwen3-VL main) or per merged row (Qwen3-VL deepstack).
+        if r.merged_width:  # the free 2x2 merge of Qwen-VL: rows of `width` = consecutive patches
             width = getattr(self, r.merged_width)
             if x.numel() % width:
                 raise ValueError(f"{r.fused_name}: x of shape {tuple(x.shape)} cannot be viewed as rows of width "
                                  f"{width} (the spatial merge needs whole merge windows)")
-            x = x.reshape(-1, width)
+            return x.reshape(-1, width), None, None, []
+        if r.merge is None:
+            return x, None, None, []
+        if r.merge == "unfold":  # Mistral 3: ragged images, channel-major merge windows
+            s = self._fastvlm_scale()
+            patch = self.patch_merger.patch_size
+            sizes = [(int(h) // patch, int(w) // patch) for h, w in extra.tolist()]
+            if any(h % s or w % s for h, w in sizes) or sum(h * w for h, w in sizes) != x.shape[0]:
+                return None, None, None, [f"image_sizes {sizes} do not tile the {x.shape[0]} tokens in {s}x{s} windows"]
+            return x, ragged_space_to_depth_rows(sizes, s, x.device), None, []
+        if x.dim() != 3:
+            return None, None, None, [f"input of shape {tuple(x.shape)} is not [batch, tokens, features]"]
+        B, P, D = x.shape
+        if r.merge == "avg_pool":  # Gemma 3
+            side, k = self.patches_per_image, self.kernel_size
+            if P != side * side or side % k:
+                return None, None, None, [f"{P} tokens are not a {side}x{side} grid poolable by {k}"]
+            rows = pool_rows(B, side, side, k, x.device)
+        else:  # pixel shuffle on a square grid (Idefics3, SmolVLM, Llama 4)
+            s = self._fastvlm_scale()
+            side = math.isqrt(P)
+            if side * side != P or side % s:
+                return None, None, None, [f"{P} tokens are not a square grid divisible by the scale {s}"]
+            rows = space_to_depth_rows(B, side, side, s, x.device)
+        return x.reshape(B * P, D), rows, (B, rows.shape[0] // B), []
+
+    def _fastvlm_forward(self, x, *extra):
+        r = self._fastvlm_recipe
+        plan, reasons = self._fastvlm_plan(x)
+        x2 = rows = shape = None
+        if not reasons:
+            x2, rows, shape, reasons = self._fastvlm_layout(x, extra[0] if extra else None)
+        if reasons:
+            _dispatch.report_fallback(r.fused_name, reasons, f"x{tuple(x.shape)}")
+            return self._fastvlm_base.forward(self, x, *extra)
         w1, b1, w2, b2 = plan.pop("w1"), plan.pop("b1"), plan.pop("w2"), plan.pop("b2")
-        return mlp_projector(x, w1, b1, w2, b2, **plan)
+        mode = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}.get(r.merge, "strided")
+        if r.merger:  # merge (+ norm before it) -> merging linear, then the MLP on the merged rows
+            merging = self.get_submodule(r.merger)
+            norm = {k: plan.pop(k) for k in ("norm", "norm_weight", "norm_bias", "eps", "norm_group")}
+            x2 = mlp_projector(x2, merging.weight, merging.bias, act="none", rows=rows, a_mode=mode, norm_src=True,
+                               **norm)
+            rows, mode = None, "strided"
+        y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, **plan)
+        return y if shape is None else y.reshape(*shape, y.shape[-1])
 
     @classmethod
     def from_module(cls, original):
@@ -217,14 +301,32 @@ def _fwd_x(self, x: torch.Tensor) -> torch.Tensor:
     return self._fastvlm_forward(x)
 
 
-_FORWARDS = {"image_features": _fwd_image_features, "hidden_states": _fwd_hidden_states, "x": _fwd_x}
+def _fwd_image_hidden_states(self, image_hidden_states):
+    return self._fastvlm_forward(image_hidden_states)
+
+
+def _fwd_encoded_patches(self, encoded_patches: torch.Tensor) -> torch.Tensor:
+    return self._fastvlm_forward(encoded_patches)
+
+
+def _fwd_vision_outputs(self, vision_outputs: torch.Tensor):
+    return self._fastvlm_forward(vision_outputs)
+
+
+def _fwd_image_features_sizes(self, image_features: torch.Tensor, image_sizes: torch.Tensor):
+    return self._fastvlm_forward(image_features, image_sizes)
+
+
+_FORWARDS = {"image_features": _fwd_image_features, "hidden_states": _fwd_hidden_states, "x": _fwd_x,
+             "image_hidden_states": _fwd_image_hidden_states, "encoded_patches": _fwd_encoded_patches,
+             "vision_outputs": _fwd_vision_outputs, ("image_features", "image_sizes"): _fwd_image_features_sizes}
 
 
 @functools.lru_cache(maxsize=None)
 def fused_class(recipe: ProjectorRecipe):
     """Build (once) the ``Fused<Original>`` class of a recipe. Raises ImportError when the original is absent."""
     base = getattr(importlib.import_module(recipe.module), recipe.cls)
-    forward = _FORWARDS[recipe.input_name]
+    forward = _FORWARDS[(recipe.input_name, recipe.extra_input) if recipe.extra_input else recipe.input_name]
     doc = (f"Drop-in fused replacement for transformers' ``{recipe.cls}`` ({recipe.family}): same constructor, "
            f"state_dict and forward; runs fastvlm.ops.mlp_projector.")
     cls = type(recipe.fused_name, (_FusedProjectorMixin, base),
