@@ -34,10 +34,8 @@ LINEAR_SLOTS = {
 
 # recognised connector / embedding classes whose kernels do not exist yet: reported, never swapped
 NOT_YET = {
-    **{c: "average-pooling projector: kernel planned (issue 5)" for c in ("Gemma3MultiModalProjector", "LlavaNextVideoPooler")},
-    **{c: "pixel-shuffle connector: kernel planned (issue 5)" for c in (
-        "Idefics3Connector", "SmolVLMConnector", "Llama4VisionPixelShuffleMLP", "Llama4MultiModalProjector",
-        "AyaVisionMultiModalProjector", "Mistral3MultiModalProjector")},
+    "LlavaNextVideoPooler": "video pooler without a projection: kernel planned (issue 5)",
+    "AyaVisionMultiModalProjector": "pixel shuffle + SwiGLU projector: gated-pair backward planned (issue 5)",
     "Idefics2Connector": "Perceiver resampler: kernel planned (issue 5)",
     **{c: "Q-Former: kernel planned (issue 4)" for c in ("Blip2QFormerModel", "InstructBlipQFormerModel",
                                                          "InstructBlipVideoQFormerModel")},
