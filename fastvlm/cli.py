@@ -53,8 +53,10 @@ def info(argv=None):
 
 
 def check(argv=None):
-    """Run fused modules against their transformers originals on built-in random-weight checkpoints."""
+    """Check fused modules and patched models against the transformers originals (no download by default)."""
     ap = argparse.ArgumentParser(prog="fastvlm check", description=check.__doc__)
+    ap.add_argument("target", nargs="?", help="a local model directory (config.json + safetensors) or a built-in "
+                    "family name (see fastvlm.tiny_models.FAMILIES); default: every module, then a tiny LLaVA")
     ap.add_argument("--small", action="store_true", help="tiny sizes only (fast under the Triton interpreter)")
     args = ap.parse_args(argv)
     import torch
@@ -63,7 +65,7 @@ def check(argv=None):
     from fastvlm.check import run_check
 
     warnings.simplefilter("ignore", fastvlm.FastVLMFallbackWarning)
-    ok = run_check(small=args.small)
+    ok = run_check(args.target, small=args.small)
     return 0 if ok else 1
 
 

@@ -30,5 +30,17 @@ def test_bench_cpu_path_says_so(capsys, torch_backend, tmp_path):
     assert all(r["rel_err"] < 1e-5 and r["commit"] and r["device"] for r in rows)
 
 
+def test_check_family_and_model_dir(capsys, torch_backend, tmp_path):
+    from fastvlm.tiny_models import build_tiny_model
+
+    assert cli.main(["check", "qwen2_vl"]) == 0
+    assert "greedy tokens identical" in capsys.readouterr().out
+    model, _ = build_tiny_model("llava")
+    model.save_pretrained(tmp_path)
+    assert cli.main(["check", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "FusedLlavaMultiModalProjector" in out and "fastvlm" in out and "ms on probe" in out
+
+
 def test_unknown_command():
     assert cli.main(["nope"]) == 2
