@@ -42,5 +42,13 @@ def test_check_family_and_model_dir(capsys, torch_backend, tmp_path):
     assert "FusedLlavaMultiModalProjector" in out and "fastvlm" in out and "ms on probe" in out
 
 
+def test_e2e_bench_smoke(torch_backend, capsys):
+    from fastvlm.bench import e2e
+
+    rows = e2e.run(models=["qwen2-vl-7b"], paths=["connector"], reps=1, tiny=True)
+    assert {r["provider"] for r in rows} == {"hf_eager", "fastvlm"}
+    assert all(r["rel_err"] < 1e-5 for r in rows)
+
+
 def test_unknown_command():
     assert cli.main(["nope"]) == 2
