@@ -114,6 +114,11 @@ def build(family, act="gelu"):
                 "Llama4Config", vision_config=vc.to_dict(), text_config=dict(
                     hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
                     num_hidden_layers=1, vocab_size=100)))
+    elif family == "aya_vision":
+        cfg = _cfg("AyaVisionConfig", vision_config=SIGLIP, text_config=dict(model_type="cohere2", **T),
+                   downsample_factor=2)
+        cfg.alignment_intermediate_size = 80
+        m = _mod("aya_vision.modeling_aya_vision", "AyaVisionMultiModalProjector")(cfg)
     elif family == "gemma3":
         m = _mod("gemma3.modeling_gemma3", "Gemma3MultiModalProjector")(_cfg(
             "Gemma3Config", vision_config=dict(SIGLIP, image_size=56, patch_size=7),
@@ -131,7 +136,7 @@ def build(family, act="gelu"):
 
 FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "video_llava", "fast_vlm", "paligemma",
             "vipllava", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack", "idefics3", "smolvlm",
-            "llama4_adapter", "llama4_projector", "gemma3", "mistral3"]
+            "llama4_adapter", "llama4_projector", "gemma3", "mistral3", "aya_vision"]
 MERGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack"}
 
 
@@ -148,6 +153,8 @@ def args_for(family, module, tokens=12, dtype=torch.float32, device="cpu"):
         return (r(5, 80),)
     if family == "gemma3":
         return (r(2, 64, 48),)  # 8 x 8 grid pooled by 2
+    if family == "aya_vision":
+        return (r(2, 36, 48),)  # 6 x 6 grid, downsample 2
     if family == "mistral3":  # two images of 4 x 6 and 2 x 2 patches (patch 14), packed in one sequence
         return r(28, 48), torch.tensor([[56, 84], [28, 28]], device=device)
     return (input_for(family, module, tokens, dtype, device),)

@@ -156,6 +156,7 @@ def _fused_linear_kernel(
     res_ptr,  # [M, N] residual (HAS_RES)
     out_ptr,  # [M, N]
     pre_ptr,  # [M, N] pre-activation (STORE_PRE)
+    preu_ptr,  # [M, N] pre-activation of the up weight (STORE_PRE and GATED)
     mean_ptr,  # [M * K / NORM_GROUP] fp32 (NORM == "layernorm")
     rstd_ptr,  # [M * K / NORM_GROUP] fp32 (NORM != "none")
     nw_ptr,  # [NORM_GROUP] norm weight
@@ -216,6 +217,9 @@ def _fused_linear_kernel(
     if GATED:
         if HAS_BIAS:
             acc_up += tl.load(bu_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if STORE_PRE:
+            tl.store(preu_ptr + rm64[:, None] * stride_pm + rn64[None, :] * stride_pn,
+                     acc_up.to(preu_ptr.dtype.element_ty), mask=omask)
         acc = acc * acc_up
     if HAS_RES:
         acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn64[None, :] * stride_rn,
@@ -249,6 +253,8 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     ``a_mode``/``a_rows``: how the logical A [M, K] is read from ``a`` (see ``_load_a_tile``); with a row table,
     M = a_rows.shape[0]. ``norm_src``: the statistics are per source row of ``a`` (norm before the merge).
     ``out`` / ``pre``: optional preallocated [M, N] outputs (any strides), written in place.
+    With a gated pair and ``store_pre``, ``pre`` is [M, 2N] in the layout of one Linear whose output is chunked into
+    (up, gate) halves, as Aya Vision's SwiGLU does: ``pre[:, :N]`` = up pre-activation, ``pre[:, N:]`` = gate.
     ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuple that bypasses the autotuner
     (tests use it to cover every tile shape under the interpreter).
     """
@@ -270,7 +276,6 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     gated = up_weight is not None
     if gated:
         _check(up_weight.shape == weight.shape, f"fused_linear: up_weight must be {tuple(weight.shape)}, got {tuple(up_weight.shape)}")
-        _check(not store_pre, "fused_linear: store_pre is not supported with a gated pair")
         _check((bias is None) == (up_bias is None), "fused_linear: give both bias and up_bias, or neither")
     if bias is not None:
         _check(bias.shape == (N,), f"fused_linear: bias must be [{N}], got {tuple(bias.shape)}")
@@ -292,9 +297,11 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     if out is None:
         out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     _check(out.shape == (M, N) and out.device == a.device, f"fused_linear: out must be [{M}, {N}] on {a.device}")
+    pre_width = 2 * N if gated else N
     if store_pre and pre is None:
-        pre = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    _check(pre is None or pre.shape == (M, N), f"fused_linear: pre must be [{M}, {N}]")
+        pre = torch.empty((M, pre_width), device=a.device, dtype=out_dtype)
+    _check(pre is None or pre.shape == (M, pre_width), f"fused_linear: pre must be [{M}, {pre_width}]")
+    pre_gate, pre_up = (pre[:, N:], pre[:, :N]) if (gated and store_pre) else (pre, None)
     if M == 0 or N == 0:
         return (out, pre) if store_pre else out
     if precision is None:
@@ -303,14 +310,15 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     args = (
         a, weight, up_weight if gated else dummy, bias if bias is not None else dummy,
         up_bias if up_bias is not None else dummy, residual if residual is not None else dummy, out,
-        pre if store_pre else dummy, mean if mean is not None else dummy, rstd if rstd is not None else dummy,
+        pre_gate if store_pre else dummy, pre_up if pre_up is not None else dummy,
+        mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
         a_rows if a_rows is not None else dummy,
         M, N, K, triton.next_power_of_2(M), a_rows.shape[1] if a_rows is not None else 1, a.shape[1],
         a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
         up_weight.stride(0) if gated else 0, up_weight.stride(1) if gated else 0,
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-        out.stride(0), out.stride(1), pre.stride(0) if store_pre else 0, pre.stride(1) if store_pre else 0,
+        out.stride(0), out.stride(1), pre_gate.stride(0) if store_pre else 0, pre_gate.stride(1) if store_pre else 0,
         norm_group if norm != "none" else K,
     )
     flags = dict(A_MODE=a_mode, NORM=norm, HAS_NORM_BIAS=norm_bias is not None, NORM_SRC=bool(norm_src),
@@ -327,8 +335,8 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     return (out, pre) if store_pre else out
 
 
-_PTR_ARGS = ("a_ptr", "w_ptr", "wu_ptr", "bias_ptr", "bu_ptr", "res_ptr", "out_ptr", "pre_ptr", "mean_ptr", "rstd_ptr",
-             "nw_ptr", "nb_ptr", "rows_ptr")
+_PTR_ARGS = ("a_ptr", "w_ptr", "wu_ptr", "bias_ptr", "bu_ptr", "res_ptr", "out_ptr", "pre_ptr", "preu_ptr", "mean_ptr",
+             "rstd_ptr", "nw_ptr", "nb_ptr", "rows_ptr")
 
 
 def audit_cases():
@@ -342,6 +350,8 @@ def audit_cases():
         ("layernorm_linear_gelu", dict(base, NORM="layernorm", HAS_NORM_BIAS=True, HAS_BIAS=True, ACT="gelu")),
         ("rmsnorm_linear", dict(base, NORM="rmsnorm", HAS_BIAS=True)),
         ("swiglu_gated+res", dict(base, ACT="silu", GATED=True, HAS_RES=True)),
+        ("shuffle_layernorm_swiglu+pre", dict(base, A_MODE="concat", NORM="layernorm", HAS_NORM_BIAS=True,
+                                              HAS_BIAS=True, ACT="silu", GATED=True, STORE_PRE=True)),
         ("shuffle_layernorm_linear_gelu", dict(base, A_MODE="concat", NORM="layernorm", HAS_NORM_BIAS=True,
                                                HAS_BIAS=True, ACT="gelu")),
         ("shuffle_cm_linear", dict(base, A_MODE="concat_cm")),

@@ -118,8 +118,9 @@ def test_ragged_images():
     assert_close(out, gather_ref(x, rows, "concat_cm").double() @ w.double().T, torch.float32, 4 * D)
 
 
-CASES = {  # name: (a_mode, norm, norm_src, act, act2, two linears)
+CASES = {  # name: (a_mode, norm, norm_src, act, act2, two linears[, gated])
     "idefics3": ("concat", "none", False, "none", "none", False),
+    "aya_swiglu": ("concat", "layernorm", False, "silu", "none", True, True),
     "internvl": ("concat", "layernorm", False, "gelu", "none", True),
     "llama4_adapter": ("concat", "none", False, "gelu", "gelu", True),
     "mistral3": ("concat_cm", "rmsnorm", True, "none", "none", False),
@@ -128,10 +129,13 @@ CASES = {  # name: (a_mode, norm, norm_src, act, act2, two linears)
 
 
 def _op_case(name, dtype, grad=True):
-    mode, norm, norm_src, act, act2, two = CASES[name]
-    x, rows, w1, b1, K = _setup(mode, dtype, D=12, N=20)
+    mode, norm, norm_src, act, act2, two, *gated = CASES[name]
+    gated = bool(gated and gated[0])
+    x, rows, w1, b1, K = _setup(mode, dtype, D=12, N=40 if gated else 20)
     D = x.shape[1]
     kw = dict(rows=rows, a_mode=mode, act=act, act2=act2, norm=norm, norm_src=norm_src, eps=1e-6)
+    if gated:
+        kw["gated"] = True
     w2 = b2 = None
     if two:
         w2, b2 = (torch.randn(16, 20) / 5).to(dtype), torch.randn(16).to(dtype)
@@ -181,7 +185,7 @@ def test_op_triton_path(name, dtype, triton_backend):
         assert_close(a, b, dtype, max(K, y.shape[0]), roundings=5, what="gradient")
 
 
-@pytest.mark.parametrize("name", ["internvl", "gemma3", "mistral3"])
+@pytest.mark.parametrize("name", ["internvl", "gemma3", "mistral3", "aya_swiglu"])
 def test_op_opcheck(name):
     import warnings
 
@@ -190,7 +194,7 @@ def test_op_opcheck(name):
     tensors, kw = _op_case(name, torch.float32)
     x, w1, b1, w2, b2, nw, nb = tensors
     args = (x, w1, b1, w2, b2, nw, nb, kw["rows"], kw["norm"], kw.get("norm_group", 1), kw["eps"], kw["act"],
-            kw["act2"], kw["a_mode"], kw["norm_src"], True)
+            kw["act2"], kw["a_mode"], kw["norm_src"], kw.get("gated", False), True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fastvlm.FastVLMFallbackWarning)
         torch.library.opcheck(torch.ops.fastvlm.mlp_projector.default, args)

@@ -87,7 +87,7 @@ def test_gradcheck_float64(torch_backend):
 def test_opcheck(case):
     x, (w1, b1, w2, b2), kw = make(case, requires_grad=True)
     args = (x, w1, b1, w2, b2, kw.get("norm_weight"), kw.get("norm_bias"), None, kw["norm"],
-            kw.get("norm_group", x.shape[1]), kw["eps"], kw["act"], "none", "strided", False, True)
+            kw.get("norm_group", x.shape[1]), kw["eps"], kw["act"], "none", "strided", False, False, True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fastvlm.FastVLMFallbackWarning)
         torch.library.opcheck(torch.ops.fastvlm.mlp_projector.default, args)

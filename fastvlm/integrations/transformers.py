@@ -35,7 +35,6 @@ LINEAR_SLOTS = {
 # recognised connector / embedding classes whose kernels do not exist yet: reported, never swapped
 NOT_YET = {
     "LlavaNextVideoPooler": "video pooler without a projection: kernel planned (issue 5)",
-    "AyaVisionMultiModalProjector": "pixel shuffle + SwiGLU projector: gated-pair backward planned (issue 5)",
     "Idefics2Connector": "Perceiver resampler: kernel planned (issue 5)",
     **{c: "Q-Former: kernel planned (issue 4)" for c in ("Blip2QFormerModel", "InstructBlipQFormerModel",
                                                          "InstructBlipVideoQFormerModel")},

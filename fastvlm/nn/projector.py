@@ -49,6 +49,8 @@ class ProjectorRecipe:
     weight_in_out: Optional[str] = None  # a Parameter [in, out] used instead of linear_1 (Gemma 3)
     merger: Optional[str] = None  # a bias-free Linear applied to the merged rows before linear_1 (Mistral 3)
     extra_input: Optional[str] = None  # a second forward argument (Mistral 3's image_sizes)
+    gated: bool = False  # linear_1's output chunked into (up, gate) halves: act(gate) * up (Aya's SwiGLU)
+    grid_output: bool = False  # return [B, H/s, W/s, out] instead of [B, tokens, out] (Aya)
 
 
 def _llava_like(family, module, cls):
@@ -93,6 +95,9 @@ RECIPES = (
                     merge="pixel_shuffle", scale="pixel_shuffle_ratio", act2="mlp.activation_fn"),
     ProjectorRecipe("llama4", _T + "llama4.modeling_llama4", "Llama4MultiModalProjector",
                     "FusedLlama4MultiModalProjector", "image_features", "linear_1"),
+    ProjectorRecipe("aya_vision", _T + "aya_vision.modeling_aya_vision", "AyaVisionMultiModalProjector",
+                    "FusedAyaVisionMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
+                    norm="layernorm", merge="pixel_shuffle", scale="downsample_factor", gated=True, grid_output=True),
     ProjectorRecipe("gemma3", _T + "gemma3.modeling_gemma3", "Gemma3MultiModalProjector",
                     "FusedGemma3MultiModalProjector", "vision_outputs", "", norm="mm_soft_emb_norm", merge="avg_pool",
                     weight_in_out="mm_input_projection_weight"),
@@ -231,6 +236,8 @@ class _FusedProjectorMixin:
             if side * side != P or side % s:
                 return None, None, None, [f"{P} tokens are not a square grid divisible by the scale {s}"]
             rows = space_to_depth_rows(B, side, side, s, x.device)
+            if r.grid_output:
+                return x.reshape(B * P, D), rows, (B, side // s, side // s), []
         return x.reshape(B * P, D), rows, (B, rows.shape[0] // B), []
 
     def _fastvlm_forward(self, x, *extra):
@@ -250,7 +257,7 @@ class _FusedProjectorMixin:
             x2 = mlp_projector(x2, merging.weight, merging.bias, act="none", rows=rows, a_mode=mode, norm_src=True,
                                **norm)
             rows, mode = None, "strided"
-        y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, **plan)
+        y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **plan)
         return y if shape is None else y.reshape(*shape, y.shape[-1])
 
     @classmethod

@@ -52,6 +52,7 @@ class Spec:
     act2: str
     a_mode: str
     norm_src: bool
+    gated: bool = False  # linear_1's output is chunked into (up, gate) halves: act(gate) * up (SwiGLU, Aya Vision)
 
 
 def _k_of(x, rows, a_mode):
@@ -78,9 +79,12 @@ def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec):
                          f"got {tuple(w1.shape)}")
     if b1 is not None and b1.shape != (w1.shape[0],):
         raise ValueError(f"mlp_projector: linear_1.bias must be [{w1.shape[0]}], got {tuple(b1.shape)}")
+    if s.gated and w1.shape[0] % 2:
+        raise ValueError(f"mlp_projector: a gated linear_1 needs an even output width, got {w1.shape[0]}")
+    hidden = w1.shape[0] // 2 if s.gated else w1.shape[0]
     if w2 is not None:
-        if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
-            raise ValueError(f"mlp_projector: linear_2.weight must be [out, {w1.shape[0]}], got {tuple(w2.shape)}")
+        if w2.dim() != 2 or w2.shape[1] != hidden:
+            raise ValueError(f"mlp_projector: linear_2.weight must be [out, {hidden}], got {tuple(w2.shape)}")
         if b2 is not None and b2.shape != (w2.shape[0],):
             raise ValueError(f"mlp_projector: linear_2.bias must be [{w2.shape[0]}], got {tuple(b2.shape)}")
     elif b2 is not None or s.act2 != "none":
@@ -145,9 +149,14 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
             mean, rstd = row_stats(x.reshape(-1, s.norm_group) if s.norm_group != K else x, s.eps, rms)
         else:  # a norm over whole merged (concat) or pooled (mean) rows
             mean, rstd = row_stats(x, s.eps, rms, rows=rows, mode=s.a_mode)
+    gate = {}
+    if s.gated:  # (up, gate) halves of one Linear: views, no copy
+        half = w1.shape[0] // 2
+        gate = dict(up_weight=w1[:half], up_bias=None if b1 is None else b1[:half])
+        w1, b1 = w1[half:], None if b1 is None else b1[half:]
     first = fused_linear(x, w1, b1, act=s.act, norm=s.norm, norm_group=s.norm_group, mean=mean, rstd=rstd,
                          norm_weight=nw, norm_bias=nb, norm_src=s.norm_src, a_rows=rows, a_mode=s.a_mode,
-                         store_pre=save and _saves_h(w2, s))
+                         store_pre=save and _saves_h(w2, s), **gate)
     a, h = first if isinstance(first, tuple) else (first, None)
     z = None
     y = a
@@ -166,9 +175,16 @@ def _logical_a(x, nw, nb, rows, s: Spec, normed=True):
     return norm_ref(gather_ref(x, rows, s.a_mode), s.norm, nw, nb, s.norm_group, s.eps)
 
 
+def _activate(h, s: Spec):
+    if s.gated:
+        up, gate = h.chunk(2, dim=-1)
+        return act_ref(gate, s.act) * up
+    return act_ref(h, s.act)
+
+
 def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
     h = F.linear(_logical_a(x, nw, nb, rows, s), w1, b1)
-    y = act_ref(h, s.act)
+    y = _activate(h, s)
     z = None
     if w2 is not None:
         z = F.linear(y, w2, b2)
@@ -245,13 +261,18 @@ def _backward(s: Spec, saved, gy, needs):
     if w2 is not None:
         gz = act_grad_ref(z, gy, s.act2) if s.act2 != "none" else gy
         if need_w2:
-            gw2 = (gz.t() @ act_ref(h, s.act)).to(w2.dtype)
+            gw2 = (gz.t() @ _activate(h, s)).to(w2.dtype)
         if need_b2:
             gb2 = gz.to(_acc_dtype(gz)).sum(0).to(w2.dtype)
         ga = gz @ w2
     else:
         ga = gy
-    gh = act_grad_ref(h, ga, s.act) if s.act != "none" else ga
+    if s.gated:
+        up, gate = h.chunk(2, dim=-1)
+        gh = torch.cat([(ga.to(_acc_dtype(ga)) * act_ref(gate.to(_acc_dtype(gate)), s.act)).to(ga.dtype),
+                        act_grad_ref(gate, (ga.to(_acc_dtype(ga)) * up).to(ga.dtype), s.act)], dim=-1)
+    else:
+        gh = act_grad_ref(h, ga, s.act) if s.act != "none" else ga
     if need_b1:
         gb1 = gh.to(_acc_dtype(gh)).sum(0).to(w1.dtype)
     if need_w1:
@@ -292,28 +313,29 @@ def _pack(x, out, save):
             mean if mean is not None else e(f), rstd if rstd is not None else e(f))
 
 
-def _spec(norm, norm_group, eps, act, act2, a_mode, norm_src):
-    return Spec(norm, int(norm_group), float(eps), act, act2, a_mode, bool(norm_src))
+def _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated=False):
+    return Spec(norm, int(norm_group), float(eps), act, act2, a_mode, bool(norm_src), bool(gated))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def mlp_projector_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: Optional[torch.Tensor],
                      b2: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
                      norm_bias: Optional[torch.Tensor], rows: Optional[torch.Tensor], norm: str, norm_group: int,
-                     eps: float, act: str, act2: str, a_mode: str, norm_src: bool,
+                     eps: float, act: str, act2: str, a_mode: str, norm_src: bool, gated: bool,
                      save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, h, z, mean, rstd). h/z/mean/rstd are what backward needs (empty unless ``save``)."""
-    s = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src)
+    s = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated)
     return _pack(x, _forward(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, save), save)
 
 
 @mlp_projector_op.register_fake
-def _(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, norm, norm_group, eps, act, act2, a_mode, norm_src, save):
-    s = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src)
+def _(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, norm, norm_group, eps, act, act2, a_mode, norm_src, gated,
+      save):
+    s = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated)
     M = x.shape[0] if a_mode == "strided" else rows.shape[0]
     K = x.shape[1] if a_mode == "strided" else _k_of(x, rows, a_mode)
     f = torch.promote_types(x.dtype, torch.float32)
-    y = x.new_empty((M, (w2 if w2 is not None else w1).shape[0]))
+    y = x.new_empty((M, w2.shape[0] if w2 is not None else w1.shape[0] // (2 if gated else 1)))
     h = x.new_empty((M, w1.shape[0]) if save and _saves_h(w2, s) else (0,))
     z = x.new_empty((M, w2.shape[0]) if save and w2 is not None and act2 != "none" else (0,))
     if not save or norm == "none":
@@ -330,9 +352,9 @@ def _(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, norm, norm_group, eps, ac
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, nw, nb, rows, norm, norm_group, eps, act, act2, a_mode, norm_src, save = inputs
+    x, w1, b1, w2, b2, nw, nb, rows, norm, norm_group, eps, act, act2, a_mode, norm_src, gated, save = inputs
     _, h, z, mean, rstd = output
-    ctx.spec = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src)
+    ctx.spec = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated)
     ctx.save_for_backward(x, w1, w2, nw, nb, rows, h, z, mean, rstd)
     ctx.mark_non_differentiable(h, z, mean, rstd)
 
@@ -340,7 +362,7 @@ def _setup_context(ctx, inputs, output):
 def _op_backward(ctx, gy, _gh, _gz, _gmean, _grstd):
     n = ctx.needs_input_grad
     grads = _backward(ctx.spec, ctx.saved_tensors, gy, tuple(n[:7]))
-    return (*grads, None, None, None, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None, None, None, None, None, None)
 
 
 mlp_projector_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -366,7 +388,8 @@ class _MLPProjectorFunction(torch.autograd.Function):
 
 
 def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", norm="none", norm_weight=None,
-                  norm_bias=None, norm_group=None, eps=1e-5, rows=None, a_mode="strided", norm_src=False):
+                  norm_bias=None, norm_group=None, eps=1e-5, rows=None, a_mode="strided", norm_src=False,
+                  gated=False):
     """Fused ``act2(linear_2(act(linear_1(norm(A(x))))))``.
 
     Without ``rows`` this works over the last dimension of ``x`` (any leading dimensions). With ``rows`` (an int64
@@ -374,7 +397,8 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     "concat_cm") or pooled ("mean") rows; the result is [M, out].
     ``norm``: "none", "layernorm", "rmsnorm" (transformers' cast point), "rmsnorm_1p" (Gemma: fp32, weight 1 + w).
     ``norm_group``: the width the norm runs over (default: A's width); ``norm_src``: the norm runs on the rows of x
-    before the merge. ``w2=None`` gives a single (optionally activated) linear.
+    before the merge. ``w2=None`` gives a single (optionally activated) linear. ``gated``: linear_1's output is
+    chunked into (up, gate) halves and ``act(gate) * up`` feeds linear_2 (SwiGLU).
     Eager calls skip the torch.library dispatcher; under torch.compile the call is the registered custom op.
     """
     if rows is None:
@@ -391,13 +415,13 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         group = K
     else:
         group = int(norm_group or (x2.shape[-1] if norm_src else K))
-    s = _spec(norm, group, eps, act, act2, a_mode, norm_src)
+    s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
     _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
         y = torch.ops.fastvlm.mlp_projector(*tensors, rows, s.norm, s.norm_group, s.eps, s.act, s.act2, s.a_mode,
-                                            s.norm_src, needs_grad)[0]
+                                            s.norm_src, s.gated, needs_grad)[0]
     elif needs_grad:
         y = _MLPProjectorFunction.apply(*tensors, rows, s)
     else:

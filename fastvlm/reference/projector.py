@@ -37,7 +37,8 @@ def norm_ref(x, norm, norm_weight, norm_bias, norm_group, eps):
 
 
 def mlp_projector_ref(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", norm="none", norm_weight=None,
-                      norm_bias=None, norm_group=None, eps=1e-5, rows=None, a_mode="strided", norm_src=False):
+                      norm_bias=None, norm_group=None, eps=1e-5, rows=None, a_mode="strided", norm_src=False,
+                      gated=False):
     """Reference projector (see fastvlm.ops.projector.mlp_projector for the arguments); differentiable."""
     from fastvlm.ops.layout import gather_ref
 
@@ -46,7 +47,12 @@ def mlp_projector_ref(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="non
     else:
         a = gather_ref(x, rows, a_mode)
         a = norm_ref(a, norm, norm_weight, norm_bias, norm_group or a.shape[-1], eps)
-    h = act_ref(F.linear(a, w1, b1), act)
+    h = F.linear(a, w1, b1)
+    if gated:  # Aya Vision's SwiGLU: ``x, gate = h.chunk(2, -1); act(gate) * x``
+        up, gate = h.chunk(2, dim=-1)
+        h = act_ref(gate, act) * up
+    else:
+        h = act_ref(h, act)
     return h if w2 is None else act_ref(F.linear(h, w2, b2), act2)
 
 
