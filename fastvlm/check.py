@@ -100,7 +100,7 @@ def check_model_dir(path):
     """Load a local checkpoint, patch it with verification and time each swapped module on its probe."""
     import transformers
 
-    from fastvlm.integrations.transformers import _probe
+    from fastvlm.integrations.transformers import probe_args
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"loading {path} on {device}")
@@ -117,13 +117,13 @@ def check_model_dir(path):
         fused = model.get_submodule(e.path)
         original = originals[e.path]
         recipe = getattr(fused, "_fastvlm_recipe", None)
-        if recipe is None or recipe.extra_input:
+        if recipe is None:
             continue
-        x = _probe(recipe, fused)
+        args = probe_args(recipe, fused)
         with torch.no_grad():
-            t_orig = _timed(lambda: original(x), device)
-            t_fused = _timed(lambda: fused(x), device)
-        print(f"  {e.path}: original {t_orig:.3f} ms, fastvlm {t_fused:.3f} ms on probe {tuple(x.shape)} "
+            t_orig = _timed(lambda: original(*args), device)
+            t_fused = _timed(lambda: fused(*args), device)
+        print(f"  {e.path}: original {t_orig:.3f} ms, fastvlm {t_fused:.3f} ms on probe {tuple(args[0].shape)} "
               f"(median of 5; {device})")
     return ok
 

@@ -22,6 +22,7 @@ from torch import nn
 # ----------------------------------------------------------------------------- ids
 PAD, BOS, EOS = 0, 1, 2
 IMG, VID, VSTART, VEND = 990, 991, 992, 993  # image / video / vision start / end ids
+IMG_BREAK, IMG_END = 994, 995  # Pixtral row break / image end: ordinary text ids the model never inspects
 VOCAB = 1000
 TEXT_LO, TEXT_HI = 10, 900  # ordinary (non-special) text token ids
 N_TEXT = 6  # random text tokens after the image
@@ -48,6 +49,20 @@ _ANYRES = dict(image_grid_pinpoints=[[56, 56]])  # base tile + one 56x56 tile
 _MROPE = dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 3, 3])
 _QWENVL_IDS = dict(image_token_id=IMG, video_token_id=VID, vision_start_token_id=VSTART,
                    vision_end_token_id=VEND)
+# Idefics2/3 and SmolVLM: own SigLIP-like vision config class (no model_type), 5-D pixels + pixel_attention_mask
+_IDEFICS_VIT = dict(_VIT)
+_MISTRAL = dict(model_type="mistral", head_dim=16, sliding_window=None, **_TEXT)
+_COHERE2 = dict(model_type="cohere2", **_TEXT)  # Aya Vision text tower
+# Gemma3TextConfig is the fixed sub-config class (no model_type); query scale 1/sqrt(head_dim)
+_GEMMA3_TEXT = dict(head_dim=16, query_pre_attn_scalar=16, **_TEXT)
+_PIXTRAL = dict(model_type="pixtral", **_VIT)  # head_dim 16, 2-D RoPE, 4x4 patch grid
+# Llama 4 vision: the adapter pixel-shuffles (ratio 0.5) hidden 32 -> 128 = intermediate_size (fc1's input),
+# fc1 -> projector_input_dim, fc2 projector_output_dim -> projector_output_dim, then the projector
+# vision_output_dim -> text hidden: all three dims must agree.
+_LLAMA4_VIT = dict(_VIT, intermediate_size=128, pixel_shuffle_ratio=0.5, projector_input_dim=64,
+                   projector_output_dim=64, vision_output_dim=64)
+# moe_layers=[]: every layer a dense MLP of width intermediate_size_mlp (no experts at all)
+_LLAMA4_TEXT = dict(_TEXT, head_dim=16, intermediate_size_mlp=128, moe_layers=[], num_local_experts=1)
 # FastViT-MCI3 layout (5 stages, 2 attention stages, /64 total stride) shrunk to tiny widths/depths.
 _FASTVIT = dict(model_type="timm_wrapper", architecture="fastvit_mci3", hidden_size=64,
                 do_pooling=False, model_args=dict(inference_mode=True, layers=(1, 1, 1, 1, 1),
@@ -57,12 +72,16 @@ _FASTVIT = dict(model_type="timm_wrapper", architecture="fastvit_mci3", hidden_s
 # cls:      transformers class prefix (<cls>Config, <cls>ForConditionalGeneration)
 # config:   config kwargs
 # pixels:   "plain" [1,3,S,S] | "anyres" [1,2,3,S,S] + image_sizes | "qwen" patches + image_grid_thw
+#           | "5d" [1,1,3,S,S] + pixel_attention_mask [1,1,S,S] (bool) | "sized" [1,3,S,S] + image_sizes (pixels)
 # size:     image side in pixels
 # n_img:    number of image-placeholder tokens in input_ids
 #           (anyres: 16 base-tile tokens + 4 rows x (4 tile tokens + 1 newline))
 # layout:   "bos_img" (BOS, IMG.., text) | "img_bos" (IMG.., BOS, text) | "qwen" (BOS, VSTART, IMG.., VEND, text)
+#           | "wrapped" (same as "qwen": VSTART / VEND stand for BOI / EOI or <fake_token_around_image>)
+#           | "pixtral" (BOS, per row of the merged grid: IMG.. + IMG_BREAK, the last row ending in IMG_END, text)
 # key:      name of the pixel argument of forward
-# extra:    extra inputs: "token_type_ids", "mm_token_type_ids", "qformer"
+# extra:    extra inputs: "token_type_ids" (zeros), "image_token_type_ids" (token_type_ids, 1 at IMG),
+#           "mm_token_type_ids", "qformer"
 _SPECS: dict[str, dict] = {
     "llava": dict(cls="Llava", pixels="plain", size=56, n_img=16, config=dict(
         vision_config=_CLIP, text_config=_LLAMA, image_token_index=IMG, image_seq_length=16)),
@@ -107,6 +126,33 @@ _SPECS: dict[str, dict] = {
     "instructblip": dict(cls="InstructBlip", pixels="plain", size=56, n_img=4, layout="img_bos",
                          extra=("qformer",), config=dict(
         vision_config=_BLIPVIT, qformer_config=_QFORMER, text_config=_OPT, num_query_tokens=4, image_token_index=IMG)),
+    # Idefics2: MLP + Perceiver resampler -> resampler_n_latents tokens per image
+    "idefics2": dict(cls="Idefics2", pixels="5d", size=56, n_img=4, layout="wrapped", config=dict(
+        vision_config=_IDEFICS_VIT, text_config=_MISTRAL, image_token_id=IMG, perceiver_config=dict(
+            hidden_size=64, resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=16,
+            num_key_value_heads=1))),
+    # Idefics3 / SmolVLM: pixel shuffle (scale 2) of the 4x4 patch grid -> 2x2 = 4 tokens, then one Linear
+    "idefics3": dict(cls="Idefics3", pixels="5d", size=56, n_img=4, layout="wrapped", config=dict(
+        vision_config=_IDEFICS_VIT, text_config=_LLAMA, image_token_id=IMG, scale_factor=2, pad_token_id=PAD)),
+    "smolvlm": dict(cls="SmolVLM", pixels="5d", size=56, n_img=4, layout="wrapped", config=dict(
+        vision_config=_IDEFICS_VIT, text_config=_LLAMA, image_token_id=IMG, scale_factor=2, pad_token_id=PAD)),
+    # Gemma 3: 4x4 SigLIP patches avg-pooled (kernel 4 / sqrt(4) = 2) to mm_tokens_per_image = 4;
+    # token_type_ids = 1 at image tokens (bidirectional attention inside the image block)
+    "gemma3": dict(cls="Gemma3", pixels="plain", size=56, n_img=4, layout="wrapped",
+                   extra=("image_token_type_ids",), config=dict(
+        vision_config=_SIGLIP, text_config=_GEMMA3_TEXT, mm_tokens_per_image=4, image_token_index=IMG,
+        boi_token_index=VSTART, eoi_token_index=VEND)),
+    # Mistral 3: Pixtral 4x4 patch grid, 2x2 spatial merge -> 2x2 = 4 image tokens; the processor adds
+    # IMG_BREAK after each row and IMG_END after the last one (plain text ids for the model)
+    "mistral3": dict(cls="Mistral3", pixels="sized", size=56, n_img=4, layout="pixtral", config=dict(
+        vision_config=_PIXTRAL, text_config=_MISTRAL, image_token_index=IMG, spatial_merge_size=2)),
+    # Llama 4: 4x4 patches (+ CLS, dropped after the encoder), pixel shuffle 0.5 -> 4 tokens
+    "llama4": dict(cls="Llama4", pixels="plain", size=56, n_img=4, layout="wrapped", config=dict(
+        vision_config=_LLAMA4_VIT, text_config=_LLAMA4_TEXT, image_token_index=IMG,
+        boi_token_index=VSTART, eoi_token_index=VEND)),
+    # Aya Vision: SigLIP 4x4 patches, pixel shuffle (downsample 2) -> 4 tokens, LayerNorm + SwiGLU MLP
+    "aya_vision": dict(cls="AyaVision", pixels="plain", size=56, n_img=4, config=dict(
+        vision_config=_SIGLIP, text_config=_COHERE2, image_token_index=IMG, downsample_factor=2)),
 }
 
 FAMILIES = list(_SPECS)
@@ -119,6 +165,10 @@ _PROJECTORS = {
         for i in range(len(_SPECS["qwen3_vl"]["config"]["vision_config"]["deepstack_visual_indexes"]))],
     "blip2": ["query_tokens", "language_projection"],
     "instructblip": ["query_tokens", "language_projection"],
+    "idefics2": ["model.connector"],
+    "idefics3": ["model.connector"],
+    "smolvlm": ["model.connector"],
+    "llama4": ["vision_model.vision_adapter", "multi_modal_projector"],
 }
 
 
@@ -146,6 +196,16 @@ def _fan_in_init_convs(module: nn.Module) -> None:
             nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
 
 
+def _llama4_output_shim(module, args, output):
+    """transformers 5.24 ``Llama4ForConditionalGeneration.forward`` reads ``outputs.image_outputs`` off the
+    language model's ``MoeCausalLMOutputWithPast`` (which has no such field) whenever it returns a dict, so
+    every ``model(**inputs)`` / ``generate`` raises AttributeError.  Give the text output that attribute
+    (``None``; a plain attribute, not a field) so the top model can build its output; no-op once fixed upstream."""
+    if output is not None and not isinstance(output, tuple) and not hasattr(output, "image_outputs"):
+        output.image_outputs = None
+    return output
+
+
 @torch.no_grad()
 def randomize_projector(model: nn.Module, family: str, scale: float = 0.5) -> None:
     """Refill every connector parameter with ``randn * scale`` (norm weights: ``1 + 0.1 * randn``)."""
@@ -165,6 +225,11 @@ def _pixel_inputs(spec: dict, cfg) -> dict:
         return {spec.get("key", "pixel_values"): torch.randn(1, 3, s, s)}
     if spec["pixels"] == "anyres":
         return {"pixel_values": torch.randn(1, 2, 3, s, s), "image_sizes": torch.tensor([[s, s]])}
+    if spec["pixels"] == "5d":  # (batch, images, C, H, W); an all-zero image would count as padding
+        return {"pixel_values": torch.randn(1, 1, 3, s, s),
+                "pixel_attention_mask": torch.ones(1, 1, s, s, dtype=torch.bool)}
+    if spec["pixels"] == "sized":  # Pixtral: image_sizes (height, width) in pixels
+        return {"pixel_values": torch.randn(1, 3, s, s), "image_sizes": torch.tensor([[s, s]])}
     # qwen: flattened patches [t*h*w, C * temporal_patch * patch * patch]
     vc, g = cfg.vision_config, s // spec["patch"]
     return {"pixel_values": torch.randn(g * g, 3 * vc.temporal_patch_size * vc.patch_size ** 2),
@@ -175,14 +240,21 @@ def _text_inputs(spec: dict) -> dict:
     text = torch.randint(TEXT_LO, TEXT_HI, (N_TEXT,)).tolist()
     img = [IMG] * spec["n_img"]
     layout = spec.get("layout", "bos_img")
+    if layout == "pixtral":  # square merged grid, row by row
+        side = int(round(spec["n_img"] ** 0.5))
+        img = [t for r in range(side) for t in [IMG] * side + [IMG_END if r == side - 1 else IMG_BREAK]]
     ids = {"bos_img": [BOS] + img + text,
            "img_bos": img + [BOS] + text,
-           "qwen": [BOS, VSTART] + img + [VEND] + text}[layout]
+           "pixtral": [BOS] + img + text,
+           "qwen": [BOS, VSTART] + img + [VEND] + text,
+           "wrapped": [BOS, VSTART] + img + [VEND] + text}[layout]
     input_ids = torch.tensor([ids])
     out = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
     extra = spec.get("extra", ())
     if "token_type_ids" in extra:  # PaliGemma: 0 = prefix (image + prompt), 1 = suffix
         out["token_type_ids"] = torch.zeros_like(input_ids)
+    if "image_token_type_ids" in extra:  # Gemma 3: 1 = image token (bidirectional block)
+        out["token_type_ids"] = (input_ids == IMG).long()
     if "mm_token_type_ids" in extra:  # Qwen-VL M-RoPE: 1 = image token
         out["mm_token_type_ids"] = (input_ids == IMG).long()
     if "qformer" in extra:  # InstructBLIP Q-Former prompt
@@ -204,9 +276,13 @@ def build_tiny_model(family: str, seed: int = 0) -> tuple[torch.nn.Module, dict]
     torch.manual_seed(seed)
     cfg = build_config(family)
     model = getattr(transformers, spec["cls"] + "ForConditionalGeneration")(cfg)
-    model = model.to(device="cpu", dtype=torch.float32).eval()
+    # .float() casts only real floating tensors: .to(dtype=float32) would also turn complex buffers real
+    # (Llama 4 vision RoPE ``freqs_ci``), silently dropping the rotation
+    model = model.to("cpu").float().eval()
     if family == "fast_vlm":
         _fan_in_init_convs(model.model.vision_tower)
+    if family == "llama4":
+        model.language_model.register_forward_hook(_llama4_output_shim)
     randomize_projector(model, family)
     gc = model.generation_config
     gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = PAD, EOS, BOS

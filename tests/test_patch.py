@@ -30,15 +30,20 @@ def _check_family(family):
     model, inputs = build_tiny_model(family)
     logits, tokens = _run(model, inputs)
     sd = {k: v.data_ptr() for k, v in model.state_dict().items()}
-    originals = {p: model.get_submodule(p) for p in projector_paths(family) if p != "query_tokens"}
+    connectors = {p: model.get_submodule(p) for p in projector_paths(family) if p != "query_tokens"}
+    planned = {p for p, m in connectors.items() if type(m).__name__ in NOT_YET}
+    originals = {p: m for p, m in connectors.items() if p not in planned}
 
     report = fastvlm.patch(model, verify=True)
     patched = {e.path for e in report.patched}
     assert set(originals) <= patched, str(report)
+    for p in planned:  # recognised, reported with the reason, left as is
+        assert [e.status for e in report.entries if e.path == p] == ["not swapped"], str(report)
     assert all("ok" in e.detail for e in report.patched), str(report)
     with fastvlm.trace() as t:
         logits2, tokens2 = _run(model, inputs)
-    assert "fastvlm::mlp_projector" in {r.op for r in t.records}, str(t)
+    if originals:
+        assert "fastvlm::mlp_projector" in {r.op for r in t.records}, str(t)
     assert rel_err(logits2, logits) < 1e-5
     assert torch.equal(tokens2, tokens)
     assert {k: v.data_ptr() for k, v in model.state_dict().items()} == sd  # same keys, same tensors

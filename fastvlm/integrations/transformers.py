@@ -99,24 +99,34 @@ def _set_submodule(root, path, module):
     setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
-def _probe(recipe, fused):
-    """A random input shaped as the family's caller passes it, on the module's device and dtype."""
-    lin1 = fused.get_submodule(recipe.linear_1)
-    w = lin1.weight
+def probe_args(recipe, fused):
+    """Random forward arguments shaped as the family's caller passes them, on the module's device and dtype."""
+    p = next(fused.parameters())
+    rand = lambda *shape: torch.randn(*shape, device=p.device, dtype=p.dtype)  # noqa: E731
     if recipe.merged_width:
-        width = getattr(fused, recipe.merged_width)
-        return torch.randn(16, width // 4, device=w.device, dtype=w.dtype)
-    return torch.randn(2, 5, lin1.in_features, device=w.device, dtype=w.dtype)
+        return (rand(16, getattr(fused, recipe.merged_width) // 4),)
+    if recipe.merge == "avg_pool":
+        side = fused.patches_per_image
+        return (rand(2, side * side, getattr(fused, recipe.weight_in_out).shape[0]),)
+    if recipe.merge in ("pixel_shuffle", "unfold"):
+        s = fused._fastvlm_scale()
+        first = fused.get_submodule(recipe.merger or recipe.linear_1)
+        width = first.in_features // (s * s)
+        if recipe.merge == "unfold":
+            side = 2 * s * fused.patch_merger.patch_size
+            return rand((2 * s) ** 2, width), torch.tensor([[side, side]], device=p.device)
+        return (rand(2, (2 * s) ** 2, width),)
+    return (rand(2, 5, fused.get_submodule(recipe.linear_1).in_features),)
 
 
-def _verify(original, fused, x):
+def _verify(original, fused, args):
     from fastvlm.testing import rel_err, tolerance
 
     with torch.no_grad():
-        ref = original(x)
-        out = fused(x)
+        ref = original(*args)
+        out = fused(*args)
     err = rel_err(out, ref)
-    bound = tolerance(x.dtype, x.shape[-1], roundings=3)
+    bound = tolerance(args[0].dtype, args[0].shape[-1] * 4, roundings=3)
     return err, bound
 
 
@@ -154,7 +164,7 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
             if reasons:
                 report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "not swapped", "; ".join(reasons)))
                 continue
-            detail = _swap(model, originals, name, mod, fused, verify, _probe(recipe, fused) if verify else None)
+            detail = _swap(model, originals, name, mod, fused, verify, probe_args(recipe, fused) if verify else None)
             report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "patched", detail))
         elif type(mod) is nn.Linear and (owners.get(parent), attr) in LINEAR_SLOTS:
             if not _selected(ops, name="FusedLinear"):
@@ -163,7 +173,7 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
             fused = FusedLinear.from_module(mod)
             probe = None
             if verify:
-                probe = torch.randn(2, 5, mod.in_features, device=mod.weight.device, dtype=mod.weight.dtype)
+                probe = (torch.randn(2, 5, mod.in_features, device=mod.weight.device, dtype=mod.weight.dtype),)
             detail = _swap(model, originals, name, mod, fused, verify, probe)
             report.entries.append(PatchEntry(name, "Linear", "FusedLinear", "patched", detail))
         elif type(mod).__name__ in NOT_YET:
@@ -174,7 +184,7 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
 def _swap(model, originals, name, original, fused, verify, probe):
     detail = ""
     if verify:
-        if probe.device.type == "meta":
+        if probe[0].device.type == "meta":
             detail = "verify skipped: parameters are on the meta device"
         else:
             err, bound = _verify(original, fused, probe)
