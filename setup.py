@@ -2,12 +2,28 @@
 
 The extension (``fastvlm._C``) is built from csrc/ with torch's BuildExtension and ninja. Building it needs torch in
 the build environment, so use ``FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation .``. Without it, fastvlm runs
-its Triton kernels and PyTorch paths; ``fastvlm info`` says whether the extension is present.
+its Triton kernels and PyTorch paths, and builds the extension on first use instead (fastvlm/_cext.py; cached under
+~/.cache/fastvlm); ``fastvlm info`` says whether the extension is present.
+
+The build settings (CUDA_HOME, TORCH_CUDA_ARCH_LIST, include paths, flags) come from fastvlm/_cext.py, loaded by
+path without importing fastvlm, so both builds agree. On a machine without a GPU they are: the toolkit root holding
+bin/nvcc and libcudart, TORCH_CUDA_ARCH_LIST=9.0a (set either variable to override), and the torch wheel's
+nvidia/cu13/include for the CUDA library headers the toolkit may lack.
 """
 import glob
+import importlib.util
 import os
 
 from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cext_module():
+    spec = importlib.util.spec_from_file_location("_fastvlm_cext_build", os.path.join(HERE, "fastvlm", "_cext.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def cuda_extensions():
@@ -17,13 +33,17 @@ def cuda_extensions():
     if not sources:
         print("fastvlm: FASTVLM_BUILD_CUDA=1 but csrc/ has no sources yet; building the pure-Python package")
         return {}
+    settings = _cext_module().build_settings()
+    for key, value in settings["env"].items():  # before cpp_extension reads CUDA_HOME at import
+        if value and not os.environ.get(key):
+            os.environ[key] = value
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
     ext = CUDAExtension(
         name="fastvlm._C",
         sources=sources,
-        include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+        include_dirs=settings["include_dirs"],
+        extra_compile_args={"cxx": settings["cxx_flags"], "nvcc": settings["nvcc_flags"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

@@ -19,6 +19,8 @@ namespace fastvlm {
 namespace cuda {
 
 constexpr int kThreads = 256;
+constexpr int kMaxPatchThreads = 1024;
+constexpr int64_t kMaxBlocks = int64_t{1} << 30;
 
 __device__ __forceinline__ void store(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
@@ -59,11 +61,12 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out [total_rows, C * T * patch * patch]. One thread per (row, pixel of the patch): it reads the pixel's C bytes
-// for each of the T frames (the same frame T times for a still image) and writes C * T elements; consecutive threads
-// write consecutive elements of each (c, t) run, so the stores are coalesced.
+// out [total_rows, C * T * patch * patch]. One block per row (grid-strided), one thread per pixel of the patch
+// (blockDim = patch * patch rounded up to a warp): the row's image lookup and merge-window decode are done once per
+// thread, then each thread reads its pixel's C bytes per frame (once for a still image, whose T frames are the same)
+// and writes C * T elements; a warp writes consecutive elements of each (c, t) run, so the stores are coalesced.
 template <typename OutT>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kMaxPatchThreads)
     qwen2vl_patchify_kernel(const uint8_t* __restrict__ data, int64_t numel, const int64_t* __restrict__ meta,
                             int64_t n_images, OutT* __restrict__ out, int64_t total_rows, NormParams p,
                             PatchGeom g) {
@@ -71,29 +74,37 @@ __global__ void __launch_bounds__(kThreads)
   const int C = p.channels;
   const int T = g.temporal;
   const int64_t row_width = static_cast<int64_t>(C) * T * pp;
-  const int64_t tasks = total_rows * pp;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t idx = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; idx < tasks; idx += stride) {
-    const int64_t row = idx / pp;
-    const int pix = static_cast<int>(idx - row * pp);
-    OutT* o = out + row * row_width + pix;
+  for (int64_t row = blockIdx.x; row < total_rows; row += gridDim.x) {
+    OutT* o = out + row * row_width;
     const int64_t* mi = meta + find_image(meta, n_images, row) * kPatchMeta;
     const int64_t off = mi[0], h = mi[1], w = mi[2], frames = mi[3], local = row - mi[4];
     const bool ok = image_in_bounds(off, h, w, frames, C, numel) && patch_shape_ok(h, w, g) && local >= 0 &&
                     local < patch_rows(h, w, frames, g);
-    if (!ok) {
-      for (int k = 0; k < C * T; ++k) store(o + k * pp, nan_f32());
+    if (!ok) {  // uniform across the block
+      for (int64_t k = threadIdx.x; k < row_width; k += blockDim.x) store(o + k, nan_f32());
       continue;
     }
     const PatchOrigin org = patch_origin(local, h, w, g);
-    const int64_t y = org.y0 + pix / g.patch;
-    const int64_t x = org.x0 + pix % g.patch;
-    for (int t = 0; t < T; ++t) {
-      const int64_t f = frame_of(org.gt, t, frames, T);
-      const uint8_t* px = data + off + ((f * h + y) * w + x) * C;
+    for (int pix = threadIdx.x; pix < pp; pix += blockDim.x) {
+      const int ph = pix / g.patch;
+      const int pw = pix - ph * g.patch;
+      const uint8_t* base = data + off + ((org.y0 + ph) * w + org.x0 + pw) * C;
+      float v[kMaxChannels];
+      int64_t loaded = -1;
+      for (int t = 0; t < T; ++t) {
+        const int64_t f = frame_of(org.gt, t, frames, T);
+        if (f != loaded) {
+          const uint8_t* px = base + f * h * w * C;
 #pragma unroll
-      for (int c = 0; c < kMaxChannels; ++c) {
-        if (c < C) store(o + (c * T + t) * pp, normalize_u8(px[c], p, c));
+          for (int c = 0; c < kMaxChannels; ++c) {
+            if (c < C) v[c] = normalize_u8(px[c], p, c);
+          }
+          loaded = f;
+        }
+#pragma unroll
+        for (int c = 0; c < kMaxChannels; ++c) {
+          if (c < C) store(o + (c * T + t) * pp + pix, v[c]);
+        }
       }
     }
   }
@@ -115,12 +126,13 @@ template <typename OutT>
 cudaError_t launch_qwen2vl_patchify(const uint8_t* data, int64_t numel, const int64_t* meta, int64_t n_images,
                                     OutT* out, int64_t total_rows, const NormParams& p, const PatchGeom& g,
                                     cudaStream_t stream) {
-  const int64_t tasks = total_rows * g.patch * g.patch;
-  if (n_images == 0 || tasks == 0) return cudaSuccess;
-  int64_t blocks = (tasks + kThreads - 1) / kThreads;
-  if (blocks > (int64_t{1} << 20)) blocks = int64_t{1} << 20;  // grid-stride beyond ~268M pixel tasks
-  qwen2vl_patchify_kernel<OutT><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(data, numel, meta, n_images,
-                                                                                        out, total_rows, p, g);
+  if (n_images == 0 || total_rows == 0) return cudaSuccess;
+  const int pp = g.patch * g.patch;
+  int threads = (pp + 31) / 32 * 32;
+  if (threads > kMaxPatchThreads) threads = kMaxPatchThreads;
+  const int64_t blocks = total_rows < kMaxBlocks ? total_rows : kMaxBlocks;  // grid-stride beyond
+  qwen2vl_patchify_kernel<OutT><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(data, numel, meta, n_images,
+                                                                                       out, total_rows, p, g);
   return cudaGetLastError();
 }
 

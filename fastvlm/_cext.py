@@ -6,7 +6,7 @@ order, as
 1. ``fastvlm._C``, built by ``FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation -e .`` (setup.py);
 2. a JIT build of csrc/ cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/fastvlm/torch_extensions``, in a
    folder keyed by the sources, torch, Python, the CUDA toolkit and the target architectures;
-3. a new JIT build (``torch.utils.cpp_extension.load`` with ninja, in a subprocess: about 2 minutes on 2 cores),
+3. a new JIT build (``torch.utils.cpp_extension.load`` with ninja, in a subprocess: 30 s to 2 min on 2 cores),
    made only when ``load(build=True)`` is asked for, e.g. by the first preprocessing call on CUDA tensors.
 
 Nothing here runs at ``import fastvlm``. Without nvcc, ninja, a compiler or the csrc/ sources, ``load()`` returns
@@ -36,8 +36,19 @@ EXT_NAME = "fastvlm_ext"
 NAMESPACE = "fastvlm_ext"
 DEFAULT_ARCH_LIST = "9.0a"  # without a visible GPU (torch cannot query one); H100/H200
 _HERE = os.path.dirname(os.path.abspath(__file__))
-CSRC = os.path.join(os.path.dirname(_HERE), "csrc")
 SOURCES = ("ops.cpp", "launch.cu")
+
+
+def _find_csrc() -> str:
+    """csrc/ beside the package (editable install, source checkout), or shipped inside it as fastvlm/csrc."""
+    candidates = (os.path.join(os.path.dirname(_HERE), "csrc"), os.path.join(_HERE, "csrc"))
+    for folder in candidates:
+        if all(os.path.isfile(os.path.join(folder, s)) for s in SOURCES):
+            return folder
+    return candidates[0]
+
+
+CSRC = _find_csrc()
 
 _lock = threading.RLock()
 _module = None
@@ -117,8 +128,8 @@ def build_problems() -> list[str]:
     """Why a JIT build cannot be attempted here (empty when it can)."""
     problems = []
     if csrc_dir() is None:
-        problems.append(f"the csrc/ sources are not next to the package ({CSRC}); use an editable install or "
-                        "FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation .")
+        problems.append(f"the csrc/ sources are not installed ({CSRC}); use an editable install (pip install -e .) "
+                        "or FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation .")
     try:
         import torch
 
@@ -129,6 +140,8 @@ def build_problems() -> list[str]:
     if find_cuda_home() is None:
         problems.append("no CUDA toolkit found (nvcc and libcudart under $CUDA_HOME, the nvcc on PATH or "
                         "/usr/local/cuda)")
+    if importlib.util.find_spec("setuptools") is None:
+        problems.append("setuptools is not installed (torch.utils.cpp_extension imports it)")
     if shutil.which("ninja") is None:
         problems.append("ninja is not installed (pip install ninja)")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -157,7 +170,8 @@ def build_dir() -> str:
            str(ABI_VERSION), json.dumps(build_settings()["nvcc_flags"])]
     h.update("\0".join(key).encode())
     py = f"py{sys.version_info[0]}{sys.version_info[1]}"
-    return os.path.join(_cache_root(), f"{EXT_NAME}-{py}-torch{torch.__version__.replace('+', '_')}-{h.hexdigest()[:16]}")
+    tv = torch.__version__.replace("+", "_")
+    return os.path.join(_cache_root(), f"{EXT_NAME}-{py}-torch{tv}-{h.hexdigest()[:16]}")
 
 
 def _so_path(folder: str) -> str:
@@ -220,6 +234,7 @@ def load(build: bool = True):
         if _module is not None:
             return _module
         if _failure is not None:
+            _fail(*_failure)
             return None
         import torch  # noqa: F401  (the extension links against torch's libraries)
 
@@ -233,12 +248,12 @@ def load(build: bool = True):
             return _accept(prebuilt, f"prebuilt fastvlm._C ({prebuilt.__file__})")
         if _namespace_registered():
             return _fail("stale", f"torch.ops.{NAMESPACE} is already registered by another library in this process")
-        problems = build_problems()
-        if problems:
-            return _fail("unavailable", "cannot build the CUDA extension: " + "; ".join(problems))
-        folder = build_dir()
-        so = _so_path(folder)
-        if not os.path.isfile(so):
+        folder = build_dir() if csrc_dir() else None
+        so = _so_path(folder) if folder else None
+        if so is None or not os.path.isfile(so):  # no cached build: can one be made here?
+            problems = build_problems()
+            if problems:
+                return _fail("unavailable", "cannot build the CUDA extension: " + "; ".join(problems))
             if not build or _mode() == "nobuild":
                 why = "FASTVLM_CEXT=nobuild" if build else "build=False"
                 return _fail("not-built", f"not built yet ({why}); `python -m fastvlm._cext build` builds it "
@@ -277,7 +292,7 @@ def status() -> str:
         return f"loaded: {_origin}; ops torch.ops.{NAMESPACE}.{{normalize_tiles,qwen2vl_patchify}}"
     kind = failure_kind()
     if kind == "not-built":
-        return ("not built yet: builds on the first preprocessing call on CUDA tensors (about 2 min), or run "
+        return ("not built yet: builds on the first preprocessing call on CUDA tensors (30 s to 2 min), or run "
                 "`python -m fastvlm._cext build`")
     return f"{kind}: {_last_reason}"
 
@@ -298,7 +313,7 @@ def _build(folder: str) -> str:
     code = ("import importlib.util, sys; s = importlib.util.spec_from_file_location('_fastvlm_cext', sys.argv[1]); "
             "m = importlib.util.module_from_spec(s); s.loader.exec_module(m); sys.exit(m._build_main(sys.argv[2]))")
     timeout = float(os.environ.get("FASTVLM_CEXT_BUILD_TIMEOUT", "1800"))
-    print(f"fastvlm: building the CUDA extension {EXT_NAME} (first use; about 2 minutes on 2 cores; "
+    print(f"fastvlm: building the CUDA extension {EXT_NAME} (first use; 30 s to 2 min on 2 cores; "
           f"TORCH_CUDA_ARCH_LIST={settings['env']['TORCH_CUDA_ARCH_LIST']}) in {folder}", file=sys.stderr, flush=True)
     start = time.monotonic()
     with open(log_path, "w") as log:
@@ -313,7 +328,10 @@ def _build(folder: str) -> str:
         print(f"fastvlm: built {EXT_NAME} in {elapsed:.0f} s", file=sys.stderr, flush=True)
         return ""
     with open(log_path, errors="replace") as f:
-        tail = "".join(f.readlines()[-40:])
+        lines = f.readlines()
+    # compiler diagnostics first (they sit above the Python traceback), then the end of the log
+    errors = [ln for ln in lines if ": error" in ln or "error:" in ln][:20]
+    tail = "".join(errors + ["...\n"] + lines[-8:])
     what = f"timed out after {timeout:.0f} s" if rc is None else f"failed (exit {rc}) after {elapsed:.0f} s"
     return f"the JIT build {what}; log {log_path}:\n{tail}"
 
@@ -352,4 +370,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fastvlm import _cext as _canonical  # one module state per process, whichever way it was started
+
+    sys.exit(_canonical.main())

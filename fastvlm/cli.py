@@ -40,12 +40,9 @@ def info(argv=None):
     print(f"  triton kernels    {'available' if not reasons else 'not used: ' + '; '.join(reasons)}")
     interp = "on (TRITON_INTERPRET=1)" if _dispatch.interpreter_enabled() else "off (set TRITON_INTERPRET=1 before import, with FASTVLM_BACKEND=triton)"
     print(f"  triton interpreter {interp}")
-    try:
-        importlib.import_module("fastvlm._C")
-        print("  CUDA extension    built (fastvlm._C)")
-    except ImportError:
-        print("  CUDA extension    not built: csrc/ has no kernels yet in this version (FASTVLM_BUILD_CUDA=1 builds it "
-              "once it does)")
+    from fastvlm import _cext
+
+    print(f"  CUDA extension    {_cext.status()}")
     print("  pytorch path      always available (CPU tensors, fallbacks, FASTVLM_BACKEND=torch)")
     sup = fastvlm.nn.supported()
     print(f"drop-in modules ({len(sup) + 1}): " + ", ".join(sorted(sup.values())) + ", FusedLinear")
