@@ -69,7 +69,7 @@ def _triton_configs():
 
 
 @triton.jit
-def _load_a_tile(a_ptr, rows_ptr, rm64, rk, mask_m, mask_k, stride_am, stride_ak, Q, D_SRC,
+def _load_a_tile(a_ptr, rows_ptr, cols_ptr, rm64, rk, mask_m, mask_k, stride_am, stride_ak, Q, D_SRC,
                  A_MODE: tl.constexpr, A_ALIGNED: tl.constexpr):
     """Load the [BLOCK_M, BLOCK_K] tile of the logical A at rows rm, columns rk; also return the source row of each
     element and its channel within that row (for norms over source rows). A_MODE:
@@ -77,11 +77,18 @@ def _load_a_tile(a_ptr, rows_ptr, rm64, rk, mask_m, mask_k, stride_am, stride_ak
       "concat"     A[m, q*D + d] = X[rows[m, q], d]         space-to-depth, patch-major (Idefics3, InternVL, Llama 4)
       "concat_cm"  A[m, d*Q + q] = X[rows[m, q], d]         space-to-depth, channel-major (F.unfold: Mistral 3)
       "mean"       A[m, d]       = mean_q X[rows[m, q], d]  average pooling (Gemma 3); K == D
+      "separable"  A[m, k]       = X.flat[rows[m] + cols[k]]  im2col of a patch embedding: rows[m] is the element
+                                 offset of patch m's corner, cols[k] that of pixel k inside a patch (any layout)
     ``rows`` [M, Q] (int64 source-row indices) encodes grid shapes, merge order and ragged images."""
     mask = mask_m[:, None] & mask_k[None, :]
     rk64 = rk.to(tl.int64)
     chan = rk64
-    if A_MODE == "strided":
+    if A_MODE == "separable":
+        src = rm64[:, None] + 0 * rk64[None, :]
+        roff = tl.load(rows_ptr + rm64, mask=mask_m, other=0)
+        coff = tl.load(cols_ptr + rk64, mask=mask_k, other=0)
+        a = tl.load(a_ptr + roff[:, None] + coff[None, :], mask=mask, other=0)
+    elif A_MODE == "strided":
         src = rm64[:, None] + 0 * rk64[None, :]
         a = tl.load(a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak, mask=mask, other=0.0)
     elif A_MODE == "mean":
@@ -169,11 +176,18 @@ def _fused_linear_kernel(
     rstd_ptr,  # [M * K / NORM_GROUP] fp32 (NORM != "none")
     nw_ptr,  # [NORM_GROUP] norm weight
     nb_ptr,  # [NORM_GROUP] norm bias (HAS_NORM_BIAS)
-    rows_ptr,  # [M, Q] int64 source rows (A_MODE != "strided")
+    rows_ptr,  # [M, Q] int64 source rows (A_MODE != "strided"); [M] element offsets ("separable")
+    cols_ptr,  # [K] int64 element offsets inside a patch ("separable")
+    sc_ptr,  # [K] fp32 per-column scale applied on load (HAS_AFFINE): pixel rescale and normalisation
+    sh_ptr,  # [K] fp32 per-column shift (HAS_AFFINE)
+    pos_ptr,  # [L, N] position table (HAS_POS)
+    pos_rows_ptr,  # [M] int64 row of the position table for each output row (HAS_POS)
+    out_rows_ptr,  # [M] int64 destination row of each output row (OUT_REMAP): leaves room for class tokens
     M, N, K, M_BUCKET, Q, D_SRC,
     stride_am, stride_ak, stride_wn, stride_wk, stride_wun, stride_wuk,
-    stride_rm, stride_rn, stride_om, stride_on, stride_pm, stride_pn,
+    stride_rm, stride_rn, stride_om, stride_on, stride_pm, stride_pn, stride_pos,
     NORM_GROUP,
+    HAS_AFFINE: tl.constexpr, HAS_POS: tl.constexpr, OUT_REMAP: tl.constexpr,
     A_MODE: tl.constexpr, A_ALIGNED: tl.constexpr, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
     NORM_ALIGNED: tl.constexpr, NORM_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -203,8 +217,14 @@ def _fused_linear_kernel(
         rk = k0 + tl.arange(0, BLOCK_K)
         mask_k = rk < K
         rk64 = rk.to(tl.int64)
-        a, src, chan = _load_a_tile(a_ptr, rows_ptr, rm64, rk, mask_m, mask_k, stride_am, stride_ak, Q, D_SRC,
-                                    A_MODE, A_ALIGNED)
+        a, src, chan = _load_a_tile(a_ptr, rows_ptr, cols_ptr, rm64, rk, mask_m, mask_k, stride_am, stride_ak, Q,
+                                    D_SRC, A_MODE, A_ALIGNED)
+        if HAS_AFFINE:  # x * scale + shift per column (uint8 pixels -> normalised), then the weights' dtype
+            sc = tl.load(sc_ptr + rk64, mask=mask_k, other=0.0)
+            sh = tl.load(sh_ptr + rk64, mask=mask_k, other=0.0)
+            a = (a.to(tl.float32) * sc[None, :] + sh[None, :]).to(w_ptr.dtype.element_ty)
+        elif A_MODE == "separable":  # transformers casts pixel_values to the weights' dtype before the conv
+            a = a.to(w_ptr.dtype.element_ty)
         if NORM != "none":
             a = _prologue_norm(a, src, chan, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, n_groups,
                                NORM_GROUP, NORM, HAS_NORM_BIAS, NORM_ALIGNED, NORM_SRC)
@@ -218,6 +238,12 @@ def _fused_linear_kernel(
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
+    if HAS_POS:
+        prow = tl.load(pos_rows_ptr + rm64, mask=mask_m, other=0)
+        acc += tl.load(pos_ptr + prow[:, None] * stride_pos + rn64[None, :], mask=omask, other=0.0).to(tl.float32)
+    orow = rm64
+    if OUT_REMAP:
+        orow = tl.load(out_rows_ptr + rm64, mask=mask_m, other=0)
     if STORE_PRE:
         tl.store(pre_ptr + rm64[:, None] * stride_pm + rn64[None, :] * stride_pn,
                  acc.to(pre_ptr.dtype.element_ty), mask=omask)
@@ -232,7 +258,7 @@ def _fused_linear_kernel(
     if HAS_RES:
         acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn64[None, :] * stride_rn,
                        mask=omask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + orow[:, None] * stride_om + rn64[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=omask)
 
 
@@ -241,25 +267,31 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
-A_MODES = ("strided", "concat", "concat_cm", "mean")
+A_MODES = ("strided", "concat", "concat_cm", "mean", "separable")
 NORMS = ("none", "layernorm", "rmsnorm", "rmsnorm_1p")
 
 
-def logical_k(a, a_rows, a_mode):
+def logical_k(a, a_rows, a_mode, a_cols=None):
     """Width of the logical A read from ``a`` (see ``_load_a_tile``)."""
     if a_mode in ("concat", "concat_cm"):
         return a_rows.shape[1] * a.shape[1]
+    if a_mode == "separable":
+        return a_cols.shape[0]
     return a.shape[1]
 
 
 def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
                  norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None, norm_src=False,
-                 a_rows=None, a_mode="strided", store_pre=False, out_dtype=None, precision=None, config=None, out=None,
-                 pre=None):
+                 a_rows=None, a_mode="strided", a_cols=None, col_scale=None, col_shift=None, pos=None, pos_rows=None,
+                 out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None):
     """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
 
     ``a_mode``/``a_rows``: how the logical A [M, K] is read from ``a`` (see ``_load_a_tile``); with a row table,
     M = a_rows.shape[0]. ``norm_src``: the statistics are per source row of ``a`` (norm before the merge).
+    "separable" (im2col): ``a`` is any tensor (e.g. NCHW pixels, uint8 or float), ``a_rows`` [M] and ``a_cols`` [K]
+    int64 element offsets; ``col_scale``/``col_shift`` [K] fp32 normalise each loaded value.
+    Epilogue: ``pos`` [L, N] with ``pos_rows`` [M] adds a position-table row to each output row; ``out_rows`` [M]
+    sends output row m to row out_rows[m] of ``out`` (which must then be given, with room for prefix rows).
     ``out`` / ``pre``: optional preallocated [M, N] outputs (any strides), written in place.
     With a gated pair and ``store_pre``, ``pre`` is [M, 2N] in the layout of one Linear whose output is chunked into
     (up, gate) halves, as Aya Vision's SwiGLU does: ``pre[:, :N]`` = up pre-activation, ``pre[:, N:]`` = gate.
@@ -268,14 +300,21 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     """
     import torch
 
-    _check(a.dim() == 2, f"fused_linear: a must be 2-D, got shape {tuple(a.shape)}")
+    _check(a.dim() == 2 or a_mode == "separable", f"fused_linear: a must be 2-D, got shape {tuple(a.shape)}")
     _check(a_mode in A_MODES, f"fused_linear: a_mode must be one of {A_MODES}, got {a_mode!r}")
-    if a_mode != "strided":
+    if a_mode == "separable":
+        _check(a_rows is not None and a_rows.dim() == 1 and a_rows.dtype == torch.int64 and a_cols is not None
+               and a_cols.dim() == 1 and a_cols.dtype == torch.int64,
+               "fused_linear: a_mode 'separable' needs int64 a_rows [M] and a_cols [K] element offsets")
+        _check((col_scale is None) == (col_shift is None), "fused_linear: give col_scale and col_shift together")
+    elif a_mode != "strided":
         _check(a_rows is not None and a_rows.dim() == 2 and a_rows.dtype == torch.int64,
                f"fused_linear: a_mode {a_mode!r} needs a_rows, an int64 [M, Q] table of rows of a")
         _check(a_rows.is_contiguous(), "fused_linear: a_rows must be contiguous")
-    K = logical_k(a, a_rows, a_mode)
+    K = logical_k(a, a_rows, a_mode, a_cols)
     M = a.shape[0] if a_mode == "strided" else a_rows.shape[0]
+    if a_mode == "separable":
+        _check(not norm_src and norm in ("none", "layernorm", "rmsnorm"), "fused_linear: im2col takes no norm_src")
     _check(weight.dim() == 2 and weight.shape[1] == K,
            f"fused_linear: weight must be [N, {K}] to match the logical A [M, K], got {tuple(weight.shape)}")
     _check(act in ACTIVATIONS, f"fused_linear: act must be one of {ACTIVATIONS}, got {act!r}")
@@ -301,10 +340,17 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         _check(norm != "layernorm" or (mean is not None and mean.shape == (rows,)), f"fused_linear: mean must be fp32 [{rows}]")
         _check(norm_weight is not None and norm_weight.shape == (norm_group,),
                f"fused_linear: norm_weight must be [{norm_group}]")
-    out_dtype = out_dtype or (out.dtype if out is not None else a.dtype)
-    if out is None:
+    out_dtype = out_dtype or (out.dtype if out is not None else (weight.dtype if a_mode == "separable" else a.dtype))
+    if out_rows is not None:
+        _check(out is not None and out.dim() == 2 and out.shape[1] == N and out_rows.shape == (M,),
+               "fused_linear: out_rows needs a preallocated 2-D out with N columns and out_rows [M]")
+    elif out is None:
         out = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    _check(out.shape == (M, N) and out.device == a.device, f"fused_linear: out must be [{M}, {N}] on {a.device}")
+    _check((out_rows is not None or out.shape == (M, N)) and out.device == a.device,
+           f"fused_linear: out must be [{M}, {N}] on {a.device}")
+    if pos is not None:
+        _check(pos.dim() == 2 and pos.shape[1] == N and pos.stride(1) == 1 and pos_rows is not None
+               and pos_rows.shape == (M,), f"fused_linear: pos must be [L, {N}] (unit column stride) with pos_rows [M]")
     pre_width = 2 * N if gated else N
     if store_pre and pre is None:
         pre = torch.empty((M, pre_width), device=a.device, dtype=out_dtype)
@@ -321,15 +367,21 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         pre_gate if store_pre else dummy, pre_up if pre_up is not None else dummy,
         mean if mean is not None else dummy, rstd if rstd is not None else dummy,
         norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-        a_rows if a_rows is not None else dummy,
-        M, N, K, triton.next_power_of_2(M), a_rows.shape[1] if a_rows is not None else 1, a.shape[1],
-        a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
+        a_rows if a_rows is not None else dummy, a_cols if a_cols is not None else dummy,
+        col_scale if col_scale is not None else dummy, col_shift if col_shift is not None else dummy,
+        pos if pos is not None else dummy, pos_rows if pos_rows is not None else dummy,
+        out_rows if out_rows is not None else dummy,
+        M, N, K, triton.next_power_of_2(M), a_rows.shape[1] if a_rows is not None and a_rows.dim() == 2 else 1,
+        a.shape[1] if a.dim() == 2 else 1,
+        a.stride(0), a.stride(1) if a.dim() > 1 else 1, weight.stride(0), weight.stride(1),
         up_weight.stride(0) if gated else 0, up_weight.stride(1) if gated else 0,
         residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
         out.stride(0), out.stride(1), pre_gate.stride(0) if store_pre else 0, pre_gate.stride(1) if store_pre else 0,
+        pos.stride(0) if pos is not None else 0,
         norm_group if norm != "none" else K,
     )
-    flags = dict(A_MODE=a_mode, NORM=norm, HAS_NORM_BIAS=norm_bias is not None, NORM_SRC=bool(norm_src),
+    flags = dict(HAS_AFFINE=col_scale is not None, HAS_POS=pos is not None, OUT_REMAP=out_rows is not None,
+                 A_MODE=a_mode, NORM=norm, HAS_NORM_BIAS=norm_bias is not None, NORM_SRC=bool(norm_src),
                  HAS_BIAS=bias is not None, ACT=act,
                  GATED=gated, HAS_RES=residual is not None, STORE_PRE=bool(store_pre), PRECISION=precision)
     if config is None:
@@ -344,14 +396,15 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
 
 
 _PTR_ARGS = ("a_ptr", "w_ptr", "wu_ptr", "bias_ptr", "bu_ptr", "res_ptr", "out_ptr", "pre_ptr", "preu_ptr", "mean_ptr",
-             "rstd_ptr", "nw_ptr", "nb_ptr", "rows_ptr")
+             "rstd_ptr", "nw_ptr", "nb_ptr", "rows_ptr", "cols_ptr", "sc_ptr", "sh_ptr", "pos_ptr", "pos_rows_ptr",
+             "out_rows_ptr")
 
 
 def audit_cases():
     """Compile cases for ``fastvlm audit``: every autotune config x the epilogue variants the ops launch on sm_90,
     with the specialisation the JIT would see for contiguous 16-aligned bf16 tensors (unit inner strides become
     constexpr 1; pointers, sizes and leading strides divisible by 16)."""
-    base = dict(A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
+    base = dict(HAS_AFFINE=False, HAS_POS=False, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
                 GATED=False, HAS_RES=False, STORE_PRE=False)
     variants = [
         ("linear_gelu+pre", dict(base, HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
@@ -364,6 +417,7 @@ def audit_cases():
                                                HAS_BIAS=True, ACT="gelu")),
         ("shuffle_cm_linear", dict(base, A_MODE="concat_cm")),
         ("avgpool_rmsnorm1p_linear", dict(base, A_MODE="mean", NORM="rmsnorm_1p")),
+        ("im2col_bias_pos_remap", dict(base, A_MODE="separable", HAS_BIAS=True, HAS_POS=True, OUT_REMAP=True)),
     ]
     cases = []
     for vname, flags in variants:
@@ -372,16 +426,18 @@ def audit_cases():
                 continue
             sig = {name: "*bf16" for name in _PTR_ARGS}
             sig.update(mean_ptr="*fp32", rstd_ptr="*fp32")
-            sig["rows_ptr"] = "*i64"
+            for name in ("rows_ptr", "cols_ptr", "pos_rows_ptr", "out_rows_ptr"):
+                sig[name] = "*i64"
+            sig.update(sc_ptr="*fp32", sh_ptr="*fp32")
             for name in ("M", "N", "K", "M_BUCKET", "Q", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",
-                         "stride_om", "stride_pm", "NORM_GROUP"):
+                         "stride_om", "stride_pm", "stride_pos", "NORM_GROUP"):
                 sig[name] = "i32"
             for name in ("stride_ak", "stride_wk", "stride_wuk", "stride_rn", "stride_on", "stride_pn"):
                 sig[name] = "constexpr"
             constexprs = {name: 1 for name in ("stride_ak", "stride_wk", "stride_wuk", "stride_rn", "stride_on", "stride_pn")}
             constexprs.update(flags, PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                               NORM_ALIGNED=flags["NORM"] != "none", A_ALIGNED=flags["A_MODE"] == "concat")
-            for name in ("A_MODE", "A_ALIGNED", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "NORM_SRC", "HAS_BIAS", "ACT",
+            for name in ("HAS_AFFINE", "HAS_POS", "OUT_REMAP", "A_MODE", "A_ALIGNED", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "NORM_SRC", "HAS_BIAS", "ACT",
                          "GATED", "HAS_RES", "STORE_PRE", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
                 sig[name] = "constexpr"
             divisible = _PTR_ARGS + ("N", "K", "M_BUCKET", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",

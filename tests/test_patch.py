@@ -76,10 +76,11 @@ def test_report_lists_what_is_not_swapped(torch_backend):
 
 def test_patch_is_idempotent_and_reports_already_fused(torch_backend):
     model, _ = build_tiny_model("llava")
-    fastvlm.patch(model)
+    first = fastvlm.patch(model)
+    assert {e.path for e in first.patched} == {"model.multi_modal_projector", "model.vision_tower.embeddings"}
     report = fastvlm.patch(model)
     assert [e.status for e in report.entries if e.path == "model.multi_modal_projector"] == ["already fused"]
-    assert fastvlm.unpatch(model) == 1
+    assert fastvlm.unpatch(model) == 2
 
 
 def test_class_level_apply_and_revert(torch_backend):

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from fastvlm.nn.patch_embed import EMBED_RECIPES, _FusedEmbedMixin, embed_recipe_for, fused_embed_class
 from fastvlm.nn.projector import RECIPES, FusedLinear, _FusedProjectorMixin, fused_class, recipe_for
 
 # bare nn.Linear connectors, by (owner class name, attribute): BLIP-2's projection into the LLM
@@ -39,9 +40,8 @@ NOT_YET = {
     **{c: "Q-Former: kernel planned (issue 4)" for c in ("Blip2QFormerModel", "InstructBlipQFormerModel",
                                                          "InstructBlipVideoQFormerModel")},
     **{c: "patch embedding: kernel planned (issue 3)" for c in (
-        "CLIPVisionEmbeddings", "SiglipVisionEmbeddings", "Blip2VisionEmbeddings", "InstructBlipVisionEmbeddings",
-        "Idefics2VisionEmbeddings", "Idefics3VisionEmbeddings", "SmolVLMVisionEmbeddings", "PatchEmbed",
-        "Qwen2_5_VisionPatchEmbed", "Qwen3VLVisionPatchEmbed", "InternVLVisionEmbeddings", "Llama4UnfoldConvolution")},
+        "Idefics2VisionEmbeddings", "Idefics3VisionEmbeddings", "SmolVLMVisionEmbeddings", "InternVLVisionEmbeddings",
+        "Llama4UnfoldConvolution")},
 }
 
 _ORIGINALS = "_fastvlm_originals"
@@ -103,6 +103,12 @@ def probe_args(recipe, fused):
     """Random forward arguments shaped as the family's caller passes them, on the module's device and dtype."""
     p = next(fused.parameters())
     rand = lambda *shape: torch.randn(*shape, device=p.device, dtype=p.dtype)  # noqa: E731
+    if hasattr(recipe, "kind"):  # a patch embedding
+        conv = getattr(fused, recipe.conv)
+        if recipe.kind == "rows":
+            return (rand(8, conv.weight[0].numel()),)
+        side = getattr(fused, "image_size", 2 * conv.kernel_size[0])
+        return (rand(2, conv.in_channels, side, side),)
     if recipe.merged_width:
         return (rand(16, getattr(fused, recipe.merged_width) // 4),)
     if recipe.merge == "avg_pool":
@@ -148,19 +154,21 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
     originals = model.__dict__.setdefault(_ORIGINALS, {})
     owners = {name: type(mod).__name__ for name, mod in model.named_modules()}
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, (_FusedProjectorMixin, FusedLinear)):
-            report.entries.append(PatchEntry(name, type(mod).__mro__[2].__name__ if isinstance(mod, _FusedProjectorMixin)
-                                             else "Linear", type(mod).__name__, "already fused"))
+        if isinstance(mod, (_FusedProjectorMixin, _FusedEmbedMixin, FusedLinear)):
+            report.entries.append(PatchEntry(name, "Linear" if isinstance(mod, FusedLinear)
+                                             else type(mod)._fastvlm_base.__name__, type(mod).__name__,
+                                             "already fused"))
             continue
-        recipe = recipe_for(mod)
+        recipe = recipe_for(mod) or embed_recipe_for(mod)
         parent, _, attr = name.rpartition(".")
         if recipe is not None:
-            cls = fused_class(recipe)
+            cls = fused_class(recipe) if recipe_for(mod) else fused_embed_class(recipe)
             if not _selected(ops, recipe):
                 report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "skipped", "not in ops"))
                 continue
             fused = cls.from_module(mod)
-            _, reasons = fused._fastvlm_structure()
+            reasons = fused._fastvlm_structure()
+            reasons = reasons[1] if isinstance(reasons, tuple) else reasons
             if reasons:
                 report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "not swapped", "; ".join(reasons)))
                 continue
@@ -215,7 +223,7 @@ def apply_to_transformers(ops=None) -> list[str]:
     instance-level ``patch`` rather than touching torch.nn.
     """
     replaced = []
-    for recipe in RECIPES:
+    for recipe in RECIPES + EMBED_RECIPES:
         if not _selected(ops, recipe):
             continue
         try:
@@ -229,7 +237,7 @@ def apply_to_transformers(ops=None) -> list[str]:
         original = getattr(module, recipe.cls, None)
         if original is None:
             continue
-        fused = fused_class(recipe)
+        fused = fused_class(recipe) if recipe in RECIPES else fused_embed_class(recipe)
         _SAVED_CLASSES[key] = original
         setattr(module, recipe.cls, fused)
         replaced.append(recipe.cls)

@@ -1,0 +1,364 @@
+"""Flash-style attention forward for short queries over a few hundred keys (BLIP-2 / InstructBLIP Q-Former).
+
+    Q [B, H, Lq, D], K/V [B, H, Lk, D]  any strides (the transposed views of a projection's [B, L, H*D] output are
+                                        read in place; a stride-0 expanded batch works too)
+    O [B, Lq, H, D]                     the layout transformers' attention functions return, so the following dense
+                                        layer reads ``O.view(B, Lq, H*D)`` without a transpose copy
+    LSE [B, H, Lq] fp32                 natural-log log-sum-exp of each score row, for the backward pass
+
+Scores ``S = scale * Q K^T + masks``; masks (both optional, combined):
+    key_mask   [B, Lk]  per-key padding (transformers' encoder_attention_mask before expansion); KEY_MASK:
+                        "bool"     nonzero = attend, zero = padding (stored as int8; the launcher views bool as int8)
+                        "additive" a float bias added to the scores (0 / large negative)
+    attn_mask  [B|1, H|1, Lq|1, Lk]  a full mask, broadcast by stride 0 (InstructBLIP's self-attention over
+                        queries + instruction tokens; transformers' 4-D masks); ATTN_MASK "bool" or "additive"
+Boolean-masked and out-of-range keys get -inf. Each additive bias is clamped at -1e30 so that a row
+masked entirely by transformers' finite ``finfo.min`` bias still averages over its keys, as eager attention does. A row whose every
+key is -inf (boolean mask, or Lk == 0) produces O = 0 and LSE = -inf (SDPA would give NaN).
+
+Head packing (the M tile): one program owns ``HEADS`` consecutive heads x ``BLOCK_Q`` queries of one batch row, so
+the tile has ``BLOCK_M = HEADS * BLOCK_Q`` rows: 2 x 32 = 64 for BLIP-2's 32 queries, which reaches wgmma on sm_90
+(one warpgroup), where 32 rows only reach mma.sync. Each head has its own K and V, so the packed heads are multiplied
+block-diagonally along the head dimension (columns ``c = h' * BLOCK_D + d``):
+
+    Qbd [BLOCK_M, HEADS*BLOCK_D]   row (h, q) holds Q[b, h, q, :] in column block h, zeros elsewhere
+    K^T [HEADS*BLOCK_D, BLOCK_N]   all packed heads' keys of BLOCK_N key positions
+    S   = Qbd @ K^T                [BLOCK_M, BLOCK_N]: row (h, q) only meets head h's keys
+    acc += P @ V                   [BLOCK_M, HEADS*BLOCK_D]; only the diagonal block of each row is stored
+
+The MMAs do HEADS x the useful work (the same as padding 32 queries to a 64-row tile), but softmax/exp2 work is not
+duplicated and programs = B * ceil(H / HEADS) * ceil(Lq / BLOCK_Q). ``HEADS = 1, BLOCK_Q = 64`` (pad instead of pack)
+is also a valid config. D is padded to ``BLOCK_D = next_power_of_2(D)`` with masks (72, 80, 96 -> 128).
+
+Numerics: fp32 statistics and accumulator; exp2 with ``scale * log2(e)`` folded into one multiply of the fp32 scores;
+P is cast to the input dtype for the P @ V MMA (where eager attention rounds its softmax output too). fp32 inputs use
+``PRECISION``: "tf32x3" (about fp32-accurate) unless TF32 is allowed (then "tf32", as kernels/gemm.py follows
+torch.backends.cuda.matmul.allow_tf32); "ieee" FMA dots spill on sm_90. All offsets are int64.
+"""
+import triton
+import triton.language as tl
+
+from ._interp import autotune_configs, dot_operand
+
+MASK_MODES = ("none", "bool", "additive")
+# fp32 dots: "tf32x3" (three TF32 MMAs, about fp32-accurate; the default) or "tf32" (when TF32 is allowed). "ieee"
+# runs the dots on FMA units and spills tens of KB per thread on sm_90 (audit), so it is not offered.
+FP32_PRECISIONS = ("tf32", "tf32x3")
+_LOG2E = tl.constexpr(1.4426950408889634)
+_LN2 = tl.constexpr(0.6931471805599453)
+# Additive biases are clamped here (natural units) so that finfo(float32).min does not overflow to -inf once it is
+# scaled to log2 units (or divided by the softmax scale): a row masked entirely by finite biases then averages over its
+# keys, as eager attention does, and two such biases added together stay finite.
+_BIAS_FLOOR = tl.constexpr(-1.0e30)
+HEAD_DIMS = (16, 128)  # supported D range (inclusive); BLOCK_D = next_power_of_2(D)
+MAX_BLOCK_C = 256  # HEADS * BLOCK_D: the packed head width one program holds in its accumulator
+
+# (BLOCK_N, num_warps, num_stages); the first one is what the interpreter runs. BLOCK_Q / HEADS come from the
+# launcher (they depend on Lq and H, not on the hardware).
+ATTN_CONFIGS = [
+    (64, 4, 2),
+    (128, 4, 2),
+    (64, 4, 3),
+    (64, 8, 2),
+    (128, 8, 2),
+]
+MAX_ACC_PER_THREAD = 64  # fp32 accumulator + score values per thread above which ptxas spills (see audit_cases)
+
+
+def _config_ok(block_m, block_c, block_n, warps, fp32=False, full_mask=False):
+    return True
+
+
+def _triton_configs():
+    return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in ATTN_CONFIGS]
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    bm = kwargs["BLOCK_Q"] * kwargs["HEADS"]
+    bc = kwargs["HEADS"] * kwargs["BLOCK_D"]
+    fp32 = named_args["q_ptr"].dtype.itemsize == 4 if hasattr(named_args["q_ptr"], "dtype") else False
+    full = kwargs["ATTN_MASK"] != "none"
+    kept = [c for c in configs if _config_ok(bm, bc, c.kwargs["BLOCK_N"], c.num_warps, fp32, full)]
+    return kept or configs[:1]
+
+
+@triton.autotune(configs=autotune_configs(_triton_configs()),
+                 key=["LK_BUCKET", "BLOCK_Q", "HEADS", "BLOCK_D", "KEY_MASK", "ATTN_MASK", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _attn_fwd_kernel(
+    q_ptr,  # [B, H, LQ, D]
+    k_ptr,  # [B, H, LK, D]
+    v_ptr,  # [B, H, LK, D]
+    km_ptr,  # [B, LK] key mask (KEY_MASK != "none"): int8 keep-flags or a float bias
+    am_ptr,  # [B|1, H|1, LQ|1, LK] full mask (ATTN_MASK != "none"), broadcast dims have stride 0
+    o_ptr,  # [B, LQ, H, D]
+    lse_ptr,  # [B, H, LQ] fp32
+    H, LQ, LK, D, LK_BUCKET,
+    qk_scale,  # softmax scale * log2(e)
+    inv_scale,  # 1 / softmax scale
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_kmb, stride_kmn,
+    stride_amb, stride_amh, stride_amm, stride_amn,
+    stride_ob, stride_om, stride_oh, stride_od,
+    stride_lb, stride_lh, stride_lm,
+    KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    BLOCK_M: tl.constexpr = BLOCK_Q * HEADS
+    BLOCK_C: tl.constexpr = HEADS * BLOCK_D
+
+    pid_bh = tl.program_id(0)
+    pid_q = tl.program_id(1)
+    n_groups = tl.cdiv(H, HEADS)
+    b = (pid_bh // n_groups).to(tl.int64)
+    h0 = (pid_bh % n_groups) * HEADS
+
+    # rows: (packed head, query); columns: (packed head, channel)
+    r = tl.arange(0, BLOCK_M)
+    c = tl.arange(0, BLOCK_C)
+    row_head = h0 + r // BLOCK_Q
+    row_q = pid_q * BLOCK_Q + r % BLOCK_Q
+    col_head = h0 + c // BLOCK_D
+    col_d = c % BLOCK_D
+    row_ok = (row_head < H) & (row_q < LQ)
+    col_ok = (col_head < H) & (col_d < D)
+    diag = (r // BLOCK_Q)[:, None] == (c // BLOCK_D)[None, :]
+    rh64 = row_head.to(tl.int64)
+    rq64 = row_q.to(tl.int64)
+    ch64 = col_head.to(tl.int64)
+    cd64 = col_d.to(tl.int64)
+
+    # block-diagonal Q: row (h, q) holds Q[b, h, q, :] in its own head's column block, zeros elsewhere
+    qmask = row_ok[:, None] & col_ok[None, :] & diag
+    q = tl.load(q_ptr + b * stride_qb + rh64[:, None] * stride_qh + rq64[:, None] * stride_qm
+                + cd64[None, :] * stride_qd, mask=qmask, other=0.0)
+    q = dot_operand(q)
+
+    k_base = k_ptr + b * stride_kb + ch64 * stride_kh + cd64 * stride_kd  # [BLOCK_C]
+    v_base = v_ptr + b * stride_vb + ch64 * stride_vh + cd64 * stride_vd  # [BLOCK_C]
+    # padded rows read a real row of the mask (clamped indices): the mask tile needs only the key predicate
+    am_base = (am_ptr + b * stride_amb + tl.minimum(row_head, H - 1).to(tl.int64) * stride_amh
+               + tl.minimum(row_q, LQ - 1).to(tl.int64) * stride_amm)  # [BLOCK_M]
+
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
+    for n0 in range(0, LK, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < LK
+        n64 = n.to(tl.int64)
+        kv_mask = col_ok[:, None] & n_ok[None, :]
+        kt = tl.load(k_base[:, None] + n64[None, :] * stride_kn, mask=kv_mask, other=0.0)  # [BLOCK_C, BLOCK_N]
+        if ATTN_MASK == "none":
+            s = tl.dot(q, dot_operand(kt), input_precision=PRECISION)
+        else:
+            # the full mask enters as the dot's accumulator (in units of q.k, i.e. divided by the scale): the tile
+            # is converted to the MMA layout once and the softmax below stays in that layout (added to s after the
+            # dot, the compiler duplicated the softmax in the load's layout and spilled)
+            if ATTN_MASK == "additive":
+                am = tl.load(am_base[:, None] + n64[None, :] * stride_amn, mask=n_ok[None, :], other=0.0)
+                bias = tl.maximum(am.to(tl.float32), _BIAS_FLOOR) * inv_scale
+            else:
+                ak = tl.load(am_base[:, None] + n64[None, :] * stride_amn, mask=n_ok[None, :], other=0)
+                bias = tl.where(ak != 0, 0.0, float("-inf"))
+            s = tl.dot(q, dot_operand(kt), bias, input_precision=PRECISION)
+        s = s * qk_scale  # log2 units
+        # per-key bias [BLOCK_N] (log2 units): -inf past LK and for padded keys, or the clamped additive bias
+        kbias = tl.where(n_ok, 0.0, float("-inf"))
+        if KEY_MASK == "additive":
+            km = tl.load(km_ptr + b * stride_kmb + n64 * stride_kmn, mask=n_ok, other=0.0).to(tl.float32)
+            kbias += tl.maximum(km, _BIAS_FLOOR) * _LOG2E
+        elif KEY_MASK == "bool":
+            kk = tl.load(km_ptr + b * stride_kmb + n64 * stride_kmn, mask=n_ok, other=0)
+            kbias = tl.where(kk != 0, kbias, float("-inf"))
+        s += kbias[None, :]
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf) = 0, no NaN
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
+                     other=0.0)  # [BLOCK_N, BLOCK_C]
+        acc = acc * alpha[:, None]
+        acc = tl.dot(dot_operand(p.to(v_ptr.dtype.element_ty)), dot_operand(vt), acc, input_precision=PRECISION)
+        m_i = m_new
+
+    empty = l_i == 0.0  # every key masked (or LK == 0): O = 0, LSE = -inf
+    o = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
+    # only the diagonal block of each row is its head's output (there col_head == row_head)
+    omask = row_ok[:, None] & col_ok[None, :] & diag
+    tl.store(o_ptr + b * stride_ob + rq64[:, None] * stride_om + ch64[None, :] * stride_oh + cd64[None, :] * stride_od,
+             o.to(o_ptr.dtype.element_ty), mask=omask)
+    tl.store(lse_ptr + b * stride_lb + rh64 * stride_lh + rq64 * stride_lm, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def default_tile(lq, h, d):
+    """(BLOCK_Q, HEADS): a 64-row M tile when possible (wgmma on sm_90), packing heads when Lq <= 32."""
+    block_d = triton.next_power_of_2(d)
+    block_q = min(64, max(16, triton.next_power_of_2(lq)))
+    heads = 64 // block_q
+    heads = min(heads, triton.next_power_of_2(h), max(1, MAX_BLOCK_C // block_d))
+    return block_q, heads
+
+
+def _mask_mode(t, name):
+    import torch
+
+    if t is None:
+        return "none", None
+    if t.dtype == torch.bool:
+        return "bool", t.view(torch.int8)
+    if t.dtype in (torch.int8, torch.uint8):
+        return "bool", t
+    _check(t.is_floating_point(), f"attention_fwd: {name} must be bool, int8/uint8 keep-flags or a float bias, "
+                                  f"got {t.dtype}")
+    return "additive", t
+
+
+def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precision=None, config=None, out=None,
+                  lse=None):
+    """Launch the attention forward. Returns ``(out [B, Lq, H, D], lse [B, H, Lq] fp32)``.
+
+    ``key_mask`` [B, Lk]: bool / int8 / uint8 keep-flags (nonzero = attend) or a float additive bias.
+    ``attn_mask`` [B|1, H|1, Lq|1, Lk]: bool keep-flags or a float additive bias (broadcast dims may be size 1).
+    ``scale``: default ``D ** -0.5``. ``precision``: the fp32 dot precision, "tf32x3" (default) or "tf32" (default
+    when torch.backends.cuda.matmul.allow_tf32); ignored for fp16/bf16. ``config``: an explicit
+    (BLOCK_Q, HEADS, BLOCK_N, num_warps, num_stages) that bypasses the heuristics and the autotuner (tests use it).
+    ``out`` / ``lse``: optional preallocated outputs (any strides), written in place.
+    """
+    import torch
+
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        _check(isinstance(t, torch.Tensor) and t.dim() == 4,
+               f"attention_fwd: {name} must be a 4-D [B, H, L, D] tensor, got "
+               f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    _check(k.shape == (B, H, LK, D), f"attention_fwd: k must be [{B}, {H}, Lk, {D}] to match q, got {tuple(k.shape)}")
+    _check(v.shape == k.shape, f"attention_fwd: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32),
+           f"attention_fwd: q must be float16, bfloat16 or float32, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        _check(t.dtype == q.dtype, f"attention_fwd: {name} is {t.dtype} but q is {q.dtype}")
+        _check(t.device == q.device, f"attention_fwd: {name} is on {t.device} but q is on {q.device}")
+    _check(HEAD_DIMS[0] <= D <= HEAD_DIMS[1], f"attention_fwd: head dim D={D} of q is outside {HEAD_DIMS}")
+    km_mode, km = _mask_mode(key_mask, "key_mask")
+    am_mode, am = _mask_mode(attn_mask, "attn_mask")
+    if km is not None:
+        _check(km.shape == (B, LK), f"attention_fwd: key_mask must be [{B}, {LK}] (batch, keys), got {tuple(km.shape)}")
+        _check(km.device == q.device, f"attention_fwd: key_mask is on {km.device} but q is on {q.device}")
+    if am is not None:
+        _check(am.dim() == 4 and am.shape[0] in (1, B) and am.shape[1] in (1, H) and am.shape[2] in (1, LQ)
+               and am.shape[3] == LK,
+               f"attention_fwd: attn_mask must be [{B} or 1, {H} or 1, {LQ} or 1, {LK}], got {tuple(am.shape)}")
+        _check(am.device == q.device, f"attention_fwd: attn_mask is on {am.device} but q is on {q.device}")
+    if out is None:
+        out = torch.empty((B, LQ, H, D), device=q.device, dtype=q.dtype)
+    _check(out.shape == (B, LQ, H, D) and out.dtype == q.dtype and out.device == q.device,
+           f"attention_fwd: out must be a {q.dtype} [{B}, {LQ}, {H}, {D}] tensor on {q.device}")
+    if lse is None:
+        lse = torch.empty((B, H, LQ), device=q.device, dtype=torch.float32)
+    _check(lse.shape == (B, H, LQ) and lse.dtype == torch.float32 and lse.device == q.device,
+           f"attention_fwd: lse must be a float32 [{B}, {H}, {LQ}] tensor on {q.device}")
+    if B == 0 or H == 0 or LQ == 0:
+        return out, lse
+    if scale is None:
+        scale = D ** -0.5
+    _check(0.0 < float(scale) < float("inf"), f"attention_fwd: scale must be positive and finite, got {scale}")
+    if q.dtype != torch.float32:
+        precision = "ieee"  # ignored by 16-bit dots
+    elif precision is None:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    _check(precision in FP32_PRECISIONS or q.dtype != torch.float32,
+           f"attention_fwd: precision must be one of {FP32_PRECISIONS} for float32 inputs, got {precision!r}")
+
+    def strides(t, n):
+        if t is None:
+            return (0,) * n
+        return tuple(0 if size == 1 else st for size, st in zip(t.shape, t.stride()))
+
+    dummy = out
+    args = (q, k, v, km if km is not None else dummy, am if am is not None else dummy, out, lse,
+            H, LQ, LK, D, triton.next_power_of_2(max(LK, 1)), float(scale) * 1.4426950408889634, 1.0 / float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *strides(km, 2), *strides(am, 4), *out.stride(), *lse.stride())
+    block_d = triton.next_power_of_2(D)
+    flags = dict(KEY_MASK=km_mode, ATTN_MASK=am_mode, PRECISION=precision, BLOCK_D=block_d)
+    if config is None:
+        block_q, heads = default_tile(LQ, H, D)
+        grid = (B * triton.cdiv(H, heads), triton.cdiv(LQ, block_q))
+        _attn_fwd_kernel[grid](*args, **flags, BLOCK_Q=block_q, HEADS=heads)
+    else:
+        block_q, heads, block_n, warps, stages = config
+        _check(heads * block_d <= MAX_BLOCK_C and block_q * heads >= 16 and block_n >= 16,
+               f"attention_fwd: config {config} is invalid for D={D} (HEADS*BLOCK_D <= {MAX_BLOCK_C}, "
+               "BLOCK_Q*HEADS >= 16, BLOCK_N >= 16)")
+        grid = (B * triton.cdiv(H, heads), triton.cdiv(LQ, block_q))
+        _attn_fwd_kernel.fn[grid](*args, **flags, BLOCK_Q=block_q, HEADS=heads, BLOCK_N=block_n,
+                                  num_warps=warps, num_stages=stages)
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------------------ audit
+
+_PTR_ARGS = ("q_ptr", "k_ptr", "v_ptr", "km_ptr", "am_ptr", "o_ptr", "lse_ptr")
+
+
+def _audit_case(vname, dt, prec, bq, heads, d, kmm, amm, expect_mma, bn, warps, stages):
+    unit = ("stride_qd", "stride_kd", "stride_vd", "stride_kmn", "stride_amn", "stride_od", "stride_lm")
+    leading = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
+               "stride_vn", "stride_ob", "stride_om", "stride_oh", "stride_lb", "stride_lh")
+    masks = ("stride_kmb", "stride_amb", "stride_amh", "stride_amm")  # multiples of Lk (257): not divisible by 16
+    sig = {name: f"*{dt}" for name in _PTR_ARGS}
+    sig["lse_ptr"] = "*fp32"
+    sig["km_ptr"] = "*i8" if kmm == "bool" else f"*{dt}"
+    sig["am_ptr"] = "*i8" if amm == "bool" else f"*{dt}"
+    for name in ("H", "LQ", "LK", "D", "LK_BUCKET") + leading + masks:
+        sig[name] = "i32"
+    sig["qk_scale"] = sig["inv_scale"] = "fp32"
+    constexprs = {name: 1 for name in unit}
+    constexprs.update(KEY_MASK=kmm, ATTN_MASK=amm, PRECISION=prec, BLOCK_Q=bq, HEADS=heads,
+                      BLOCK_D=triton.next_power_of_2(d), BLOCK_N=bn)
+    for name in constexprs:
+        sig[name] = "constexpr"
+    divisible = _PTR_ARGS + ("LK_BUCKET",) + leading + (("D",) if d % 16 == 0 else ())
+    return dict(name=f"attention[{vname}] n{bn} w{warps} s{stages}", fn=_attn_fwd_kernel.fn, signature=sig,
+                constexprs=constexprs, divisible=divisible, num_warps=warps, num_stages=stages, expect_mma=expect_mma)
+
+
+AUDIT_VARIANTS = [  # (name, dtype, precision, BLOCK_Q, HEADS, D, KEY_MASK, ATTN_MASK)
+    ("bf16 q32x2h d64", "bf16", "ieee", 32, 2, 64, "none", "none"),
+    ("bf16 q32x2h d64 keymask", "bf16", "ieee", 32, 2, 64, "bool", "none"),
+    ("bf16 q32x2h d64 additive", "bf16", "ieee", 32, 2, 64, "additive", "additive"),
+    ("bf16 q64x1h d64 mask", "bf16", "ieee", 64, 1, 64, "none", "bool"),
+    ("bf16 q32x2h d128", "bf16", "ieee", 32, 2, 128, "bool", "none"),
+    ("bf16 q32x2h d80", "bf16", "ieee", 32, 2, 80, "none", "none"),
+    ("fp16 q16x4h d64", "fp16", "ieee", 16, 4, 64, "additive", "none"),
+    ("fp32 tf32 q32x2h d64 keymask", "fp32", "tf32", 32, 2, 64, "bool", "none"),
+    ("fp32 tf32x3 q32x2h d64 keymask", "fp32", "tf32x3", 32, 2, 64, "bool", "none"),
+]
+
+
+def audit_cases():
+    """Compile cases for ``fastvlm audit`` (sm_90): the Q-Former tiles (32 queries: 2 heads x 32 rows = a 64-row tile,
+    which must reach wgmma), bf16/fp16 and fp32 (tf32, tf32x3), with and without masks, x every autotune config the
+    pruner keeps for that tile. Specialisation as the JIT sees it for contiguous 16-aligned tensors: unit inner strides
+    constexpr 1; pointers, D, LK_BUCKET and the Q/K/V/O/LSE leading strides divisible by 16."""
+    cases = []
+    for vname, dt, prec, bq, heads, d, kmm, amm in AUDIT_VARIANTS:
+        for bn, warps, stages in ATTN_CONFIGS:
+            if _config_ok(bq * heads, heads * triton.next_power_of_2(d), bn, warps, dt == "fp32", amm != "none"):
+                cases.append(_audit_case(vname, dt, prec, bq, heads, d, kmm, amm, True, bn, warps, stages))
+    return cases
