@@ -1,4 +1,5 @@
 """Fused patch embeddings: im2col in the GEMM's loads, bias + position table + class token, vs the originals."""
+import re
 import warnings
 
 import pytest
@@ -215,3 +216,41 @@ def test_full_size_pytorch_path(fam, torch_backend):
         out = fastvlm.nn.from_module(m)(x)
         ref = m(x)
     assert out.shape == ref.shape and rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(flatten=False), dict(output_fmt="NHWC"), dict(output_fmt="NCL"),
+                                dict(norm_layer=torch.nn.LayerNorm), dict(bias=False),
+                                dict(strict_img_size=False, dynamic_img_pad=True)], ids=str)
+@pytest.mark.parametrize("size", [(32, 32), (40, 24), (36, 30)])
+def test_timm_patch_embed_options(kw, size, triton_backend, monkeypatch):
+    """timm's PatchEmbed with each option: same output, or the original's own error for sizes it rejects."""
+    pytest.importorskip("timm")
+    from timm.layers import PatchEmbed
+
+    monkeypatch.setenv("FASTVLM_BACKEND", "auto")  # dynamic padding falls back, with its reason
+    pe = PatchEmbed(img_size=32, patch_size=8, in_chans=3, embed_dim=16, **kw)
+    fused = fastvlm.nn.from_module(pe)
+    x = torch.randn(2, 3, *size)
+    try:
+        ref = pe(x)
+    except AssertionError as err:
+        with pytest.raises(AssertionError, match=re.escape(str(err))):
+            fused(x)
+        return
+    with torch.no_grad():
+        out = fused(x)
+    assert out.shape == ref.shape
+    assert_close(out, ref.detach().double(), torch.float32, 192, roundings=2)
+
+
+def test_timm_vit_patched(torch_backend):
+    timm = pytest.importorskip("timm")
+    m = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=64).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = m(x)
+    report = fastvlm.patch(m, verify=True)
+    assert [e.path for e in report.patched] == ["patch_embed"] and "ok" in report.patched[0].detail
+    with torch.no_grad():
+        assert rel_err(m(x), ref) < 1e-5
+    assert fastvlm.unpatch(m) == 1

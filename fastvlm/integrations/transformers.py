@@ -108,6 +108,8 @@ def probe_args(recipe, fused):
         if recipe.kind == "rows":
             return (rand(8, conv.weight[0].numel()),)
         side = getattr(fused, "image_size", 2 * conv.kernel_size[0])
+        if recipe.kind == "timm":
+            side = fused.img_size[0] if fused.img_size is not None else 2 * conv.kernel_size[0]
         return (rand(2, conv.in_channels, side, side),)
     if recipe.merged_width:
         return (rand(16, getattr(fused, recipe.merged_width) // 4),)
@@ -226,6 +228,8 @@ def apply_to_transformers(ops=None) -> list[str]:
     for recipe in RECIPES + EMBED_RECIPES:
         if not _selected(ops, recipe):
             continue
+        if not recipe.module.startswith("transformers."):
+            continue  # class-level patching is for transformers; timm modules are patched per instance
         try:
             module = importlib.import_module(recipe.module)
         except ImportError:

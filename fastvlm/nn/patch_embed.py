@@ -30,7 +30,8 @@ class EmbedRecipe:
     module: str
     cls: str
     fused_name: str
-    kind: str  # "conv_pos" (Conv2d + class token + position table) or "rows" (pre-patchified rows: Qwen-VL)
+    kind: str  # "conv_pos" (Conv2d + class token + position table), "rows" (pre-patchified rows: Qwen-VL),
+    #            "timm" (timm's PatchEmbed: conv + output format + norm; no positions)
     conv: str = "patch_embedding"
     cls_token: Optional[str] = None  # attribute of the class-token Parameter ([D] or [1, 1, D])
     pos: Optional[str] = None  # attribute of the position table: an nn.Embedding or a Parameter [1, L, D]
@@ -48,6 +49,7 @@ EMBED_RECIPES = (
                 "FusedInstructBlipVisionEmbeddings", "conv_pos", cls_token="class_embedding", pos="position_embedding"),
     EmbedRecipe("qwen2_vl", _T + "qwen2_vl.modeling_qwen2_vl", "PatchEmbed", "FusedQwen2VLPatchEmbed", "rows",
                 conv="proj"),
+    EmbedRecipe("timm", "timm.layers.patch_embed", "PatchEmbed", "FusedTimmPatchEmbed", "timm", conv="proj"),
     EmbedRecipe("qwen2_5_vl", _T + "qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionPatchEmbed",
                 "FusedQwen2_5_VisionPatchEmbed", "rows", conv="proj"),
     EmbedRecipe("qwen3_vl", _T + "qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchEmbed", "FusedQwen3VLVisionPatchEmbed",
@@ -66,6 +68,10 @@ class _FusedEmbedMixin:
         want = nn.Conv3d if r.kind == "rows" else nn.Conv2d
         if type(conv) is not want:
             reasons.append(f"{r.conv} is {type(conv).__name__}, not torch.nn.{want.__name__}")
+        elif r.kind != "rows" and conv.kernel_size[0] != conv.kernel_size[1]:
+            reasons.append(f"{r.conv} has a non-square kernel {conv.kernel_size}")
+        if reasons:
+            pass
         elif conv.stride != conv.kernel_size or (any(conv.padding) if isinstance(conv.padding, tuple)
                                                    else conv.padding != "valid"):
             reasons.append(f"{r.conv} is not a stride == kernel patch convolution")
@@ -129,9 +135,46 @@ class _FusedEmbedMixin:
         out = patch_embed(pixel_values, conv.weight, conv.bias, pos=table, pos_rows=rows, cls=cls, cls_pos=0)
         return out, []
 
+    def _fastvlm_timm_forward(self, x):
+        """timm PatchEmbed: conv as a GEMM, then the original output format and ``norm`` module."""
+        B, C, H, W = x.shape
+        p = self.patch_size[0]
+        if self.dynamic_img_pad and (H % p or W % p):
+            return None, ["dynamic_img_pad needs padding for this size"]
+        D = self.proj.out_channels
+        y = patch_embed(x, self.proj.weight, self.proj.bias)  # [B, T, D] (NLC)
+        gh, gw = H // p, W // p
+        fmt = getattr(self.output_fmt, "value", self.output_fmt)
+        if not self.flatten:
+            if fmt == "NCHW":
+                y = y.transpose(1, 2).reshape(B, D, gh, gw)
+            elif fmt == "NHWC":
+                y = y.reshape(B, gh, gw, D)
+            elif fmt == "NCL":
+                y = y.transpose(1, 2)
+        return self.norm(y), []
+
+    def _fastvlm_timm_original_raises(self, x):
+        if x.dim() != 4 or x.shape[1] != self.proj.in_channels or self.img_size is None:
+            return x.dim() != 4 or x.shape[1] != self.proj.in_channels
+        H, W = x.shape[-2:]
+        if self.strict_img_size:
+            return (H, W) != tuple(self.img_size)
+        return not self.dynamic_img_pad and (H % self.patch_size[0] or W % self.patch_size[1])
+
     def _fastvlm_forward(self, pixel_values, interpolate_pos_encoding=False):
         r = self._fastvlm_recipe
         reasons = self._fastvlm_structure()
+        if r.kind == "timm":
+            if not reasons and torch.is_autocast_enabled(pixel_values.device.type):
+                reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
+            if not reasons and not self._fastvlm_timm_original_raises(pixel_values):
+                out, reasons = self._fastvlm_timm_forward(pixel_values)
+                if not reasons:
+                    return out
+            if reasons:
+                _dispatch.report_fallback(r.fused_name, reasons, f"pixels{tuple(pixel_values.shape)}")
+            return self._fastvlm_base.forward(self, pixel_values)
         if torch.is_autocast_enabled(pixel_values.device.type):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         if not reasons and r.kind == "conv_pos":
@@ -176,13 +219,17 @@ def _fwd_rows(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return self._fastvlm_forward(hidden_states)
 
 
+def _fwd_timm(self, x):
+    return self._fastvlm_forward(x)
+
+
 @functools.lru_cache(maxsize=None)
 def fused_embed_class(recipe: EmbedRecipe):
     base = getattr(importlib.import_module(recipe.module), recipe.cls)
     doc = (f"Drop-in fused replacement for transformers' ``{recipe.cls}`` ({recipe.family}): same constructor, "
            f"state_dict and forward; runs fastvlm.ops.patch_embed.")
     return type(recipe.fused_name, (_FusedEmbedMixin, base),
-                {"forward": _fwd_rows if recipe.kind == "rows" else _fwd_pixels, "_fastvlm_recipe": recipe,
+                {"forward": {"rows": _fwd_rows, "timm": _fwd_timm}.get(recipe.kind, _fwd_pixels), "_fastvlm_recipe": recipe,
                  "_fastvlm_base": base, "__doc__": doc, "__module__": "fastvlm.nn"})
 
 
