@@ -418,6 +418,7 @@ def audit_cases():
         ("shuffle_cm_linear", dict(base, A_MODE="concat_cm")),
         ("avgpool_rmsnorm1p_linear", dict(base, A_MODE="mean", NORM="rmsnorm_1p")),
         ("im2col_bias_pos_remap", dict(base, A_MODE="separable", HAS_BIAS=True, HAS_POS=True, OUT_REMAP=True)),
+        ("im2col_uint8_affine", dict(base, A_MODE="separable", HAS_AFFINE=True, HAS_BIAS=True)),
     ]
     cases = []
     for vname, flags in variants:
@@ -429,6 +430,8 @@ def audit_cases():
             for name in ("rows_ptr", "cols_ptr", "pos_rows_ptr", "out_rows_ptr"):
                 sig[name] = "*i64"
             sig.update(sc_ptr="*fp32", sh_ptr="*fp32")
+            if flags["HAS_AFFINE"]:
+                sig["a_ptr"] = "*u8"  # raw pixels
             for name in ("M", "N", "K", "M_BUCKET", "Q", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",
                          "stride_om", "stride_pm", "stride_pos", "NORM_GROUP"):
                 sig[name] = "i32"

@@ -199,9 +199,8 @@ class _FusedProjectorMixin:
         return (None, reasons) if reasons else (plan, [])
 
     def _fastvlm_scale(self):
-        v = self.get_submodule(self._fastvlm_recipe.scale.rpartition(".")[0]) if "." in self._fastvlm_recipe.scale \
-            else self
-        v = getattr(v, self._fastvlm_recipe.scale.rpartition(".")[2])
+        owner, _, attr = self._fastvlm_recipe.scale.rpartition(".")
+        v = getattr(self.get_submodule(owner) if owner else self, attr)
         return int(round(1 / v)) if v < 1 else int(v)
 
     def _fastvlm_layout(self, x, extra):
