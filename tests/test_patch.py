@@ -58,7 +58,7 @@ def test_patch_pytorch_path(family, torch_backend):
     _check_family(family)
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qwen3_vl", "internvl", "paligemma", "blip2"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_patch_triton_interpreter_path(family, triton_backend):
     _check_family(family)
 
