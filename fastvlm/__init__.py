@@ -19,8 +19,9 @@ from fastvlm.integrations.transformers import (  # noqa: E402
     revert_transformers,
     unpatch,
 )
+from fastvlm.ops.attention import attention  # noqa: E402
 from fastvlm.ops.projector import mlp_projector  # noqa: E402
 from fastvlm.ops.scatter import scatter_image_features  # noqa: E402
 
-__all__ = ["nn", "trace", "mlp_projector", "scatter_image_features", "patch", "unpatch", "PatchReport", "apply_to_transformers",
+__all__ = ["nn", "trace", "mlp_projector", "scatter_image_features", "attention", "patch", "unpatch", "PatchReport", "apply_to_transformers",
            "revert_transformers", "FastVLMFallbackError", "FastVLMFallbackWarning", "__version__"]

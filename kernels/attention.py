@@ -12,9 +12,10 @@ Scores ``S = scale * Q K^T + masks``; masks (both optional, combined):
                         "additive" a float bias added to the scores (0 / large negative)
     attn_mask  [B|1, H|1, Lq|1, Lk]  a full mask, broadcast by stride 0 (InstructBLIP's self-attention over
                         queries + instruction tokens; transformers' 4-D masks); ATTN_MASK "bool" or "additive"
-Boolean-masked and out-of-range keys get -inf. Each additive bias is clamped at -1e30 so that a row
-masked entirely by transformers' finite ``finfo.min`` bias still averages over its keys, as eager attention does. A row whose every
-key is -inf (boolean mask, or Lk == 0) produces O = 0 and LSE = -inf (SDPA would give NaN).
+Boolean-masked and out-of-range keys get -inf. Each additive bias is clamped at -1e30 so that a row masked entirely
+by transformers' finite ``finfo.min`` bias still averages over its keys, as eager attention does. A row whose every
+key is -inf (boolean mask, or Lk == 0) produces O = 0 and LSE = -inf (SDPA would give NaN). The full mask enters as
+the accumulator of the Q K^T dot, which keeps the softmax in the MMA layout (see docs/design-attention.md).
 
 Head packing (the M tile): one program owns ``HEADS`` consecutive heads x ``BLOCK_Q`` queries of one batch row, so
 the tile has ``BLOCK_M = HEADS * BLOCK_Q`` rows: 2 x 32 = 64 for BLIP-2's 32 queries, which reaches wgmma on sm_90
@@ -28,7 +29,8 @@ block-diagonally along the head dimension (columns ``c = h' * BLOCK_D + d``):
 
 The MMAs do HEADS x the useful work (the same as padding 32 queries to a 64-row tile), but softmax/exp2 work is not
 duplicated and programs = B * ceil(H / HEADS) * ceil(Lq / BLOCK_Q). ``HEADS = 1, BLOCK_Q = 64`` (pad instead of pack)
-is also a valid config. D is padded to ``BLOCK_D = next_power_of_2(D)`` with masks (72, 80, 96 -> 128).
+is also a valid config; fp32 (tf32x3 keeps operand halves in registers) packs only while HEADS * BLOCK_D <= 64.
+D is padded to ``BLOCK_D = next_power_of_2(D)`` with masks (72, 80, 96 -> 128).
 
 Numerics: fp32 statistics and accumulator; exp2 with ``scale * log2(e)`` folded into one multiply of the fp32 scores;
 P is cast to the input dtype for the P @ V MMA (where eager attention rounds its softmax output too). fp32 inputs use
@@ -51,22 +53,32 @@ _LN2 = tl.constexpr(0.6931471805599453)
 # keys, as eager attention does, and two such biases added together stay finite.
 _BIAS_FLOOR = tl.constexpr(-1.0e30)
 HEAD_DIMS = (16, 128)  # supported D range (inclusive); BLOCK_D = next_power_of_2(D)
-MAX_BLOCK_C = 256  # HEADS * BLOCK_D: the packed head width one program holds in its accumulator
 
 # (BLOCK_N, num_warps, num_stages); the first one is what the interpreter runs. BLOCK_Q / HEADS come from the
-# launcher (they depend on Lq and H, not on the hardware).
+# launcher (``default_tile``: they depend on Lq, H, D and the dtype, not on timing); ``_config_ok`` keeps the configs
+# that compile without spills for that tile (audit_cases).
 ATTN_CONFIGS = [
     (64, 4, 2),
-    (128, 4, 2),
     (64, 4, 3),
     (64, 8, 2),
     (128, 8, 2),
+    (32, 4, 2),  # fp32 (tf32x3 splits every operand into hi/lo halves in registers)
+    (32, 4, 3),
 ]
-MAX_ACC_PER_THREAD = 64  # fp32 accumulator + score values per thread above which ptxas spills (see audit_cases)
 
 
-def _config_ok(block_m, block_c, block_n, warps, fp32=False, full_mask=False):
-    return True
+def _config_ok(block_m, block_c, block_n, warps, fp32):
+    """Whether a config compiles without spills on sm_90 for a [block_m, block_c] accumulator tile. From the audit
+    (ptxas, every mask mode): 16-bit inputs spill at 64x128 with BLOCK_N=128 on 4 warps, and at 64x256 with anything
+    but BLOCK_N=64 on 8 warps; fp32 (tf32x3) spills beyond 64x64 accumulators or BLOCK_N > 32."""
+    acc = block_m * block_c
+    if fp32:
+        return block_n == 32 and warps == 4 and acc <= 64 * 64
+    if block_n < 64:
+        return False
+    if acc <= 64 * 128:
+        return not (block_n == 128 and warps == 4)
+    return acc <= 64 * 256 and block_n == 64 and warps == 8
 
 
 def _triton_configs():
@@ -74,11 +86,11 @@ def _triton_configs():
 
 
 def _prune_configs(configs, named_args, **kwargs):
+    q = named_args["q_ptr"]
+    fp32 = getattr(q, "element_size", lambda: 2)() == 4
     bm = kwargs["BLOCK_Q"] * kwargs["HEADS"]
     bc = kwargs["HEADS"] * kwargs["BLOCK_D"]
-    fp32 = named_args["q_ptr"].dtype.itemsize == 4 if hasattr(named_args["q_ptr"], "dtype") else False
-    full = kwargs["ATTN_MASK"] != "none"
-    kept = [c for c in configs if _config_ok(bm, bc, c.kwargs["BLOCK_N"], c.num_warps, fp32, full)]
+    kept = [c for c in configs if _config_ok(bm, bc, c.kwargs["BLOCK_N"], c.num_warps, fp32)]
     return kept or configs[:1]
 
 
@@ -205,13 +217,17 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
-def default_tile(lq, h, d):
-    """(BLOCK_Q, HEADS): a 64-row M tile when possible (wgmma on sm_90), packing heads when Lq <= 32."""
+def default_tile(lq, h, d, fp32=False):
+    """(BLOCK_Q, HEADS) with BLOCK_Q * HEADS = 64 rows (one wgmma warpgroup tile on sm_90): heads are packed when Lq
+    is short (32 queries x 2 heads), queries are padded when there are not enough heads to pack (H = 1, or fp32 where
+    the packed accumulator would spill). fp32 with D > 64 uses 16-row tiles (mma.sync; larger ones spill)."""
     block_d = triton.next_power_of_2(d)
+    max_c = 64 if fp32 else 256  # HEADS * BLOCK_D one program holds in its accumulator without spilling
+    if block_d > max_c:
+        return 16, 1
     block_q = min(64, max(16, triton.next_power_of_2(lq)))
-    heads = 64 // block_q
-    heads = min(heads, triton.next_power_of_2(h), max(1, MAX_BLOCK_C // block_d))
-    return block_q, heads
+    heads = min(64 // block_q, triton.next_power_of_2(h), max_c // block_d)
+    return 64 // heads, heads
 
 
 def _mask_mode(t, name):
@@ -297,14 +313,14 @@ def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precisi
     block_d = triton.next_power_of_2(D)
     flags = dict(KEY_MASK=km_mode, ATTN_MASK=am_mode, PRECISION=precision, BLOCK_D=block_d)
     if config is None:
-        block_q, heads = default_tile(LQ, H, D)
+        block_q, heads = default_tile(LQ, H, D, q.dtype == torch.float32)
         grid = (B * triton.cdiv(H, heads), triton.cdiv(LQ, block_q))
         _attn_fwd_kernel[grid](*args, **flags, BLOCK_Q=block_q, HEADS=heads)
     else:
         block_q, heads, block_n, warps, stages = config
-        _check(heads * block_d <= MAX_BLOCK_C and block_q * heads >= 16 and block_n >= 16,
-               f"attention_fwd: config {config} is invalid for D={D} (HEADS*BLOCK_D <= {MAX_BLOCK_C}, "
-               "BLOCK_Q*HEADS >= 16, BLOCK_N >= 16)")
+        _check(heads * block_d <= 256 and block_q * heads >= 16 and block_n >= 16,
+               f"attention_fwd: config {config} is invalid for D={D} (HEADS*BLOCK_D <= 256, BLOCK_Q*HEADS >= 16, "
+               "BLOCK_N >= 16)")
         grid = (B * triton.cdiv(H, heads), triton.cdiv(LQ, block_q))
         _attn_fwd_kernel.fn[grid](*args, **flags, BLOCK_Q=block_q, HEADS=heads, BLOCK_N=block_n,
                                   num_warps=warps, num_stages=stages)
@@ -338,16 +354,19 @@ def _audit_case(vname, dt, prec, bq, heads, d, kmm, amm, expect_mma, bn, warps, 
                 constexprs=constexprs, divisible=divisible, num_warps=warps, num_stages=stages, expect_mma=expect_mma)
 
 
-AUDIT_VARIANTS = [  # (name, dtype, precision, BLOCK_Q, HEADS, D, KEY_MASK, ATTN_MASK)
-    ("bf16 q32x2h d64", "bf16", "ieee", 32, 2, 64, "none", "none"),
-    ("bf16 q32x2h d64 keymask", "bf16", "ieee", 32, 2, 64, "bool", "none"),
-    ("bf16 q32x2h d64 additive", "bf16", "ieee", 32, 2, 64, "additive", "additive"),
-    ("bf16 q64x1h d64 mask", "bf16", "ieee", 64, 1, 64, "none", "bool"),
-    ("bf16 q32x2h d128", "bf16", "ieee", 32, 2, 128, "bool", "none"),
-    ("bf16 q32x2h d80", "bf16", "ieee", 32, 2, 80, "none", "none"),
-    ("fp16 q16x4h d64", "fp16", "ieee", 16, 4, 64, "additive", "none"),
-    ("fp32 tf32 q32x2h d64 keymask", "fp32", "tf32", 32, 2, 64, "bool", "none"),
-    ("fp32 tf32x3 q32x2h d64 keymask", "fp32", "tf32x3", 32, 2, 64, "bool", "none"),
+AUDIT_VARIANTS = [  # (name, dtype, precision, BLOCK_Q, HEADS, D, KEY_MASK, ATTN_MASK, expect wgmma); tiles as
+    # default_tile picks them
+    ("bf16 q32x2h d64 keymask", "bf16", "ieee", 32, 2, 64, "bool", "none", True),  # BLIP-2 cross-attention
+    ("bf16 q32x2h d64 additive", "bf16", "ieee", 32, 2, 64, "additive", "additive", True),
+    ("bf16 q64x1h d64 fullmask", "bf16", "ieee", 64, 1, 64, "none", "bool", True),  # InstructBLIP self-attention
+    ("bf16 q32x2h d128 keymask", "bf16", "ieee", 32, 2, 128, "bool", "none", True),
+    ("bf16 q32x2h d80", "bf16", "ieee", 32, 2, 80, "none", "none", True),
+    ("fp16 q16x4h d64 additive", "fp16", "ieee", 16, 4, 64, "additive", "none", True),
+    ("fp32 tf32x3 q64x1h d64 keymask", "fp32", "tf32x3", 64, 1, 64, "bool", "none", True),  # the fp32 Q-Former
+    ("fp32 tf32x3 q64x1h d64 fullmask", "fp32", "tf32x3", 64, 1, 64, "none", "additive", True),
+    ("fp32 tf32x3 q32x2h d32", "fp32", "tf32x3", 32, 2, 32, "none", "none", True),
+    ("fp32 tf32 q64x1h d64 keymask", "fp32", "tf32", 64, 1, 64, "bool", "none", True),
+    ("fp32 tf32x3 q16x1h d128 keymask", "fp32", "tf32x3", 16, 1, 128, "bool", "none", False),  # mma.sync
 ]
 
 
@@ -357,8 +376,8 @@ def audit_cases():
     pruner keeps for that tile. Specialisation as the JIT sees it for contiguous 16-aligned tensors: unit inner strides
     constexpr 1; pointers, D, LK_BUCKET and the Q/K/V/O/LSE leading strides divisible by 16."""
     cases = []
-    for vname, dt, prec, bq, heads, d, kmm, amm in AUDIT_VARIANTS:
+    for vname, dt, prec, bq, heads, d, kmm, amm, wgmma in AUDIT_VARIANTS:
         for bn, warps, stages in ATTN_CONFIGS:
-            if _config_ok(bq * heads, heads * triton.next_power_of_2(d), bn, warps, dt == "fp32", amm != "none"):
-                cases.append(_audit_case(vname, dt, prec, bq, heads, d, kmm, amm, True, bn, warps, stages))
+            if _config_ok(bq * heads, heads * triton.next_power_of_2(d), bn, warps, dt == "fp32"):
+                cases.append(_audit_case(vname, dt, prec, bq, heads, d, kmm, amm, wgmma, bn, warps, stages))
     return cases

@@ -16,6 +16,7 @@ from fastvlm.reference.attention import (
     eager_attention_ref,
     sdpa_attention_ref,
 )
+from fastvlm.testing import randomize_
 from helpers import Guarded, assert_close, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -28,27 +29,27 @@ SHAPES = {
 }
 
 
-def _masks(kind, B, H, Lq, Lk, dtype):
+def _masks(kind, B, H, Lq, Lk, dtype, device):
     key = attn = None
     if kind in ("key", "both"):
-        key = torch.ones(B, Lk, dtype=torch.bool)
+        key = torch.ones(B, Lk, dtype=torch.bool, device=device)
         key[-1, Lk - Lk // 3:] = False  # last batch row padded
         key[0, 3] = False
     if kind in ("full", "both"):  # InstructBLIP-style additive bias over queries + text, one batch-broadcast head dim
-        attn = torch.zeros(B, 1, Lq, Lk, dtype=dtype)
+        attn = torch.zeros(B, 1, Lq, Lk, dtype=dtype, device=device)
         attn[..., Lk - 7:] = torch.finfo(dtype).min
         attn[:, :, : Lq // 2, :5] = -2.5
     return key, attn
 
 
-def _qkv(B, H, Lq, Lk, D, dtype, guarded=False):
+def _qkv(B, H, Lq, Lk, D, dtype, device, guarded=False):
     """q/k/v as transformers makes them: ``linear(x).view(B, L, H, D).transpose(1, 2)`` (non-contiguous views),
     optionally inside NaN-poisoned buffers."""
     out = []
     for L in (Lq, Lk, Lk):
-        t = torch.randn(B, L, H, D).to(dtype)
+        t = torch.randn(B, L, H, D, device=device).to(dtype)
         if guarded:
-            g = Guarded((B, L, H, D), dtype, "cpu", fill=t)
+            g = Guarded((B, L, H, D), dtype, device, fill=t)
             out.append((g, g.tensor.transpose(1, 2)))
         else:
             out.append((None, t.transpose(1, 2)))
@@ -61,12 +62,12 @@ def _ref64(q, k, v, key, attn, scale=None):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", list(SHAPES))
-def test_kernel_parity(case, dtype):
+def test_kernel_parity(case, dtype, device):
     B, H, Lq, Lk, D, kind = SHAPES[case]
-    (gq, q), (gk, k), (gv, v) = _qkv(B, H, Lq, Lk, D, dtype, guarded=True)
-    key, attn = _masks(kind, B, H, Lq, Lk, dtype)
-    out = Guarded((B, Lq, H, D), dtype, "cpu")
-    lse = Guarded((B, H, Lq), torch.float32, "cpu")
+    (gq, q), (gk, k), (gv, v) = _qkv(B, H, Lq, Lk, D, dtype, device, guarded=True)
+    key, attn = _masks(kind, B, H, Lq, Lk, dtype, device)
+    out = Guarded((B, Lq, H, D), dtype, device)
+    lse = Guarded((B, H, Lq), torch.float32, device)
     attention_fwd(q, k, v, key_mask=key, attn_mask=attn, out=out.tensor, lse=lse.tensor)
     o64, lse64 = _ref64(q, k, v, key, attn)
     assert_close(out.tensor, o64, dtype, max(D, Lk), roundings=2, what="output")  # P and O pass through dtype
@@ -76,26 +77,52 @@ def test_kernel_parity(case, dtype):
 
 
 @pytest.mark.parametrize("config", [(16, 4, 32, 4, 1), (64, 1, 128, 4, 1), (32, 2, 16, 4, 1), (16, 1, 64, 4, 1)])
-def test_kernel_explicit_tiles(config):
+def test_kernel_explicit_tiles(config, device):
     """Every tile shape the configs and the launcher's heuristics can produce, on a ragged shape."""
     B, H, Lq, Lk, D = 2, 3, 20, 45, 32
     dtype = torch.float16
-    (_, q), (_, k), (_, v) = _qkv(B, H, Lq, Lk, D, dtype)
-    key, _ = _masks("key", B, H, Lq, Lk, dtype)
-    attn = torch.randn(1, H, 1, Lk).to(dtype)  # broadcast over batch and queries
+    (_, q), (_, k), (_, v) = _qkv(B, H, Lq, Lk, D, dtype, device)
+    key, _ = _masks("key", B, H, Lq, Lk, dtype, device)
+    attn = torch.randn(1, H, 1, Lk, device=device).to(dtype)  # broadcast over batch and queries
     o, lse = attention_fwd(q, k, v, key_mask=key, attn_mask=attn, config=config)
     o64, lse64 = _ref64(q, k, v, key, attn)
     assert_close(o, o64, dtype, Lk, roundings=2)
     assert_close(lse, lse64, torch.float32, D, what="lse")
 
 
-def test_mask_encodings_agree():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_default_tile_keeps_an_audited_config(dtype):
+    """On the GPU the autotuner prunes configs per tile (the interpreter runs only the first): every tile the launcher
+    picks for D in 16..128 keeps at least one config, and every kept (tile, config) is spill-free by the audit's
+    rule."""
+    from fastvlm.kernels import attention as A
+
+    q = torch.empty(1, dtype=dtype)
+    fp32 = dtype == torch.float32
+    for D in (16, 32, 64, 72, 80, 96, 128):
+        for H in (1, 3, 12):
+            for Lq in (1, 16, 32, 48, 100):
+                bq, heads = A.default_tile(Lq, H, D, fp32)
+                bd = triton_next_pow2(D)
+                assert heads * bd <= 256 and bq * heads >= 16 and heads <= triton_next_pow2(H)
+                if not (fp32 and bd > 64):
+                    assert bq * heads == 64, (D, H, Lq, bq, heads)  # the wgmma tile
+                kept = A._prune_configs(A._triton_configs(), {"q_ptr": q}, BLOCK_Q=bq, HEADS=heads, BLOCK_D=bd)
+                assert kept and all(A._config_ok(bq * heads, heads * bd, c.kwargs["BLOCK_N"], c.num_warps, fp32)
+                                    for c in kept), (D, H, Lq)
+
+
+def triton_next_pow2(n):
+    return 1 << (n - 1).bit_length()
+
+
+def test_mask_encodings_agree(device):
     """bool, integer (tokenizer) and additive (0 / finfo.min) key masks, and the same mask as a 4-D attn_mask."""
     B, H, Lq, Lk, D = 2, 2, 16, 40, 32
-    (_, q), (_, k), (_, v) = _qkv(B, H, Lq, Lk, D, torch.float32)
-    keep = torch.ones(B, Lk, dtype=torch.bool)
+    (_, q), (_, k), (_, v) = _qkv(B, H, Lq, Lk, D, torch.float32, device)
+    keep = torch.ones(B, Lk, dtype=torch.bool, device=device)
     keep[1, 25:] = False
-    additive = torch.zeros(B, Lk).masked_fill(~keep, torch.finfo(torch.float32).min)
+    additive = torch.zeros(B, Lk, device=device).masked_fill(~keep, torch.finfo(torch.float32).min)
     ref, _ = _ref64(q, k, v, keep, None)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("FASTVLM_BACKEND", "triton")
@@ -106,19 +133,19 @@ def test_mask_encodings_agree():
         assert_close(o, ref, torch.float32, Lk)
 
 
-def test_fully_masked_rows():
+def test_fully_masked_rows(device):
     """Keep-flags masking every key of a row give zeros and LSE -inf; transformers' finite finfo.min bias over every
     key averages the values, as eager attention does."""
     B, H, Lq, Lk, D = 2, 2, 16, 24, 32
-    (_, q), (_, k), (_, v) = _qkv(B, H, Lq, Lk, D, torch.float32)
-    keep = torch.ones(B, Lk, dtype=torch.bool)
+    (_, q), (_, k), (_, v) = _qkv(B, H, Lq, Lk, D, torch.float32, device)
+    keep = torch.ones(B, Lk, dtype=torch.bool, device=device)
     keep[1] = False
     o, lse = attention_fwd(q, k, v, key_mask=keep)
     assert torch.all(o[1] == 0) and torch.all(torch.isneginf(lse[1]))
     assert torch.isfinite(lse[0]).all()
     o_ref, _ = attention_ref(q, k, v, keep)
     assert_close(o, o_ref, torch.float32, Lk)
-    bias = torch.zeros(B, 1, Lq, Lk)
+    bias = torch.zeros(B, 1, Lq, Lk, device=device)
     bias[1] = torch.finfo(torch.float32).min
     o2, _ = attention_fwd(q, k, v, attn_mask=bias)
     eager = eager_attention_ref(q, k, v, attn_mask=bias)
@@ -129,7 +156,8 @@ def test_fully_masked_rows():
 # ------------------------------------------------------------------------------------------------ vs transformers
 
 
-def _qformer_cross_attention(impl="eager"):
+def _qformer_cross_attention(impl="eager", device="cpu"):
+    """A tiny BLIP-2 Q-Former cross-attention (hidden 64, 2 heads of 32, image features 48 wide)."""
     tf = pytest.importorskip("transformers")
     from transformers.models.blip_2.modeling_blip_2 import Blip2QFormerMultiHeadAttention
 
@@ -137,8 +165,8 @@ def _qformer_cross_attention(impl="eager"):
                                 num_hidden_layers=1)
     cfg._attn_implementation = impl
     m = Blip2QFormerMultiHeadAttention(cfg, is_cross_attention=True).eval()
-    fastvlm.testing.randomize_(m, std=0.3)
-    return cfg, m
+    randomize_(m, std=0.3)
+    return cfg, m.to(device)
 
 
 def _project(m, hidden, enc):
@@ -151,18 +179,18 @@ def _project(m, hidden, enc):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_references_reproduce_transformers(dtype):
+def test_references_reproduce_transformers(dtype, device):
     """eager_attention_ref / sdpa_attention_ref are bit-identical to transformers' attention functions fed the masks
     transformers builds from a 2-D encoder_attention_mask; attention_ref agrees to rounding."""
+    cfg, m = _qformer_cross_attention(device=device)
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import create_bidirectional_mask
     from transformers.models.blip_2.modeling_blip_2 import eager_attention_forward
 
-    cfg, m = _qformer_cross_attention()
     m = m.to(dtype)
     B, Lq, Lk = 2, 32, 50
-    hidden, enc = torch.randn(B, Lq, 64).to(dtype), torch.randn(B, Lk, 48).to(dtype)
-    mask2d = torch.ones(B, Lk, dtype=torch.long)
+    hidden, enc = torch.randn(B, Lq, 64, device=device).to(dtype), torch.randn(B, Lk, 48, device=device).to(dtype)
+    mask2d = torch.ones(B, Lk, dtype=torch.long, device=device)
     mask2d[1, 37:] = 0
     with torch.no_grad():
         q, k, v = _project(m, hidden, enc)
@@ -181,15 +209,15 @@ def test_references_reproduce_transformers(dtype):
     assert_close(hf_eager, o64, dtype, Lk, roundings=3, what="transformers eager")
 
 
-def test_blip2_qformer_cross_attention_module(triton_backend):
+def test_blip2_qformer_cross_attention_module(triton_backend, device):
     """The kernel (interpreter) in place of Blip2QFormerMultiHeadAttention's core, with the 2-D encoder mask or the
     4-D mask transformers builds from it."""
+    cfg, m = _qformer_cross_attention(device=device)
     from transformers.masking_utils import create_bidirectional_mask
 
-    cfg, m = _qformer_cross_attention()
     B, Lq, Lk = 2, 32, 57
-    hidden, enc = torch.randn(B, Lq, 64), torch.randn(B, Lk, 48)
-    mask2d = torch.ones(B, Lk, dtype=torch.long)
+    hidden, enc = torch.randn(B, Lq, 64, device=device), torch.randn(B, Lk, 48, device=device)
+    mask2d = torch.ones(B, Lk, dtype=torch.long, device=device)
     mask2d[0, 40:] = 0
     with torch.no_grad():
         mask4d = create_bidirectional_mask(config=cfg, inputs_embeds=hidden, attention_mask=mask2d,
@@ -207,12 +235,12 @@ def test_blip2_qformer_cross_attention_module(triton_backend):
 # ------------------------------------------------------------------------------------------------ autograd
 
 
-def _grad_inputs(dtype, B=2, H=2, Lq=20, Lk=60, D=32):
-    g = lambda *s: torch.randn(*s).to(dtype).requires_grad_()  # noqa: E731
+def _grad_inputs(dtype, B=2, H=2, Lq=20, Lk=60, D=32, device="cpu"):
+    g = lambda *s: torch.randn(*s, device=device).to(dtype).requires_grad_()  # noqa: E731
     q, k, v = g(B, H, Lq, D), g(B, H, Lk, D), g(B, H, Lk, D)
-    key = torch.ones(B, Lk, dtype=torch.bool)
+    key = torch.ones(B, Lk, dtype=torch.bool, device=device)
     key[-1, Lk - Lk // 4:] = False
-    bias = (torch.randn(B, 1, Lq, Lk) * 0.5).to(dtype).requires_grad_()
+    bias = (torch.randn(B, 1, Lq, Lk, device=device) * 0.5).to(dtype).requires_grad_()
     return q, k, v, key, bias
 
 
@@ -230,9 +258,9 @@ def _reference(q, k, v, key, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_backward_triton_path(dtype, triton_backend):
-    q, k, v, key, bias = _grad_inputs(dtype)
-    go = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3]).to(dtype)
+def test_backward_triton_path(dtype, triton_backend, device):
+    q, k, v, key, bias = _grad_inputs(dtype, device=device)
+    go = torch.randn(q.shape[0], q.shape[2], q.shape[1], q.shape[3], device=device).to(dtype)
     out, grads = _grads(_ours, q, k, v, key, bias, go)
     up = lambda t: t.detach().double().requires_grad_()  # noqa: E731
     out64, grads64 = _grads(_reference, up(q), up(k), up(v), key, up(bias), go.double())
@@ -264,9 +292,9 @@ def test_gradcheck_float64(torch_backend):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck(backend, monkeypatch):
+def test_opcheck(backend, monkeypatch, device):
     monkeypatch.setenv("FASTVLM_BACKEND", backend)
-    q, k, v, key, bias = _grad_inputs(torch.float32, B=1, H=2, Lq=16, Lk=20, D=16)
+    q, k, v, key, bias = _grad_inputs(torch.float32, B=1, H=2, Lq=16, Lk=20, D=16, device=device)
     torch.library.opcheck(torch.ops.fastvlm.attention.default, (q, k, v, key, bias, 0.25))
 
 

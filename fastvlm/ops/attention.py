@@ -39,11 +39,13 @@ def _validate(q, k, v, key_mask, attn_mask):
     """Shape errors, named after the tensor at fault."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
-            raise ValueError(f"attention: {name} must be a 4-D [batch, heads, length, head_dim] tensor, got {_shape(t)}")
+            raise ValueError(f"attention: {name} must be a 4-D [batch, heads, length, head_dim] tensor, "
+                             f"got {_shape(t)}")
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"attention: k must be [{B}, {H}, keys, {D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+        raise ValueError(f"attention: k must be [{B}, {H}, keys, {D}] to match q {tuple(q.shape)}, "
+                         f"got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"attention: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:

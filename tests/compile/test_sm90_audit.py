@@ -24,6 +24,9 @@ def test_every_case_compiles(reports):
     names = [r["name"] for r in reports]
     assert sum(n.startswith("fused_linear") for n in names) >= len(gemm.GEMM_CONFIGS) * 3
     assert any(n.startswith("row_stats") for n in names)
+    assert any(n.startswith("attention[bf16 q32x2h d64") for n in names)
+    # 32 BLIP-2 queries x 2 packed heads make a 64-row tile that reaches wgmma
+    assert all(r["wgmma"] for r in reports if r["name"].startswith("attention[bf16 q32x2h"))
 
 
 def test_resources(reports):
