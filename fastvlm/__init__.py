@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 from fastvlm import nn  # noqa: E402
 from fastvlm._dispatch import FastVLMFallbackError, FastVLMFallbackWarning, trace  # noqa: E402
+from fastvlm.integrations.attention import register_attention  # noqa: E402
 from fastvlm.integrations.transformers import (  # noqa: E402
     PatchReport,
     apply_to_transformers,
@@ -23,5 +24,5 @@ from fastvlm.ops.attention import attention  # noqa: E402
 from fastvlm.ops.projector import mlp_projector  # noqa: E402
 from fastvlm.ops.scatter import scatter_image_features  # noqa: E402
 
-__all__ = ["nn", "trace", "mlp_projector", "scatter_image_features", "attention", "patch", "unpatch", "PatchReport", "apply_to_transformers",
+__all__ = ["nn", "trace", "mlp_projector", "scatter_image_features", "attention", "register_attention", "patch", "unpatch", "PatchReport", "apply_to_transformers",
            "revert_transformers", "FastVLMFallbackError", "FastVLMFallbackWarning", "__version__"]
