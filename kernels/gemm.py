@@ -155,7 +155,7 @@ def _prologue_norm(a, src, chan, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_pt
     return y.to(a.dtype)
 
 
-@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "GATED", "NORM", "ACT"],
+@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "A_MODE", "GATED", "NORM", "ACT"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.heuristics({
     "NORM_ALIGNED": lambda args: args["NORM"] != "none" and args["NORM_GROUP"] % args["BLOCK_K"] == 0,
