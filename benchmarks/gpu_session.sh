@@ -11,3 +11,4 @@ fastvlm bench --overhead 2>&1 | tee "$OUT/overhead.txt"
 name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' ' _)
 fastvlm bench --out "$OUT/$name.jsonl" 2>&1 | tee "$OUT/bench.txt"
 python -m fastvlm.bench.e2e --out "$OUT/e2e-$name.jsonl" 2>&1 | tee "$OUT/e2e.txt"
+python -m fastvlm.bench.scatter --out "$OUT/scatter-$name.jsonl" 2>&1 | tee "$OUT/scatter.txt"

@@ -1,5 +1,6 @@
-// Shared by the CUDA kernels (preprocess.cuh) and the CPU loops (preprocess_cpu.h): parameters, per-image metadata
-// layout and the index math of the two output layouts. Torch-free; compiles with nvcc and with a plain C++ compiler.
+// Shared by the CUDA kernels (preprocess.cuh, scatter.cuh) and the CPU loops (preprocess_cpu.h, scatter_cpu.h):
+// parameters, per-image metadata layout, the index math of the two preprocessing layouts and of the image-token
+// scatter. Torch-free; compiles with nvcc and with a plain C++ compiler.
 #pragma once
 
 #include <cstdint>
@@ -113,5 +114,30 @@ FVLM_HD int64_t find_image(const int64_t* meta, int64_t n_images, int64_t row) {
   }
   return lo;
 }
+
+// ---------------------------------------------------------------- image-token scatter
+// Rows are taken in groups of 32, one bit per row in a 32-bit word (a warp ballot on the GPU). The feature row of an
+// image-token row r = 32 g + l is
+//   group_offset[g] + popcount(word_g & ((1 << l) - 1))
+// where group_offset[g] is the number of image tokens in rows [0, 32 g) (an exclusive scan over the groups' counts).
+// The scan's total is the device-side token count; the rows are copied only when it equals the number of feature
+// rows, else every image-token row is written as NaN (never an out-of-bounds read).
+constexpr int kScatterGroup = 32;
+constexpr int64_t kScatterMaxDim = int64_t{1} << 24;  // rows narrower than this (32-bit per-block work index)
+
+FVLM_HD int64_t scatter_groups(int64_t rows) { return (rows + kScatterGroup - 1) / kScatterGroup; }
+
+FVLM_HD int popcount32(uint32_t x) {
+#if defined(__CUDA_ARCH__)
+  return __popc(x);
+#else
+  return __builtin_popcount(x);
+#endif
+}
+
+// Number of image-token rows before lane `lane` of a group whose mask bits are `word`.
+FVLM_HD int scatter_rank(uint32_t word, int lane) { return popcount32(word & ((uint32_t{1} << lane) - 1u)); }
+
+FVLM_HD bool scatter_bit(uint32_t word, int lane) { return (word >> lane) & 1u; }
 
 }  // namespace fastvlm

@@ -13,13 +13,17 @@
 
 #include <cmath>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "common.cuh"
 #include "launch.h"
 #include "preprocess_cpu.h"
+#include "scatter_cpu.h"
 
 // Bumped when a schema or the metadata layout changes; fastvlm/_cext.py refuses a prebuilt module of another version.
-#define FASTVLM_EXT_ABI_VERSION 1
+// 2: scatter_image_features.
+#define FASTVLM_EXT_ABI_VERSION 2
 
 namespace fastvlm {
 namespace {
@@ -200,6 +204,141 @@ at::Tensor patchify_cuda(const at::Tensor& data, const at::Tensor& meta, at::Arr
   return out;
 }
 
+// ---------------------------------------------------------------- scatter_image_features
+//
+// (embeds [R, D], mask [R] bool/uint8, features [N, D]) -> (out [R, D] contiguous in embeds' dtype, n_tokens [] int64
+// on embeds' device). out = embeds with its image-token rows replaced by the feature rows in order, i.e.
+// embeds.masked_scatter(mask[:, None], features.to(embeds.dtype)) when the counts agree. The op never raises on a
+// count mismatch (CUDA cannot without a synchronisation, and the CPU implementation does the same so that both are
+// one op): n_tokens is the count found, and every image-token row of out is NaN when n_tokens != N. The caller
+// (fastvlm.ops.scatter) compares n_tokens with N and raises transformers' ValueError, when and if it reads it.
+
+constexpr const char* kScatter = "fastvlm_ext::scatter_image_features";
+
+bool scatter_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+void check_scatter(const at::Tensor& embeds, const at::Tensor& mask, const at::Tensor& features) {
+  TORCH_CHECK(embeds.dim() == 2 && scatter_float(embeds.scalar_type()), kScatter,
+              ": inputs_embeds must be a 2-D float32/float64/bfloat16/float16 tensor [rows, dim], got ",
+              embeds.scalar_type(), " of shape ", embeds.sym_sizes());
+  TORCH_CHECK(mask.dim() == 1 && (mask.scalar_type() == at::kBool || mask.scalar_type() == at::kByte), kScatter,
+              ": image_mask must be a 1-D bool tensor [rows], got ", mask.scalar_type(), " of shape ",
+              mask.sym_sizes());
+  TORCH_CHECK(features.dim() == 2 && scatter_float(features.scalar_type()), kScatter,
+              ": image_features must be a 2-D float tensor [n, dim], got ", features.scalar_type(), " of shape ",
+              features.sym_sizes());
+  TORCH_CHECK(mask.device() == embeds.device() && features.device() == embeds.device(), kScatter,
+              ": inputs_embeds, image_mask and image_features must be on one device, got ", embeds.device(), ", ",
+              mask.device(), ", ", features.device());
+  TORCH_SYM_CHECK(mask.sym_size(0).sym_eq(embeds.sym_size(0)), kScatter, ": image_mask has ", mask.sym_size(0),
+                  " rows, inputs_embeds ", embeds.sym_size(0));
+  TORCH_SYM_CHECK(features.sym_size(1).sym_eq(embeds.sym_size(1)), kScatter, ": image_features rows have width ",
+                  features.sym_size(1), ", inputs_embeds ", embeds.sym_size(1));
+}
+
+// The kernels read rows with unit element stride; features of a dtype other than embeds' or float32 are cast here
+// (one extra pass; float32 and same-dtype features are cast in the kernel).
+struct ScatterInputs {
+  at::Tensor embeds, mask, features;
+};
+
+ScatterInputs scatter_inputs(const at::Tensor& embeds, const at::Tensor& mask, const at::Tensor& features) {
+  ScatterInputs in;
+  in.embeds = embeds.size(1) <= 1 || embeds.stride(1) == 1 ? embeds : embeds.contiguous();
+  at::Tensor f = features;
+  if (f.scalar_type() != embeds.scalar_type() && f.scalar_type() != at::kFloat) f = f.to(embeds.scalar_type());
+  in.features = f.size(1) <= 1 || f.stride(1) == 1 ? f : f.contiguous();
+  in.mask = mask.contiguous();
+  return in;
+}
+
+std::tuple<at::Tensor, at::Tensor> scatter_empty(const at::Tensor& embeds) {
+  return {at::empty_symint(embeds.sym_sizes(), embeds.options().memory_format(at::MemoryFormat::Contiguous)),
+          at::empty({}, embeds.options().dtype(at::kLong))};
+}
+
+std::tuple<at::Tensor, at::Tensor> scatter_meta(const at::Tensor& embeds, const at::Tensor& mask,
+                                                const at::Tensor& features) {
+  check_scatter(embeds, mask, features);
+  return scatter_empty(embeds);
+}
+
+template <typename Fn>
+void dispatch_scatter(at::ScalarType out, at::ScalarType in, Fn&& fn) {
+  const bool fp32_in = in == at::kFloat;
+  switch (out) {
+    case at::kFloat:
+      fn(float{}, float{});
+      break;
+    case at::kDouble:
+      fp32_in ? fn(double{}, float{}) : fn(double{}, double{});
+      break;
+    case at::kBFloat16:
+      fp32_in ? fn(c10::BFloat16{}, float{}) : fn(c10::BFloat16{}, c10::BFloat16{});
+      break;
+    default:
+      fp32_in ? fn(c10::Half{}, float{}) : fn(c10::Half{}, c10::Half{});
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> scatter_cpu(const at::Tensor& embeds, const at::Tensor& mask,
+                                               const at::Tensor& features) {
+  check_scatter(embeds, mask, features);
+  const ScatterInputs in = scatter_inputs(embeds, mask, features);
+  at::Tensor out, n_tokens;
+  std::tie(out, n_tokens) = scatter_empty(embeds);
+  const int64_t rows = embeds.size(0), dim = embeds.size(1);
+  const auto* m = static_cast<const uint8_t*>(in.mask.data_ptr());
+  std::vector<int64_t> group_offsets(static_cast<size_t>(scatter_groups(rows)));
+  const int64_t total = cpu::scatter_scan(m, rows, group_offsets.data());
+  *n_tokens.data_ptr<int64_t>() = total;
+  const bool counts_ok = total == in.features.size(0);
+  dispatch_scatter(embeds.scalar_type(), in.features.scalar_type(), [&](auto out_tag, auto in_tag) {
+    using OutT = decltype(out_tag);
+    using InT = decltype(in_tag);
+    cpu::scatter_rows(in.embeds.data_ptr<OutT>(), in.embeds.stride(0), in.features.data_ptr<InT>(),
+                      in.features.stride(0), counts_ok, m, group_offsets.data(), rows, dim, out.data_ptr<OutT>(),
+                      parallel_for(std::max<int64_t>(1, 65536 / std::max<int64_t>(1, dim * kScatterGroup))));
+  });
+  return {out, n_tokens};
+}
+
+ScatterDtype scatter_kind(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat:
+      return ScatterDtype::kFloat32;
+    case at::kDouble:
+      return ScatterDtype::kFloat64;
+    case at::kBFloat16:
+      return ScatterDtype::kBFloat16;
+    default:
+      return ScatterDtype::kFloat16;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> scatter_cuda(const at::Tensor& embeds, const at::Tensor& mask,
+                                                const at::Tensor& features) {
+  // No host synchronisation: the count is found and checked on the device (scatter.cuh) and returned.
+  check_scatter(embeds, mask, features);
+  TORCH_CHECK(embeds.size(1) < kScatterMaxDim, kScatter, ": rows of width ", embeds.size(1),
+              " are not supported (at most ", kScatterMaxDim - 1, ")");
+  const c10::cuda::CUDAGuard guard(embeds.device());
+  const ScatterInputs in = scatter_inputs(embeds, mask, features);
+  at::Tensor out, n_tokens;
+  std::tie(out, n_tokens) = scatter_empty(embeds);
+  const int64_t rows = embeds.size(0), dim = embeds.size(1);
+  at::Tensor group_offsets = at::empty({scatter_groups(rows)}, embeds.options().dtype(at::kLong));
+  const cudaError_t err = fastvlm::scatter_image_features_cuda(
+      in.embeds.data_ptr(), in.embeds.stride(0), in.features.data_ptr(), in.features.stride(0), in.features.size(0),
+      in.features.scalar_type() == at::kFloat && embeds.scalar_type() != at::kFloat,
+      static_cast<const uint8_t*>(in.mask.data_ptr()), rows, dim, out.data_ptr(), scatter_kind(embeds.scalar_type()),
+      group_offsets.data_ptr<int64_t>(), n_tokens.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, kScatter, ": kernel launch failed: ", cudaGetErrorString(err));
+  return {out, n_tokens};
+}
+
 }  // namespace
 }  // namespace fastvlm
 
@@ -210,21 +349,25 @@ TORCH_LIBRARY(fastvlm_ext, m) {
   m.def(
       "qwen2vl_patchify(Tensor data, Tensor meta, float[] sub, float[] div, float scale, int patch_size, "
       "int merge_size, int temporal_patch_size, SymInt total_rows, ScalarType out_dtype) -> Tensor");
+  m.def("scatter_image_features(Tensor inputs_embeds, Tensor image_mask, Tensor image_features) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_ext, CPU, m) {
   m.impl("normalize_tiles", &fastvlm::tiles_cpu);
   m.impl("qwen2vl_patchify", &fastvlm::patchify_cpu);
+  m.impl("scatter_image_features", &fastvlm::scatter_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_ext, Meta, m) {
   m.impl("normalize_tiles", &fastvlm::tiles_meta);
   m.impl("qwen2vl_patchify", &fastvlm::patchify_meta);
+  m.impl("scatter_image_features", &fastvlm::scatter_meta);
 }
 
 TORCH_LIBRARY_IMPL(fastvlm_ext, CUDA, m) {
   m.impl("normalize_tiles", &fastvlm::tiles_cuda);
   m.impl("qwen2vl_patchify", &fastvlm::patchify_cuda);
+  m.impl("scatter_image_features", &fastvlm::scatter_cuda);
 }
 
 // ---------------------------------------------------------------- Python module (importing it registers the ops)

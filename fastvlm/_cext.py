@@ -1,7 +1,7 @@
 """fastvlm's optional CUDA C++ extension (csrc/): find it, build it on first use, and say why it is unavailable.
 
-The extension registers the ``torch.ops.fastvlm_ext`` ops (CPU, Meta and CUDA implementations). It is found, in
-order, as
+The extension registers the ``torch.ops.fastvlm_ext`` ops (CPU, Meta and CUDA implementations; ``load()`` adds the
+autograd formula of ``scatter_image_features`` from Python). It is found, in order, as
 
 1. ``fastvlm._C``, built by ``FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation -e .`` (setup.py);
 2. a JIT build of csrc/ cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/fastvlm/torch_extensions``, in a
@@ -31,12 +31,13 @@ import sys
 import threading
 import time
 
-ABI_VERSION = 1  # must equal FASTVLM_EXT_ABI_VERSION in csrc/ops.cpp
+ABI_VERSION = 2  # must equal FASTVLM_EXT_ABI_VERSION in csrc/ops.cpp
 EXT_NAME = "fastvlm_ext"
 NAMESPACE = "fastvlm_ext"
 DEFAULT_ARCH_LIST = "9.0a"  # without a visible GPU (torch cannot query one); H100/H200
 _HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCES = ("ops.cpp", "launch.cu")
+OPS = ("normalize_tiles", "qwen2vl_patchify", "scatter_image_features")
 
 
 def _find_csrc() -> str:
@@ -211,8 +212,38 @@ def _accept(mod, origin: str):
     if version != ABI_VERSION:
         return _fail("stale", f"{origin} has ABI version {version}, this fastvlm needs {ABI_VERSION}: rebuild it "
                               "(FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation -e .)")
+    _register_autograd()
     _module, _origin, _last_reason = mod, origin, ""
     return mod
+
+
+_autograd_registered = False
+
+
+def _scatter_setup(ctx, inputs, output):
+    _, mask, features = inputs
+    ctx.save_for_backward(mask)
+    ctx.feat_dtype = features.dtype
+
+
+def _scatter_backward(ctx, g_out, _g_count):
+    """Text rows' gradient to inputs_embeds, image rows' (in order) to image_features; none to the mask."""
+    (mask,) = ctx.saved_tensors
+    g_embeds = g_out.masked_fill(mask[:, None].to(bool), 0) if ctx.needs_input_grad[0] else None
+    g_feat = g_out[mask.to(bool)].to(ctx.feat_dtype) if ctx.needs_input_grad[2] else None
+    return g_embeds, None, g_feat
+
+
+def _register_autograd() -> None:
+    """The backward of fastvlm_ext::scatter_image_features (the C++ library registers CPU/Meta/CUDA only)."""
+    global _autograd_registered
+    if _autograd_registered:
+        return
+    import torch
+
+    torch.library.register_autograd(f"{NAMESPACE}::scatter_image_features", _scatter_backward,
+                                    setup_context=_scatter_setup)
+    _autograd_registered = True
 
 
 def _import_path(path: str):
@@ -289,7 +320,7 @@ def status() -> str:
     """One line for ``fastvlm info``; never starts a build."""
     mod = load(build=False)
     if mod is not None:
-        return f"loaded: {_origin}; ops torch.ops.{NAMESPACE}.{{normalize_tiles,qwen2vl_patchify}}"
+        return f"loaded: {_origin}; ops torch.ops.{NAMESPACE}.{{{','.join(OPS)}}}"
     kind = failure_kind()
     if kind == "not-built":
         return ("not built yet: builds on the first preprocessing call on CUDA tensors (30 s to 2 min), or run "

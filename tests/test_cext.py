@@ -1,5 +1,6 @@
 """The CUDA C++ extension (csrc/): every .cuh compiled by nvcc; the extension built once and imported; its CPU and
-Meta implementations against the PyTorch reference and torch.library.opcheck; CUDA parity on a GPU (marked gpu).
+Meta implementations against the PyTorch reference (preprocessing) and masked_scatter (image-token scatter) and
+torch.library.opcheck; CUDA parity on a GPU (marked gpu).
 
 The build is shared by the whole session (fastvlm._cext caches the module; the build itself is cached on disk).
 Without nvcc/ninja/a compiler the extension tests skip with the reason; a build that is attempted and fails is a
@@ -20,7 +21,7 @@ from fastvlm.ops import preprocess as pp
 
 CSRC = _cext.CSRC
 HEADERS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CSRC, "*.cuh")))
-TORCH_FREE = HEADERS + ["launch.h", "launch.cu", "preprocess_cpu.h"]
+TORCH_FREE = HEADERS + ["launch.h", "launch.cu", "preprocess_cpu.h", "scatter_cpu.h"]
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -54,7 +55,7 @@ def ext():
 
 
 def test_headers_exist():
-    assert {"common.cuh", "preprocess.cuh"} <= set(HEADERS)
+    assert {"common.cuh", "preprocess.cuh", "scatter.cuh"} <= set(HEADERS)
 
 
 @pytest.mark.parametrize("name", TORCH_FREE)
@@ -84,7 +85,29 @@ def test_kernels_instantiate(tmp_path):
                            "-o", str(ptx)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     entries = re.findall(r"\.entry\s+(\w+)", ptx.read_text())
-    assert len(entries) == 6 and sum("patchify" in e for e in entries) == 3, entries
+    count = lambda name: sum(name in e for e in entries)  # noqa: E731
+    assert count("normalize_tiles") == 3 and count("patchify") == 3, entries
+    # scatter: the scan, and the row copy for 7 (embeddings, features) dtype pairs x {16-byte, 1-element} accesses
+    assert count("scatter_scan_kernel") == 1 and count("scatter_rows_kernel") == 14, entries
+    assert len(entries) == 21, entries
+
+
+def test_scatter_kernels_use_16_byte_accesses(tmp_path):
+    """The aligned row copy moves 16-byte packs (loads and stores): a struct of bf16 stored element by element would
+    halve the bandwidth and still pass every value test."""
+    nvcc = _nvcc_or_skip()
+    ptx = tmp_path / "launch.ptx"
+    proc = subprocess.run([nvcc, "-std=c++17", "-arch=sm_90", "--ptx", "-I", CSRC, os.path.join(CSRC, "launch.cu"),
+                           "-o", str(ptx)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    bodies = re.split(r"(?=\.visible \.entry )", ptx.read_text())
+    for body in bodies:
+        name = re.match(r"\.visible \.entry (\w+)", body)
+        if not name or "scatter_rows_kernel" not in name.group(1) or "Li1EE" in name.group(1):
+            continue
+        stores = set(re.findall(r"st\.global[.\w]*", body))
+        assert stores == {"st.global.v4.u32"}, (name.group(1), stores)
+        assert re.search(r"ld\.global[.\w]*\.v[24]", body), name.group(1)
 
 
 def test_abi_version_matches_source():
@@ -179,9 +202,10 @@ def _images(sizes, c=3, frames=None, seed=0):
 
 def test_module_imports_and_registers(ext):
     assert ext.ABI_VERSION == _cext.ABI_VERSION and ext.NAMESPACE == "fastvlm_ext"
-    for op in ("normalize_tiles", "qwen2vl_patchify"):
+    assert "scatter_image_features" in _cext.OPS
+    for op in _cext.OPS:
         assert hasattr(torch.ops.fastvlm_ext, op)
-    assert _cext.status().startswith("loaded: ")
+    assert _cext.status().startswith("loaded: ") and "scatter_image_features" in _cext.status()
     with fastvlm.trace() as t:
         pp.normalize_images(_images([(4, 4)]), CLIP_MEAN, CLIP_STD, backend="ext")
     assert t.backends() == ["fastvlm_ext"]
@@ -340,3 +364,171 @@ def test_cuda_bad_metadata_gives_nan_not_a_fault(ext):
     out = torch.ops.fastvlm_ext.qwen2vl_patchify(data, patchify[1].cuda(), *patchify[2:8], 14, patchify[9])
     torch.cuda.synchronize()
     assert not out[:12].isnan().any() and out[12:].isnan().all()  # rows past the last image
+
+
+# ---------------------------------------------------------------- scatter_image_features (CPU, Meta, opcheck)
+
+SCATTER_DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                  (torch.float16, torch.float32), (torch.float16, torch.float16), (torch.float64, torch.float64),
+                  (torch.float64, torch.float32), (torch.bfloat16, torch.float16), (torch.float32, torch.bfloat16)]
+
+
+def _scatter_case(rows=77, dim=40, dtype=torch.float32, feat_dtype=None, p=0.4, seed=0, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(rows, dim, generator=g).to(dtype)
+    mask = torch.rand(rows, generator=g) < p
+    feats = torch.randn(int(mask.sum()), dim, generator=g).to(feat_dtype or dtype)
+    return embeds.to(device), mask.to(device), feats.to(device)
+
+
+def _masked_scatter(embeds, mask, feats):
+    return embeds.masked_scatter(mask[:, None].expand_as(embeds), feats.to(embeds.dtype))
+
+
+@pytest.mark.parametrize("dtype,feat_dtype", SCATTER_DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+def test_scatter_cpu_matches_masked_scatter(ext, dtype, feat_dtype):
+    embeds, mask, feats = _scatter_case(dtype=dtype, feat_dtype=feat_dtype)
+    out, n = torch.ops.fastvlm_ext.scatter_image_features(embeds, mask, feats)
+    assert out.dtype == dtype and out.shape == embeds.shape and out.is_contiguous()
+    assert n.dtype == torch.int64 and n.shape == () and int(n) == feats.shape[0]
+    assert torch.equal(out, _masked_scatter(embeds, mask, feats))
+
+
+@pytest.mark.parametrize("rows,p", [(0, 0.5), (1, 1.0), (31, 0.5), (32, 1.0), (33, 0.0), (1000, 0.3), (4097, 0.9)])
+def test_scatter_cpu_row_counts(ext, rows, p):
+    """Group boundaries (32 rows), empty input, no image token, only image tokens."""
+    embeds, mask, feats = _scatter_case(rows=rows, dim=24, p=p, seed=rows)
+    out, n = torch.ops.fastvlm_ext.scatter_image_features(embeds, mask, feats)
+    assert int(n) == int(mask.sum())
+    assert torch.equal(out, _masked_scatter(embeds, mask, feats))
+
+
+def test_scatter_cpu_strided_inputs(ext):
+    """Row strides (views into wider buffers), a uint8 mask, a non-contiguous features tensor, width 1."""
+    embeds, mask, feats = _scatter_case(rows=70, dim=33, dtype=torch.bfloat16, feat_dtype=torch.float32)
+    wide_e = torch.randn(70, 50).to(torch.bfloat16)
+    wide_e[:, 7:40] = embeds
+    feats_t = feats.t().contiguous().t()  # column-major: stride(1) != 1
+    out, _ = torch.ops.fastvlm_ext.scatter_image_features(wide_e[:, 7:40], mask.to(torch.uint8), feats_t)
+    assert torch.equal(out, _masked_scatter(embeds, mask, feats))
+    e1, m1, f1 = _scatter_case(rows=40, dim=1)
+    out, _ = torch.ops.fastvlm_ext.scatter_image_features(e1, m1, f1)
+    assert torch.equal(out, _masked_scatter(e1, m1, f1))
+
+
+@pytest.mark.parametrize("delta", [-1, 1])
+def test_scatter_count_mismatch_is_reported_not_raised(ext, delta):
+    """The op itself never raises on a count mismatch (the CUDA one cannot without a sync): it returns the count it
+    found and writes the image-token rows as NaN; fastvlm.scatter_image_features turns that into the ValueError."""
+    import fastvlm
+
+    embeds, mask, feats = _scatter_case()
+    feats = torch.cat([feats, feats[:1]]) if delta > 0 else feats[:-1]
+    out, n = torch.ops.fastvlm_ext.scatter_image_features(embeds, mask, feats)
+    assert int(n) == int(mask.sum())
+    assert out[mask].isnan().all() and torch.equal(out[~mask], embeds[~mask])
+    want = f"Image features and image tokens do not match, tokens: {int(mask.sum())}, features: {feats.shape[0]}"
+    with pytest.raises(ValueError, match=want):
+        fastvlm.scatter_image_features(embeds[None], mask[None], feats, backend="cuda")
+
+
+def test_scatter_meta(ext):
+    embeds, mask, feats = _scatter_case(dtype=torch.bfloat16, feat_dtype=torch.float32)
+    out, n = torch.ops.fastvlm_ext.scatter_image_features(embeds.to("meta"), mask.to("meta"), feats.to("meta"))
+    assert out.device.type == "meta" and out.shape == embeds.shape and out.dtype == torch.bfloat16
+    assert n.device.type == "meta" and n.shape == () and n.dtype == torch.int64
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype,feat_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32)],
+                         ids=["f32", "bf16-f32"])
+def test_scatter_opcheck_cpu(ext, grad, dtype, feat_dtype):
+    embeds, mask, feats = _scatter_case(dtype=dtype, feat_dtype=feat_dtype)
+    torch.library.opcheck(torch.ops.fastvlm_ext.scatter_image_features.default,
+                          (embeds.requires_grad_(grad), mask, feats.requires_grad_(grad)))
+
+
+def test_scatter_autograd_cpu(ext):
+    embeds, mask, feats = _scatter_case(dtype=torch.float64)
+    e1, f1 = embeds.clone().requires_grad_(), feats.clone().requires_grad_()
+    e2, f2 = embeds.clone().requires_grad_(), feats.clone().requires_grad_()
+    g = torch.randn_like(embeds)
+    torch.ops.fastvlm_ext.scatter_image_features(e1, mask, f1)[0].backward(g)
+    _masked_scatter(e2, mask, f2).backward(g)
+    assert torch.equal(e1.grad, e2.grad) and torch.equal(f1.grad, f2.grad)
+    e3, m3, f3 = _scatter_case(rows=20, dim=3, dtype=torch.float64, seed=3)
+    torch.autograd.gradcheck(lambda e, f: torch.ops.fastvlm_ext.scatter_image_features(e, m3, f)[0],
+                             (e3.requires_grad_(), f3.requires_grad_()))
+
+
+def test_scatter_validates(ext):
+    embeds, mask, feats = _scatter_case()
+    op = torch.ops.fastvlm_ext.scatter_image_features
+    with pytest.raises(RuntimeError, match="image_mask has 76 rows"):
+        op(embeds, mask[:-1], feats)
+    with pytest.raises(RuntimeError, match="width 39"):
+        op(embeds, mask, feats[:, :-1])
+    with pytest.raises(RuntimeError, match="bool"):
+        op(embeds, mask.float(), feats)
+    with pytest.raises(RuntimeError, match="2-D float"):
+        op(embeds[None], mask, feats)
+    with pytest.raises(RuntimeError, match="2-D float"):
+        op(embeds.to(torch.int32), mask, feats)
+
+
+# ---------------------------------------------------------------- scatter_image_features on CUDA (GPU runs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,feat_dtype", SCATTER_DTYPES, ids=lambda t: str(t).replace("torch.", ""))
+@pytest.mark.parametrize("rows,dim", [(77, 40), (4096, 4096), (1000, 3584), (33, 33), (70001, 8)])
+def test_cuda_scatter_matches_masked_scatter(ext, dtype, feat_dtype, rows, dim):
+    """16-byte and 1-element paths (dim 33), several scan steps (70001 rows > 32768 per step), cast in kernel."""
+    embeds, mask, feats = _scatter_case(rows=rows, dim=dim, dtype=dtype, feat_dtype=feat_dtype, seed=rows,
+                                        device="cuda")
+    out, n = torch.ops.fastvlm_ext.scatter_image_features(embeds, mask, feats)
+    assert out.is_cuda and n.is_cuda and int(n) == int(mask.sum())
+    assert torch.equal(out, _masked_scatter(embeds, mask, feats))
+
+
+@pytest.mark.gpu
+def test_cuda_scatter_unaligned_and_strided(ext):
+    """Misaligned pointers and row strides fall back to 1-element accesses; a mask at an odd byte offset."""
+    embeds, mask, feats = _scatter_case(rows=300, dim=64, dtype=torch.bfloat16, device="cuda")
+    buf = torch.randn(300 * 64 + 3, device="cuda").to(torch.bfloat16)
+    e_odd = buf[3:].view(300, 64)
+    e_odd.copy_(embeds)
+    mbuf = torch.zeros(301, dtype=torch.bool, device="cuda")
+    mbuf[1:] = mask
+    wide = torch.randn(300, 72, device="cuda").to(torch.bfloat16)
+    wide[:, 5:69] = embeds
+    for e in (e_odd, wide[:, 5:69]):
+        out, n = torch.ops.fastvlm_ext.scatter_image_features(e, mbuf[1:], feats)
+        assert torch.equal(out, _masked_scatter(embeds, mask, feats))
+
+
+@pytest.mark.gpu
+def test_cuda_scatter_mismatch_without_sync(ext):
+    """No host synchronisation in the op (sync debug mode raises on one); the count comes back on the device and
+    the image-token rows are NaN."""
+    embeds, mask, feats = _scatter_case(rows=5000, dim=256, dtype=torch.bfloat16, device="cuda")
+    op = torch.ops.fastvlm_ext.scatter_image_features
+    op(embeds, mask, feats)  # warm-up (allocator, module load)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out, n = op(embeds, mask, feats[:-1])
+        good, n_good = op(embeds, mask, feats)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(n) == int(mask.sum()) == int(n_good)
+    assert out[mask].isnan().all() and torch.equal(out[~mask], embeds[~mask])
+    assert torch.equal(good, _masked_scatter(embeds, mask, feats))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("grad", [False, True])
+def test_cuda_scatter_opcheck(ext, grad):
+    embeds, mask, feats = _scatter_case(dtype=torch.bfloat16, feat_dtype=torch.float32, device="cuda")
+    torch.library.opcheck(torch.ops.fastvlm_ext.scatter_image_features.default,
+                          (embeds.requires_grad_(grad), mask, feats.requires_grad_(grad)))

@@ -1,17 +1,46 @@
 """``fastvlm::scatter_image_features``: the connector-to-LLM hand-off as one op.
 
 transformers builds ``inputs_embeds`` from the token embeddings, checks that the number of image tokens matches the
-connector's output rows, then ``masked_scatter``s the rows in. This op does the same in one pass (Triton on CUDA,
-``masked_scatter`` on the PyTorch path), with the same check and error message, and with autograd: the gradient
-flows to the text embeddings outside the image positions and to the image features.
+connector's output rows, then ``masked_scatter``s the rows in. This op does the same in one pass, with the same check
+and error message, and with autograd: the gradient flows to the text embeddings outside the image positions and to
+the image features.
+
+Two implementations, picked per call by this rule:
+
+1. the ``backend`` argument when given: ``"auto"``, or ``"cuda"`` (alias ``"ext"``);
+2. else ``FASTVLM_SCATTER`` (same values), unless ``FASTVLM_BACKEND=torch`` (the global PyTorch switch wins over it);
+3. else ``"auto"``.
+
+``"auto"`` (the default) is the ``fastvlm::scatter_image_features`` custom op: the Triton kernel on CUDA tensors,
+``masked_scatter`` on the PyTorch path, chosen and reported like every fastvlm op (``FASTVLM_BACKEND``). The token
+count is checked on the host *before* the launch (one synchronisation): the Triton kernel trusts it.
+
+``"cuda"`` is ``torch.ops.fastvlm_ext.scatter_image_features`` from the optional CUDA extension (csrc/scatter.cuh):
+its CUDA kernel on CUDA tensors, its CPU implementation on CPU tensors. The count is checked **on the device**: the
+kernels count the image tokens, write every image-token row as NaN instead of reading past the features when the
+count differs from the number of feature rows, and return the count as a 0-dim int64 tensor; nothing in the kernel
+path synchronises. The wrapper then reads that count *after* the launch (``check=True``: transformers' ValueError
+before returning, one synchronisation at the end instead of one in the middle), or hands it back unread
+(``check="lazy"``: ``(out, n_tokens)``, to be checked with ``check_token_count`` whenever a synchronisation is
+cheap, e.g. after the forward). If the extension is unavailable, asking for it raises ``FastVLMFallbackError`` with
+the reason (an explicit choice is never silently replaced).
+
+Triton stays the default on CUDA: both kernels are one memory-bound pass over the rows, and the CUDA one becomes the
+default only where a GPU measurement shows it faster (``python -m fastvlm.bench.scatter``; docs/design-csrc.md).
+Under ``torch.compile`` no count is read on the host (the ``"cuda"`` path's NaN rows still mark a mismatch).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
 from fastvlm import _dispatch
 
 OP_NAME = "fastvlm::scatter_image_features"
+EXT_OP = "fastvlm_ext::scatter_image_features"
+ENV = "FASTVLM_SCATTER"
+BACKENDS = ("auto", "cuda", "ext")
 
 
 def _reference(embeds, mask, features):
@@ -56,12 +85,65 @@ def _backward(ctx, g):
 scatter_image_features_op.register_autograd(_backward, setup_context=_setup)
 
 
-def scatter_image_features(inputs_embeds, image_mask, image_features):
+# ---------------------------------------------------------------- backend rule and the count check
+
+
+def requested_backend(backend=None) -> str:
+    """"auto" or "cuda" for one call, by the rule in the module docstring."""
+    if backend is None:
+        value = os.environ.get(ENV, "").strip().lower() or "auto"
+        if value not in BACKENDS:
+            raise ValueError(f"{ENV} must be one of {BACKENDS}, got {value!r}")
+        if value != "auto" and _dispatch.requested_backend() == "torch":
+            return "auto"  # FASTVLM_BACKEND=torch: the PyTorch path, reported by the auto path
+    else:
+        value = str(backend).strip().lower()
+        if value not in BACKENDS:
+            raise ValueError(f"scatter_image_features: backend must be one of {BACKENDS} or None, got {backend!r}")
+    return "cuda" if value in ("cuda", "ext") else "auto"
+
+
+def _mismatch(n_tokens: int, n_features: int) -> ValueError:
+    return ValueError(f"Image features and image tokens do not match, tokens: {n_tokens}, features: {n_features}")
+
+
+def check_token_count(n_tokens, n_features: int) -> None:
+    """Raise transformers' ValueError when ``n_tokens`` (an int or the 0-dim tensor that ``check="lazy"`` returns;
+    reading a device tensor synchronises) differs from ``n_features``."""
+    n = int(n_tokens)
+    if n != int(n_features):
+        raise _mismatch(n, int(n_features))
+
+
+_ext_loaded = False  # set once the extension has loaded: later calls (and torch.compile) skip the loader
+
+
+def _ext_op(why: str):
+    global _ext_loaded
+    if not _ext_loaded:
+        from fastvlm import _cext  # not at import: `python -m fastvlm._cext` imports fastvlm first
+
+        ok, reason = _cext.available(build=True)
+        if not ok:
+            raise _dispatch.FastVLMFallbackError(f"{why} but {EXT_OP} is unavailable: {reason}")
+        _ext_loaded = True
+    return torch.ops.fastvlm_ext.scatter_image_features
+
+
+def scatter_image_features(inputs_embeds, image_mask, image_features, *, backend=None, check=True):
     """Return ``inputs_embeds`` with its image-token rows replaced by ``image_features`` rows, in order.
 
     inputs_embeds [B, S, D]; image_mask [B, S] (or [B, S, 1]) bool; image_features [N, D] or [..., D] with N rows.
     Raises ValueError, as transformers does, when the number of image tokens and feature rows differ.
+
+    ``backend``: None (``FASTVLM_SCATTER``, else "auto"), "auto" (Triton on CUDA, PyTorch otherwise) or "cuda"
+    (the CUDA extension's kernel, device-side count check); see the module docstring. ``check``: True (raise before
+    returning) or "lazy": return ``(out, n_tokens)`` without reading the count on the host (the "cuda" backend;
+    the "auto" backend has already checked it before its launch), for ``check_token_count(n_tokens, N)`` later.
     """
+    if check is not True and check != "lazy":
+        raise ValueError(f"scatter_image_features: check must be True or 'lazy', got {check!r}")
+    which = requested_backend(backend)
     if image_mask.dim() == inputs_embeds.dim():
         image_mask = image_mask[..., 0]
     if image_mask.shape != inputs_embeds.shape[:-1]:
@@ -71,11 +153,28 @@ def scatter_image_features(inputs_embeds, image_mask, image_features):
     feats = image_features.reshape(-1, image_features.shape[-1])
     if feats.shape[-1] != D:
         raise ValueError(f"scatter_image_features: image_features rows have width {feats.shape[-1]}, inputs_embeds {D}")
-    n_tokens = image_mask.sum()
-    if not torch.compiler.is_compiling() and int(n_tokens) != feats.shape[0]:
-        raise ValueError(f"Image features and image tokens do not match, tokens: {int(n_tokens)}, features: "
-                         f"{feats.shape[0]}")
+    flat_mask = image_mask.reshape(-1).to(torch.bool)
+    compiling = torch.compiler.is_compiling()
+
+    if which == "cuda":
+        why = f"backend={backend!r}" if backend is not None else f"{ENV}={os.environ.get(ENV)}"
+        op = _ext_op(why)
+        if feats.device != inputs_embeds.device:
+            feats = feats.to(inputs_embeds.device)
+        _dispatch._record(_dispatch.OpRecord(EXT_OP, "fastvlm_ext", (),
+                                             f"embeds{tuple(inputs_embeds.shape)} features{tuple(feats.shape)}"))
+        out, n_tokens = op(inputs_embeds.reshape(-1, D), flat_mask, feats)
+        out = out.reshape(inputs_embeds.shape)
+        if check == "lazy":
+            return out, n_tokens
+        if not compiling:
+            check_token_count(n_tokens, feats.shape[0])  # the one host read, after the kernels are queued
+        return out
+
+    n_tokens = flat_mask.sum()
+    if not compiling:
+        check_token_count(n_tokens, feats.shape[0])  # before the launch: the Triton kernel trusts the count
     torch._check(feats.shape[0] >= 0)
-    out = torch.ops.fastvlm.scatter_image_features(inputs_embeds.reshape(-1, D), image_mask.reshape(-1).to(torch.bool),
-                                                   feats)
-    return out.reshape(inputs_embeds.shape)
+    out = torch.ops.fastvlm.scatter_image_features(inputs_embeds.reshape(-1, D), flat_mask, feats)
+    out = out.reshape(inputs_embeds.shape)
+    return (out, n_tokens) if check == "lazy" else out
