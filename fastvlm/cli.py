@@ -56,8 +56,6 @@ def check(argv=None):
                     "family name (see fastvlm.tiny_models.FAMILIES); default: every module, then a tiny LLaVA")
     ap.add_argument("--small", action="store_true", help="tiny sizes only (fast under the Triton interpreter)")
     args = ap.parse_args(argv)
-    import torch
-
     import fastvlm
     from fastvlm.check import run_check
 

@@ -10,9 +10,11 @@ round-toward-zero casts to bf16 (GPUs round to nearest even). fp32 accumulation 
 """
 import math
 
+import pytest
+
 import torch
 
-from fastvlm.testing import randomize_, rel_err, tolerance as tol  # noqa: F401  (one definition, shared)
+from fastvlm.testing import rel_err, tolerance as tol  # one definition, shared with `fastvlm check`
 
 
 def assert_close(out, ref, dtype, k, roundings=1, what="output"):
@@ -42,3 +44,16 @@ class Guarded:
 def guarded_copy(t):
     g = Guarded(tuple(t.shape), t.dtype, t.device, fill=t)
     return g
+
+
+def require_extension():
+    """The CUDA extension's module, built at most once per session. Skips with the reason when it cannot be built
+    here (no nvcc, no ninja); a build that starts and fails is a test failure, not a skip."""
+    from fastvlm import _cext
+
+    ok, why = _cext.available(build=True)
+    if not ok:
+        if _cext.failure_kind() in ("build-failed", "stale"):
+            pytest.fail(f"the CUDA extension failed to build or load: {why}")
+        pytest.skip(f"CUDA extension not available: {why}")
+    return _cext.load()

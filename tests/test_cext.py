@@ -18,6 +18,7 @@ import torch
 import fastvlm
 from fastvlm import _cext, _dispatch
 from fastvlm.ops import preprocess as pp
+from helpers import require_extension
 
 CSRC = _cext.CSRC
 HEADERS = sorted(os.path.basename(p) for p in glob.glob(os.path.join(CSRC, "*.cuh")))
@@ -38,12 +39,7 @@ def _nvcc_or_skip():
 
 
 def ext_or_skip():
-    ok, why = _cext.available(build=True)
-    if not ok:
-        if _cext.failure_kind() in ("build-failed", "stale"):
-            pytest.fail(f"the CUDA extension failed to build or load: {why}")
-        pytest.skip(f"CUDA extension not available: {why}")
-    return _cext.load()
+    return require_extension()
 
 
 @pytest.fixture(scope="module")

@@ -179,7 +179,7 @@ def test_op_triton_path(name, dtype, triton_backend):
     y, gy, g_ours = _grads(mlp_projector, tensors, kw)
     t64 = [None if t is None else t.detach().double().requires_grad_() for t in tensors]
     y64, _, g_ref = _grads(mlp_projector_ref, t64, kw, gy.double())
-    K = w = tensors[1].shape[1]
+    K = tensors[1].shape[1]
     assert_close(y, y64, dtype, K, roundings=4)
     for a, b in zip(g_ours, g_ref):
         assert_close(a, b, dtype, max(K, y.shape[0]), roundings=5, what="gradient")

@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import fastvlm
-from fastvlm.testing import FAMILIES, MERGED, args_for, build, input_for
+from fastvlm.testing import FAMILIES, args_for, build, input_for
 from helpers import assert_close, rel_err
 
 @pytest.fixture(autouse=True)

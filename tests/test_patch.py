@@ -1,5 +1,4 @@
 """fastvlm.patch / unpatch / apply_to_transformers on tiny random models of every family whose kernels exist."""
-import os
 import tempfile
 import warnings
 

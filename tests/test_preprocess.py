@@ -8,7 +8,8 @@ Both the PyTorch path and the extension's CPU implementation are checked; on a G
 import pytest
 import torch
 
-from fastvlm import _cext
+from helpers import require_extension
+
 from fastvlm.ops import preprocess as pp
 
 transformers = pytest.importorskip("transformers")
@@ -19,12 +20,7 @@ BACKENDS = ["torch", "ext"] + (["cuda"] if torch.cuda.is_available() else [])
 @pytest.fixture(scope="module")
 def _ext_module():
     """The extension, built at most once per session (shared with test_cext.py through fastvlm._cext's cache)."""
-    ok, why = _cext.available(build=True)
-    if not ok:
-        if _cext.failure_kind() in ("build-failed", "stale"):
-            pytest.fail(f"the CUDA extension failed to build or load: {why}")
-        pytest.skip(f"CUDA extension not available: {why}")
-    return _cext.load()
+    return require_extension()
 
 
 @pytest.fixture(params=BACKENDS)

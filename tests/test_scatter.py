@@ -7,17 +7,12 @@ import torch
 import fastvlm
 from fastvlm import _cext, _dispatch
 from fastvlm.ops import scatter as S
-from helpers import Guarded
+from helpers import Guarded, require_extension
 
 
 @pytest.fixture(scope="module")
 def ext():
-    ok, why = _cext.available(build=True)
-    if not ok:
-        if _cext.failure_kind() in ("build-failed", "stale"):
-            pytest.fail(f"the CUDA extension failed to build or load: {why}")
-        pytest.skip(f"CUDA extension not available: {why}")
-    return _cext.load()
+    return require_extension()
 
 
 def _run(backend, embeds, mask, feats, **kw):

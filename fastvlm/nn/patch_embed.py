@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
-from fastvlm.nn.projector import _adopt
+from fastvlm.nn.projector import _FusedBase
 from fastvlm.ops.patch_embed import patch_embed
 from fastvlm.ops.projector import mlp_projector
 
@@ -57,9 +57,8 @@ EMBED_RECIPES = (
 )
 
 
-class _FusedEmbedMixin:
+class _FusedEmbedMixin(_FusedBase):
     _fastvlm_recipe: EmbedRecipe
-    _fastvlm_base: type
 
     def _fastvlm_structure(self):
         r = self._fastvlm_recipe
@@ -191,13 +190,6 @@ class _FusedEmbedMixin:
         conv = getattr(self, r.conv)  # "rows": pre-patchified [patches, C * T * p * p]
         w = conv.weight.reshape(conv.weight.shape[0], -1)
         return mlp_projector(pixel_values.reshape(-1, w.shape[1]).to(w.dtype), w, conv.bias, act="none")
-
-    @classmethod
-    def from_module(cls, original):
-        if not isinstance(original, cls._fastvlm_base):
-            raise TypeError(f"{cls.__name__}.from_module expects a {cls._fastvlm_base.__name__}, got "
-                            f"{type(original).__name__}")
-        return _adopt(cls, original)
 
 
 @functools.lru_cache(maxsize=64)

@@ -140,7 +140,21 @@ def _child_reasons(name, mod):
     return reasons
 
 
-class _FusedProjectorMixin:
+class _FusedBase:
+    """What every ``Fused<Original>`` class shares: the original class (``_fastvlm_base``) and ``from_module``."""
+
+    _fastvlm_base: type
+
+    @classmethod
+    def from_module(cls, original):
+        """Wrap ``original`` (an instance of the original class) without copying: same children, same tensors."""
+        if not isinstance(original, cls._fastvlm_base):
+            raise TypeError(f"{cls.__name__}.from_module expects a {cls._fastvlm_base.__name__}, got "
+                            f"{type(original).__name__}")
+        return _adopt(cls, original)
+
+
+class _FusedProjectorMixin(_FusedBase):
     """The fused forward shared by every ``Fused<Original>`` projector class."""
 
     _fastvlm_recipe: ProjectorRecipe
@@ -258,14 +272,6 @@ class _FusedProjectorMixin:
             rows, mode = None, "strided"
         y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **plan)
         return y if shape is None else y.reshape(*shape, y.shape[-1])
-
-    @classmethod
-    def from_module(cls, original):
-        """Wrap ``original`` (an instance of the original class) without copying: same children, same tensors."""
-        if not isinstance(original, cls._fastvlm_base):
-            raise TypeError(f"{cls.__name__}.from_module expects a {cls._fastvlm_base.__name__}, got "
-                            f"{type(original).__name__}")
-        return _adopt(cls, original)
 
 
 # instance attributes that accelerate's device hooks put on a module: never copied (they are bound to the
