@@ -205,3 +205,22 @@ def test_full_size_parity_pytorch_path(family, torch_backend):
         ref = m(x)
     assert out.shape == ref.shape
     assert rel_err(out, ref) < 1e-6
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_internvl_shuffle_projector(backend, monkeypatch):
+    """The fused shuffle + projector equals InternVL's get_image_features lines (pixel_shuffle, then the projector)."""
+    from transformers.models.internvl.modeling_internvl import InternVLModel
+
+    monkeypatch.setenv("FASTVLM_BACKEND", backend)
+    proj = build("internvl")
+    B, side, C = 2, 4, proj.linear_1.in_features // 4
+    feats = torch.randn(B, side * side, C)
+    with torch.no_grad():
+        shuffled = InternVLModel.pixel_shuffle(None, feats.reshape(B, side, side, C), scale_factor=0.5)
+        ref = proj.double()(shuffled.reshape(B, -1, 4 * C).double())
+        fused = fastvlm.nn.InternVLShuffleProjector.from_projector(proj.float(), 0.5)
+        out = fused(feats)
+    assert out.shape == ref.shape
+    assert_close(out, ref, torch.float32, 4 * C, roundings=3)
+    assert fused.projector.linear_1.weight is proj.linear_1.weight

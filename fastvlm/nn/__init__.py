@@ -7,9 +7,9 @@ built on first access; ``fastvlm.nn.FusedLinear`` replaces a bare ``torch.nn.Lin
 import torch.nn as nn
 
 from .patch_embed import EMBED_RECIPES, EmbedRecipe, embed_recipe_for, fused_embed_class
-from .projector import RECIPES, FusedLinear, ProjectorRecipe, fused_class, recipe_for
+from .projector import RECIPES, FusedLinear, InternVLShuffleProjector, ProjectorRecipe, fused_class, recipe_for
 
-__all__ = ["from_module", "FusedLinear", "RECIPES", "EMBED_RECIPES", "ProjectorRecipe", "EmbedRecipe", "fused_class",
+__all__ = ["from_module", "FusedLinear", "InternVLShuffleProjector", "RECIPES", "EMBED_RECIPES", "ProjectorRecipe", "EmbedRecipe", "fused_class",
            "fused_embed_class", "recipe_for", "embed_recipe_for", "fused_class_for", "supported"]
 
 
