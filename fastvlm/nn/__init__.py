@@ -35,14 +35,14 @@ def from_module(module):
 
 
 def supported():
-    """{original class name: fused class name} for every recipe whose transformers class can be imported."""
+    """{original module.class: fused class name} for every recipe whose original class can be imported."""
     out = {}
     for r, make in [(r, fused_class) for r in RECIPES] + [(r, fused_embed_class) for r in EMBED_RECIPES]:
         try:
             make(r)
         except (ImportError, AttributeError):
             continue
-        out[r.cls] = r.fused_name
+        out[f"{r.module}.{r.cls}"] = r.fused_name
     return out
 
 
