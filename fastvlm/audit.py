@@ -18,9 +18,10 @@ H100_SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (2
 
 
 def _cases():
-    from fastvlm.kernels import attention, gemm, norm_stats, scatter
+    from fastvlm.kernels import attention, gemm, norm_stats, pool, scatter
 
-    return gemm.audit_cases() + norm_stats.audit_cases() + scatter.audit_cases() + attention.audit_cases()
+    return (gemm.audit_cases() + norm_stats.audit_cases() + scatter.audit_cases() + attention.audit_cases()
+            + pool.audit_cases())
 
 
 def _ptxas():

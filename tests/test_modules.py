@@ -95,7 +95,7 @@ def test_constructor_and_checkpoint_load(family, torch_backend):
     from safetensors.torch import load_file, save_file
 
     m = build(family)
-    recipe = fastvlm.nn.recipe_for(m)
+    recipe, _ = fastvlm.nn.recipe_for(m)
     cls = getattr(fastvlm.nn, recipe.fused_name)
     if family == "qwen2_vl":
         fresh = cls(dim=40, context_dim=24, spatial_merge_size=2)

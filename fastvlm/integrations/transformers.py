@@ -1,7 +1,7 @@
 """Accelerate an existing transformers model in one call.
 
 Instance level: ``fastvlm.patch(model)`` walks ``model.named_modules()`` and swaps each module that a recipe
-recognises (fastvlm.nn.RECIPES, matched by exact class and defining module) for its ``Fused<Original>`` built with
+recognises (the recipes of fastvlm.nn.REGISTRY, matched by exact class and defining module) for its ``Fused<Original>`` built with
 ``from_module`` (same child modules, same tensors: nothing is copied and state_dict keys are unchanged).
 ``fastvlm.unpatch(model)`` puts the original module objects back.
 
@@ -23,8 +23,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from fastvlm.nn.patch_embed import EMBED_RECIPES, _FusedEmbedMixin, embed_recipe_for, fused_embed_class
-from fastvlm.nn.projector import RECIPES, FusedLinear, _FusedProjectorMixin, fused_class, recipe_for
+from fastvlm.nn import all_recipes, is_fused, recipe_for
+from fastvlm.nn.projector import FusedLinear
 
 # bare nn.Linear connectors, by (owner class name, attribute): BLIP-2's projection into the LLM
 LINEAR_SLOTS = {
@@ -35,7 +35,6 @@ LINEAR_SLOTS = {
 
 # recognised connector / embedding classes whose kernels do not exist yet: reported, never swapped
 NOT_YET = {
-    "LlavaNextVideoPooler": "video pooler without a projection: kernel planned (issue 5)",
     "Idefics2Connector": "Perceiver resampler: kernel planned (issue 5)",
     **{c: "Q-Former: kernel planned (issue 4)" for c in ("Blip2QFormerModel", "InstructBlipQFormerModel",
                                                          "InstructBlipVideoQFormerModel")},
@@ -101,8 +100,13 @@ def _set_submodule(root, path, module):
 
 def probe_args(recipe, fused):
     """Random forward arguments shaped as the family's caller passes them, on the module's device and dtype."""
-    p = next(fused.parameters())
-    rand = lambda *shape: torch.randn(*shape, device=p.device, dtype=p.dtype)  # noqa: E731
+    p = next(iter(fused.parameters()), None)
+    dev, dt = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
+    rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dt)  # noqa: E731
+    if recipe.fused_name == "FusedLlavaNextVideoPooler":
+        k = fused.pool.kernel_size if isinstance(fused.pool.kernel_size, int) else fused.pool.kernel_size[0]
+        width = fused.pool.in_channels if isinstance(fused.pool, torch.nn.Conv2d) else 16
+        return (rand(2, (2 * k) ** 2, width),)
     if hasattr(recipe, "kind"):  # a patch embedding
         conv = getattr(fused, recipe.conv)
         if recipe.kind == "rows":
@@ -156,21 +160,22 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
     originals = model.__dict__.setdefault(_ORIGINALS, {})
     owners = {name: type(mod).__name__ for name, mod in model.named_modules()}
     for name, mod in list(model.named_modules()):
-        if isinstance(mod, (_FusedProjectorMixin, _FusedEmbedMixin, FusedLinear)):
+        if is_fused(mod):
             report.entries.append(PatchEntry(name, "Linear" if isinstance(mod, FusedLinear)
                                              else type(mod)._fastvlm_base.__name__, type(mod).__name__,
                                              "already fused"))
             continue
-        recipe = recipe_for(mod) or embed_recipe_for(mod)
+        found = recipe_for(mod)
         parent, _, attr = name.rpartition(".")
-        if recipe is not None:
-            cls = fused_class(recipe) if recipe_for(mod) else fused_embed_class(recipe)
+        if found is not None:
+            recipe, factory = found
+            cls = factory(recipe)
             if not _selected(ops, recipe):
                 report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "skipped", "not in ops"))
                 continue
             fused = cls.from_module(mod)
             reasons = fused._fastvlm_structure()
-            reasons = reasons[1] if isinstance(reasons, tuple) else reasons
+            reasons = reasons[1] if isinstance(reasons, tuple) else reasons  # projectors also return their plan
             if reasons:
                 report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "not swapped", "; ".join(reasons)))
                 continue
@@ -225,7 +230,7 @@ def apply_to_transformers(ops=None) -> list[str]:
     instance-level ``patch`` rather than touching torch.nn.
     """
     replaced = []
-    for recipe in RECIPES + EMBED_RECIPES:
+    for recipe, factory in all_recipes():
         if not _selected(ops, recipe):
             continue
         if not recipe.module.startswith("transformers."):
@@ -241,7 +246,7 @@ def apply_to_transformers(ops=None) -> list[str]:
         original = getattr(module, recipe.cls, None)
         if original is None:
             continue
-        fused = fused_class(recipe) if recipe in RECIPES else fused_embed_class(recipe)
+        fused = factory(recipe)
         _SAVED_CLASSES[key] = original
         setattr(module, recipe.cls, fused)
         replaced.append(recipe.cls)

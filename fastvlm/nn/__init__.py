@@ -1,25 +1,49 @@
 """Drop-in fused modules.
 
 ``fastvlm.nn.from_module(module)`` returns the fused equivalent of a supported module, sharing its parameters.
-``fastvlm.nn.Fused<Original>`` (e.g. ``FusedLlavaMultiModalProjector``) are subclasses of the transformers classes,
+``fastvlm.nn.Fused<Original>`` (e.g. ``FusedLlavaMultiModalProjector``) are subclasses of the original classes,
 built on first access; ``fastvlm.nn.FusedLinear`` replaces a bare ``torch.nn.Linear``.
+
+Each kind of module has its recipes (data) and a class factory; ``REGISTRY`` lists them and every lookup
+(``fused_class_for``, ``from_module``, ``supported``, ``fastvlm.patch``) goes through it.
 """
 import torch.nn as nn
 
-from .patch_embed import EMBED_RECIPES, EmbedRecipe, embed_recipe_for, fused_embed_class
-from .projector import RECIPES, FusedLinear, InternVLShuffleProjector, ProjectorRecipe, fused_class, recipe_for
+from .patch_embed import EMBED_RECIPES, EmbedRecipe, fused_embed_class
+from .pool import POOL_RECIPES, PoolRecipe, fused_pool_class
+from .projector import RECIPES, FusedLinear, InternVLShuffleProjector, ProjectorRecipe, _FusedBase, fused_class
 
-__all__ = ["from_module", "FusedLinear", "InternVLShuffleProjector", "RECIPES", "EMBED_RECIPES", "ProjectorRecipe", "EmbedRecipe", "fused_class",
-           "fused_embed_class", "recipe_for", "embed_recipe_for", "fused_class_for", "supported"]
+REGISTRY = ((RECIPES, fused_class), (EMBED_RECIPES, fused_embed_class), (POOL_RECIPES, fused_pool_class))
+
+__all__ = ["from_module", "FusedLinear", "InternVLShuffleProjector", "REGISTRY", "RECIPES", "EMBED_RECIPES",
+           "POOL_RECIPES", "ProjectorRecipe", "EmbedRecipe", "PoolRecipe", "recipe_for", "fused_class_for",
+           "is_fused", "supported"]
+
+
+def all_recipes():
+    """(recipe, class factory) for every recipe of every kind."""
+    for recipes, factory in REGISTRY:
+        for r in recipes:
+            yield r, factory
+
+
+def recipe_for(module_or_class):
+    """(recipe, factory) whose original class is exactly ``type(module)`` (name and defining module), or None."""
+    cls = module_or_class if isinstance(module_or_class, type) else type(module_or_class)
+    for r, factory in all_recipes():
+        if cls.__name__ == r.cls and cls.__module__ == r.module:
+            return r, factory
+    return None
 
 
 def fused_class_for(module_or_class):
     """The ``Fused<Original>`` class for a module or class, or None when no recipe matches."""
-    recipe = recipe_for(module_or_class)
-    if recipe is not None:
-        return fused_class(recipe)
-    recipe = embed_recipe_for(module_or_class)
-    return fused_embed_class(recipe) if recipe is not None else None
+    found = recipe_for(module_or_class)
+    return found[1](found[0]) if found else None
+
+
+def is_fused(module):
+    return isinstance(module, (_FusedBase, FusedLinear))
 
 
 def from_module(module):
@@ -28,7 +52,7 @@ def from_module(module):
         return FusedLinear.from_module(module)
     cls = fused_class_for(module)
     if cls is None:
-        known = ", ".join(sorted({r.cls for r in RECIPES + EMBED_RECIPES} | {"torch.nn.Linear"}))
+        known = ", ".join(sorted({r.cls for r, _ in all_recipes()} | {"torch.nn.Linear"}))
         raise TypeError(f"fastvlm.nn.from_module: no fused equivalent for {type(module).__module__}."
                         f"{type(module).__qualname__}; supported classes: {known}")
     return cls.from_module(module)
@@ -37,9 +61,9 @@ def from_module(module):
 def supported():
     """{original module.class: fused class name} for every recipe whose original class can be imported."""
     out = {}
-    for r, make in [(r, fused_class) for r in RECIPES] + [(r, fused_embed_class) for r in EMBED_RECIPES]:
+    for r, factory in all_recipes():
         try:
-            make(r)
+            factory(r)
         except (ImportError, AttributeError):
             continue
         out[f"{r.module}.{r.cls}"] = r.fused_name
@@ -47,10 +71,7 @@ def supported():
 
 
 def __getattr__(name):
-    for r in RECIPES:
+    for r, factory in all_recipes():
         if r.fused_name == name:
-            return fused_class(r)
-    for r in EMBED_RECIPES:
-        if r.fused_name == name:
-            return fused_embed_class(r)
+            return factory(r)
     raise AttributeError(f"module 'fastvlm.nn' has no attribute {name!r}")

@@ -224,10 +224,3 @@ def fused_embed_class(recipe: EmbedRecipe):
                 {"forward": {"rows": _fwd_rows, "timm": _fwd_timm}.get(recipe.kind, _fwd_pixels), "_fastvlm_recipe": recipe,
                  "_fastvlm_base": base, "__doc__": doc, "__module__": "fastvlm.nn"})
 
-
-def embed_recipe_for(module_or_class):
-    cls = module_or_class if isinstance(module_or_class, type) else type(module_or_class)
-    for r in EMBED_RECIPES:
-        if cls.__name__ == r.cls and cls.__module__ == r.module:
-            return r
-    return None

@@ -366,13 +366,7 @@ class FusedLinear(nn.Linear):
         return _adopt(cls, original)
 
 
-def recipe_for(module_or_class):
-    """The recipe whose original class is ``type(module)`` (exact class and module match), or None."""
-    cls = module_or_class if isinstance(module_or_class, type) else type(module_or_class)
-    for r in RECIPES:
-        if cls.__name__ == r.cls and cls.__module__ == r.module:
-            return r
-    return None
+
 
 
 class InternVLShuffleProjector(nn.Module):

@@ -1,0 +1,102 @@
+"""Drop-in fused token poolers: LLaVA-NeXT-Video's ``LlavaNextVideoPooler``.
+
+Its ``pool`` child is an AvgPool2d, a MaxPool2d or a stride = kernel Conv2d over the square token grid. Average and
+max pooling run ``fastvlm.ops.pool.pool_tokens`` over the grid's window table (no NCHW permute copy); the conv runs
+as the fused GEMM reading the windows in channel-major order (the conv weight's own flattening), with its bias.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fastvlm import _dispatch
+from fastvlm.nn.projector import _FusedBase
+from fastvlm.ops.layout import space_to_depth_rows
+from fastvlm.ops.pool import pool_tokens
+from fastvlm.ops.projector import mlp_projector
+
+
+@dataclass(frozen=True)
+class PoolRecipe:
+    family: str
+    module: str
+    cls: str
+    fused_name: str
+
+
+POOL_RECIPES = (
+    PoolRecipe("llava_next_video", "transformers.models.llava_next_video.modeling_llava_next_video",
+               "LlavaNextVideoPooler", "FusedLlavaNextVideoPooler"),
+)
+
+
+def _window(pool):
+    """(kind, k) of a pool child that is a plain k x k, stride k window, or a reason string."""
+    k = pool.kernel_size if isinstance(pool.kernel_size, int) else pool.kernel_size[0]
+    stride = pool.stride if isinstance(pool.stride, int) else pool.stride[0]
+    if isinstance(pool, nn.Conv2d):
+        square = pool.kernel_size[0] == pool.kernel_size[1] and tuple(pool.stride) == tuple(pool.kernel_size)
+        if type(pool) is not nn.Conv2d or not square or any(pool.padding) or pool.groups != 1:
+            return "pool is not a square stride = kernel Conv2d"
+        return "conv", k
+    if type(pool) not in (nn.AvgPool2d, nn.MaxPool2d):
+        return f"pool is {type(pool).__name__}"
+    if k != stride or any(p != 0 for p in ((pool.padding,) if isinstance(pool.padding, int) else pool.padding)) \
+            or pool.ceil_mode or (isinstance(pool, nn.MaxPool2d) and pool.dilation not in (1, (1, 1))) \
+            or (isinstance(pool, nn.AvgPool2d) and pool.divisor_override is not None):
+        return "pool is not a plain k x k window with stride k"
+    return ("mean" if isinstance(pool, nn.AvgPool2d) else "max"), k
+
+
+class _FusedPoolerMixin(_FusedBase):
+    _fastvlm_recipe: PoolRecipe
+
+    def _fastvlm_structure(self):
+        w = _window(self.pool)
+        reasons = [w] if isinstance(w, str) else []
+        if self.pool._forward_hooks or self.pool._forward_pre_hooks:
+            reasons.append("pool has forward hooks, which the fused path would not call")
+        return reasons
+
+    def _fastvlm_forward(self, image_features):
+        reasons = self._fastvlm_structure()
+        if not reasons and image_features.dim() == 3:
+            B, P, D = image_features.shape
+            kind, k = _window(self.pool)
+            side = math.isqrt(P)
+            if side * side != P or side % k:
+                reasons.append(f"{P} tokens are not a square grid divisible by {k}")
+        elif not reasons:
+            reasons.append(f"input of shape {tuple(image_features.shape)} is not [batch, tokens, features]")
+        if not reasons and torch.is_autocast_enabled(image_features.device.type):
+            reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
+        if reasons:
+            _dispatch.report_fallback(self._fastvlm_recipe.fused_name, reasons, f"x{tuple(image_features.shape)}")
+            return self._fastvlm_base.forward(self, image_features)
+        rows = space_to_depth_rows(B, side, side, k, image_features.device)
+        x = image_features.reshape(B * P, D)
+        if kind == "conv":
+            w = self.pool.weight
+            y = mlp_projector(x.to(w.dtype), w.reshape(w.shape[0], -1), self.pool.bias, act="none", rows=rows,
+                              a_mode="concat_cm")
+        else:
+            y = pool_tokens(x, rows, kind)
+        return y.reshape(B, rows.shape[0] // B, -1)
+
+
+def _fwd(self, image_features):
+    return self._fastvlm_forward(image_features)
+
+
+@functools.lru_cache(maxsize=None)
+def fused_pool_class(recipe: PoolRecipe):
+    base = getattr(importlib.import_module(recipe.module), recipe.cls)
+    doc = f"Drop-in fused replacement for transformers' ``{recipe.cls}``: same constructor, state_dict and forward."
+    return type(recipe.fused_name, (_FusedPoolerMixin, base),
+                {"forward": _fwd, "_fastvlm_recipe": recipe, "_fastvlm_base": base, "__doc__": doc,
+                 "__module__": "fastvlm.nn"})
