@@ -37,7 +37,13 @@ def cuda_extensions():
     for key, value in settings["env"].items():  # before cpp_extension reads CUDA_HOME at import
         if value and not os.environ.get(key):
             os.environ[key] = value
-    from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CUDAExtension
+    except ImportError as exc:
+        raise SystemExit("fastvlm: FASTVLM_BUILD_CUDA=1 needs torch in the build environment: run "
+                         "`FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation .` (pip's isolated build environment "
+                         "has no torch), or leave FASTVLM_BUILD_CUDA unset and the extension is built on first use "
+                         f"({exc})") from exc
 
     ext = CUDAExtension(
         name="fastvlm._C",
