@@ -54,3 +54,51 @@ def test_backward_real_size():
     m64(x.double()).backward(gy.double())
     for g, p in zip(got, m64.parameters()):
         assert_close(g, p.grad, torch.bfloat16, 576, roundings=4, what="gradient")
+
+
+def _merge_case(device, dtype):
+    """Idefics3-8B-like pixel-shuffle connector (scale 2, 26 x 26 grid of 1152) at real width, and Gemma 3's pool."""
+    from fastvlm.ops.layout import gather_ref, pool_rows, space_to_depth_rows
+    from fastvlm.ops.projector import mlp_projector
+
+    torch.manual_seed(0)
+    x = torch.randn(2 * 26 * 26, 1152, device=device).to(dtype)
+    rows = space_to_depth_rows(2, 26, 26, 2, device)
+    w = (torch.randn(4096, 4 * 1152, device=device) * 0.01).to(dtype)
+    out = mlp_projector(x, w, act="none", rows=rows, a_mode="concat")
+    ref = gather_ref(x.double(), rows, "concat") @ w.double().T
+    assert_close(out, ref, dtype, 4 * 1152, roundings=2)
+    xg = torch.randn(2 * 64 * 64, 1152, device=device).to(dtype)
+    prow = pool_rows(2, 64, 64, 4, device)
+    nw = torch.randn(1152, device=device).to(dtype) * 0.1
+    wg = (torch.randn(2560, 1152, device=device) * 0.02).to(dtype)
+    out = mlp_projector(xg, wg, act="none", norm="rmsnorm_1p", norm_weight=nw, eps=1e-6, rows=prow, a_mode="mean")
+    pooled = gather_ref(xg.double(), prow, "mean")
+    normed = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + nw.double())
+    assert_close(out, normed @ wg.double().T, dtype, 1152 * 16, roundings=3)
+
+
+def _patch_embed_case(device, dtype):
+    """CLIP-L/14-336 patch embedding with class token and positions, float and uint8 pixels."""
+    from fastvlm.ops.patch_embed import im2col_ref, patch_embed
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 336, 336, device=device)
+    w = (torch.randn(1024, 3, 14, 14, device=device) * 0.02).to(dtype)
+    pos, cls = torch.randn(577, 1024, device=device).to(dtype), torch.randn(1024, device=device).to(dtype)
+    rows = torch.arange(1, 577, device=device)
+    out = patch_embed(x, w, pos=pos, pos_rows=rows, cls=cls)
+    a = im2col_ref(x.to(dtype).double(), 14)
+    ref = (a @ w.double().reshape(1024, -1).T).view(8, 576, 1024) + pos.double()[1:]
+    assert_close(out[:, 1:], ref, dtype, 588, roundings=2)
+    assert_close(out[:, 0], (cls.double() + pos.double()[0]).expand(8, -1), dtype, 1, what="class-token rows")
+
+
+def test_merge_and_pool_real_width():
+    for dtype in (torch.bfloat16, torch.float16):
+        _merge_case("cuda", dtype)
+
+
+def test_patch_embed_real_size():
+    for dtype in (torch.bfloat16, torch.float16):
+        _patch_embed_case("cuda", dtype)
