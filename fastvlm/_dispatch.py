@@ -80,6 +80,18 @@ def environment_reasons(device) -> list[str]:
 # ---------------------------------------------------------------- recording
 
 
+def text_table(rows):
+    """Rows of strings as aligned columns under a rule; the last column is left free (it holds long reasons)."""
+    n = len(rows[0]) - 1
+    widths = [max(len(row[i]) for row in rows) for i in range(n)]
+    lines = []
+    for i, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:n], widths)) + "  " + row[n])
+        if i == 0:
+            lines.append("-" * (sum(widths) + 2 * n + len(row[n])))
+    return "\n".join(lines)
+
+
 @dataclass
 class OpRecord:
     op: str
@@ -98,15 +110,8 @@ class Trace:
         if not self.records:
             return "fastvlm.trace: no fastvlm op was called"
         rows = [("op", "backend", "shapes", "fallback reason")]
-        for r in self.records:
-            rows.append((r.op, r.backend, r.detail, "; ".join(r.reasons) or "-"))
-        widths = [max(len(row[i]) for row in rows) for i in range(3)]
-        out = []
-        for i, row in enumerate(rows):
-            out.append("  ".join(c.ljust(w) for c, w in zip(row[:3], widths)) + "  " + row[3])
-            if i == 0:
-                out.append("-" * (sum(widths) + 6 + len("fallback reason")))
-        return "\n".join(out)
+        rows += [(r.op, r.backend, r.detail, "; ".join(r.reasons) or "-") for r in self.records]
+        return text_table(rows)
 
     __repr__ = __str__
 

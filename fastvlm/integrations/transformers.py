@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from fastvlm._dispatch import text_table
 from fastvlm.nn import all_recipes, is_fused, recipe_for
 from fastvlm.nn.projector import FusedLinear
 
@@ -81,14 +82,8 @@ class PatchReport:
             return f"fastvlm.patch({self.model}): no recognised connector or embedding module"
         rows = [("module", "original", "fastvlm", "status", "detail")]
         rows += [(e.path or "<root>", e.original, e.fused or "-", e.status, e.detail or "-") for e in self.entries]
-        w = [max(len(r[i]) for r in rows) for i in range(4)]
         summary = ", ".join(f"{n} {status}" for status, n in self.counts().items())
-        lines = [f"fastvlm.patch({self.model}): {summary}"]
-        for i, r in enumerate(rows):
-            lines.append("  ".join(c.ljust(x) for c, x in zip(r[:4], w)) + "  " + r[4])
-            if i == 0:
-                lines.append("-" * (sum(w) + 8 + len("detail")))
-        return "\n".join(lines)
+        return f"fastvlm.patch({self.model}): {summary}\n" + text_table(rows)
 
     __repr__ = __str__
 
