@@ -114,6 +114,9 @@ def build(family, act="gelu"):
                 "Llama4Config", vision_config=vc.to_dict(), text_config=dict(
                     hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
                     num_hidden_layers=1, vocab_size=100)))
+    elif family == "idefics2_mlp":
+        m = _mod("idefics2.modeling_idefics2", "Idefics2MLP")(hidden_size=48, intermediate_size=72, output_size=40,
+                                                             hidden_act="silu")
     elif family == "aya_vision":
         cfg = _cfg("AyaVisionConfig", vision_config=SIGLIP, text_config=dict(model_type="cohere2", **T),
                    downsample_factor=2)
@@ -136,7 +139,7 @@ def build(family, act="gelu"):
 
 FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "video_llava", "fast_vlm", "paligemma",
             "vipllava", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack", "idefics3", "smolvlm",
-            "llama4_adapter", "llama4_projector", "gemma3", "mistral3", "aya_vision"]
+            "llama4_adapter", "llama4_projector", "gemma3", "mistral3", "aya_vision", "idefics2_mlp"]
 MERGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack"}
 
 
@@ -155,6 +158,8 @@ def args_for(family, module, tokens=12, dtype=torch.float32, device="cpu"):
         return (r(2, 64, 48),)  # 8 x 8 grid pooled by 2
     if family == "aya_vision":
         return (r(2, 36, 48),)  # 6 x 6 grid, downsample 2
+    if family == "idefics2_mlp":
+        return (r(2, 7, 48),)
     if family == "mistral3":  # two images of 4 x 6 and 2 x 2 patches (patch 14), packed in one sequence
         return r(28, 48), torch.tensor([[56, 84], [28, 28]], device=device)
     return (input_for(family, module, tokens, dtype, device),)

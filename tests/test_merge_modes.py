@@ -193,7 +193,7 @@ def test_op_opcheck(name):
 
     tensors, kw = _op_case(name, torch.float32)
     x, w1, b1, w2, b2, nw, nb = tensors
-    args = (x, w1, b1, w2, b2, nw, nb, kw["rows"], kw["norm"], kw.get("norm_group", 1), kw["eps"], kw["act"],
+    args = (x, w1, b1, w2, b2, nw, nb, kw["rows"], None, None, kw["norm"], kw.get("norm_group", 1), kw["eps"], kw["act"],
             kw["act2"], kw["a_mode"], kw["norm_src"], kw.get("gated", False), True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fastvlm.FastVLMFallbackWarning)

@@ -86,7 +86,7 @@ def test_gradcheck_float64(torch_backend):
 @pytest.mark.parametrize("case", ["llava", "qwen2_merger", "qwen25_merger", "single_linear"])
 def test_opcheck(case):
     x, (w1, b1, w2, b2), kw = make(case, requires_grad=True)
-    args = (x, w1, b1, w2, b2, kw.get("norm_weight"), kw.get("norm_bias"), None, kw["norm"],
+    args = (x, w1, b1, w2, b2, kw.get("norm_weight"), kw.get("norm_bias"), None, None, None, kw["norm"],
             kw.get("norm_group", x.shape[1]), kw["eps"], kw["act"], "none", "strided", False, False, True)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fastvlm.FastVLMFallbackWarning)
@@ -217,3 +217,23 @@ def test_bad_inputs_name_the_tensor():
         mlp_projector(x, w1, b1, w2, b2, **{**kw, "norm_weight": kw["norm_weight"][:-1]})
     with pytest.raises(ValueError, match="act must be one of"):
         mlp_projector(x, w1, b1, w2, b2, **{**kw, "act": "mish"})
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32),
+                                           ("triton", torch.bfloat16)])
+def test_gated_pair_with_separate_up_weight(backend, dtype, monkeypatch):
+    """Idefics2's MLP: down(act(gate(x)) * up(x)) with gate_proj and up_proj as separate weights (no copy)."""
+    import torch.nn.functional as F
+
+    monkeypatch.setenv("FASTVLM_BACKEND", backend)
+    g = lambda *s, scale=1.0: (torch.randn(*s, dtype=torch.float64) * scale).to(dtype).requires_grad_()  # noqa: E731
+    x, wg, wu, w2 = g(9, 24), g(40, 24, scale=0.2), g(40, 24, scale=0.2), g(16, 40, scale=0.15)
+    y = mlp_projector(x, wg, None, w2, act="silu", w_up=wu)
+    gy = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, wg, wu, w2), gy)
+    t64 = [t.detach().double().requires_grad_() for t in (x, wg, wu, w2)]
+    ref = F.linear(F.silu(F.linear(t64[0], t64[1])) * F.linear(t64[0], t64[2]), t64[3])
+    want = torch.autograd.grad(ref, t64, gy.double())
+    assert_close(y, ref, dtype, 24, roundings=3)
+    for a, b in zip(got, want):
+        assert_close(a, b, dtype, 40, roundings=4, what="gradient")

@@ -36,7 +36,7 @@ LINEAR_SLOTS = {
 
 # recognised connector / embedding classes whose kernels do not exist yet: reported, never swapped
 NOT_YET = {
-    "Idefics2Connector": "Perceiver resampler: kernel planned (issue 5)",
+    "Idefics2Connector": "Perceiver resampler: kernel planned (issue 5); its SwiGLU MLPs are fused one by one",
     **{c: "Q-Former: kernel planned (issue 4)" for c in ("Blip2QFormerModel", "InstructBlipQFormerModel",
                                                          "InstructBlipVideoQFormerModel")},
     **{c: "patch embedding: kernel planned (issue 3)" for c in (

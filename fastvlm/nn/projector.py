@@ -50,6 +50,7 @@ class ProjectorRecipe:
     merger: Optional[str] = None  # a bias-free Linear applied to the merged rows before linear_1 (Mistral 3)
     extra_input: Optional[str] = None  # a second forward argument (Mistral 3's image_sizes)
     gated: bool = False  # linear_1's output chunked into (up, gate) halves: act(gate) * up (Aya's SwiGLU)
+    up: Optional[str] = None  # a separate up Linear: act(linear_1(x)) * up(x) (Idefics2's gate_proj / up_proj)
     grid_output: bool = False  # return [B, H/s, W/s, out] instead of [B, tokens, out] (Aya)
 
 
@@ -98,6 +99,8 @@ RECIPES = (
     ProjectorRecipe("aya_vision", _T + "aya_vision.modeling_aya_vision", "AyaVisionMultiModalProjector",
                     "FusedAyaVisionMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
                     norm="layernorm", merge="pixel_shuffle", scale="downsample_factor", gated=True, grid_output=True),
+    ProjectorRecipe("idefics2", _T + "idefics2.modeling_idefics2", "Idefics2MLP", "FusedIdefics2MLP", "x",
+                    "gate_proj", "down_proj", "act_fn", up="up_proj"),
     ProjectorRecipe("gemma3", _T + "gemma3.modeling_gemma3", "Gemma3MultiModalProjector",
                     "FusedGemma3MultiModalProjector", "vision_outputs", "", norm="mm_soft_emb_norm", merge="avg_pool",
                     weight_in_out="mm_input_projection_weight"),
@@ -162,7 +165,7 @@ class _FusedProjectorMixin(_FusedBase):
 
     def _fastvlm_linears(self):
         r = self._fastvlm_recipe
-        names = [n for n in (r.merger, r.linear_1 or None, r.linear_2) if n]
+        names = [n for n in (r.merger, r.linear_1 or None, r.up, r.linear_2) if n]
         return [(n, self.get_submodule(n)) for n in names]
 
     def _fastvlm_structure(self):
@@ -199,13 +202,16 @@ class _FusedProjectorMixin(_FusedBase):
             plan.update(w1=lin1.weight, b1=lin1.bias)
         lin2 = self.get_submodule(r.linear_2) if r.linear_2 else None
         plan.update(w2=lin2.weight if lin2 is not None else None, b2=lin2.bias if lin2 is not None else None)
+        if r.up:
+            up = self.get_submodule(r.up)
+            plan.update(w_up=up.weight, b_up=up.bias)
         return plan, []
 
     def _fastvlm_plan(self, x):
         """The structure's plan plus the per-call conditions (hooks on children, autocast)."""
         plan, reasons = self._fastvlm_structure()
         r = self._fastvlm_recipe
-        for name in (r.merger, r.linear_1, r.linear_2, r.norm):
+        for name in (r.merger, r.linear_1, r.up, r.linear_2, r.norm):
             if name:
                 reasons += _child_reasons(name, self.get_submodule(name))
         if torch.is_autocast_enabled(x.device.type):

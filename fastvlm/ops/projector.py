@@ -62,7 +62,7 @@ def _k_of(x, rows, a_mode):
 # ------------------------------------------------------------------------------------------------ validation
 
 
-def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec):
+def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec, w_up=None, b_up=None):
     """Shape errors that the original modules would also reject, named after the tensor at fault."""
     if x.dim() != 2:
         raise ValueError(f"mlp_projector: x must be 2-D [tokens, features] here, got shape {tuple(x.shape)}")
@@ -79,9 +79,15 @@ def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec):
                          f"got {tuple(w1.shape)}")
     if b1 is not None and b1.shape != (w1.shape[0],):
         raise ValueError(f"mlp_projector: linear_1.bias must be [{w1.shape[0]}], got {tuple(b1.shape)}")
-    if s.gated and w1.shape[0] % 2:
+    if w_up is not None:  # a gated pair with its own up weight (Idefics2's gate_proj / up_proj)
+        if w_up.shape != w1.shape:
+            raise ValueError(f"mlp_projector: up_proj.weight must be {tuple(w1.shape)} like gate_proj, got "
+                             f"{tuple(w_up.shape)}")
+        if (b_up is None) != (b1 is None):
+            raise ValueError("mlp_projector: give biases to both gate and up projections, or to neither")
+    elif s.gated and w1.shape[0] % 2:
         raise ValueError(f"mlp_projector: a gated linear_1 needs an even output width, got {w1.shape[0]}")
-    hidden = w1.shape[0] // 2 if s.gated else w1.shape[0]
+    hidden = w1.shape[0] // 2 if (s.gated and w_up is None) else w1.shape[0]
     if w2 is not None:
         if w2.dim() != 2 or w2.shape[1] != hidden:
             raise ValueError(f"mlp_projector: linear_2.weight must be [out, {hidden}], got {tuple(w2.shape)}")
@@ -131,7 +137,7 @@ def _saves_h(w2, s: Spec):
 # ------------------------------------------------------------------------------------------------ forward paths
 
 
-def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
+def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
     from fastvlm.kernels.gemm import fused_linear
     from fastvlm.kernels.norm_stats import row_stats
 
@@ -150,7 +156,9 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
         else:  # a norm over whole merged (concat) or pooled (mean) rows
             mean, rstd = row_stats(x, s.eps, rms, rows=rows, mode=s.a_mode)
     gate = {}
-    if s.gated:  # (up, gate) halves of one Linear: views, no copy
+    if w_up is not None:  # separate gate and up weights
+        gate = dict(up_weight=w_up, up_bias=b_up)
+    elif s.gated:  # (up, gate) halves of one Linear: views, no copy
         half = w1.shape[0] // 2
         gate = dict(up_weight=w1[:half], up_bias=None if b1 is None else b1[:half])
         w1, b1 = w1[half:], None if b1 is None else b1[half:]
@@ -182,8 +190,11 @@ def _activate(h, s: Spec):
     return act_ref(h, s.act)
 
 
-def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
-    h = F.linear(_logical_a(x, nw, nb, rows, s), w1, b1)
+def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
+    a = _logical_a(x, nw, nb, rows, s)
+    h = F.linear(a, w1, b1)
+    if w_up is not None:  # the same [up | gate] layout as a chunked Linear
+        h = torch.cat([F.linear(a, w_up, b_up), h], dim=-1)
     y = _activate(h, s)
     z = None
     if w2 is not None:
@@ -196,16 +207,16 @@ def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
     return (y, h if save and _saves_h(w2, s) else None, z if save and s.act2 != "none" else None, mean, rstd)
 
 
-def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save):
+def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
     """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved."""
     detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {(w2 if w2 is not None else w1).shape[0]}"
     if s.a_mode != "strided":
         detail += f" ({s.a_mode} of {rows.shape[1]})"
     named = (("linear_1.weight", w1), ("linear_1.bias", b1), ("linear_2.weight", w2), ("linear_2.bias", b2),
-             ("norm.weight", nw), ("norm.bias", nb))
+             ("norm.weight", nw), ("norm.bias", nb), ("up_proj.weight", w_up), ("up_proj.bias", b_up))
     backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
     impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(x, w1, b1, w2, b2, nw, nb, rows, s, save)
+    return impl(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -252,10 +263,14 @@ def _acc_dtype(t):
     return torch.promote_types(t.dtype, torch.float32)
 
 
-def _backward(s: Spec, saved, gy, needs):
-    """Gradients of (x, w1, b1, w2, b2, norm_weight, norm_bias) given dL/dy; ``needs`` flags which are wanted."""
+def _backward(s: Spec, saved, gy, needs, w_up=None):
+    """Gradients of (x, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up) given dL/dy; ``needs`` flags which are
+    wanted. With a separate up weight, w1 is the gate weight and ``h`` holds [up | gate] pre-activations."""
     x, w1, w2, nw, nb, rows, h, z, mean, rstd = saved
-    need_x, need_w1, need_b1, need_w2, need_b2, need_nw, need_nb = needs
+    need_x, need_w1, need_b1, need_w2, need_b2, need_nw, need_nb, need_wu, need_bu = needs
+    gwu = gbu = None
+    if w_up is not None:  # treat [w_up; w1] as one weight whose output is chunked, then split the gradients
+        half = w1.shape[0]
     gy = gy.contiguous()
     gx = gw1 = gb1 = gw2 = gb2 = gnw = gnb = None
     if w2 is not None:
@@ -273,13 +288,23 @@ def _backward(s: Spec, saved, gy, needs):
                         act_grad_ref(gate, (ga.to(_acc_dtype(ga)) * up).to(ga.dtype), s.act)], dim=-1)
     else:
         gh = act_grad_ref(h, ga, s.act) if s.act != "none" else ga
-    if need_b1:
-        gb1 = gh.to(_acc_dtype(gh)).sum(0).to(w1.dtype)
-    if need_w1:
-        gw1 = (gh.t() @ _logical_a(x, nw, nb, rows, s) if s.norm == "none" else
-               gh.t() @ _normalised_from_stats(x, nw, nb, rows, mean, rstd, s)).to(w1.dtype)
+    if need_b1 or need_bu:
+        gb = gh.to(_acc_dtype(gh)).sum(0).to(w1.dtype)
+        if w_up is not None:
+            gbu, gb1 = (gb[:half] if need_bu else None), (gb[half:] if need_b1 else None)
+        else:
+            gb1 = gb
+    if need_w1 or need_wu:
+        a_n = (_logical_a(x, nw, nb, rows, s) if s.norm == "none" else
+               _normalised_from_stats(x, nw, nb, rows, mean, rstd, s))
+        if w_up is not None:
+            gw1 = (gh[:, half:].t() @ a_n).to(w1.dtype) if need_w1 else None
+            gwu = (gh[:, :half].t() @ a_n).to(w_up.dtype) if need_wu else None
+        else:
+            gw1 = (gh.t() @ a_n).to(w1.dtype)
     if need_x or need_nw or need_nb:
-        g_a = gh @ w1  # gradient of the (normalised) logical A
+        # gradient of the (normalised) logical A
+        g_a = gh @ w1 if w_up is None else gh[:, :half] @ w_up + gh[:, half:] @ w1
         if s.norm == "none":
             gx = scatter_back(g_a, rows, s.a_mode, x.shape[0]) if need_x else None
         elif s.norm_src:
@@ -292,7 +317,7 @@ def _backward(s: Spec, saved, gy, needs):
             gx = scatter_back(g_raw, rows, s.a_mode, x.shape[0]) if need_x else None
         if gnb is not None:
             gnb = gnb.to(nb.dtype)
-    return gx, gw1, gb1, gw2, gb2, gnw, gnb
+    return gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu
 
 
 def _normalised_from_stats(x, nw, nb, rows, mean, rstd, s: Spec):
@@ -320,23 +345,25 @@ def _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated=False):
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def mlp_projector_op(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: Optional[torch.Tensor],
                      b2: Optional[torch.Tensor], norm_weight: Optional[torch.Tensor],
-                     norm_bias: Optional[torch.Tensor], rows: Optional[torch.Tensor], norm: str, norm_group: int,
+                     norm_bias: Optional[torch.Tensor], rows: Optional[torch.Tensor], w_up: Optional[torch.Tensor],
+                     b_up: Optional[torch.Tensor], norm: str, norm_group: int,
                      eps: float, act: str, act2: str, a_mode: str, norm_src: bool, gated: bool,
                      save: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, h, z, mean, rstd). h/z/mean/rstd are what backward needs (empty unless ``save``)."""
     s = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated)
-    return _pack(x, _forward(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, save), save)
+    return _pack(x, _forward(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, save, w_up, b_up), save)
 
 
 @mlp_projector_op.register_fake
-def _(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, norm, norm_group, eps, act, act2, a_mode, norm_src, gated,
-      save):
+def _(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up, norm, norm_group, eps, act, act2, a_mode, norm_src,
+      gated, save):
     s = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated)
     M = x.shape[0] if a_mode == "strided" else rows.shape[0]
     K = x.shape[1] if a_mode == "strided" else _k_of(x, rows, a_mode)
     f = torch.promote_types(x.dtype, torch.float32)
-    y = x.new_empty((M, w2.shape[0] if w2 is not None else w1.shape[0] // (2 if gated else 1)))
-    h = x.new_empty((M, w1.shape[0]) if save and _saves_h(w2, s) else (0,))
+    width = w1.shape[0] // (2 if gated and w_up is None else 1)  # the first linear's (activated) output width
+    y = x.new_empty((M, w2.shape[0] if w2 is not None else width))
+    h = x.new_empty((M, w1.shape[0] * (2 if w_up is not None else 1)) if save and _saves_h(w2, s) else (0,))
     z = x.new_empty((M, w2.shape[0]) if save and w2 is not None and act2 != "none" else (0,))
     if not save or norm == "none":
         n = 0
@@ -352,17 +379,18 @@ def _(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, norm, norm_group, eps, ac
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, nw, nb, rows, norm, norm_group, eps, act, act2, a_mode, norm_src, gated, save = inputs
+    x, w1, b1, w2, b2, nw, nb, rows, w_up, b_up, norm, norm_group, eps, act, act2, a_mode, norm_src, gated, save = inputs
     _, h, z, mean, rstd = output
     ctx.spec = _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated)
-    ctx.save_for_backward(x, w1, w2, nw, nb, rows, h, z, mean, rstd)
+    ctx.save_for_backward(x, w1, w2, nw, nb, rows, h, z, mean, rstd, w_up)
     ctx.mark_non_differentiable(h, z, mean, rstd)
 
 
 def _op_backward(ctx, gy, _gh, _gz, _gmean, _grstd):
     n = ctx.needs_input_grad
-    grads = _backward(ctx.spec, ctx.saved_tensors, gy, tuple(n[:7]))
-    return (*grads, None, None, None, None, None, None, None, None, None, None)
+    *saved, w_up = ctx.saved_tensors
+    gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu = _backward(ctx.spec, saved, gy, (*n[:7], n[8], n[9]), w_up)
+    return (gx, gw1, gb1, gw2, gb2, gnw, gnb, None, gwu, gbu, None, None, None, None, None, None, None, None, None)
 
 
 mlp_projector_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -372,16 +400,18 @@ class _MLPProjectorFunction(torch.autograd.Function):
     """The same forward/backward as the custom op, without the dispatcher's per-call cost (eager mode only)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, nw, nb, rows, s):
-        y, h, z, mean, rstd = _forward(x, w1, b1, w2, b2, nw, nb, rows, s, True)
+    def forward(ctx, x, w1, b1, w2, b2, nw, nb, rows, s, w_up, b_up):
+        y, h, z, mean, rstd = _forward(x, w1, b1, w2, b2, nw, nb, rows, s, True, w_up, b_up)
         ctx.spec = s
-        ctx.save_for_backward(x, w1, w2, nw, nb, rows, h, z, mean, rstd)
+        ctx.save_for_backward(x, w1, w2, nw, nb, rows, h, z, mean, rstd, w_up)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         n = ctx.needs_input_grad
-        return (*_backward(ctx.spec, ctx.saved_tensors, gy, tuple(n[:7])), None, None)
+        *saved, w_up = ctx.saved_tensors
+        gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu = _backward(ctx.spec, saved, gy, (*n[:7], n[9], n[10]), w_up)
+        return gx, gw1, gb1, gw2, gb2, gnw, gnb, None, None, gwu, gbu
 
 
 # ------------------------------------------------------------------------------------------------ functional
@@ -389,7 +419,7 @@ class _MLPProjectorFunction(torch.autograd.Function):
 
 def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", norm="none", norm_weight=None,
                   norm_bias=None, norm_group=None, eps=1e-5, rows=None, a_mode="strided", norm_src=False,
-                  gated=False):
+                  gated=False, w_up=None, b_up=None):
     """Fused ``act2(linear_2(act(linear_1(norm(A(x))))))``.
 
     Without ``rows`` this works over the last dimension of ``x`` (any leading dimensions). With ``rows`` (an int64
@@ -398,7 +428,8 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     ``norm``: "none", "layernorm", "rmsnorm" (transformers' cast point), "rmsnorm_1p" (Gemma: fp32, weight 1 + w).
     ``norm_group``: the width the norm runs over (default: A's width); ``norm_src``: the norm runs on the rows of x
     before the merge. ``w2=None`` gives a single (optionally activated) linear. ``gated``: linear_1's output is
-    chunked into (up, gate) halves and ``act(gate) * up`` feeds linear_2 (SwiGLU).
+    chunked into (up, gate) halves and ``act(gate) * up`` feeds linear_2 (SwiGLU). ``w_up``/``b_up``: the same
+    with separate weights, ``act(x @ w1^T) * (x @ w_up^T)`` (Idefics2's gate_proj / up_proj).
     Eager calls skip the torch.library dispatcher; under torch.compile the call is the registered custom op.
     """
     if rows is None:
@@ -415,15 +446,15 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         group = K
     else:
         group = int(norm_group or (x2.shape[-1] if norm_src else K))
-    s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
-    _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s)
+    s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated or w_up is not None)
+    _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
     if torch.compiler.is_compiling():
-        y = torch.ops.fastvlm.mlp_projector(*tensors, rows, s.norm, s.norm_group, s.eps, s.act, s.act2, s.a_mode,
-                                            s.norm_src, s.gated, needs_grad)[0]
+        y = torch.ops.fastvlm.mlp_projector(*tensors, rows, w_up, b_up, s.norm, s.norm_group, s.eps, s.act, s.act2,
+                                            s.a_mode, s.norm_src, s.gated, needs_grad)[0]
     elif needs_grad:
-        y = _MLPProjectorFunction.apply(*tensors, rows, s)
+        y = _MLPProjectorFunction.apply(*tensors, rows, s, w_up, b_up)
     else:
-        y = _forward(*tensors, rows, s, False)[0]
+        y = _forward(*tensors, rows, s, False, w_up, b_up)[0]
     return y if lead is None else y.reshape(*lead, y.shape[-1])
