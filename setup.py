@@ -1,9 +1,11 @@
 """Build script. The package is pure Python unless FASTVLM_BUILD_CUDA=1 asks for the optional CUDA extension.
 
-The extension (``fastvlm._C``) is built from csrc/ with torch's BuildExtension and ninja. Building it needs torch in
-the build environment, so use ``FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation .``. Without it, fastvlm runs
-its Triton kernels and PyTorch paths, and builds the extension on first use instead (fastvlm/_cext.py; cached under
-~/.cache/fastvlm); ``fastvlm info`` says whether the extension is present.
+The extension (``fastvlm._C``) is built from csrc/ with torch's BuildExtension and ninja:
+``FASTVLM_BUILD_CUDA=1 pip install .``. Building it needs torch in the build environment: the in-tree build backend
+(buildtools/fastvlm_backend.py) adds torch, pinned to the version installed where pip runs, and ninja to pip's isolated
+build environment when FASTVLM_BUILD_CUDA=1; ``--no-build-isolation`` builds against the installed torch directly.
+Without FASTVLM_BUILD_CUDA, fastvlm runs its Triton kernels and PyTorch paths, and builds the extension on first use
+instead (fastvlm/_cext.py; cached under ~/.cache/fastvlm); ``fastvlm info`` says whether the extension is present.
 
 The build settings (CUDA_HOME, TORCH_CUDA_ARCH_LIST, include paths, flags) come from fastvlm/_cext.py, loaded by
 path without importing fastvlm, so both builds agree. On a machine without a GPU they are: the toolkit root holding
@@ -27,7 +29,7 @@ def _cext_module():
 
 
 def cuda_extensions():
-    if os.environ.get("FASTVLM_BUILD_CUDA", "0") != "1":
+    if os.environ.get("FASTVLM_BUILD_CUDA", "0") != "1" or os.environ.get("FASTVLM_REQUIRES_ONLY") == "1":
         return {}
     sources = sorted(glob.glob("csrc/*.cu") + glob.glob("csrc/*.cpp"))
     if not sources:
@@ -40,10 +42,10 @@ def cuda_extensions():
     try:
         from torch.utils.cpp_extension import BuildExtension, CUDAExtension
     except ImportError as exc:
-        raise SystemExit("fastvlm: FASTVLM_BUILD_CUDA=1 needs torch in the build environment: run "
-                         "`FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation .` (pip's isolated build environment "
-                         "has no torch), or leave FASTVLM_BUILD_CUDA unset and the extension is built on first use "
-                         f"({exc})") from exc
+        raise SystemExit("fastvlm: FASTVLM_BUILD_CUDA=1 needs torch in the build environment; pip gets it through "
+                         "buildtools/fastvlm_backend.py, other frontends may not: run `FASTVLM_BUILD_CUDA=1 pip "
+                         "install --no-build-isolation .`, or leave FASTVLM_BUILD_CUDA unset and the extension is "
+                         f"built on first use ({exc})") from exc
 
     ext = CUDAExtension(
         name="fastvlm._C",

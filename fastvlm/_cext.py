@@ -3,7 +3,8 @@
 The extension registers the ``torch.ops.fastvlm_ext`` ops (CPU, Meta and CUDA implementations; ``load()`` adds the
 autograd formula of ``scatter_image_features`` from Python). It is found, in order, as
 
-1. ``fastvlm._C``, built by ``FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation -e .`` (setup.py);
+1. ``fastvlm._C``, built by ``FASTVLM_BUILD_CUDA=1 pip install .`` (setup.py; a copy built against another torch
+   does not import and is passed over, with the reason kept, for the JIT build below);
 2. a JIT build of csrc/ cached under ``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/fastvlm/torch_extensions``, in a
    folder keyed by the sources, torch, Python, the CUDA toolkit and the target architectures;
 3. a new JIT build (``torch.utils.cpp_extension.load`` with ninja, in a subprocess: 30 s to 2 min on 2 cores),
@@ -269,12 +270,13 @@ def load(build: bool = True):
             return None
         import torch  # noqa: F401  (the extension links against torch's libraries)
 
+        stale = ""
         try:
             prebuilt = importlib.import_module("fastvlm._C")
         except ModuleNotFoundError:
             prebuilt = None
-        except ImportError as exc:
-            return _fail("stale", f"fastvlm._C exists but does not import ({exc}); rebuild it or delete it")
+        except ImportError as exc:  # built against another torch: dlopen fails before anything is registered
+            prebuilt, stale = None, f"fastvlm._C exists but does not import ({exc}); "
         if prebuilt is not None:
             return _accept(prebuilt, f"prebuilt fastvlm._C ({prebuilt.__file__})")
         if _namespace_registered():
@@ -284,11 +286,13 @@ def load(build: bool = True):
         if so is None or not os.path.isfile(so):  # no cached build: can one be made here?
             problems = build_problems()
             if problems:
-                return _fail("unavailable", "cannot build the CUDA extension: " + "; ".join(problems))
+                return _fail("stale" if stale else "unavailable",
+                             stale + "cannot build the CUDA extension: " + "; ".join(problems))
             if not build or _mode() == "nobuild":
                 why = "FASTVLM_CEXT=nobuild" if build else "build=False"
-                return _fail("not-built", f"not built yet ({why}); `python -m fastvlm._cext build` builds it "
-                                          f"into {folder}", cache=False)
+                return _fail("stale" if stale else "not-built",
+                             stale + f"not built yet ({why}); `python -m fastvlm._cext build` builds it "
+                                     f"into {folder}", cache=False)
             err = _build(folder)
             if err:
                 return _fail("build-failed", err)

@@ -33,7 +33,11 @@ def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     skip_interp = pytest.mark.skip(reason="interpreter test on CPU tensors; on a GPU machine the device-parametrised "
                                           "and gpu-marked tests cover the kernels")
+    run_slow = "slow" in (config.getoption("-m") or "")
+    skip_slow = pytest.mark.skip(reason="slow (minutes): run with -m slow")
     for item in items:
+        if "slow" in item.keywords and not run_slow:
+            item.add_marker(skip_slow)
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
         params = getattr(getattr(item, "callspec", None), "params", {})
