@@ -131,7 +131,7 @@ def build_problems() -> list[str]:
     problems = []
     if csrc_dir() is None:
         problems.append(f"the csrc/ sources are not installed ({CSRC}); use an editable install (pip install -e .) "
-                        "or FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation .")
+                        "or FASTVLM_BUILD_CUDA=1 pip install .")
     try:
         import torch
 
@@ -212,7 +212,7 @@ def _accept(mod, origin: str):
     version = getattr(mod, "ABI_VERSION", None)
     if version != ABI_VERSION:
         return _fail("stale", f"{origin} has ABI version {version}, this fastvlm needs {ABI_VERSION}: rebuild it "
-                              "(FASTVLM_BUILD_CUDA=1 pip install --no-build-isolation -e .)")
+                              "(FASTVLM_BUILD_CUDA=1 pip install .)")
     _register_autograd()
     _module, _origin, _last_reason = mod, origin, ""
     return mod
