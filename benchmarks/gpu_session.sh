@@ -16,6 +16,10 @@ timeout 150 fastvlm bench --shapes llava-1.5-7b@1 llava-1.5-7b@8 --providers hf_
     --modes fwd --out "$OUT/projector-$name.jsonl" 2>&1 | tee "$OUT/bench-max-autotune.txt"
 timeout 60 python -m fastvlm.bench.scatter --out "$OUT/scatter-$name.jsonl" 2>&1 | tee "$OUT/scatter.txt"
 timeout 90 python -m fastvlm.bench.e2e --paths connector --out "$OUT/e2e-$name.jsonl" 2>&1 | tee "$OUT/e2e.txt"
+timeout 120 python -m fastvlm.bench.patch_embed --shapes clip-l-336@1 clip-l-336@64 siglip-so400m-384@8 idefics2-980@8 \
+    --providers eager gemm fastvlm --out "$OUT/patch-embed-$name.jsonl" 2>&1 | tee "$OUT/patch-embed.txt"
+timeout 60 python -m fastvlm.bench.patch_embed --prenorm --uint8 --shapes clip-l-336@1 clip-l-336@64 \
+    --providers eager fastvlm --out "$OUT/patch-embed-$name.jsonl" 2>&1 | tee -a "$OUT/patch-embed.txt"
 timeout 150 python -m pytest -q -x -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log" | tail -5
 timeout 120 python -m pytest -q tests/test_kernels.py tests/test_attention.py 2>&1 | tee "$OUT/tests-kernels.log" | tail -5
 timeout 60 fastvlm check 2>&1 | tee "$OUT/check.txt" | tail -3

@@ -21,8 +21,12 @@ from fastvlm.integrations.transformers import (  # noqa: E402
     unpatch,
 )
 from fastvlm.ops.attention import attention  # noqa: E402
+from fastvlm.ops.feature_map import feature_map_projector  # noqa: E402
+from fastvlm.ops.linear_norm import linear_residual_layernorm  # noqa: E402
 from fastvlm.ops.projector import mlp_projector  # noqa: E402
 from fastvlm.ops.scatter import scatter_image_features  # noqa: E402
 
-__all__ = ["nn", "trace", "mlp_projector", "scatter_image_features", "attention", "register_attention", "patch", "unpatch", "PatchReport", "apply_to_transformers",
-           "revert_transformers", "FastVLMFallbackError", "FastVLMFallbackWarning", "__version__"]
+__all__ = ["nn", "trace", "mlp_projector", "feature_map_projector", "linear_residual_layernorm",
+           "scatter_image_features", "attention", "register_attention", "patch", "unpatch", "PatchReport",
+           "apply_to_transformers", "revert_transformers", "FastVLMFallbackError", "FastVLMFallbackWarning",
+           "__version__"]

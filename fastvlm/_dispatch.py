@@ -181,3 +181,22 @@ def reset_warnings() -> None:
     """Forget which fallbacks were already reported (tests use it)."""
     with _warn_lock:
         _warned.clear()
+
+
+KERNEL_DTYPES = ("float16", "bfloat16", "float32")  # what the Triton kernels compute in (names: no torch import here)
+
+
+def dtype_device_reasons(x, named, what="x"):
+    """Why a kernel reading ``x`` and the ``named`` (name, tensor or None) operands cannot run: a dtype without a
+    kernel, operands of another dtype or on another device. Empty when it can."""
+    reasons = []
+    if str(x.dtype).replace("torch.", "") not in KERNEL_DTYPES:
+        reasons.append(f"{what} dtype {x.dtype} is not one of float16/bfloat16/float32")
+    for name, t in named:
+        if t is None:
+            continue
+        if t.dtype != x.dtype:
+            reasons.append(f"{name} is {t.dtype} but {what} is {x.dtype} (the kernel needs one dtype)")
+        if t.device != x.device:
+            reasons.append(f"{name} is on {t.device} but {what} is on {x.device}")
+    return reasons

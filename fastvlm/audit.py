@@ -18,10 +18,16 @@ H100_SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (2
 
 
 def _cases():
-    from fastvlm.kernels import attention, gemm, norm_stats, pool, scatter
+    from fastvlm.kernels import attention, gemm, linear_norm, norm_stats, pool, row_norm, scatter
 
     return (gemm.audit_cases() + norm_stats.audit_cases() + scatter.audit_cases() + attention.audit_cases()
-            + pool.audit_cases())
+            + pool.audit_cases() + linear_norm.audit_cases() + _perceiver_cases() + row_norm.audit_cases())
+
+
+def _perceiver_cases():
+    from fastvlm.ops import perceiver  # the fused-GEMM variants of Idefics2's Perceiver (fastvlm::norm_linear)
+
+    return perceiver.audit_cases()
 
 
 def _ptxas():

@@ -111,7 +111,7 @@ def check_model_dir(path):
     originals = {name: mod for name, mod in model.named_modules()}
     report = fastvlm.patch(model, verify=True)
     print(report)
-    ok = all("ok" in e.detail for e in report.patched)
+    ok = all("ok" in e.detail for e in report.patched if e.fused != "hand-off")  # hand-off: exact, tests/test_handoff.py
     for i, e in enumerate(report.patched, 1):
         _progress(i, len(report.patched), e.path)
         fused = model.get_submodule(e.path)

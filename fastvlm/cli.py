@@ -77,6 +77,10 @@ def audit(argv=None):
 
 
 def bench(argv=None):
+    if argv and argv[0] == "qformer":  # fastvlm bench qformer [--quick] ...: the Q-Former suites
+        from fastvlm.bench.qformer import main as qformer_main
+
+        return qformer_main(argv[1:])
     from fastvlm.bench.projector import main as bench_main
 
     return bench_main(argv)
@@ -92,7 +96,8 @@ def main(argv=None):
               "  info   versions, device, which backends are available and why not\n"
               "  check  fused modules vs their transformers originals on built-in random-weight models (no download)\n"
               "  audit  compile every kernel for sm_90a (no GPU needed): registers, spills, shared memory, wgmma\n"
-              "  bench  projector microbenchmark vs transformers eager and torch.compile (GPU; CPU path otherwise)")
+              "  bench  projector microbenchmark vs transformers eager and torch.compile (GPU; CPU path otherwise);\n"
+              "         `fastvlm bench qformer` for the Q-Former and its attention core")
         return 0 if argv and argv[0] in ("-h", "--help") else (2 if argv else 0)
     return COMMANDS[argv[0]](argv[1:])
 

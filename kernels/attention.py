@@ -1,7 +1,12 @@
-"""Flash-style attention forward for short queries over a few hundred keys (BLIP-2 / InstructBLIP Q-Former).
+"""Flash-style attention forward for short queries over a few hundred keys (BLIP-2 / InstructBLIP Q-Former,
+Idefics2's Perceiver resampler).
 
-    Q [B, H, Lq, D], K/V [B, H, Lk, D]  any strides (the transposed views of a projection's [B, L, H*D] output are
-                                        read in place; a stride-0 expanded batch works too)
+    Q [B, H, Lq, D], K/V [B, Hkv, Lk, D]  any strides (the transposed views of a projection's [B, L, H*D] output are
+                                        read in place; a stride-0 expanded batch works too). Hkv divides H:
+                                        grouped-query attention, query head h reads kv head h // (H / Hkv)
+    K2/V2 [B, Hkv, Lk2, D] (HAS_K2)     a second key/value source whose keys follow K's: the softmax runs over
+                                        concat(K, K2) without building it (Idefics2: context keys, then latent keys);
+                                        the key mask covers K only, a full mask indexes K2's keys at Lk + n
     O [B, Lq, H, D]                     the layout transformers' attention functions return, so the following dense
                                         layer reads ``O.view(B, Lq, H*D)`` without a transpose copy
     LSE [B, H, Lq] fp32                 natural-log log-sum-exp of each score row, for the backward pass
@@ -94,29 +99,85 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
+@triton.jit
+def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, col_ok, km_base, stride_kmn,
+                   am_base, stride_amn, AM_OFF, qk_scale, inv_scale,
+                   KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over the LKS keys of one key/value source. ``k_base``/``v_base``
+    [BLOCK_C] point at key 0 of each packed column (its kv head and channel); ``km_base`` at this source's key mask
+    (KEY_MASK "none" for a source without one); the full mask's key index is ``AM_OFF + n`` (the second source's keys
+    follow the first's in the mask, as in the concatenation it stands for)."""
+    for n0 in range(0, LKS, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = n < LKS
+        n64 = n.to(tl.int64)
+        kv_mask = col_ok[:, None] & n_ok[None, :]
+        kt = tl.load(k_base[:, None] + n64[None, :] * stride_kn, mask=kv_mask, other=0.0)  # [BLOCK_C, BLOCK_N]
+        if ATTN_MASK == "none":
+            s = tl.dot(q, dot_operand(kt), input_precision=PRECISION)
+        else:
+            # the full mask enters as the dot's accumulator (in units of q.k, i.e. divided by the scale): the tile
+            # is converted to the MMA layout once and the softmax below stays in that layout (added to s after the
+            # dot, the compiler duplicated the softmax in the load's layout and spilled)
+            am_n = (AM_OFF + n).to(tl.int64)
+            if ATTN_MASK == "additive":
+                am = tl.load(am_base[:, None] + am_n[None, :] * stride_amn, mask=n_ok[None, :], other=0.0)
+                bias = tl.maximum(am.to(tl.float32), _BIAS_FLOOR) * inv_scale
+            else:
+                ak = tl.load(am_base[:, None] + am_n[None, :] * stride_amn, mask=n_ok[None, :], other=0)
+                bias = tl.where(ak != 0, 0.0, float("-inf"))
+            s = tl.dot(q, dot_operand(kt), bias, input_precision=PRECISION)
+        s = s * qk_scale  # log2 units
+        # per-key bias [BLOCK_N] (log2 units): -inf past LKS and for padded keys, or the clamped additive bias
+        kbias = tl.where(n_ok, 0.0, float("-inf"))
+        if KEY_MASK == "additive":
+            km = tl.load(km_base + n64 * stride_kmn, mask=n_ok, other=0.0).to(tl.float32)
+            kbias += tl.maximum(km, _BIAS_FLOOR) * _LOG2E
+        elif KEY_MASK == "bool":
+            kk = tl.load(km_base + n64 * stride_kmn, mask=n_ok, other=0)
+            kbias = tl.where(kk != 0, kbias, float("-inf"))
+        s += kbias[None, :]
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf) = 0, no NaN
+        alpha = tl.math.exp2(m_i - m_use)
+        p = tl.math.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
+                     other=0.0)  # [BLOCK_N, BLOCK_C]
+        acc = acc * alpha[:, None]
+        acc = tl.dot(dot_operand(p.to(vt.dtype)), dot_operand(vt), acc, input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 @triton.autotune(configs=autotune_configs(_triton_configs()),
-                 key=["LK_BUCKET", "BLOCK_Q", "HEADS", "BLOCK_D", "KEY_MASK", "ATTN_MASK", "PRECISION"],
+                 key=["LK_BUCKET", "BLOCK_Q", "HEADS", "BLOCK_D", "KEY_MASK", "ATTN_MASK", "HAS_K2", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def _attn_fwd_kernel(
     q_ptr,  # [B, H, LQ, D]
-    k_ptr,  # [B, H, LK, D]
-    v_ptr,  # [B, H, LK, D]
-    km_ptr,  # [B, LK] key mask (KEY_MASK != "none"): int8 keep-flags or a float bias
-    am_ptr,  # [B|1, H|1, LQ|1, LK] full mask (ATTN_MASK != "none"), broadcast dims have stride 0
+    k_ptr,  # [B, HKV, LK, D]   first key/value source (HKV = H / GROUP kv heads)
+    v_ptr,  # [B, HKV, LK, D]
+    k2_ptr,  # [B, HKV, LK2, D]  second source (HAS_K2): its keys follow the first's (Idefics2's concat[context, latents])
+    v2_ptr,  # [B, HKV, LK2, D]
+    km_ptr,  # [B, LK] key mask of the first source (KEY_MASK != "none"): int8 keep-flags or a float bias
+    am_ptr,  # [B|1, H|1, LQ|1, LK + LK2] full mask (ATTN_MASK != "none"), broadcast dims have stride 0
     o_ptr,  # [B, LQ, H, D]
     lse_ptr,  # [B, H, LQ] fp32
-    H, LQ, LK, D, LK_BUCKET,
+    H, LQ, LK, LK2, D, GROUP, LK_BUCKET,
     qk_scale,  # softmax scale * log2(e)
     inv_scale,  # 1 / softmax scale
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_k2b, stride_k2h, stride_k2n, stride_k2d,
+    stride_v2b, stride_v2h, stride_v2n, stride_v2d,
     stride_kmb, stride_kmn,
     stride_amb, stride_amh, stride_amm, stride_amn,
     stride_ob, stride_om, stride_oh, stride_od,
     stride_lb, stride_lh, stride_lm,
-    KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, HAS_K2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * HEADS
@@ -136,11 +197,12 @@ def _attn_fwd_kernel(
     col_head = h0 + c // BLOCK_D
     col_d = c % BLOCK_D
     row_ok = (row_head < H) & (row_q < LQ)
-    col_ok = (col_head < H) & (col_d < D)
+    col_ok = (col_head < H) & (col_d < D)  # col_d < D: BLOCK_D pads a head dim that is not a power of 2 (96 -> 128)
     diag = (r // BLOCK_Q)[:, None] == (c // BLOCK_D)[None, :]
     rh64 = row_head.to(tl.int64)
     rq64 = row_q.to(tl.int64)
     ch64 = col_head.to(tl.int64)
+    ckv64 = (col_head // GROUP).to(tl.int64)  # grouped-query attention: query head h reads kv head h // GROUP
     cd64 = col_d.to(tl.int64)
 
     # block-diagonal Q: row (h, q) holds Q[b, h, q, :] in its own head's column block, zeros elsewhere
@@ -149,8 +211,6 @@ def _attn_fwd_kernel(
                 + cd64[None, :] * stride_qd, mask=qmask, other=0.0)
     q = dot_operand(q)
 
-    k_base = k_ptr + b * stride_kb + ch64 * stride_kh + cd64 * stride_kd  # [BLOCK_C]
-    v_base = v_ptr + b * stride_vb + ch64 * stride_vh + cd64 * stride_vd  # [BLOCK_C]
     # padded rows read a real row of the mask (clamped indices): the mask tile needs only the key predicate
     am_base = (am_ptr + b * stride_amb + tl.minimum(row_head, H - 1).to(tl.int64) * stride_amh
                + tl.minimum(row_q, LQ - 1).to(tl.int64) * stride_amm)  # [BLOCK_M]
@@ -158,48 +218,19 @@ def _attn_fwd_kernel(
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    for n0 in range(0, LK, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < LK
-        n64 = n.to(tl.int64)
-        kv_mask = col_ok[:, None] & n_ok[None, :]
-        kt = tl.load(k_base[:, None] + n64[None, :] * stride_kn, mask=kv_mask, other=0.0)  # [BLOCK_C, BLOCK_N]
-        if ATTN_MASK == "none":
-            s = tl.dot(q, dot_operand(kt), input_precision=PRECISION)
-        else:
-            # the full mask enters as the dot's accumulator (in units of q.k, i.e. divided by the scale): the tile
-            # is converted to the MMA layout once and the softmax below stays in that layout (added to s after the
-            # dot, the compiler duplicated the softmax in the load's layout and spilled)
-            if ATTN_MASK == "additive":
-                am = tl.load(am_base[:, None] + n64[None, :] * stride_amn, mask=n_ok[None, :], other=0.0)
-                bias = tl.maximum(am.to(tl.float32), _BIAS_FLOOR) * inv_scale
-            else:
-                ak = tl.load(am_base[:, None] + n64[None, :] * stride_amn, mask=n_ok[None, :], other=0)
-                bias = tl.where(ak != 0, 0.0, float("-inf"))
-            s = tl.dot(q, dot_operand(kt), bias, input_precision=PRECISION)
-        s = s * qk_scale  # log2 units
-        # per-key bias [BLOCK_N] (log2 units): -inf past LK and for padded keys, or the clamped additive bias
-        kbias = tl.where(n_ok, 0.0, float("-inf"))
-        if KEY_MASK == "additive":
-            km = tl.load(km_ptr + b * stride_kmb + n64 * stride_kmn, mask=n_ok, other=0.0).to(tl.float32)
-            kbias += tl.maximum(km, _BIAS_FLOOR) * _LOG2E
-        elif KEY_MASK == "bool":
-            kk = tl.load(km_ptr + b * stride_kmb + n64 * stride_kmn, mask=n_ok, other=0)
-            kbias = tl.where(kk != 0, kbias, float("-inf"))
-        s += kbias[None, :]
+    acc, m_i, l_i = _attend_source(
+        acc, m_i, l_i, q, k_ptr + b * stride_kb + ckv64 * stride_kh + cd64 * stride_kd,
+        v_ptr + b * stride_vb + ckv64 * stride_vh + cd64 * stride_vd, stride_kn, stride_vn, LK, col_ok,
+        km_ptr + b * stride_kmb, stride_kmn, am_base, stride_amn, 0, qk_scale, inv_scale,
+        KEY_MASK, ATTN_MASK, PRECISION, BLOCK_N)
+    if HAS_K2:  # the second source, read in place: the concatenation is never materialised
+        acc, m_i, l_i = _attend_source(
+            acc, m_i, l_i, q, k2_ptr + b * stride_k2b + ckv64 * stride_k2h + cd64 * stride_k2d,
+            v2_ptr + b * stride_v2b + ckv64 * stride_v2h + cd64 * stride_v2d, stride_k2n, stride_v2n, LK2, col_ok,
+            km_ptr, 0, am_base, stride_amn, LK, qk_scale, inv_scale,
+            "none", ATTN_MASK, PRECISION, BLOCK_N)
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf) = 0, no NaN
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
-                     other=0.0)  # [BLOCK_N, BLOCK_C]
-        acc = acc * alpha[:, None]
-        acc = tl.dot(dot_operand(p.to(v_ptr.dtype.element_ty)), dot_operand(vt), acc, input_precision=PRECISION)
-        m_i = m_new
-
-    empty = l_i == 0.0  # every key masked (or LK == 0): O = 0, LSE = -inf
+    empty = l_i == 0.0  # every key masked (or no key): O = 0, LSE = -inf
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
     # only the diagonal block of each row is its head's output (there col_head == row_head)
@@ -245,11 +276,16 @@ def _mask_mode(t, name):
 
 
 def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precision=None, config=None, out=None,
-                  lse=None):
+                  lse=None, k2=None, v2=None):
     """Launch the attention forward. Returns ``(out [B, Lq, H, D], lse [B, H, Lq] fp32)``.
 
-    ``key_mask`` [B, Lk]: bool / int8 / uint8 keep-flags (nonzero = attend) or a float additive bias.
-    ``attn_mask`` [B|1, H|1, Lq|1, Lk]: bool keep-flags or a float additive bias (broadcast dims may be size 1).
+    ``k``/``v`` [B, Hkv, Lk, D]: Hkv may divide H (grouped-query attention: query head h reads kv head
+    h // (H / Hkv); the kv heads are never repeated in memory).
+    ``k2``/``v2`` [B, Hkv, Lk2, D]: an optional second key/value source whose keys follow the first's, i.e. the
+    attention runs over concat(k, k2) without materialising it (Idefics2's Perceiver: context keys, then latent keys).
+    ``key_mask`` [B, Lk]: bool / int8 / uint8 keep-flags (nonzero = attend) or a float additive bias, on the first
+    source only (the second is always attended).
+    ``attn_mask`` [B|1, H|1, Lq|1, Lk + Lk2]: bool keep-flags or a float additive bias (broadcast dims may be size 1).
     ``scale``: default ``D ** -0.5``. ``precision``: the fp32 dot precision, "tf32x3" (default) or "tf32" (default
     when torch.backends.cuda.matmul.allow_tf32); ignored for fp16/bf16. ``config``: an explicit
     (BLOCK_Q, HEADS, BLOCK_N, num_warps, num_stages) that bypasses the heuristics and the autotuner (tests use it).
@@ -257,29 +293,40 @@ def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precisi
     """
     import torch
 
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    for name, t in (("q", q), ("k", k), ("v", v)) + ((("k2", k2), ("v2", v2)) if k2 is not None or v2 is not None
+                                                    else ()):
         _check(isinstance(t, torch.Tensor) and t.dim() == 4,
                f"attention_fwd: {name} must be a 4-D [B, H, L, D] tensor, got "
                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     B, H, LQ, D = q.shape
-    LK = k.shape[2]
-    _check(k.shape == (B, H, LK, D), f"attention_fwd: k must be [{B}, {H}, Lk, {D}] to match q, got {tuple(k.shape)}")
+    HKV, LK = k.shape[1], k.shape[2]
+    _check(k.shape == (B, HKV, LK, D) and HKV > 0 and H % HKV == 0,
+           f"attention_fwd: k must be [{B}, Hkv, Lk, {D}] with Hkv dividing {H} to match q, got {tuple(k.shape)}")
     _check(v.shape == k.shape, f"attention_fwd: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    LK2 = 0
+    if k2 is not None:
+        LK2 = k2.shape[2]
+        _check(k2.shape == (B, HKV, LK2, D), f"attention_fwd: k2 must be [{B}, {HKV}, Lk2, {D}], got {tuple(k2.shape)}")
+        _check(v2.shape == k2.shape, f"attention_fwd: v2 must have k2's shape {tuple(k2.shape)}, got {tuple(v2.shape)}")
     _check(q.dtype in (torch.float16, torch.bfloat16, torch.float32),
            f"attention_fwd: q must be float16, bfloat16 or float32, got {q.dtype}")
-    for name, t in (("k", k), ("v", v)):
+    for name, t in (("k", k), ("v", v), ("k2", k2), ("v2", v2)):
+        if t is None:
+            continue
         _check(t.dtype == q.dtype, f"attention_fwd: {name} is {t.dtype} but q is {q.dtype}")
         _check(t.device == q.device, f"attention_fwd: {name} is on {t.device} but q is on {q.device}")
     _check(HEAD_DIMS[0] <= D <= HEAD_DIMS[1], f"attention_fwd: head dim D={D} of q is outside {HEAD_DIMS}")
     km_mode, km = _mask_mode(key_mask, "key_mask")
     am_mode, am = _mask_mode(attn_mask, "attn_mask")
     if km is not None:
-        _check(km.shape == (B, LK), f"attention_fwd: key_mask must be [{B}, {LK}] (batch, keys), got {tuple(km.shape)}")
+        _check(km.shape == (B, LK), f"attention_fwd: key_mask must be [{B}, {LK}] (batch, keys of the first source), "
+                                    f"got {tuple(km.shape)}")
         _check(km.device == q.device, f"attention_fwd: key_mask is on {km.device} but q is on {q.device}")
     if am is not None:
         _check(am.dim() == 4 and am.shape[0] in (1, B) and am.shape[1] in (1, H) and am.shape[2] in (1, LQ)
-               and am.shape[3] == LK,
-               f"attention_fwd: attn_mask must be [{B} or 1, {H} or 1, {LQ} or 1, {LK}], got {tuple(am.shape)}")
+               and am.shape[3] == LK + LK2,
+               f"attention_fwd: attn_mask must be [{B} or 1, {H} or 1, {LQ} or 1, {LK + LK2}], got "
+               f"{tuple(am.shape)}")
         _check(am.device == q.device, f"attention_fwd: attn_mask is on {am.device} but q is on {q.device}")
     if out is None:
         out = torch.empty((B, LQ, H, D), device=q.device, dtype=q.dtype)
@@ -307,11 +354,15 @@ def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precisi
         return tuple(0 if size == 1 else st for size, st in zip(t.shape, t.stride()))
 
     dummy = out
-    args = (q, k, v, km if km is not None else dummy, am if am is not None else dummy, out, lse,
-            H, LQ, LK, D, triton.next_power_of_2(max(LK, 1)), float(scale) * 1.4426950408889634, 1.0 / float(scale),
-            *q.stride(), *k.stride(), *v.stride(), *strides(km, 2), *strides(am, 4), *out.stride(), *lse.stride())
+    has_k2 = k2 is not None
+    args = (q, k, v, k2 if has_k2 else k, v2 if has_k2 else v, km if km is not None else dummy,
+            am if am is not None else dummy, out, lse,
+            H, LQ, LK, LK2, D, H // HKV, triton.next_power_of_2(max(LK + LK2, 1)),
+            float(scale) * 1.4426950408889634, 1.0 / float(scale),
+            *q.stride(), *k.stride(), *v.stride(), *(k2.stride() if has_k2 else (0,) * 4),
+            *(v2.stride() if has_k2 else (0,) * 4), *strides(km, 2), *strides(am, 4), *out.stride(), *lse.stride())
     block_d = triton.next_power_of_2(D)
-    flags = dict(KEY_MASK=km_mode, ATTN_MASK=am_mode, PRECISION=precision, BLOCK_D=block_d)
+    flags = dict(KEY_MASK=km_mode, ATTN_MASK=am_mode, HAS_K2=has_k2, PRECISION=precision, BLOCK_D=block_d)
     if config is None:
         block_q, heads = default_tile(LQ, H, D, q.dtype == torch.float32)
         grid = (B * triton.cdiv(H, heads), triton.cdiv(LQ, block_q))
@@ -329,33 +380,41 @@ def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precisi
 
 # ------------------------------------------------------------------------------------------------ audit
 
-_PTR_ARGS = ("q_ptr", "k_ptr", "v_ptr", "km_ptr", "am_ptr", "o_ptr", "lse_ptr")
+_PTR_ARGS = ("q_ptr", "k_ptr", "v_ptr", "k2_ptr", "v2_ptr", "km_ptr", "am_ptr", "o_ptr", "lse_ptr")
 
 
-def _audit_case(vname, dt, prec, bq, heads, d, kmm, amm, expect_mma, bn, warps, stages):
+def _audit_case(vname, dt, prec, bq, heads, d, kmm, amm, expect_mma, bn, warps, stages, two=False, gqa=False):
     unit = ("stride_qd", "stride_kd", "stride_vd", "stride_kmn", "stride_amn", "stride_od", "stride_lm")
+    if two:
+        unit += ("stride_k2d", "stride_v2d")
     leading = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
                "stride_vn", "stride_ob", "stride_om", "stride_oh", "stride_lb", "stride_lh")
+    leading += (("stride_k2b", "stride_k2h", "stride_k2n", "stride_v2b", "stride_v2h", "stride_v2n") if two else
+                ("stride_k2b", "stride_k2h", "stride_k2n", "stride_k2d", "stride_v2b", "stride_v2h", "stride_v2n",
+                 "stride_v2d"))  # without a second source the launcher passes zeros
     masks = ("stride_kmb", "stride_amb", "stride_amh", "stride_amm")  # multiples of Lk (257): not divisible by 16
     sig = {name: f"*{dt}" for name in _PTR_ARGS}
     sig["lse_ptr"] = "*fp32"
     sig["km_ptr"] = "*i8" if kmm == "bool" else f"*{dt}"
     sig["am_ptr"] = "*i8" if amm == "bool" else f"*{dt}"
-    for name in ("H", "LQ", "LK", "D", "LK_BUCKET") + leading + masks:
+    ints = ("H", "LQ", "LK", "LK2", "D", "LK_BUCKET") + (("GROUP",) if gqa else ())
+    for name in ints + leading + masks:
         sig[name] = "i32"
     sig["qk_scale"] = sig["inv_scale"] = "fp32"
     constexprs = {name: 1 for name in unit}
-    constexprs.update(KEY_MASK=kmm, ATTN_MASK=amm, PRECISION=prec, BLOCK_Q=bq, HEADS=heads,
+    if not gqa:
+        constexprs["GROUP"] = 1  # the JIT specialises an int argument equal to 1
+    constexprs.update(KEY_MASK=kmm, ATTN_MASK=amm, HAS_K2=two, PRECISION=prec, BLOCK_Q=bq, HEADS=heads,
                       BLOCK_D=triton.next_power_of_2(d), BLOCK_N=bn)
     for name in constexprs:
         sig[name] = "constexpr"
-    divisible = _PTR_ARGS + ("LK_BUCKET",) + leading + (("D",) if d % 16 == 0 else ())
+    divisible = _PTR_ARGS + ("LK_BUCKET",) + leading + (("D",) if d % 16 == 0 else ())  # GROUP (4) is not
     return dict(name=f"attention[{vname}] n{bn} w{warps} s{stages}", fn=_attn_fwd_kernel.fn, signature=sig,
                 constexprs=constexprs, divisible=divisible, num_warps=warps, num_stages=stages, expect_mma=expect_mma)
 
 
-AUDIT_VARIANTS = [  # (name, dtype, precision, BLOCK_Q, HEADS, D, KEY_MASK, ATTN_MASK, expect wgmma); tiles as
-    # default_tile picks them
+AUDIT_VARIANTS = [  # (name, dtype, precision, BLOCK_Q, HEADS, D, KEY_MASK, ATTN_MASK, expect wgmma[, two sources,
+    # grouped-query]); tiles as default_tile picks them
     ("bf16 q32x2h d64 keymask", "bf16", "ieee", 32, 2, 64, "bool", "none", True),  # BLIP-2 cross-attention
     ("bf16 q32x2h d64 additive", "bf16", "ieee", 32, 2, 64, "additive", "additive", True),
     ("bf16 q64x1h d64 fullmask", "bf16", "ieee", 64, 1, 64, "none", "bool", True),  # InstructBLIP self-attention
@@ -367,6 +426,14 @@ AUDIT_VARIANTS = [  # (name, dtype, precision, BLOCK_Q, HEADS, D, KEY_MASK, ATTN
     ("fp32 tf32x3 q32x2h d32", "fp32", "tf32x3", 32, 2, 32, "none", "none", True),
     ("fp32 tf32 q64x1h d64 keymask", "fp32", "tf32", 64, 1, 64, "bool", "none", True),
     ("fp32 tf32x3 q16x1h d128 keymask", "fp32", "tf32x3", 16, 1, 128, "bool", "none", False),  # mma.sync
+    # Idefics2's Perceiver: 64 latents x 16 heads of 96 over concat(context, latents), 4 kv heads (GQA group 4)
+    ("bf16 q64x1h d96 gqa two-source keymask", "bf16", "ieee", 64, 1, 96, "bool", "none", True, True, True),
+    ("fp16 q64x1h d96 gqa two-source keymask", "fp16", "ieee", 64, 1, 96, "bool", "none", True, True, True),
+    ("bf16 q64x1h d96 gqa two-source additive", "bf16", "ieee", 64, 1, 96, "additive", "additive", True, True, True),
+    ("bf16 q32x2h d64 gqa two-source keymask", "bf16", "ieee", 32, 2, 64, "bool", "none", True, True, True),
+    ("fp32 tf32 q64x1h d64 gqa two-source keymask", "fp32", "tf32", 64, 1, 64, "bool", "none", True, True, True),
+    ("fp32 tf32x3 q16x1h d96 gqa two-source keymask", "fp32", "tf32x3", 16, 1, 96, "bool", "none", False, True,
+     True),  # mma.sync (fp32 with D > 64)
 ]
 
 
@@ -376,8 +443,8 @@ def audit_cases():
     pruner keeps for that tile. Specialisation as the JIT sees it for contiguous 16-aligned tensors: unit inner strides
     constexpr 1; pointers, D, LK_BUCKET and the Q/K/V/O/LSE leading strides divisible by 16."""
     cases = []
-    for vname, dt, prec, bq, heads, d, kmm, amm, wgmma in AUDIT_VARIANTS:
+    for vname, dt, prec, bq, heads, d, kmm, amm, wgmma, *extra in AUDIT_VARIANTS:
         for bn, warps, stages in ATTN_CONFIGS:
             if _config_ok(bq * heads, heads * triton.next_power_of_2(d), bn, warps, dt == "fp32"):
-                cases.append(_audit_case(vname, dt, prec, bq, heads, d, kmm, amm, wgmma, bn, warps, stages))
+                cases.append(_audit_case(vname, dt, prec, bq, heads, d, kmm, amm, wgmma, bn, warps, stages, *extra))
     return cases

@@ -40,10 +40,15 @@ GEMM_CONFIGS = [
     (64, 64, 64, 4, 4),
 ]
 GATED_MAX_ACC_PER_THREAD = 32  # a gated pair holds two fp32 accumulators; more than this per thread spills
+# "separable_mean" sums each A tile in an fp32 register tile with int64 offsets: above 32 A elements per thread
+# (128x64 A tiles on 4 warps) ptxas spilled 144-156 B (fastvlm audit), so those tiles are not launched for it
+POOLED_MAX_A_PER_THREAD = 32
 
 
-def _config_ok(bm, bn, bk, warps, stages, elem_bytes, gated):
+def _config_ok(bm, bn, bk, warps, stages, elem_bytes, gated, a_mode="strided"):
     if _smem_estimate(bm, bn, bk, stages, elem_bytes, gated) > SMEM_BUDGET:
+        return False
+    if a_mode == "separable_mean" and bm * bk // (32 * warps) > POOLED_MAX_A_PER_THREAD:
         return False
     return not gated or bm * bn // (32 * warps) <= GATED_MAX_ACC_PER_THREAD
 # 128x256 tiles were tried and dropped: ptxas spills (80-208 B) with a GELU or norm epilogue at 8 warps.
@@ -56,10 +61,11 @@ def _smem_estimate(bm, bn, bk, stages, elem_bytes, gated):
 
 def _prune_configs(configs, named_args, **kwargs):
     gated = named_args.get("GATED", kwargs.get("GATED", False))
+    a_mode = named_args.get("A_MODE", kwargs.get("A_MODE", "strided"))
     a = named_args["a_ptr"]
     elem = a.element_size() if hasattr(a, "element_size") else 2
     kept = [c for c in configs if _config_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                             c.num_stages, elem, gated)]
+                                             c.num_stages, elem, gated, a_mode)]
     return kept or configs[-1:]
 
 
@@ -77,8 +83,13 @@ def _load_a_tile(a_ptr, rows_ptr, cols_ptr, rm64, rk, mask_m, mask_k, stride_am,
       "concat"     A[m, q*D + d] = X[rows[m, q], d]         space-to-depth, patch-major (Idefics3, InternVL, Llama 4)
       "concat_cm"  A[m, d*Q + q] = X[rows[m, q], d]         space-to-depth, channel-major (F.unfold: Mistral 3)
       "mean"       A[m, d]       = mean_q X[rows[m, q], d]  average pooling (Gemma 3); K == D
+      "max"        A[m, d]       = max_q X[rows[m, q], d]   max pooling (LLaVA-NeXT-Video's pooler); K == D
       "separable"  A[m, k]       = X.flat[rows[m] + cols[k]]  im2col of a patch embedding: rows[m] is the element
                                  offset of patch m's corner, cols[k] that of pixel k inside a patch (any layout)
+      "separable_mean"  A[m, k]  = mean_q X.flat[rows[m, q] + cols[k]]  average pooling of a feature map read in
+                                 place (NCHW or any strides): rows[m, q] is the element offset of window element q
+                                 of output token m at channel 0, cols[k] = channel k's offset; pooled value rounded
+                                 to X's dtype as PyTorch's avg_pool2d does
     ``rows`` [M, Q] (int64 source-row indices) encodes grid shapes, merge order and ragged images."""
     mask = mask_m[:, None] & mask_k[None, :]
     rk64 = rk.to(tl.int64)
@@ -88,6 +99,14 @@ def _load_a_tile(a_ptr, rows_ptr, cols_ptr, rm64, rk, mask_m, mask_k, stride_am,
         roff = tl.load(rows_ptr + rm64, mask=mask_m, other=0)
         coff = tl.load(cols_ptr + rk64, mask=mask_k, other=0)
         a = tl.load(a_ptr + roff[:, None] + coff[None, :], mask=mask, other=0)
+    elif A_MODE == "separable_mean":
+        src = rm64[:, None] + 0 * rk64[None, :]
+        coff = tl.load(cols_ptr + rk64, mask=mask_k, other=0)
+        acc = tl.zeros(mask.shape, dtype=tl.float32)
+        for q in range(0, Q):
+            roff = tl.load(rows_ptr + rm64 * Q + q, mask=mask_m, other=0)
+            acc += tl.load(a_ptr + roff[:, None] + coff[None, :], mask=mask, other=0.0).to(tl.float32)
+        a = (acc / Q).to(a_ptr.dtype.element_ty)
     elif A_MODE == "strided":
         src = rm64[:, None] + 0 * rk64[None, :]
         a = tl.load(a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak, mask=mask, other=0.0)
@@ -98,6 +117,14 @@ def _load_a_tile(a_ptr, rows_ptr, cols_ptr, rm64, rk, mask_m, mask_k, stride_am,
             acc += tl.load(a_ptr + tok[:, None] * stride_am + rk64[None, :] * stride_ak, mask=mask,
                            other=0.0).to(tl.float32)
         a = (acc / Q).to(a_ptr.dtype.element_ty)  # PyTorch's AvgPool rounds the pooled value to the input dtype
+        src = rm64[:, None] + 0 * rk64[None, :]
+    elif A_MODE == "max":  # exact in any dtype: the maximum is one of the loaded values
+        best = tl.full(mask.shape, float("-inf"), dtype=tl.float32)
+        for q in range(0, Q):
+            tok = tl.load(rows_ptr + rm64 * Q + q, mask=mask_m, other=0)
+            v = tl.load(a_ptr + tok[:, None] * stride_am + rk64[None, :] * stride_ak, mask=mask, other=0.0)
+            best = tl.maximum(best, v.to(tl.float32))
+        a = tl.where(mask, best, 0.0).to(a_ptr.dtype.element_ty)
         src = rm64[:, None] + 0 * rk64[None, :]
     else:
         if A_MODE == "concat":
@@ -223,7 +250,7 @@ def _fused_linear_kernel(
             sc = tl.load(sc_ptr + rk64, mask=mask_k, other=0.0)
             sh = tl.load(sh_ptr + rk64, mask=mask_k, other=0.0)
             a = (a.to(tl.float32) * sc[None, :] + sh[None, :]).to(w_ptr.dtype.element_ty)
-        elif A_MODE == "separable":  # transformers casts pixel_values to the weights' dtype before the conv
+        elif A_MODE == "separable" or A_MODE == "separable_mean":  # cast to the weights' dtype (as the conv input)
             a = a.to(w_ptr.dtype.element_ty)
         if NORM != "none":
             a = _prologue_norm(a, src, chan, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_ptr, nw_ptr, nb_ptr, n_groups,
@@ -267,7 +294,7 @@ def _check(cond, msg):
         raise ValueError(msg)
 
 
-A_MODES = ("strided", "concat", "concat_cm", "mean", "separable")
+A_MODES = ("strided", "concat", "concat_cm", "mean", "max", "separable", "separable_mean")
 NORMS = ("none", "layernorm", "rmsnorm", "rmsnorm_1p")
 
 
@@ -275,7 +302,7 @@ def logical_k(a, a_rows, a_mode, a_cols=None):
     """Width of the logical A read from ``a`` (see ``_load_a_tile``)."""
     if a_mode in ("concat", "concat_cm"):
         return a_rows.shape[1] * a.shape[1]
-    if a_mode == "separable":
+    if a_mode in ("separable", "separable_mean"):
         return a_cols.shape[0]
     return a.shape[1]
 
@@ -300,13 +327,20 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     """
     import torch
 
-    _check(a.dim() == 2 or a_mode == "separable", f"fused_linear: a must be 2-D, got shape {tuple(a.shape)}")
+    _check(a.dim() == 2 or a_mode in ("separable", "separable_mean"),
+           f"fused_linear: a must be 2-D, got shape {tuple(a.shape)}")
     _check(a_mode in A_MODES, f"fused_linear: a_mode must be one of {A_MODES}, got {a_mode!r}")
     if a_mode == "separable":
         _check(a_rows is not None and a_rows.dim() == 1 and a_rows.dtype == torch.int64 and a_cols is not None
                and a_cols.dim() == 1 and a_cols.dtype == torch.int64,
                "fused_linear: a_mode 'separable' needs int64 a_rows [M] and a_cols [K] element offsets")
         _check((col_scale is None) == (col_shift is None), "fused_linear: give col_scale and col_shift together")
+    elif a_mode == "separable_mean":
+        _check(a_rows is not None and a_rows.dim() == 2 and a_rows.dtype == torch.int64 and a_rows.is_contiguous()
+               and a_cols is not None and a_cols.dim() == 1 and a_cols.dtype == torch.int64,
+               "fused_linear: a_mode 'separable_mean' needs a contiguous int64 a_rows [M, Q] (window element offsets) "
+               "and int64 a_cols [K] (channel offsets)")
+        _check(col_scale is None and a.is_floating_point(), "fused_linear: 'separable_mean' reads float maps only")
     elif a_mode != "strided":
         _check(a_rows is not None and a_rows.dim() == 2 and a_rows.dtype == torch.int64,
                f"fused_linear: a_mode {a_mode!r} needs a_rows, an int64 [M, Q] table of rows of a")
@@ -315,6 +349,8 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     M = a.shape[0] if a_mode == "strided" else a_rows.shape[0]
     if a_mode == "separable":
         _check(not norm_src and norm in ("none", "layernorm", "rmsnorm"), "fused_linear: im2col takes no norm_src")
+    if a_mode in ("separable_mean", "max"):
+        _check(norm == "none", f"fused_linear: {a_mode!r} takes no norm")
     _check(weight.dim() == 2 and weight.shape[1] == K,
            f"fused_linear: weight must be [N, {K}] to match the logical A [M, K], got {tuple(weight.shape)}")
     _check(act in ACTIVATIONS, f"fused_linear: act must be one of {ACTIVATIONS}, got {act!r}")
@@ -340,7 +376,8 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         _check(norm != "layernorm" or (mean is not None and mean.shape == (rows,)), f"fused_linear: mean must be fp32 [{rows}]")
         _check(norm_weight is not None and norm_weight.shape == (norm_group,),
                f"fused_linear: norm_weight must be [{norm_group}]")
-    out_dtype = out_dtype or (out.dtype if out is not None else (weight.dtype if a_mode == "separable" else a.dtype))
+    out_dtype = out_dtype or (out.dtype if out is not None else
+                              (weight.dtype if a_mode in ("separable", "separable_mean") else a.dtype))
     if out_rows is not None:
         _check(out is not None and out.dim() == 2 and out.shape[1] == N and out_rows.shape == (M,),
                "fused_linear: out_rows needs a preallocated 2-D out with N columns and out_rows [M]")
@@ -417,13 +454,18 @@ def audit_cases():
                                                HAS_BIAS=True, ACT="gelu")),
         ("shuffle_cm_linear", dict(base, A_MODE="concat_cm")),
         ("avgpool_rmsnorm1p_linear", dict(base, A_MODE="mean", NORM="rmsnorm_1p")),
+        ("maxpool_linear_gelu+pre", dict(base, A_MODE="max", HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
         ("im2col_bias_pos_remap", dict(base, A_MODE="separable", HAS_BIAS=True, HAS_POS=True, OUT_REMAP=True)),
         ("im2col_uint8_affine", dict(base, A_MODE="separable", HAS_AFFINE=True, HAS_BIAS=True)),
+        ("nchw_flatten_linear_gelu+pre", dict(base, A_MODE="separable", HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
+        ("nchw_avgpool_linear_gelu+pre", dict(base, A_MODE="separable_mean", HAS_BIAS=True, ACT="gelu",
+                                              STORE_PRE=True)),
+        ("nchw_avgpool_linear", dict(base, A_MODE="separable_mean", HAS_BIAS=True)),
     ]
     cases = []
     for vname, flags in variants:
         for bm, bn, bk, warps, stages in GEMM_CONFIGS:
-            if not _config_ok(bm, bn, bk, warps, stages, 2, flags["GATED"]):
+            if not _config_ok(bm, bn, bk, warps, stages, 2, flags["GATED"], flags["A_MODE"]):
                 continue
             sig = {name: "*bf16" for name in _PTR_ARGS}
             sig.update(mean_ptr="*fp32", rstd_ptr="*fp32")

@@ -82,3 +82,15 @@ def pytest_runtest_call(item):
 def _seed():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def quiet_fallbacks():
+    """Silence FastVLMFallbackWarning (tests that use it check fallbacks through fastvlm.trace() instead)."""
+    import warnings
+
+    import fastvlm
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fastvlm.FastVLMFallbackWarning)
+        yield

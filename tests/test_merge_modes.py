@@ -34,6 +34,23 @@ def test_layout_matches_transformers_pixel_shuffle():
     # average pooling (Gemma 3 style)
     pooled = F.avg_pool2d(img.view(h, w, D).permute(2, 0, 1)[None], 2).flatten(2)[0].t()
     assert torch.allclose(gather_ref(img, pool_rows(1, h, w, 2), "mean"), pooled, atol=1e-6)
+    # max pooling (LLaVA-NeXT-Video's pooler in max mode)
+    maxed = F.max_pool2d(img.view(h, w, D).permute(2, 0, 1)[None], 2).flatten(2)[0].t()
+    assert torch.equal(gather_ref(img, pool_rows(1, h, w, 2), "max"), maxed)
+
+
+def test_max_adjoint_matches_max_pool2d_with_ties():
+    """The gradient of a max window goes to its first maximal element, as max_pool2d's backward sends it."""
+    from fastvlm.ops.layout import scatter_back
+
+    h, w, D = 4, 6, 3
+    img = torch.randint(0, 3, (h * w, D)).double()  # many ties
+    nchw = img.view(h, w, D).permute(2, 0, 1)[None].clone().requires_grad_()
+    g = torch.randn(1, D, h // 2, w // 2, dtype=torch.float64)
+    F.max_pool2d(nchw, 2).backward(g)
+    ref = nchw.grad[0].permute(1, 2, 0).reshape(h * w, D)
+    ours = scatter_back(g[0].flatten(1).t(), pool_rows(1, h, w, 2), "max", h * w, img)
+    assert torch.equal(ours, ref)
 
 
 def test_layout_errors():
@@ -43,15 +60,15 @@ def test_layout_errors():
 
 def _setup(mode, dtype, B=2, H=4, W=6, D=24, N=40, s=2):
     x = (torch.randn(B * H * W, D) * 2 + 0.5).to(dtype)
-    rows = pool_rows(B, H, W, s) if mode == "mean" else space_to_depth_rows(B, H, W, s)
-    K = D if mode == "mean" else s * s * D
+    rows = pool_rows(B, H, W, s) if mode in ("mean", "max") else space_to_depth_rows(B, H, W, s)
+    K = D if mode in ("mean", "max") else s * s * D
     w = (torch.randn(N, K) * K ** -0.5).to(dtype)
     b = torch.randn(N).to(dtype)
     return x, rows, w, b, K
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("mode", ["concat", "concat_cm", "mean"])
+@pytest.mark.parametrize("mode", ["concat", "concat_cm", "mean", "max"])
 def test_gather_gemm(dtype, mode):
     x, rows, w, b, K = _setup(mode, dtype)
     out = Guarded((rows.shape[0], w.shape[0]), dtype, "cpu")
@@ -125,6 +142,7 @@ CASES = {  # name: (a_mode, norm, norm_src, act, act2, two linears[, gated])
     "llama4_adapter": ("concat", "none", False, "gelu", "gelu", True),
     "mistral3": ("concat_cm", "rmsnorm", True, "none", "none", False),
     "gemma3": ("mean", "rmsnorm_1p", False, "none", "none", False),
+    "maxpool_mlp": ("max", "none", False, "gelu", "none", True),  # LLaVA-NeXT-Video's max pooler + projector
 }
 
 
@@ -185,7 +203,7 @@ def test_op_triton_path(name, dtype, triton_backend):
         assert_close(a, b, dtype, max(K, y.shape[0]), roundings=5, what="gradient")
 
 
-@pytest.mark.parametrize("name", ["internvl", "gemma3", "mistral3", "aya_swiglu"])
+@pytest.mark.parametrize("name", ["internvl", "gemma3", "mistral3", "aya_swiglu", "maxpool_mlp"])
 def test_op_opcheck(name):
     import warnings
 

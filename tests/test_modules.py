@@ -1,7 +1,6 @@
 """Drop-in modules vs the transformers originals: outputs, state_dict, parameter sharing, checkpoints, fallbacks."""
 import os
 import tempfile
-import warnings
 
 import pytest
 import torch
@@ -11,11 +10,7 @@ import fastvlm
 from fastvlm.testing import FAMILIES, args_for, build, input_for
 from helpers import assert_close, rel_err
 
-@pytest.fixture(autouse=True)
-def _quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", fastvlm.FastVLMFallbackWarning)
-        yield
+pytestmark = pytest.mark.usefixtures("quiet_fallbacks")  # fallback warnings are asserted through trace()
 
 
 def _f64(args):

@@ -1,4 +1,5 @@
 """Fused patch embeddings: im2col in the GEMM's loads, bias + position table + class token, vs the originals."""
+import copy
 import re
 import warnings
 
@@ -177,7 +178,7 @@ def test_opcheck_and_compile(torch_backend):
     m, x = _module("clip")
     T = 9
     args = (x, m.patch_embedding.weight, None, m.position_embedding.weight, m.class_embedding,
-            torch.arange(1, T + 1), 0, None, None, 14, True)
+            torch.arange(1, T + 1), 0, None, None, 14, True)  # (the trailing norm arguments are optional)
     torch.library.opcheck(torch.ops.fastvlm.patch_embed.default, args)
     fused = fastvlm.nn.from_module(m)
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
@@ -250,7 +251,107 @@ def test_timm_vit_patched(torch_backend):
     with torch.no_grad():
         ref = m(x)
     report = fastvlm.patch(m, verify=True)
-    assert [e.path for e in report.patched] == ["patch_embed"] and "ok" in report.patched[0].detail
+    # the patch embedding, and its pairing with the ViT's _pos_embed (tests/test_patch_embed_prenorm.py)
+    assert [e.path for e in report.patched] == ["patch_embed", ""] and all("ok" in e.detail for e in report.patched)
     with torch.no_grad():
         assert rel_err(m(x), ref) < 1e-5
     assert fastvlm.unpatch(m) == 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_size_not_a_multiple_of_the_patch(backend, monkeypatch):
+    """SigLIP so400m at 384 px is 27 patches of 14 + 6 pixels the "valid" conv drops: the GEMM reads a cropped view."""
+    monkeypatch.setenv("FASTVLM_BACKEND", backend)
+    m, _ = _module("siglip")
+    fused = fastvlm.nn.from_module(m)
+    x = torch.randn(2, 3, 42 + 5, 42 + 13)
+    with torch.no_grad(), fastvlm.trace() as t:
+        out = fused(x)
+        ref = m.double()(x.double())
+    assert [r.backend for r in t.records] == [backend]
+    assert_close(out, ref, torch.float32, 588, roundings=2)
+
+
+def _internvl_or_llama4(fam):
+    import transformers
+
+    from fastvlm.testing import randomize_
+
+    if fam == "internvl":
+        from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings as C
+        cfg = transformers.InternVLVisionConfig(hidden_size=32, image_size=28, patch_size=7, num_attention_heads=4,
+                                                num_hidden_layers=1, intermediate_size=32)
+        return randomize_(C(cfg)).eval()
+    from transformers.models.llama4.modeling_llama4 import Llama4UnfoldConvolution as C
+    return randomize_(C(transformers.Llama4VisionConfig(hidden_size=32, patch_size=7, num_channels=3)))
+
+
+@pytest.mark.parametrize("fam", ["internvl", "llama4"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_internvl_and_llama4_unfold(fam, backend, monkeypatch):
+    """InternVL (class token, position Parameter, bicubic table for other sizes) and Llama 4's Unfold + Linear,
+    on the native size and on sizes that are not square / not a multiple of the patch."""
+    monkeypatch.setenv("FASTVLM_BACKEND", backend)
+    m = _internvl_or_llama4(fam)
+    fused = fastvlm.nn.from_module(m)
+    assert isinstance(fused, type(m)) and list(fused.state_dict()) == list(m.state_dict())
+    ref_m = copy.deepcopy(m).double()
+    for shape in [(2, 3, 28, 28), (2, 3, 35, 21), (1, 3, 30, 29)]:
+        x = torch.randn(shape)
+        with torch.no_grad(), fastvlm.trace() as t:
+            out = fused(x)
+            ref = ref_m(x.double())
+        assert [r.backend for r in t.records] == [backend], str(t)
+        assert out.shape == ref.shape
+        assert_close(out, ref, torch.float32, 147, roundings=2)
+
+
+def test_internvl_original_paths(torch_backend):
+    """bool_masked_pos and active dropout run the original forward (reported); bad channels get its error."""
+    import transformers
+
+    from transformers.models.internvl.modeling_internvl import InternVLVisionEmbeddings as C
+    cfg = transformers.InternVLVisionConfig(hidden_size=32, image_size=28, patch_size=7, num_attention_heads=4,
+                                            num_hidden_layers=1, intermediate_size=32, use_mask_token=True,
+                                            hidden_dropout_prob=0.5)
+    m = C(cfg).eval()
+    fused = fastvlm.nn.from_module(m)
+    x = torch.randn(2, 3, 28, 28)
+    masked = torch.zeros(2, 16, dtype=torch.bool)
+    masked[:, ::3] = True
+    with torch.no_grad(), fastvlm.trace() as t:
+        assert torch.equal(fused(x, masked), m(x, masked))
+    assert t.records and t.records[0].backend == "torch" and "bool_masked_pos" in t.records[0].reasons[0]
+    with pytest.raises(ValueError, match="channel dimension"):
+        fused(torch.randn(1, 4, 28, 28))
+    m.train()
+    fused.train()
+    torch.manual_seed(3)
+    ref = m(x)
+    torch.manual_seed(3)
+    assert torch.equal(fused(x), ref)
+
+
+@pytest.mark.parametrize("fam", ["internvl", "llama4"])
+def test_internvl_and_llama4_gradients(fam, torch_backend):
+    m = _internvl_or_llama4(fam).double()
+    fused = fastvlm.nn.from_module(m)
+    x = torch.randn(2, 3, 35, 21, dtype=torch.float64, requires_grad=True)
+    params = [x] + list(m.parameters())
+    g = torch.randn_like(m(x))
+    ref = torch.autograd.grad(m(x), params, g)
+    got = torch.autograd.grad(fused(x), params, g)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-12
+
+
+def test_interpolated_table_keeps_its_gradient(torch_backend):
+    """With the table trained, the interpolated table is recomputed under autograd (not taken from the cache)."""
+    m, _ = _module("clip")
+    m = m.double()
+    fused = fastvlm.nn.from_module(m)
+    x = torch.randn(1, 3, 56, 70, dtype=torch.float64)
+    table = m.position_embedding.weight
+    got = torch.autograd.grad(fused(x, interpolate_pos_encoding=True).square().sum(), table)[0]
+    ref = torch.autograd.grad(m(x, interpolate_pos_encoding=True).square().sum(), table)[0]
+    assert rel_err(got, ref) < 1e-12

@@ -75,6 +75,9 @@ def _connector(model):
 
 def _path_fn(model, inputs, n_img, path, features):
     """A callable running the chosen path and returning inputs_embeds."""
+    from fastvlm.integrations import handoff
+    from fastvlm.ops.scatter import scatter_image_features
+
     inner = model.model
     ids = torch.full((1, n_img + 8), 1, dtype=torch.long, device=features.device)
     ids[0, 4:4 + n_img] = model.config.image_token_id
@@ -82,6 +85,8 @@ def _path_fn(model, inputs, n_img, path, features):
 
     def scatter(feats):
         emb = embed(ids)
+        if handoff.is_installed(inner):  # the patched model scatters with fastvlm's op (where that is exact)
+            return scatter_image_features(emb, ids == model.config.image_token_id, feats)
         mask = (ids == model.config.image_token_id)[..., None].expand_as(emb)
         return emb.masked_scatter(mask, feats.reshape(-1, emb.shape[-1]).to(emb.dtype))
 

@@ -4,6 +4,13 @@ Shapes are real checkpoints' sizes (random weights, built from config classes):
     llava-1.5-7b@B     LlavaMultiModalProjector 1024 -> 4096 -> 4096, x [B, 576, 1024], B in 1, 8, 64
     qwen2-vl-7b@P      PatchMerger LN(1280), 2x2 merge, 5120 -> 5120 -> 3584, x [P, 1280], P in 1024, 16384
     internvl@7x256     InternVLMultiModalProjector LN(4096) -> 3584 -> 3584, x [7, 256, 4096]
+    internvl-shuffle@7 InternVL3-8B: pixel shuffle 0.5 of 7 tiles of 32 x 32 x 1024 + that projector (eager: the
+                       model's pixel_shuffle then the projector; fastvlm: InternVLShuffleProjector, one call)
+    gemma3-4b@B        Gemma3MultiModalProjector: 4x4 average pool of a 64 x 64 x 1152 grid, RMSNorm(1 + w),
+                       matmul 1152 -> 2560, x [B, 4096, 1152], B in 1, 8, 64
+    idefics3-8b@17     Idefics3Connector: pixel shuffle 2 of 17 crops of 26 x 26 x 1152, Linear 4608 -> 4096
+    mistral-small-3.1@12100  Mistral3MultiModalProjector: RMSNorm, 2x2 unfold merge of one 110 x 110 patch grid,
+                       merging Linear 4096 -> 1024, then 1024 -> 5120 -> 5120
 Modes: "fwd" (inference, no_grad) and "fwd+bwd" (stage-1 alignment: every projector parameter trains, the vision
 features do not). Each provider's forward output is compared, in the same run, with the module evaluated in fp32.
 """
@@ -18,16 +25,45 @@ import torch
 from fastvlm.bench import harness
 
 SHAPES = ["llava-1.5-7b@1", "llava-1.5-7b@8", "llava-1.5-7b@64", "qwen2-vl-7b@1024", "qwen2-vl-7b@16384",
-          "internvl@7x256"]
+          "internvl@7x256", "internvl-shuffle@7", "gemma3-4b@1", "gemma3-4b@8", "gemma3-4b@64", "idefics3-8b@17",
+          "mistral-small-3.1@12100"]
+
+
+class InternVLShuffleEager(torch.nn.Module):
+    """The eager baseline of ``fastvlm.nn.InternVLShuffleProjector``: InternVLModel's pixel_shuffle lines, then the
+    projector (what get_image_features runs)."""
+
+    def __init__(self, projector):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, feats):
+        from transformers.models.internvl.modeling_internvl import InternVLModel
+
+        B, P, C = feats.shape
+        side = int(P ** 0.5)
+        shuffled = InternVLModel.pixel_shuffle(None, feats.reshape(B, side, side, C), scale_factor=0.5)
+        return self.projector(shuffled.reshape(B, -1, 4 * C))
+
+
+def _text(model_type, hidden, heads, kv, **kw):
+    return dict(model_type=model_type, hidden_size=hidden, num_attention_heads=heads, num_key_value_heads=kv,
+                intermediate_size=64, num_hidden_layers=1, vocab_size=100, **kw)
+
+
+_SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=1,
+                      num_attention_heads=16, patch_size=14)
 PROVIDERS = ["hf_eager", "hf_compile", "hf_compile_max_autotune", "fastvlm"]
 MODES = ["fwd", "fwd+bwd"]
 
 
 def build(shape, device, dtype):
-    """(module, input, flops_fwd, flops_fwd_bwd, min_bytes) for a shape id."""
+    """(module, inputs (a tuple), flops_fwd, flops_fwd_bwd, min_bytes) for a shape id."""
     import transformers
 
     name, _, arg = shape.partition("@")
+    gemms = None  # [(M, K, N), ...] of the GEMM chain when it is not Linear-act-Linear with (M, K, I, O)
+    extra = ()
     if name == "llava-1.5-7b":
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
@@ -51,6 +87,39 @@ def build(shape, device, dtype):
         b, t = (int(v) for v in arg.split("x"))
         x = torch.randn(b, t, 4096)
         M, K, I, O = b * t, 4096, 3584, 3584
+    elif name == "internvl-shuffle":
+        m, _, *_ = build("internvl@1x256", "cpu", torch.float32)
+        m = InternVLShuffleEager(m)
+        x = torch.randn(int(arg), 1024, 1024)
+        M, K, I, O = int(arg) * 256, 4096, 3584, 3584
+    elif name == "gemma3-4b":
+        from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+        m = Gemma3MultiModalProjector(transformers.Gemma3Config(
+            vision_config=dict(_SIGLIP_SO400M, image_size=896),
+            text_config=_text("gemma3_text", 2560, 8, 4, head_dim=256), mm_tokens_per_image=256))
+        x = torch.randn(int(arg), 4096, 1152)
+        gemms = [(int(arg) * 256, 1152, 2560)]
+    elif name == "idefics3-8b":
+        from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+        m = Idefics3Connector(transformers.Idefics3Config(
+            vision_config=dict(_SIGLIP_SO400M, model_type="idefics3_vision", image_size=364),
+            text_config=_text("llama", 4096, 32, 8), scale_factor=2))
+        x = torch.randn(int(arg), 676, 1152)
+        gemms = [(int(arg) * 169, 4608, 4096)]
+    elif name == "mistral-small-3.1":
+        from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
+
+        side = int(round(int(arg) ** 0.5))
+        m = Mistral3MultiModalProjector(transformers.Mistral3Config(
+            vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=64, num_attention_heads=16,
+                               num_hidden_layers=1, patch_size=14, image_size=14 * side, head_dim=64),
+            text_config=_text("mistral", 5120, 32, 8, head_dim=128), spatial_merge_size=2))
+        x = torch.randn(side * side, 1024)
+        extra = (torch.tensor([[14 * side, 14 * side]]),)
+        merged = (side // 2) ** 2
+        gemms = [(merged, 4096, 1024), (merged, 1024, 5120), (merged, 5120, 5120)]
     else:
         raise KeyError(f"unknown shape {shape!r}; choose from {SHAPES}")
     with torch.no_grad():
@@ -58,11 +127,15 @@ def build(shape, device, dtype):
             p.normal_(0, 0.02)
     m = m.to(device=device, dtype=dtype).eval()
     x = x.to(device=device, dtype=dtype)
-    flops_fwd = 2 * M * (K * I + I * O)
-    flops_fwd_bwd = 2 * M * (2 * K * I + 3 * I * O)  # + dW2, dA, dW1 (no dx: the vision features are frozen)
+    if gemms is None:
+        gemms = [(M, K, I), (M, I, O)]
+    fl = [2 * mm * k * n for mm, k, n in gemms]
+    flops_fwd = sum(fl)
+    flops_fwd_bwd = 3 * flops_fwd - fl[0]  # + dW and dA of every GEMM, no dA of the first (frozen vision features)
     elem = torch.finfo(dtype).bits // 8
-    min_bytes = elem * (x.numel() + K * I + I + I * O + O + M * O)
-    return m, x, flops_fwd, flops_fwd_bwd, min_bytes
+    weights = sum(p.numel() for p in m.parameters())
+    min_bytes = elem * (x.numel() + weights + gemms[-1][0] * gemms[-1][2])
+    return m, (x,) + tuple(e.to(device) for e in extra), flops_fwd, flops_fwd_bwd, min_bytes
 
 
 def _provider(name, m):
@@ -75,6 +148,8 @@ def _provider(name, m):
     if name == "hf_compile_max_autotune":
         return torch.compile(m, mode="max-autotune")
     if name == "fastvlm":
+        if isinstance(m, InternVLShuffleEager):
+            return fastvlm.nn.InternVLShuffleProjector.from_projector(m.projector, 0.5)
         return fastvlm.nn.from_module(m)
     raise KeyError(name)
 
@@ -94,9 +169,9 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
     shapes, providers, modes, reps = shapes or SHAPES, providers or PROVIDERS, modes or MODES, reps or 30
     rows = []
     for shape in shapes:
-        m, x, f_fwd, f_train, min_bytes = build(shape, device, dtype)
+        m, xs, f_fwd, f_train, min_bytes = build(shape, device, dtype)
         with torch.no_grad():
-            ref = m.float()(x.float())
+            ref = m.float()(*[a.float() if a.is_floating_point() else a for a in xs])
             m.to(dtype)
         for mode in modes:
             eager_ms = None
@@ -105,7 +180,7 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
                 if mode == "fwd":
                     def fn():
                         with torch.no_grad():
-                            return mod(x)
+                            return mod(*xs)
                     flops = f_fwd
                 else:
                     for p in m.parameters():
@@ -113,10 +188,10 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
                     gy = torch.randn_like(ref, dtype=dtype) * 0.01
 
                     def fn():
-                        mod(x).backward(gy)
+                        mod(*xs).backward(gy)
                     flops = f_train
                 with torch.no_grad():
-                    out_check = mod(x)
+                    out_check = mod(*xs)
                 err = float((out_check.float() - ref).norm() / ref.norm())
                 if device == "cuda":
                     torch.cuda.reset_peak_memory_stats()

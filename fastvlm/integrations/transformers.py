@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm._dispatch import text_table
+from fastvlm.integrations import handoff
 from fastvlm.nn import all_recipes, is_fused, recipe_for
 from fastvlm.nn.projector import FusedLinear
 
@@ -36,12 +37,6 @@ LINEAR_SLOTS = {
 
 # recognised connector / embedding classes whose kernels do not exist yet: reported, never swapped
 NOT_YET = {
-    "Idefics2Connector": "Perceiver resampler: kernel planned (issue 5); its SwiGLU MLPs are fused one by one",
-    **{c: "Q-Former: kernel planned (issue 4)" for c in ("Blip2QFormerModel", "InstructBlipQFormerModel",
-                                                         "InstructBlipVideoQFormerModel")},
-    **{c: "patch embedding: kernel planned (issue 3)" for c in (
-        "Idefics2VisionEmbeddings", "Idefics3VisionEmbeddings", "SmolVLMVisionEmbeddings", "InternVLVisionEmbeddings",
-        "Llama4UnfoldConvolution")},
 }
 
 _ORIGINALS = "_fastvlm_originals"
@@ -98,15 +93,34 @@ def probe_args(recipe, fused):
     p = next(iter(fused.parameters()), None)
     dev, dt = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
     rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dt)  # noqa: E731
+    if getattr(recipe, "qformer", False):  # a Q-Former: positional (query_embeds, ..., encoder_hidden_states)
+        return fused._fastvlm_probe_args()
     if recipe.fused_name == "FusedLlavaNextVideoPooler":
         k = fused.pool.kernel_size if isinstance(fused.pool.kernel_size, int) else fused.pool.kernel_size[0]
         width = fused.pool.in_channels if isinstance(fused.pool, torch.nn.Conv2d) else 16
         return (rand(2, (2 * k) ** 2, width),)
+    if getattr(recipe, "role", None) in ("resampler", "connector"):  # Idefics2's Perceiver: (context, patch mask)
+        width = (fused.modality_projection.gate_proj.in_features if recipe.role == "connector"
+                 else fused.latents.shape[1])
+        mask = torch.ones(2, 6, dtype=torch.bool, device=dev)
+        mask[1, 4:] = False
+        return rand(2, 6, width), mask
     if hasattr(recipe, "kind"):  # a patch embedding
-        conv = getattr(fused, recipe.conv)
+        conv = fused.get_submodule(recipe.conv)
+        if recipe.kind == "unfold":  # Llama 4: Unfold + Linear
+            k = fused.unfold.kernel_size
+            p = k if isinstance(k, int) else k[0]
+            return (rand(2, conv.in_features // (p * p), 2 * p, 3 * p),)
         if recipe.kind == "rows":
             return (rand(8, conv.weight[0].numel()),)
+        if recipe.kind == "navit":  # a padded batch: the second image covers 2 x 3 of the 3 x 4 patch grid
+            p = conv.kernel_size[0]
+            mask = torch.ones(2, 3, 4, dtype=torch.bool, device=dev)
+            mask[1, 2:] = False
+            mask[1, :, 3:] = False
+            return rand(2, conv.in_channels, 3 * p, 4 * p), mask
         side = getattr(fused, "image_size", 2 * conv.kernel_size[0])
+        side = side[0] if isinstance(side, (tuple, list)) else side  # (InternVL keeps a pair)
         if recipe.kind == "timm":
             side = fused.img_size[0] if fused.img_size is not None else 2 * conv.kernel_size[0]
         return (rand(2, conv.in_channels, side, side),)
@@ -132,8 +146,11 @@ def _verify(original, fused, args):
     with torch.no_grad():
         ref = original(*args)
         out = fused(*args)
+    if hasattr(ref, "last_hidden_state"):  # a ModelOutput (Q-Former)
+        ref, out = ref.last_hidden_state, out.last_hidden_state
+    x0 = next(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
     err = rel_err(out, ref)
-    bound = tolerance(args[0].dtype, args[0].shape[-1] * 4, roundings=3)
+    bound = tolerance(x0.dtype, x0.shape[-1] * 4, roundings=3)
     return err, bound
 
 
@@ -188,6 +205,14 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
             report.entries.append(PatchEntry(name, "Linear", "FusedLinear", "patched", detail))
         elif type(mod).__name__ in NOT_YET:
             report.entries.append(PatchEntry(name, type(mod).__name__, "", "not swapped", NOT_YET[type(mod).__name__]))
+    # pre-norms (CLIP pre_layrnorm, timm norm_pre) and timm's _pos_embed fused into the patch embedding
+    from fastvlm.nn.patch_embed import pair_embeddings
+
+    for row in pair_embeddings(model, originals, verify=verify, selected=lambda fam: _selected(ops, name=fam)):
+        report.entries.append(PatchEntry(*row))
+    # the image rows written straight into inputs_embeds (fastvlm/integrations/handoff.py), where that is exact
+    for path, cls, status, detail in handoff.install(model, selected=lambda fam: _selected(ops, name=fam)):
+        report.entries.append(PatchEntry(path, cls, "hand-off" if status != "not swapped" else "", status, detail))
     return report
 
 
@@ -206,11 +231,16 @@ def _swap(model, originals, name, original, fused, verify, probe):
 
 
 def unpatch(model: nn.Module) -> int:
-    """Put back the original module objects that ``patch`` replaced; returns how many were restored."""
+    """Put back the original module objects that ``patch`` replaced and remove its hand-off forwards; returns how
+    many were restored (modules plus hand-offs)."""
+    from fastvlm.nn.patch_embed import unpair_embeddings
+
+    unpair_embeddings(model)
+    n_handoff = handoff.remove(model)
     originals = model.__dict__.pop(_ORIGINALS, {})
     for name, original in originals.items():
         _set_submodule(model, name, original)
-    return len(originals)
+    return len(originals) + n_handoff
 
 
 # ------------------------------------------------------------------------------------------------ class level

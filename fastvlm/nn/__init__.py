@@ -10,13 +10,20 @@ Each kind of module has its recipes (data) and a class factory; ``REGISTRY`` lis
 import torch.nn as nn
 
 from .patch_embed import EMBED_RECIPES, EmbedRecipe, fused_embed_class
-from .pool import POOL_RECIPES, PoolRecipe, fused_pool_class
+from .perceiver import PERCEIVER_RECIPES, PerceiverRecipe, fused_perceiver_class
+from .pool import POOL_RECIPES, LlavaNextVideoPoolProjector, PoolRecipe, fused_pool_class
+from .qformer import QFORMER_RECIPES, QFormerRecipe, fused_qformer_class
 from .projector import RECIPES, FusedLinear, InternVLShuffleProjector, ProjectorRecipe, _FusedBase, fused_class
+from .feature_map import FEATURE_MAP_RECIPES, fused_feature_map_class
+from . import feature_map as _feature_map
 
-REGISTRY = ((RECIPES, fused_class), (EMBED_RECIPES, fused_embed_class), (POOL_RECIPES, fused_pool_class))
+# FEATURE_MAP_RECIPES first: fast_vlm's projector gets the class that reads the tower's map view in place
+REGISTRY = ((FEATURE_MAP_RECIPES, fused_feature_map_class), (RECIPES, fused_class), (EMBED_RECIPES, fused_embed_class),
+            (POOL_RECIPES, fused_pool_class), (QFORMER_RECIPES, fused_qformer_class),
+            (PERCEIVER_RECIPES, fused_perceiver_class))
 
-__all__ = ["from_module", "FusedLinear", "InternVLShuffleProjector", "REGISTRY", "RECIPES", "EMBED_RECIPES",
-           "POOL_RECIPES", "ProjectorRecipe", "EmbedRecipe", "PoolRecipe", "recipe_for", "fused_class_for",
+__all__ = ["from_module", "FusedLinear", "InternVLShuffleProjector", "LlavaNextVideoPoolProjector", "REGISTRY", "RECIPES", "EMBED_RECIPES",
+           "POOL_RECIPES", "QFORMER_RECIPES", "PERCEIVER_RECIPES", "PerceiverRecipe", "ProjectorRecipe", "QFormerRecipe", "EmbedRecipe", "PoolRecipe", "recipe_for", "fused_class_for",
            "is_fused", "supported"]
 
 
@@ -51,6 +58,8 @@ def from_module(module):
     if type(module) is nn.Linear:
         return FusedLinear.from_module(module)
     cls = fused_class_for(module)
+    if cls is None and type(module) in _feature_map.FUSED_REFERENCE_CLASSES:  # fastvlm.reference.feature_map modules
+        return _feature_map.from_module(module)
     if cls is None:
         known = ", ".join(sorted({r.cls for r, _ in all_recipes()} | {"torch.nn.Linear"}))
         raise TypeError(f"fastvlm.nn.from_module: no fused equivalent for {type(module).__module__}."
@@ -74,4 +83,8 @@ def __getattr__(name):
     for r, factory in all_recipes():
         if r.fused_name == name:
             return factory(r)
+    from .patch_embed import PAIRED_NORMS, paired_norm_class  # pre-norms paired with a fused patch embedding
+
+    if name in PAIRED_NORMS:
+        return paired_norm_class(name)
     raise AttributeError(f"module 'fastvlm.nn' has no attribute {name!r}")

@@ -6,7 +6,14 @@ with bias, position embedding and class token fused) or, for Qwen-VL's pre-patch
 Anything the fused path does not reproduce falls back to the original forward with the reason reported.
 
 Position tables interpolated for another resolution (``interpolate_pos_encoding=True``) are computed once per grid
-size by the original module's own ``interpolate_pos_encoding`` method and cached until the table changes.
+size by the original module's own ``interpolate_pos_encoding`` method and cached until the table changes (and
+recomputed under autograd while the table is being trained).
+
+Kinds: CLIP / SigLIP / BLIP-2 ("conv_pos"), Qwen-VL pre-patchified rows ("rows"), timm ``PatchEmbed`` ("timm"),
+Idefics2 / Idefics3 / SmolVLM with NaViT bucketed position ids from ``patch_attention_mask`` ("navit"), InternVL
+("internvl") and Llama 4's Unfold + Linear ("unfold"). ``pair_embeddings`` (called by ``fastvlm.patch``) joins a
+parent's pre-norm (CLIP ``pre_layrnorm``, timm ``norm_pre``) and timm's ``_pos_embed`` to the fused embedding's op
+call; see the "pairing" section below and docs/design-patch-embed.md.
 """
 from __future__ import annotations
 
@@ -20,7 +27,7 @@ import torch.nn as nn
 
 from fastvlm import _dispatch
 from fastvlm.nn.projector import _FusedBase
-from fastvlm.ops.patch_embed import patch_embed
+from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
 from fastvlm.ops.projector import mlp_projector
 
 
@@ -31,7 +38,10 @@ class EmbedRecipe:
     cls: str
     fused_name: str
     kind: str  # "conv_pos" (Conv2d + class token + position table), "rows" (pre-patchified rows: Qwen-VL),
-    #            "timm" (timm's PatchEmbed: conv + output format + norm; no positions)
+    #            "timm" (timm's PatchEmbed: conv + output format + norm; no positions),
+    #            "navit" (Idefics2/3, SmolVLM: Conv2d + NaViT bucketed position ids from patch_attention_mask),
+    #            "internvl" (InternVL: Conv2d child + class token + position Parameter, bicubic per size),
+    #            "unfold" (Llama 4: nn.Unfold + bias-free Linear, the weight viewed as a conv kernel)
     conv: str = "patch_embedding"
     cls_token: Optional[str] = None  # attribute of the class-token Parameter ([D] or [1, 1, D])
     pos: Optional[str] = None  # attribute of the position table: an nn.Embedding or a Parameter [1, L, D]
@@ -54,6 +64,17 @@ EMBED_RECIPES = (
                 "FusedQwen2_5_VisionPatchEmbed", "rows", conv="proj"),
     EmbedRecipe("qwen3_vl", _T + "qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchEmbed", "FusedQwen3VLVisionPatchEmbed",
                 "rows", conv="proj"),
+    EmbedRecipe("idefics2", _T + "idefics2.modeling_idefics2", "Idefics2VisionEmbeddings",
+                "FusedIdefics2VisionEmbeddings", "navit", pos="position_embedding"),
+    EmbedRecipe("idefics3", _T + "idefics3.modeling_idefics3", "Idefics3VisionEmbeddings",
+                "FusedIdefics3VisionEmbeddings", "navit", pos="position_embedding"),
+    EmbedRecipe("smolvlm", _T + "smolvlm.modeling_smolvlm", "SmolVLMVisionEmbeddings", "FusedSmolVLMVisionEmbeddings",
+                "navit", pos="position_embedding"),
+    EmbedRecipe("internvl", _T + "internvl.modeling_internvl", "InternVLVisionEmbeddings",
+                "FusedInternVLVisionEmbeddings", "internvl", conv="patch_embeddings.projection", cls_token="cls_token",
+                pos="position_embeddings"),
+    EmbedRecipe("llama4", _T + "llama4.modeling_llama4", "Llama4UnfoldConvolution", "FusedLlama4UnfoldConvolution",
+                "unfold", conv="linear"),
 )
 
 
@@ -62,7 +83,9 @@ class _FusedEmbedMixin(_FusedBase):
 
     def _fastvlm_structure(self):
         r = self._fastvlm_recipe
-        conv = getattr(self, r.conv)
+        if r.kind == "unfold":
+            return self._fastvlm_unfold_structure()
+        conv = self.get_submodule(r.conv)
         reasons = []
         want = nn.Conv3d if r.kind == "rows" else nn.Conv2d
         if type(conv) is not want:
@@ -78,8 +101,9 @@ class _FusedEmbedMixin(_FusedBase):
             reasons.append(f"{r.conv} has groups or dilation")
         if r.pos and isinstance(getattr(self, r.pos), nn.Module) and type(getattr(self, r.pos)) is not nn.Embedding:
             reasons.append(f"{r.pos} is {type(getattr(self, r.pos)).__name__}, not torch.nn.Embedding")
-        for name in (r.conv, r.pos):
-            mod = getattr(self, name, None) if name else None
+        for name in (r.conv, r.pos, "patch_embeddings" if r.kind == "internvl" else None):
+            mod = self.get_submodule(name) if name and isinstance(getattr(self, name.split(".")[0], None),
+                                                                   nn.Module) else None
             if isinstance(mod, nn.Module) and (mod._forward_hooks or mod._forward_pre_hooks):
                 reasons.append(f"{name} has forward hooks, which the fused path would not call")
         return reasons
@@ -91,6 +115,9 @@ class _FusedEmbedMixin(_FusedBase):
     def _fastvlm_interpolated(self, height, width, dim):
         """The original module's interpolated table for this image size, as [L, D], cached per size and version."""
         table = self._fastvlm_table()
+        n = (height // self.patch_size) * (width // self.patch_size) + (1 if self._fastvlm_recipe.cls_token else 0)
+        if torch.is_grad_enabled() and table.requires_grad:  # training the table: recompute, with its autograd
+            return self.interpolate_pos_encoding(torch.empty(1, n, dim, device="meta"), height, width).reshape(n, dim)
         key = (height, width, table.data_ptr(), table._version, table.dtype, table.device)
         cache = self.__dict__.setdefault("_fastvlm_pos_cache", {})
         if key not in cache:
@@ -108,10 +135,10 @@ class _FusedEmbedMixin(_FusedBase):
             return True
         p = conv.kernel_size[0]
         H, W = pixel_values.shape[-2:]
-        if H % p or W % p:
-            return True  # (the conv would drop the remainder; the original's position add then fails)
+        if H < p or W < p:
+            return True
         if interpolate:
-            return False
+            return False  # (a size that is not a multiple of the patch: the conv drops the remainder, as here)
         n = (H // p) * (W // p) + (1 if self._fastvlm_recipe.cls_token else 0)
         rows = self._fastvlm_table().shape[0]
         # CLIP and SigLIP add the whole table (exact size needed); BLIP-2 slices it (at most its size)
@@ -125,13 +152,19 @@ class _FusedEmbedMixin(_FusedBase):
         D = conv.out_channels
         T = (H // p) * (W // p)
         has_cls = r.cls_token is not None
+        if H % p or W % p:  # the "valid" conv drops the remainder (SigLIP so400m: 384 px = 27 patches of 14 + 6)
+            pixel_values = pixel_values[:, :, :H // p * p, :W // p * p]
         if interpolate_pos_encoding:
             table = self._fastvlm_interpolated(H, W, D)
         else:
             table = self._fastvlm_table()
         cls = getattr(self, r.cls_token).reshape(-1) if has_cls else None
         rows = _arange(has_cls, T + has_cls, table.device)
-        out = patch_embed(pixel_values, conv.weight, conv.bias, pos=table, pos_rows=rows, cls=cls, cls_pos=0)
+        norm = _take_norm(self, conv.weight.dtype)
+        out = patch_embed(pixel_values, conv.weight, conv.bias, pos=table, pos_rows=rows, cls=cls, cls_pos=0,
+                          **(norm or {}))
+        if norm:
+            _hand_off(self, out)
         return out, []
 
     def _fastvlm_timm_forward(self, x):
@@ -161,6 +194,131 @@ class _FusedEmbedMixin(_FusedBase):
             return (H, W) != tuple(self.img_size)
         return not self.dynamic_img_pad and (H % self.patch_size[0] or W % self.patch_size[1])
 
+    def _fastvlm_unfold_structure(self):
+        reasons = []
+        u, lin = self.unfold, self.linear
+        if type(u) is not nn.Unfold or type(lin) is not nn.Linear:
+            return [f"unfold/linear are {type(u).__name__}/{type(lin).__name__}, not torch.nn.Unfold/Linear"]
+        k, st = _pair2(u.kernel_size), _pair2(u.stride)
+        if k[0] != k[1] or st != k or _pair2(u.padding) != (0, 0) or _pair2(u.dilation) != (1, 1):
+            reasons.append(f"unfold is not a square stride == kernel patch extraction ({u.kernel_size}, {u.stride})")
+        elif lin.in_features % (k[0] * k[1]):
+            reasons.append("linear's input width is not channels x kernel area")
+        for name, mod in (("unfold", u), ("linear", lin)):
+            if mod._forward_hooks or mod._forward_pre_hooks:
+                reasons.append(f"{name} has forward hooks, which the fused path would not call")
+        return reasons
+
+    def _fastvlm_unfold_forward(self, hidden_states):
+        """Llama 4: Unfold + Linear = the GEMM with the Linear weight viewed as [D, C, p, p] (Unfold's (c, ki, kj)
+        column order is the conv kernel's flattening)."""
+        r = self._fastvlm_recipe
+        reasons = self._fastvlm_structure()
+        x = hidden_states
+        if not reasons and torch.is_autocast_enabled(x.device.type):
+            reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
+        if reasons:
+            _dispatch.report_fallback(r.fused_name, reasons, f"pixels{tuple(getattr(x, 'shape', ()))}")
+            return self._fastvlm_base.forward(self, hidden_states)
+        w = self.linear.weight
+        p = _pair2(self.unfold.kernel_size)[0]
+        if (not isinstance(x, torch.Tensor) or x.dim() != 4 or x.dtype != w.dtype or x.device != w.device
+                or x.shape[1] * p * p != w.shape[1] or x.shape[2] < p or x.shape[3] < p):
+            return self._fastvlm_base.forward(self, hidden_states)  # the original's own result or error
+        H, W = x.shape[-2:]
+        x = x[:, :, :H // p * p, :W // p * p]  # Unfold drops the remainder too
+        return patch_embed(x, w.view(w.shape[0], -1, p, p))
+
+    def _fastvlm_internvl_forward(self, pixel_values, bool_masked_pos=None):
+        """InternVL: conv GEMM + class token + the position table (bicubic for other sizes, by the original's own
+        ``interpolate_pos_encoding``, cached per size) in one op call; dropout is a no-op in eval."""
+        r = self._fastvlm_recipe
+        reasons = self._fastvlm_structure()
+        if not reasons and bool_masked_pos is not None:
+            reasons.append("bool_masked_pos (mask-token mixing, a pre-training input) is not fused")
+        if not reasons and self.training and self.dropout.p > 0:
+            reasons.append("dropout is active (module in training mode with p > 0)")
+        if not reasons and torch.is_autocast_enabled(pixel_values.device.type):
+            reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
+        if reasons:
+            _dispatch.report_fallback(r.fused_name, reasons, f"pixels{tuple(pixel_values.shape)}")
+            return self._fastvlm_base.forward(self, pixel_values, bool_masked_pos)
+        conv = self.patch_embeddings.projection
+        p = conv.kernel_size[0]
+        if (pixel_values.dim() != 4 or pixel_values.shape[1] != self.patch_embeddings.num_channels
+                or not pixel_values.is_floating_point() or pixel_values.shape[2] < p or pixel_values.shape[3] < p):
+            return self._fastvlm_base.forward(self, pixel_values, bool_masked_pos)  # its own error
+        B, C, H, W = pixel_values.shape
+        T = (H // p) * (W // p)
+        D = conv.out_channels
+        x = pixel_values[:, :, :H // p * p, :W // p * p] if (H % p or W % p) else pixel_values
+        table = None
+        if self.position_embeddings is not None:
+            table = self._fastvlm_internvl_table(H, W, T, D)
+            if table.shape[0] != T + 1 or table.dtype != conv.weight.dtype:
+                return self._fastvlm_base.forward(self, pixel_values, bool_masked_pos)
+        rows = _arange(1, T + 1, pixel_values.device) if table is not None else None
+        return patch_embed(x, conv.weight, conv.bias, pos=table, pos_rows=rows, cls=self.cls_token.reshape(-1),
+                           cls_pos=0)
+
+    def _fastvlm_internvl_table(self, H, W, T, D):
+        def compute():
+            return self.interpolate_pos_encoding(torch.empty(1, T + 1, D, device="meta"), H, W).reshape(-1, D)
+
+        table = self.position_embeddings
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
+            return compute()
+        key = (H, W, table.data_ptr(), table._version, table.dtype, table.device)
+        cache = self.__dict__.setdefault("_fastvlm_pos_cache", {})
+        if key not in cache:
+            cache.clear()
+            with torch.no_grad():
+                cache[key] = compute()
+        return cache[key]
+
+    def _fastvlm_navit_forward(self, pixel_values, patch_attention_mask):
+        """Idefics2/3, SmolVLM: the conv as the GEMM (a cropped view when the size is not a multiple of the patch,
+        as the "valid" conv drops the remainder), position ids from the mask added by index in the epilogue."""
+        r = self._fastvlm_recipe
+        reasons = self._fastvlm_structure()
+        if not reasons and torch.is_autocast_enabled(pixel_values.device.type):
+            reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
+        if reasons:
+            _dispatch.report_fallback(r.fused_name, reasons, f"pixels{tuple(getattr(pixel_values, 'shape', ()))}")
+            return self._fastvlm_base.forward(self, pixel_values, patch_attention_mask)
+        conv, table = self.patch_embedding, self.position_embedding.weight
+        if self._fastvlm_navit_original_raises(pixel_values, patch_attention_mask):
+            return self._fastvlm_base.forward(self, pixel_values, patch_attention_mask)  # its own error or behaviour
+        p = conv.kernel_size[0]
+        B, C, H, W = pixel_values.shape
+        gh, gw = H // p, W // p
+        x = pixel_values if (H % p == 0 and W % p == 0) else pixel_values[:, :, :gh * p, :gw * p]
+        ids = navit_position_ids(patch_attention_mask, self.num_patches_per_side).reshape(-1)
+        if ids.device.type == "cpu" and not torch.compiler.is_compiling():
+            if ids.numel() and int(ids.max()) >= table.shape[0]:  # a degenerate mask: the original's IndexError
+                return self._fastvlm_base.forward(self, pixel_values, patch_attention_mask)
+        else:  # the original's embedding lookup would fail the same way (a device-side assert on CUDA)
+            torch._assert_async((ids < table.shape[0]).all(), "index out of range in self")
+        return patch_embed(x, conv.weight, conv.bias, pos=table, pos_rows=ids)
+
+    def _fastvlm_navit_original_raises(self, pixel_values, mask):
+        """Inputs the fused path does not take as the original does: defer to the original (its error, or its
+        broadcasting for an odd mask)."""
+        conv = self.patch_embedding
+        if not isinstance(pixel_values, torch.Tensor) or pixel_values.dim() != 4:
+            return True
+        if pixel_values.shape[1] != conv.in_channels or pixel_values.dtype != conv.weight.dtype:
+            return True  # wrong channels, or a dtype the conv rejects (it does not cast)
+        if pixel_values.device != conv.weight.device:
+            return True
+        p = conv.kernel_size[0]
+        B, _, H, W = pixel_values.shape
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or mask.device != pixel_values.device:
+            return True
+        if B == 0 or H < p or W < p or tuple(mask.shape) != (B, H // p, W // p):
+            return True
+        return False
+
     def _fastvlm_forward(self, pixel_values, interpolate_pos_encoding=False):
         r = self._fastvlm_recipe
         reasons = self._fastvlm_structure()
@@ -168,6 +326,9 @@ class _FusedEmbedMixin(_FusedBase):
             if not reasons and torch.is_autocast_enabled(pixel_values.device.type):
                 reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
             if not reasons and not self._fastvlm_timm_original_raises(pixel_values):
+                out = _timm_vit_tokens(self, pixel_values)
+                if out is not None:
+                    return out
                 out, reasons = self._fastvlm_timm_forward(pixel_values)
                 if not reasons:
                     return out
@@ -215,12 +376,353 @@ def _fwd_timm(self, x):
     return self._fastvlm_forward(x)
 
 
+def _fwd_navit(self, pixel_values: torch.Tensor, patch_attention_mask: torch.BoolTensor) -> torch.Tensor:
+    return self._fastvlm_navit_forward(pixel_values, patch_attention_mask)
+
+
+def _fwd_internvl(self, pixel_values: torch.Tensor, bool_masked_pos: Optional[torch.BoolTensor] = None) -> torch.Tensor:
+    return self._fastvlm_internvl_forward(pixel_values, bool_masked_pos)
+
+
+def _fwd_unfold(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    return self._fastvlm_unfold_forward(hidden_states)
+
+
+def _pair2(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+
 @functools.lru_cache(maxsize=None)
 def fused_embed_class(recipe: EmbedRecipe):
     base = getattr(importlib.import_module(recipe.module), recipe.cls)
     doc = (f"Drop-in fused replacement for transformers' ``{recipe.cls}`` ({recipe.family}): same constructor, "
            f"state_dict and forward; runs fastvlm.ops.patch_embed.")
     return type(recipe.fused_name, (_FusedEmbedMixin, base),
-                {"forward": {"rows": _fwd_rows, "timm": _fwd_timm}.get(recipe.kind, _fwd_pixels), "_fastvlm_recipe": recipe,
+                {"forward": {"rows": _fwd_rows, "timm": _fwd_timm, "navit": _fwd_navit, "internvl": _fwd_internvl,
+                              "unfold": _fwd_unfold}.get(recipe.kind, _fwd_pixels), "_fastvlm_recipe": recipe,
                  "_fastvlm_base": base, "__doc__": doc, "__module__": "fastvlm.nn"})
 
+
+
+# ----------------------------------------------------------------------------------------------------- pairing
+#
+# A pre-norm (CLIP's ``pre_layrnorm``, timm's ``norm_pre``) and timm's ``_pos_embed`` live in the *parent* module,
+# so a drop-in embedding alone cannot fuse them. ``fastvlm.patch`` pairs them: the parent's entry points
+# (``CLIPVisionModel.forward``; ``VisionTransformer.forward_features`` / ``forward_intermediates``) are wrapped on the
+# instance to *arm* the pair for one call; the armed fused embedding returns the finished tokens (positions, class
+# and register tokens, pre-norm) and hands that tensor object over; each consumer (the pre-norm, a LayerNorm
+# subclass sharing the original's parameters, and timm's ``_pos_embed``) returns its input unchanged when it is the
+# handed-over tensor, and runs its original code on anything else. Unarmed calls (the embedding called on its own,
+# ``verify``) and anything with hooks on the producer or a consumer take the unfused path, so every module keeps its
+# own outputs; state_dict keys and tensors are unchanged (nothing is registered).
+
+
+class _Pair:
+    """State shared by a fused patch embedding and the consumers of its output in one parent (not a Module)."""
+
+    def __init__(self, kind, parent, norm_attr):
+        self.kind = kind  # "clip" | "timm"
+        self.parent = parent
+        self.norm_attr = norm_attr  # the parent's pre-norm attribute ("pre_layrnorm", "norm_pre")
+        self.norm = None  # the consumer pre-norm module (a fused subclass) when the pre-norm is a LayerNorm
+        self.armed = False
+        self.out = None  # the handed-over tensor, until its last consumer took it
+        self.norm_fused = False
+
+
+def _pair_of(module):
+    return module.__dict__.get("_fastvlm_pair")
+
+
+def _has_hooks(*mods):
+    from torch.nn.modules import module as _m
+
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    return any(m._forward_hooks or m._forward_pre_hooks for m in mods if m is not None)
+
+
+def _norm_ok(pair, dtype):
+    """The pre-norm's (weight, bias, eps) when it can be fused right now, else None."""
+    norm = pair.norm
+    if norm is None or getattr(pair.parent, pair.norm_attr) is not norm or _has_hooks(norm):
+        return None
+    if getattr(norm, "_fast_norm", False) or norm.weight is None or len(norm.normalized_shape) != 1:
+        return None  # timm's fast_norm (APEX / low-precision) path is not reproduced
+    if norm.weight.dtype != dtype or (norm.bias is not None and norm.bias.dtype != dtype):
+        return None
+    return dict(norm_weight=norm.weight, norm_bias=norm.bias, eps=norm.eps)
+
+
+def _take_norm(embed, dtype):
+    """Disarm the pair of ``embed`` and return the pre-norm arguments to fuse into this call, if any."""
+    pair = _pair_of(embed)
+    if pair is None or not pair.armed or pair.out is not None:
+        return None
+    pair.armed = False
+    if _has_hooks(embed):
+        return None
+    return _norm_ok(pair, dtype)
+
+
+def _hand_off(embed, out, norm_fused=True):
+    pair = _pair_of(embed)
+    pair.out = out
+    pair.norm_fused = norm_fused
+
+
+# the pre-norm classes a pairing may subclass, by fused name (fastvlm.nn resolves these names for pickling)
+PAIRED_NORMS = {"FusedPreNormLayerNorm": ("torch.nn", "LayerNorm"),
+                "FusedPreNormTimmLayerNorm": ("timm.layers", "LayerNorm")}
+
+
+def _paired_norm_name(base):
+    return "FusedPreNormTimmLayerNorm" if base.__module__.startswith("timm.") else f"FusedPreNorm{base.__name__}"
+
+
+def _norm_bases():
+    """The exact LayerNorm classes a pairing fuses: torch's, and timm's (same math unless its fast-norm flag is on)."""
+    bases = [nn.LayerNorm]
+    try:
+        from timm.layers import LayerNorm as TimmLayerNorm
+
+        bases.append(TimmLayerNorm)
+    except ImportError:
+        pass
+    return tuple(bases)
+
+
+def paired_norm_class(name):
+    """The pre-norm class of a pairing by its fused name (``fastvlm.nn.FusedPreNormLayerNorm``)."""
+    module, cls = PAIRED_NORMS[name]
+    return _paired_norm_class(getattr(importlib.import_module(module), cls))
+
+
+@functools.lru_cache(maxsize=None)
+def _paired_norm_class(base):
+    def forward(self, input):
+        pair = _pair_of(self)
+        if pair is not None and pair.norm_fused and pair.out is not None and input is pair.out:
+            pair.out = None  # already normalised by the fused embedding
+            return input
+        return base.forward(self, input)
+
+    return type(_paired_norm_name(base), (base,), {
+        "forward": forward, "__module__": "fastvlm.nn",
+        "__doc__": f"``{base.__name__}`` paired with a fused patch embedding that applies it (same parameters); "
+                   "any other input is normalised by the original forward."})
+
+
+def _timm_pos_table(vit, gh, gw):
+    """timm's position table for a (gh, gw) grid as [L, D]: ``resample_abs_pos_embed`` exactly as ``_pos_embed``
+    calls it, cached per grid and table version (recomputed with autograd while the table is trained)."""
+    pe = vit.pos_embed
+    if not vit.dynamic_img_size:
+        return pe.reshape(-1, pe.shape[-1])
+    from timm.models import vision_transformer as tv
+
+    def resample():
+        return tv.resample_abs_pos_embed(pe, new_size=(gh, gw), old_size=vit.patch_embed.grid_size,
+                                         num_prefix_tokens=0 if vit.no_embed_class else vit.num_prefix_tokens)
+
+    if (torch.is_grad_enabled() and pe.requires_grad) or torch.compiler.is_compiling():
+        return resample().reshape(-1, pe.shape[-1])
+    key = (gh, gw, pe.data_ptr(), pe._version, pe.dtype, pe.device)
+    cache = vit.__dict__.setdefault("_fastvlm_pos_cache", {})
+    if key not in cache:
+        cache.clear()
+        with torch.no_grad():
+            cache[key] = resample().reshape(-1, pe.shape[-1])
+    return cache[key]
+
+
+def _timm_vit_tokens(embed, x):
+    """Armed timm pair: patch tokens, class and register tokens, positions (and ``norm_pre``) in one op call, as
+    [B, prefix + T, D]; None when this call cannot be fused (the caller then runs the plain patch embedding)."""
+    pair = _pair_of(embed)
+    if pair is None or not pair.armed or pair.out is not None:
+        return None
+    pair.armed = False
+    vit = pair.parent
+    if (vit.patch_embed is not embed or _has_hooks(embed) or not isinstance(embed.norm, nn.Identity)
+            or embed.dynamic_img_pad or embed.proj.bias is not None and embed.proj.bias.dtype != embed.proj.weight.dtype):
+        return None
+    drop = vit.pos_drop
+    if not (isinstance(drop, nn.Identity) or (type(drop) is nn.Dropout and (not drop.training or drop.p == 0))):
+        return None
+    w = embed.proj.weight
+    D, p = w.shape[0], embed.patch_size[0]
+    B, C, H, W = x.shape
+    gh, gw = H // p, W // p
+    T = gh * gw
+    prefix = [t.reshape(-1, D) for t in (vit.cls_token, vit.reg_token) if t is not None]
+    cls = (prefix[0] if len(prefix) == 1 else torch.cat(prefix)) if prefix else None
+    P = cls.shape[0] if cls is not None else 0
+    pos = rows = None
+    cls_pos = -1
+    if vit.pos_embed is not None:
+        pos = _timm_pos_table(vit, gh, gw)
+        first = 0 if vit.no_embed_class else P
+        if pos.shape[0] != first + T or pos.dtype != w.dtype:
+            return None  # the original's add fails (or promotes): let it
+        rows = _arange(first, first + T, pos.device)
+        cls_pos = -1 if vit.no_embed_class else 0
+    if cls is not None and cls.dtype != w.dtype:
+        return None
+    norm = None
+    pd = vit.patch_drop
+    if isinstance(pd, nn.Identity) or (type(pd).__name__ == "PatchDropout" and not getattr(pd, "return_indices", False)
+                                       and (not pd.training or pd.prob == 0)):
+        norm = _norm_ok(pair, w.dtype)
+    out = patch_embed(x, w, embed.proj.bias, pos=pos, pos_rows=rows, cls=cls, cls_pos=cls_pos, **(norm or {}))
+    _hand_off(embed, out, norm_fused=norm is not None)
+    return out
+
+
+class _PosEmbedConsumer:
+    """timm ``_pos_embed`` on a paired VisionTransformer instance. A callable object, not a closure, so that
+    ``copy.deepcopy`` and pickling of the model rebind it to the copy (``vit`` and ``pair`` are copied with it)."""
+
+    def __init__(self, vit, pair):
+        self.vit, self.pair = vit, pair
+
+    def __call__(self, x):
+        pair = self.pair
+        if pair.out is not None and x is pair.out:  # the fused embedding's finished tokens
+            if not pair.norm_fused:
+                pair.out = None
+            return x
+        return type(self.vit)._pos_embed(self.vit, x)
+
+
+class _ArmedEntry:
+    """A parent's entry point (``forward``, ``forward_features``, ...) wrapped to arm the pair for one call; a
+    callable object so that deepcopy rebinds ``inner`` (a bound method) and ``pair`` to the copied model."""
+
+    def __init__(self, inner, pair):
+        self.inner, self.pair = inner, pair
+        self.__wrapped__ = inner  # inspect.signature follows it: the original signature
+        self.__doc__ = getattr(inner, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        pair = self.pair
+        pair.armed, pair.out = True, None
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            pair.armed, pair.out = False, None
+
+
+_UNDO = "_fastvlm_pair_undo"
+
+
+def _set_instance_attr(obj, name, value, undo):
+    """Set an instance attribute, recording (object, name, had it, previous value) for ``unpair_embeddings`` (data,
+    not closures, so a deep copy of the model undoes on its own objects)."""
+    undo.append((obj, name, name in obj.__dict__, obj.__dict__.get(name)))
+    obj.__dict__[name] = value
+
+
+def _pair_candidates(model):
+    """(path, parent, kind, embed attr, pre-norm attr, entry points) of every parent whose embedding can be paired."""
+    try:
+        from timm.models.vision_transformer import VisionTransformer
+    except ImportError:
+        VisionTransformer = None
+    for name, mod in model.named_modules():
+        cls = type(mod)
+        if cls.__name__ == "CLIPVisionModel" and cls.__module__ == _T + "clip.modeling_clip":
+            yield name, mod, "clip", "embeddings", "pre_layrnorm", ("forward",)
+        elif VisionTransformer is not None and cls is VisionTransformer:
+            yield name, mod, "timm", "patch_embed", "norm_pre", ("forward_features", "forward_intermediates")
+
+
+def pair_embeddings(model, originals, *, verify=False, selected=lambda family: True):
+    """Pair fused patch embeddings with their parents' pre-norm / position code (see above). Returns report rows
+    (path, original, fused, status, detail); swapped pre-norms are recorded in ``originals`` for ``unpatch``."""
+    from fastvlm.nn.projector import _adopt
+
+    rows = []
+    undo = model.__dict__.setdefault(_UNDO, [])
+    for path, parent, kind, embed_attr, norm_attr, entries in list(_pair_candidates(model)):
+        embed = getattr(parent, embed_attr)
+        where = f"{path}.{norm_attr}" if path else norm_attr
+        if not selected(kind):
+            continue
+        if _pair_of(embed) is not None and _pair_of(embed).parent is parent:
+            rows.append((where, type(parent).__name__, "fused into " + embed_attr, "already fused", ""))
+            continue
+        if not isinstance(embed, _FusedEmbedMixin):
+            rows.append((where, type(parent).__name__, "", "not swapped",
+                         f"{embed_attr} is not a fused patch embedding ({type(embed).__name__})"))
+            continue
+        pair = _Pair(kind, parent, norm_attr)
+        norm = getattr(parent, norm_attr)
+        fusable_norm = (type(norm) in _norm_bases() and norm.weight is not None
+                        and len(norm.normalized_shape) == 1)
+        if fusable_norm and _has_hooks(norm):
+            rows.append((where, type(norm).__name__, "", "not swapped",
+                         f"{norm_attr} has forward hooks (they stay on the original module, which runs unfused)"))
+            if kind == "clip":
+                continue
+            fusable_norm = False
+        if fusable_norm:
+            fused_norm = _adopt(_paired_norm_class(type(norm)), norm)
+            fused_norm.__dict__["_fastvlm_pair"] = pair
+            pair.norm = fused_norm
+            setattr(parent, norm_attr, fused_norm)
+            originals[where] = norm
+        elif kind == "clip":
+            rows.append((where, type(parent).__name__, "", "not swapped",
+                         f"{norm_attr} is {type(norm).__name__}, not a LayerNorm with weights"))
+            continue
+        _set_instance_attr(embed, "_fastvlm_pair", pair, undo)
+        if kind == "timm":
+            _set_instance_attr(parent, "_pos_embed", _PosEmbedConsumer(parent, pair), undo)
+        for entry in entries:
+            if hasattr(parent, entry):
+                _set_instance_attr(parent, entry, _ArmedEntry(getattr(parent, entry), pair), undo)
+        label = ("positions and " if kind == "timm" else "") + (norm_attr if fusable_norm else "")
+        detail = f"{label.removesuffix(' and ')} fused into {embed_attr}"
+        if verify:
+            detail += "; " + _verify_pair(pair, parent, embed, norm, kind)
+        fused_name = type(pair.norm).__name__ if pair.norm else f"{type(embed).__name__} (+ _pos_embed)"
+        rows.append((where if pair.norm else path, type(norm).__name__ if pair.norm else type(parent).__name__,
+                     fused_name, "patched", detail))
+    return rows
+
+
+def _verify_pair(pair, parent, embed, original_norm, kind):
+    """Armed fused tokens vs the unfused chain (the plain embedding, the original position code and pre-norm)."""
+    from fastvlm.integrations.transformers import probe_args
+    from fastvlm.testing import rel_err, tolerance
+
+    x = probe_args(embed._fastvlm_recipe, embed)[0]
+    if x.device.type == "meta":
+        return "verify skipped: parameters are on the meta device"
+    with torch.no_grad():
+        pair.armed, pair.out = True, None
+        try:
+            if kind == "clip":
+                got = embed(x)
+            else:
+                got = _PosEmbedConsumer(parent, pair)(embed(x))
+        finally:
+            pair.armed, pair.out = False, None
+        if kind == "clip":
+            ref = original_norm(embed(x))
+        else:
+            ref = original_norm(parent.patch_drop(type(parent)._pos_embed(parent, embed(x))))
+    err = rel_err(got, ref)
+    bound = tolerance(x.dtype, embed.get_submodule(embed._fastvlm_recipe.conv).weight[0].numel(), roundings=3)
+    ok = got.shape == ref.shape and err <= bound
+    return f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+
+
+def unpair_embeddings(model):
+    """Undo ``pair_embeddings``'s instance attributes (the swapped pre-norms are restored from ``originals``)."""
+    for obj, name, had, prev in reversed(model.__dict__.pop(_UNDO, [])):
+        if had:
+            obj.__dict__[name] = prev
+        else:
+            obj.__dict__.pop(name, None)

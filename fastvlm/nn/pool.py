@@ -100,3 +100,60 @@ def fused_pool_class(recipe: PoolRecipe):
     return type(recipe.fused_name, (_FusedPoolerMixin, base),
                 {"forward": _fwd, "_fastvlm_recipe": recipe, "_fastvlm_base": base, "__doc__": doc,
                  "__module__": "fastvlm.nn"})
+
+
+class LlavaNextVideoPoolProjector(nn.Module):
+    """LLaVA-NeXT-Video's pooler (average or max) and its ``multi_modal_projector`` as one fused call.
+
+    ``LlavaNextVideoModel.get_video_features`` runs them one after the other::
+
+        video_features = self.vision_resampler(selected_video_features)
+        video_features = self.multi_modal_projector(video_features)
+
+    This module replaces those two lines: ``LlavaNextVideoPoolProjector(model.vision_resampler,
+    model.multi_modal_projector)(selected_video_features)`` reads each k x k window of the frame's token grid as
+    the projector's GEMM loads it (the mean or the maximum of the window, rounded to the input dtype as the pool
+    does), so the pooled tokens are never written. It shares both modules' parameters (state_dict keys under
+    ``pooler.`` and ``projector.``). ``fastvlm.patch`` swaps the two modules separately, since the model's code
+    calls them apart; wire this one into a custom ``get_video_features``. The pooler's conv mode (a learned
+    weight, no fusion gain) and unsupported windows run the two fused modules one after the other.
+    """
+
+    def __init__(self, pooler, projector):
+        super().__init__()
+        for name, mod, cls in (("pooler", pooler, "LlavaNextVideoPooler"),
+                               ("projector", projector, "LlavaNextVideoMultiModalProjector")):
+            if cls not in {c.__name__ for c in type(mod).__mro__}:
+                raise TypeError(f"LlavaNextVideoPoolProjector: {name} must be a {cls}, got {type(mod).__name__}")
+        self.pooler = pooler
+        self.projector = projector
+
+    def forward(self, video_features):
+        from fastvlm.nn import from_module, is_fused
+        from fastvlm.reference.activations import activation_name
+
+        p = self.projector
+        w = _window(self.pooler.pool)
+        act = activation_name(p.act)
+        reasons = []
+        if isinstance(w, str) or w[0] == "conv":
+            reasons.append(w if isinstance(w, str) else "the pooler is a learned conv")
+        elif video_features.dim() != 3:
+            reasons.append(f"input of shape {tuple(video_features.shape)} is not [frames, tokens, features]")
+        else:
+            B, P, D = video_features.shape
+            side = math.isqrt(P)
+            if side * side != P or side % w[1]:
+                reasons.append(f"{P} tokens are not a square grid divisible by {w[1]}")
+        if act is None:
+            reasons.append(f"activation {type(p.act).__name__} has no kernel")
+        if reasons:
+            _dispatch.report_fallback("LlavaNextVideoPoolProjector", reasons, f"x{tuple(video_features.shape)}")
+            pool = self.pooler if is_fused(self.pooler) else from_module(self.pooler)
+            proj = p if is_fused(p) else from_module(p)
+            return proj(pool(video_features))
+        kind, k = w
+        rows = space_to_depth_rows(B, side, side, k, video_features.device)
+        y = mlp_projector(video_features.reshape(B * P, D), p.linear_1.weight, p.linear_1.bias, p.linear_2.weight,
+                          p.linear_2.bias, act=act, rows=rows, a_mode=kind)
+        return y.reshape(B, rows.shape[0] // B, -1)

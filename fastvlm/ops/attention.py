@@ -5,9 +5,14 @@ Reads top to bottom: validation -> the two forward paths (the Triton launcher in
 PyTorch path fastvlm.reference.attention.attention_ref) -> backward -> torch.library registration (fake + autograd)
 -> the public functional.
 
-    q [B, H, Lq, D], k/v [B, H, Lk, D]   any strides (e.g. ``linear(x).view(B, L, H, D).transpose(1, 2)``)
-    key_mask  [B, Lk]                    keep-flags (bool / integer, nonzero = attend) or a float additive bias
-    attn_mask [B|1, H|1, Lq|1, Lk]       keep-flags (bool) or a float additive bias (transformers' 4-D masks)
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D] any strides (e.g. ``linear(x).view(B, L, H, D).transpose(1, 2)``);
+                                         Hkv divides H (grouped-query attention: head h reads kv head h // (H/Hkv),
+                                         never repeated in memory)
+    k2/v2 [B, Hkv, Lk2, D] (optional)    a second key/value source whose keys follow k's: attention over
+                                         concat(k, k2) without building it (Idefics2's Perceiver: context, latents)
+    key_mask  [B, Lk]                    keep-flags (bool / integer, nonzero = attend) or a float additive bias, on
+                                         the first source only
+    attn_mask [B|1, H|1, Lq|1, Lk+Lk2]   keep-flags (bool) or a float additive bias (transformers' 4-D masks)
     returns   O [B, Lq, H, D]            transformers' attention-function layout: ``O.reshape(B, Lq, H * D)`` is free
 
 The op returns (O, LSE [B, H, Lq] fp32); backward runs in PyTorch ops from q, k, v and the saved LSE (the softmax is
@@ -21,7 +26,7 @@ from typing import Optional
 import torch
 
 from fastvlm import _dispatch
-from fastvlm.reference.attention import attention_ref, keep_flags, probs_from_lse, scores_ref
+from fastvlm.reference.attention import attention_ref, full_kv, keep_flags, probs_from_lse, scores_ref
 
 OP_NAME = "fastvlm::attention"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -35,21 +40,35 @@ def _shape(t):
     return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
 
 
-def _validate(q, k, v, key_mask, attn_mask):
+def _validate(q, k, v, key_mask, attn_mask, k2=None, v2=None):
     """Shape errors, named after the tensor at fault."""
-    for name, t in (("q", q), ("k", k), ("v", v)):
+    if (k2 is None) != (v2 is None):
+        raise ValueError("attention: give k2 and v2 together, or neither")
+    extra = (("k2", k2), ("v2", v2)) if k2 is not None else ()
+    for name, t in (("q", q), ("k", k), ("v", v)) + extra:
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise ValueError(f"attention: {name} must be a 4-D [batch, heads, length, head_dim] tensor, "
                              f"got {_shape(t)}")
     B, H, LQ, D = q.shape
     LK = k.shape[2]
-    if k.shape[0] != B or k.shape[1] != H or k.shape[3] != D:
-        raise ValueError(f"attention: k must be [{B}, {H}, keys, {D}] to match q {tuple(q.shape)}, "
-                         f"got {tuple(k.shape)}")
+    HKV = k.shape[1]
+    if k.shape[0] != B or HKV == 0 or H % HKV or k.shape[3] != D:
+        raise ValueError(f"attention: k must be [{B}, {H}, keys, {D}] (or [{B}, kv_heads, keys, {D}] with kv_heads "
+                         f"dividing {H}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape != k.shape:
         raise ValueError(f"attention: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     if not q.is_floating_point() or k.dtype != q.dtype or v.dtype != q.dtype:
         raise ValueError(f"attention: q, k and v must share one floating dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    LK2 = 0
+    if k2 is not None:
+        LK2 = k2.shape[2]
+        if k2.shape[0] != B or k2.shape[1] != HKV or k2.shape[3] != D:
+            raise ValueError(f"attention: k2 must be [{B}, {HKV}, keys2, {D}] to match k {tuple(k.shape)}, got "
+                             f"{tuple(k2.shape)}")
+        if v2.shape != k2.shape:
+            raise ValueError(f"attention: v2 must have k2's shape {tuple(k2.shape)}, got {tuple(v2.shape)}")
+        if k2.dtype != q.dtype or v2.dtype != q.dtype:
+            raise ValueError(f"attention: k2 and v2 must be {q.dtype} like q, got {k2.dtype}, {v2.dtype}")
     if key_mask is not None:
         if not isinstance(key_mask, torch.Tensor) or tuple(key_mask.shape) != (B, LK):
             raise ValueError(f"attention: key_mask must be [{B}, {LK}] (batch, keys), got {_shape(key_mask)}")
@@ -57,21 +76,22 @@ def _validate(q, k, v, key_mask, attn_mask):
             raise ValueError(f"attention: key_mask is on {key_mask.device} but q is on {q.device}")
     if attn_mask is not None:
         ok = (isinstance(attn_mask, torch.Tensor) and attn_mask.dim() == 4 and attn_mask.shape[0] in (1, B)
-              and attn_mask.shape[1] in (1, H) and attn_mask.shape[2] in (1, LQ) and attn_mask.shape[3] == LK)
+              and attn_mask.shape[1] in (1, H) and attn_mask.shape[2] in (1, LQ)
+              and attn_mask.shape[3] == LK + LK2)
         if not ok:
-            raise ValueError(f"attention: attn_mask must be [{B} or 1, {H} or 1, {LQ} or 1, {LK}], got "
+            raise ValueError(f"attention: attn_mask must be [{B} or 1, {H} or 1, {LQ} or 1, {LK + LK2}], got "
                              f"{_shape(attn_mask)}")
         if attn_mask.device != q.device:
             raise ValueError(f"attention: attn_mask is on {attn_mask.device} but q is on {q.device}")
 
 
-def _kernel_reasons(q, k, v, key_mask, attn_mask):
+def _kernel_reasons(q, k, v, key_mask, attn_mask, k2=None, v2=None):
     """Why the Triton kernel cannot run these inputs (empty list when it can)."""
     reasons = []
     if q.dtype not in KERNEL_DTYPES:
         reasons.append(f"q dtype {q.dtype} is not one of float16/bfloat16/float32")
-    for name, t in (("k", k), ("v", v)):
-        if t.device != q.device:
+    for name, t in (("k", k), ("v", v), ("k2", k2), ("v2", v2)):
+        if t is not None and t.device != q.device:
             reasons.append(f"{name} is on {t.device} but q is on {q.device}")
     D = q.shape[-1]
     if not KERNEL_HEAD_DIMS[0] <= D <= KERNEL_HEAD_DIMS[1]:
@@ -82,44 +102,62 @@ def _kernel_reasons(q, k, v, key_mask, attn_mask):
 # ------------------------------------------------------------------------------------------------ forward paths
 
 
-def _forward(q, k, v, key_mask, attn_mask, scale):
+def _forward(q, k, v, key_mask, attn_mask, scale, k2=None, v2=None):
     """(O [B, Lq, H, D], LSE [B, H, Lq] fp32, fp64 for fp64 inputs)."""
     masks = "+".join(n for n, m in (("key_mask", key_mask), ("attn_mask", attn_mask)) if m is not None)
-    detail = (f"q{tuple(q.shape)} k{tuple(k.shape)} {str(q.dtype).replace('torch.', '')}"
-              + (f" {masks}" if masks else ""))
-    backend = _dispatch.choose_backend(OP_NAME, q.device, _kernel_reasons(q, k, v, key_mask, attn_mask), detail)
+    detail = (f"q{tuple(q.shape)} k{tuple(k.shape)}" + (f" k2{tuple(k2.shape)}" if k2 is not None else "")
+              + f" {str(q.dtype).replace('torch.', '')}" + (f" {masks}" if masks else ""))
+    backend = _dispatch.choose_backend(OP_NAME, q.device, _kernel_reasons(q, k, v, key_mask, attn_mask, k2, v2),
+                                       detail)
     if backend == "triton":
         from fastvlm.kernels.attention import attention_fwd
 
-        return attention_fwd(q, k, v, key_mask=key_mask, attn_mask=attn_mask, scale=scale)
-    return attention_ref(q, k, v, key_mask, attn_mask, scale)
+        return attention_fwd(q, k, v, key_mask=key_mask, attn_mask=attn_mask, scale=scale, k2=k2, v2=v2)
+    return attention_ref(q, k, v, key_mask, attn_mask, scale, k2, v2)
 
 
 # ------------------------------------------------------------------------------------------------ backward
 
 
+def _split_kv_grad(g, k, k2):
+    """dL/d(every key's row) [B, H, Lk + Lk2, D] -> (dL/dk, dL/dk2): summed over each kv head's query-head group
+    (GQA) and split between the two sources."""
+    B, H, L, D = g.shape
+    hkv = k.shape[1]
+    if H != hkv:
+        g = g.view(B, hkv, H // hkv, L, D).sum(2)
+    if k2 is None:
+        return g.to(k.dtype), None
+    lk = k.shape[2]
+    return g[:, :, :lk].to(k.dtype), g[:, :, lk:].to(k2.dtype)
+
+
 def _backward(saved, go, scale, needs):
-    """Gradients of (q, k, v, key_mask, attn_mask) from dL/dO; the softmax is recomputed from the saved LSE."""
-    q, k, v, key_mask, attn_mask, lse = saved
-    need_q, need_k, need_v, need_km, need_am = needs
+    """Gradients of (q, k, v, key_mask, attn_mask, k2, v2) from dL/dO; the softmax is recomputed from the saved LSE.
+    GQA and the second source are handled on the full key set (``full_kv``: torch ops, kv heads repeated for the
+    recomputation only); key and value gradients are summed back over each kv head's group."""
+    q, k, v, key_mask, attn_mask, lse, k2, v2 = saved
+    need_q, need_k, need_v, need_km, need_am, need_k2, need_v2 = needs
     ct = lse.dtype
-    p = probs_from_lse(scores_ref(q, k, key_mask, attn_mask, scale, ct), lse)  # [B, H, Lq, Lk]
+    kf, vf, kmf = full_kv(q, k, v, key_mask, k2, v2)
+    p = probs_from_lse(scores_ref(q, kf, kmf, attn_mask, scale, ct), lse)  # [B, H, Lq, Lk + Lk2]
     go = go.transpose(1, 2).to(ct)  # [B, H, Lq, D]
-    gq = gk = gv = gkm = gam = None
-    if need_v:
-        gv = torch.matmul(p.transpose(-1, -2), go).to(v.dtype)
-    if need_q or need_k or need_km or need_am:
-        gp = torch.matmul(go, v.to(ct).transpose(-1, -2))
+    gq = gk = gv = gkm = gam = gk2 = gv2 = None
+    if need_v or need_v2:
+        gv, gv2 = _split_kv_grad(torch.matmul(p.transpose(-1, -2), go), v, v2)
+    if need_q or need_k or need_k2 or need_km or need_am:
+        gp = torch.matmul(go, vf.to(ct).transpose(-1, -2))
         gs = p * (gp - (p * gp).sum(-1, keepdim=True))  # dL/dscores (natural units, before the scale)
         if need_q:
-            gq = (torch.matmul(gs, k.to(ct)) * scale).to(q.dtype)
-        if need_k:
-            gk = (torch.matmul(gs.transpose(-1, -2), q.to(ct)) * scale).to(k.dtype)
+            gq = (torch.matmul(gs, kf.to(ct)) * scale).to(q.dtype)
+        if need_k or need_k2:
+            gk, gk2 = _split_kv_grad(torch.matmul(gs.transpose(-1, -2), q.to(ct)) * scale, k, k2)
         if need_km:
-            gkm = gs.sum(dim=(1, 2)).to(key_mask.dtype)
+            gkm = gs.sum(dim=(1, 2))[:, :k.shape[2]].to(key_mask.dtype)
         if need_am:
             gam = gs.sum_to_size(attn_mask.shape).to(attn_mask.dtype)
-    return gq, gk, gv, gkm, gam
+    return (gq, gk if need_k else None, gv if need_v else None, gkm, gam, gk2 if need_k2 else None,
+            gv2 if need_v2 else None)
 
 
 def _float_mask_needs_grad(m, need):
@@ -131,30 +169,37 @@ def _float_mask_needs_grad(m, need):
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: Optional[torch.Tensor],
-                 attn_mask: Optional[torch.Tensor], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns (O [B, Lq, H, D], LSE [B, H, Lq]); LSE is what backward needs."""
-    return _forward(q, k, v, key_mask, attn_mask, scale)
+                 attn_mask: Optional[torch.Tensor], scale: float, k2: Optional[torch.Tensor] = None,
+                 v2: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (O [B, Lq, H, D], LSE [B, H, Lq]); LSE is what backward needs. ``k2``/``v2`` (a second key/value
+    source) are trailing optional arguments, so calls with the original six arguments keep working."""
+    return _forward(q, k, v, key_mask, attn_mask, scale, k2, v2)
 
 
 @attention_op.register_fake
-def _(q, k, v, key_mask, attn_mask, scale):
+def _(q, k, v, key_mask, attn_mask, scale, k2=None, v2=None):
     B, H, LQ, D = q.shape
     return q.new_empty((B, LQ, H, D)), q.new_empty((B, H, LQ), dtype=torch.promote_types(q.dtype, torch.float32))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, key_mask, attn_mask, scale = inputs
+    q, k, v, key_mask, attn_mask, scale, k2, v2 = inputs
     _, lse = output
     ctx.scale = scale
-    ctx.save_for_backward(q, k, v, key_mask, attn_mask, lse)
+    ctx.save_for_backward(q, k, v, key_mask, attn_mask, lse, k2, v2)
     ctx.mark_non_differentiable(lse)
 
 
+def _needs(n, key_mask, attn_mask, k2):
+    return (n[0], n[1], n[2], _float_mask_needs_grad(key_mask, n[3]), _float_mask_needs_grad(attn_mask, n[4]),
+            k2 is not None and n[6], k2 is not None and n[7])
+
+
 def _op_backward(ctx, go, _glse):
-    n = ctx.needs_input_grad
-    q, k, v, key_mask, attn_mask, lse = ctx.saved_tensors
-    needs = (n[0], n[1], n[2], _float_mask_needs_grad(key_mask, n[3]), _float_mask_needs_grad(attn_mask, n[4]))
-    return (*_backward((q, k, v, key_mask, attn_mask, lse), go, ctx.scale, needs), None)
+    q, k, v, key_mask, attn_mask, lse, k2, v2 = ctx.saved_tensors
+    gq, gk, gv, gkm, gam, gk2, gv2 = _backward((q, k, v, key_mask, attn_mask, lse, k2, v2), go, ctx.scale,
+                                               _needs(ctx.needs_input_grad, key_mask, attn_mask, k2))
+    return gq, gk, gv, gkm, gam, None, gk2, gv2
 
 
 attention_op.register_autograd(_op_backward, setup_context=_setup_context)
@@ -164,41 +209,45 @@ class _AttentionFunction(torch.autograd.Function):
     """The same forward/backward as the custom op, without the dispatcher's per-call cost (eager mode only)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_mask, attn_mask, scale):
-        o, lse = _forward(q, k, v, key_mask, attn_mask, scale)
+    def forward(ctx, q, k, v, key_mask, attn_mask, scale, k2, v2):
+        o, lse = _forward(q, k, v, key_mask, attn_mask, scale, k2, v2)
         ctx.scale = scale
-        ctx.save_for_backward(q, k, v, key_mask, attn_mask, lse)
+        ctx.save_for_backward(q, k, v, key_mask, attn_mask, lse, k2, v2)
         return o
 
     @staticmethod
     def backward(ctx, go):
-        n = ctx.needs_input_grad
-        q, k, v, key_mask, attn_mask, lse = ctx.saved_tensors
-        needs = (n[0], n[1], n[2], _float_mask_needs_grad(key_mask, n[3]), _float_mask_needs_grad(attn_mask, n[4]))
-        return (*_backward((q, k, v, key_mask, attn_mask, lse), go.contiguous(), ctx.scale, needs), None)
+        q, k, v, key_mask, attn_mask, lse, k2, v2 = ctx.saved_tensors
+        gq, gk, gv, gkm, gam, gk2, gv2 = _backward((q, k, v, key_mask, attn_mask, lse, k2, v2), go.contiguous(),
+                                                   ctx.scale, _needs(ctx.needs_input_grad, key_mask, attn_mask, k2))
+        return gq, gk, gv, gkm, gam, None, gk2, gv2
 
 
 # ------------------------------------------------------------------------------------------------ functional
 
 
-def attention(q, k, v, *, key_mask=None, attn_mask=None, scale=None):
+def attention(q, k, v, *, key_mask=None, attn_mask=None, scale=None, k2=None, v2=None):
     """``softmax(scale * q k^T + masks) v`` -> O [B, Lq, H, D] (transformers' attention-function output layout).
 
-    q [B, H, Lq, D], k/v [B, H, Lk, D] with any strides. ``key_mask`` [B, Lk]: keep-flags (bool or integer, nonzero =
+    q [B, H, Lq, D], k/v [B, Hkv, Lk, D] with any strides; Hkv may divide H (grouped-query attention, no repeat
+    copy). ``k2``/``v2`` [B, Hkv, Lk2, D]: a second key/value source appended after the first (the keys are
+    ``concat(k, k2)``, never materialised; ``key_mask`` covers the first source, ``attn_mask`` both). ``key_mask`` [B, Lk]: keep-flags (bool or integer, nonzero =
     attend, as a tokenizer's attention_mask / transformers' 2-D encoder_attention_mask) or a float additive bias.
     ``attn_mask`` [B|1, H|1, Lq|1, Lk]: bool keep-flags or a float additive bias (transformers' 4-D masks, e.g.
     InstructBLIP's self-attention over queries + instruction tokens). ``scale`` defaults to ``D ** -0.5``.
     A row whose every key is masked by keep-flags gives zeros. Eager calls skip the torch.library dispatcher; under
     torch.compile the call is the registered custom op.
     """
-    _validate(q, k, v, key_mask, attn_mask)
+    _validate(q, k, v, key_mask, attn_mask, k2, v2)
     key_mask = keep_flags(key_mask)
     attn_mask = keep_flags(attn_mask)
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     tensors = (q, k, v, key_mask, attn_mask)
-    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, k2, v2))
     if torch.compiler.is_compiling():
-        return torch.ops.fastvlm.attention(*tensors, scale)[0]
+        if k2 is None:
+            return torch.ops.fastvlm.attention(*tensors, scale)[0]
+        return torch.ops.fastvlm.attention(*tensors, scale, k2, v2)[0]
     if needs_grad:
-        return _AttentionFunction.apply(*tensors, scale)
-    return _forward(*tensors, scale)[0]
+        return _AttentionFunction.apply(*tensors, scale, k2, v2)
+    return _forward(*tensors, scale, k2, v2)[0]

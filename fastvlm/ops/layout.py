@@ -6,7 +6,7 @@ and non-square grids, several images in a batch, and ragged images of different 
 movement: only M * Q indices (a few KB) are written.
 
     space_to_depth_rows(b, h, w, s)   pixel shuffle / unfold window order (di, dj), windows row-major
-    pool_rows(b, h, w, k)             k x k average-pool windows, row-major (AvgPool2d with stride == kernel)
+    pool_rows(b, h, w, k)             k x k pooling windows, row-major (Avg/MaxPool2d with stride == kernel)
 """
 from __future__ import annotations
 
@@ -62,14 +62,22 @@ def gather_ref(x, rows, mode):
         return g.transpose(1, 2).reshape(rows.shape[0], -1)
     if mode == "mean":
         return g.to(torch.promote_types(x.dtype, torch.float32)).mean(1).to(x.dtype)
+    if mode == "max":
+        return g.amax(1)
     raise ValueError(f"unknown a_mode {mode!r}")
 
 
-def scatter_back(grad_a, rows, mode, num_rows):
-    """Adjoint of ``gather_ref``: the gradient of the source rows [num_rows, D] from the gradient of A."""
+def scatter_back(grad_a, rows, mode, num_rows, x=None):
+    """Adjoint of ``gather_ref``: the gradient of the source rows [num_rows, D] from the gradient of A.
+    "max" needs ``x``: each window's gradient goes to its first maximal element, as max_pool2d's backward does."""
     if mode == "strided":
         return grad_a
     M, Q = rows.shape
+    if mode == "max":
+        first = x[rows].argmax(1)  # [M, D]: the first maximal q per column (torch.argmax returns the first)
+        src = rows.gather(1, first)  # [M, D] source row of each maximum
+        out = torch.zeros(num_rows, grad_a.shape[1], dtype=grad_a.dtype, device=grad_a.device)
+        return out.scatter_add_(0, src, grad_a)
     D = grad_a.shape[1] // Q if mode in ("concat", "concat_cm") else grad_a.shape[1]
     if mode == "concat":
         g = grad_a.reshape(M * Q, D)

@@ -1,12 +1,15 @@
 """``fastvlm::patch_embed``: a stride = kernel patch convolution as one GEMM with its glue fused.
 
     out[b, prefix + t] = conv(pixels)[b, :, t] + bias + pos[pos_rows[t]]       t = patch index, row-major
-    out[b, cls_row]    = cls + pos[cls_pos]                                  (when there is a class token)
+    out[b, prefix_i]   = cls[i] + pos[cls_pos + i]                          (prefix rows: class / register tokens)
+    out[b, :]          = LayerNorm(out[b, :]) * norm_weight + norm_bias      (optional fused pre-norm, all rows)
 
 The GEMM reads the patches straight from the pixel tensor (im2col in the A loads: element offsets of each patch's
 corner and of each pixel inside a patch, so NCHW, NHWC and any strides work) and, for uint8 pixels, applies the image
 processor's rescale and mean/std normalisation per channel as it loads. Bias, position embedding and the placement
-after the class-token row happen in the epilogue; the class-token rows are one small extra write.
+after the class-token row happen in the epilogue; the prefix rows (one class token, or timm's class + register
+tokens) are one small extra write. A fused pre-norm (CLIP's ``pre_layrnorm``, timm's ``norm_pre``) is an in-place
+row-norm pass over the finished output (kernels/row_norm.py).
 
 PyTorch path: ``F.unfold``-equivalent reshape + ``F.linear`` with transformers' cast point (pixels cast to the weight
 dtype before the convolution). Backward: PyTorch ops (weight, bias, position table, class token, and float pixels).
@@ -63,22 +66,39 @@ def _affine_cols(scale, shift, patch):
             shift.float().repeat_interleave(patch * patch).contiguous())
 
 
-def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first):
+def _n_prefix(cls):
+    return 0 if cls is None else (1 if cls.dim() == 1 else cls.shape[0])
+
+
+def _prefix_values(cls, pos, cls_pos):
+    """[P, D] values of the prefix rows: the tokens, plus their position rows when ``cls_pos >= 0``."""
+    c = cls.reshape(-1, cls.shape[-1])
+    if pos is not None and cls_pos >= 0:
+        c = c + pos[cls_pos:cls_pos + c.shape[0]]
+    return c
+
+
+def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight=None,
+             norm_bias=None, eps=0.0, backend=None):
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
     D = weight.shape[0]
     w2 = weight.reshape(D, -1)
-    prefix = 1 if cls is not None else 0
+    prefix = _n_prefix(cls)
     reasons = []
     if w2.dtype not in KERNEL_DTYPES:
         reasons.append(f"weight dtype {w2.dtype} is not one of float16/bfloat16/float32")
     if pixels.dtype != torch.uint8 and pixels.dtype not in KERNEL_DTYPES:
         reasons.append(f"pixels dtype {pixels.dtype} is not uint8/float16/bfloat16/float32")
-    for name, t in (("bias", bias), ("position table", pos), ("class token", cls)):
+    for name, t in (("bias", bias), ("position table", pos), ("class token", cls), ("norm weight", norm_weight),
+                    ("norm bias", norm_bias)):
         if t is not None and t.dtype != w2.dtype:
             reasons.append(f"{name} is {t.dtype} but the weight is {w2.dtype}")
     detail = f"pixels{tuple(pixels.shape)} {str(pixels.dtype).replace('torch.', '')} p{patch} -> {D}"
-    backend = _dispatch.choose_backend(OP_NAME, pixels.device, reasons, detail)
+    if norm_weight is not None:
+        detail += " +layernorm"
+    if backend is None:
+        backend = _dispatch.choose_backend(OP_NAME, pixels.device, reasons, detail)
     out = torch.empty(B, T + prefix, D, device=pixels.device, dtype=w2.dtype)
     first = prefix if cls_first else 0
     if backend == "triton":
@@ -97,12 +117,18 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
             a = a.float() * sc + sh
         y = F.linear(a.to(w2.dtype), w2, bias).view(B, T, D)
         if pos is not None:
-            y = y + pos[pos_rows]
+            y = y + pos[pos_rows].view(-1, T, D)
         out[:, first:first + T] = y
     if cls is not None:
         row = 0 if cls_first else T
-        c = cls if pos is None else cls + pos[cls_pos]
-        out[:, row] = c
+        out[:, row:row + prefix] = _prefix_values(cls, pos, cls_pos)
+    if norm_weight is not None:
+        if backend == "triton":
+            from fastvlm.kernels.row_norm import row_norm_
+
+            row_norm_(out.view(B * (T + prefix), D), norm_weight, norm_bias, eps)
+        else:
+            out = F.layer_norm(out, (D,), norm_weight, norm_bias, eps)
     return out
 
 
@@ -116,16 +142,31 @@ def _out_rows(B, T, prefix, first, device):
     return _out_rows_cached(B, T, prefix, first, str(device)) if prefix else None
 
 
-def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0):
-    pixels, weight, pos_rows, scale, shift, has_bias, has_pos, has_cls = saved
-    need_px, need_w, need_b, need_pos, need_cls = needs
+def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0):
+    pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias = saved
+    need_px, need_w, need_b, need_pos, need_cls, need_nw, need_nb = needs
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
     D = weight.shape[0]
-    prefix = 1 if has_cls else 0
+    prefix = _n_prefix(cls)
     first = prefix if cls_first else 0
-    gp = g[:, first:first + T].reshape(B * T, D)
     ct = torch.promote_types(weight.dtype, torch.float32)  # accumulation dtype (fp64 stays fp64)
+    gnw = gnb = None
+    if norm_weight is not None:  # recompute the pre-norm output (PyTorch path) and back-propagate the LayerNorm
+        with torch.no_grad():
+            y = _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first,
+                         backend="torch")
+        with torch.enable_grad():
+            y = y.detach().requires_grad_()
+            nw = norm_weight.detach().requires_grad_()
+            nb = norm_bias.detach().requires_grad_() if norm_bias is not None else None
+            z = F.layer_norm(y, (D,), nw, nb, eps)
+            grads = torch.autograd.grad(z, [t for t in (y, nw, nb) if t is not None], g)
+        g, gnw = grads[0], grads[1]
+        gnb = grads[2] if nb is not None else None
+        gnw = gnw if need_nw else None
+        gnb = gnb if need_nb else None
+    gp = g[:, first:first + T].reshape(B * T, D)
     gx = gw_ = gb = gpos = gcls = None
     if need_w:
         a = im2col_ref(pixels, patch)
@@ -133,81 +174,92 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0):
             sc, sh = _affine_cols(scale, shift, patch)
             a = a.float() * sc + sh
         gw_ = (gp.t() @ a.to(weight.dtype)).view_as(weight).to(weight.dtype)
-    if need_b and has_bias:
+    if need_b and bias is not None:
         gb = gp.to(ct).sum(0).to(weight.dtype)
-    if need_pos and has_pos:
+    row = 0 if cls_first else T
+    if need_pos and pos is not None:
         acc = torch.zeros(pos_len, D, dtype=ct, device=g.device)  # the table's size: no data-dependent shapes
         acc.index_add_(0, pos_rows.repeat(B) if pos_rows.shape[0] == T else pos_rows, gp.to(ct))
-        if has_cls:
-            acc[cls_pos] += g[:, 0 if cls_first else T].to(ct).sum(0)
+        if cls is not None and cls_pos >= 0:
+            acc[cls_pos:cls_pos + prefix] += g[:, row:row + prefix].to(ct).sum(0)
         gpos = acc
-    if need_cls and has_cls:
-        gcls = g[:, 0 if cls_first else T].to(ct).sum(0)
+    if need_cls and cls is not None:
+        gcls = g[:, row:row + prefix].to(ct).sum(0).reshape(cls.shape)
     if need_px and pixels.is_floating_point() and scale is None:
         ga = (gp @ weight.reshape(D, -1)).to(pixels.dtype)  # [B*T, C*p*p] -> fold back
         gx = ga.view(B, gh, gw, C, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(pixels.shape)
-    return gx, gw_, gb, gpos, gcls
+    return gx, gw_, gb, gpos, gcls, gnw, gnb
+
+
+def _save(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
+          norm_bias, eps):
+    ctx.cfg = (patch, cls_pos, cls_first, None if pos is None else pos.shape, float(eps))
+    ctx.save_for_backward(pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias)
+
+
+def _grads(ctx, g):
+    saved = ctx.saved_tensors
+    patch, cls_pos, cls_first, pos_shape, eps = ctx.cfg
+    n_in = len(ctx.needs_input_grad)  # the op may be called without its defaulted trailing arguments
+    n = tuple(ctx.needs_input_grad) + (False,) * (14 - n_in)
+    weight = saved[1]
+    gx, gw, gb, gpos, gcls, gnw, gnb = _backward(saved, g, patch, cls_pos, cls_first,
+                                                 (n[0], n[1], n[2], n[3], n[4], n[11], n[12]),
+                                                 pos_shape[0] if pos_shape is not None else 0, eps)
+    gpos = gpos.to(weight.dtype) if gpos is not None else None
+    gcls = gcls.to(weight.dtype) if gcls is not None else None
+    gnw = gnw.to(saved[8].dtype) if gnw is not None else None
+    gnb = gnb.to(saved[9].dtype) if gnb is not None else None
+    return (gx, gw, gb, gpos, gcls, None, None, None, None, None, None, gnw, gnb, None)[:n_in]
 
 
 class _PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first):
-        ctx.cfg = (patch, cls_pos, cls_first, None if pos is None else pos.shape)
-        ctx.has = (bias is not None, pos is not None, cls is not None)
-        ctx.save_for_backward(pixels, weight, pos_rows, scale, shift)
-        return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first)
+    def forward(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
+                norm_bias, eps):
+        _save(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
+              norm_bias, eps)
+        return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight,
+                        norm_bias, eps)
 
     @staticmethod
     def backward(ctx, g):
-        pixels, weight, pos_rows, scale, shift = ctx.saved_tensors
-        patch, cls_pos, cls_first, pos_shape = ctx.cfg
-        n = ctx.needs_input_grad
-        gx, gw, gb, gpos, gcls = _backward((pixels, weight, pos_rows, scale, shift, *ctx.has), g, patch, cls_pos,
-                                           cls_first, (n[0], n[1], n[2], n[3], n[4]),
-                                           pos_shape[0] if pos_shape is not None else 0)
-        if gpos is not None:
-            gpos = gpos.to(weight.dtype)
-        if gcls is not None:
-            gcls = gcls.to(weight.dtype)
-        return gx, gw, gb, gpos, gcls, None, None, None, None, None, None
+        return _grads(ctx, g)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
 def patch_embed_op(pixels: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                    pos: Optional[torch.Tensor], cls: Optional[torch.Tensor], pos_rows: Optional[torch.Tensor],
                    cls_pos: int, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], patch: int,
-                   cls_first: bool) -> torch.Tensor:
-    return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first)
+                   cls_first: bool, norm_weight: Optional[torch.Tensor] = None,
+                   norm_bias: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
+    return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight,
+                    norm_bias, eps)
 
 
 @patch_embed_op.register_fake
-def _(pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first):
+def _(pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight=None,
+      norm_bias=None, eps=0.0):
     B, C, H, W = pixels.shape
     T = (H // patch) * (W // patch)
-    return weight.new_empty((B, T + (1 if cls is not None else 0), weight.shape[0]))
+    return weight.new_empty((B, T + _n_prefix(cls), weight.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first = inputs
-    ctx.cfg = (patch, cls_pos, cls_first, None if pos is None else pos.shape)
-    ctx.has = (bias is not None, pos is not None, cls is not None)
-    ctx.save_for_backward(pixels, weight, pos_rows, scale, shift)
+    _save(ctx, *inputs, *(None, None, 0.0)[len(inputs) - 11:])
 
 
-def _op_backward(ctx, g):
-    grads = _PatchEmbedFunction.backward(ctx, g)
-    return grads
-
-
-patch_embed_op.register_autograd(_op_backward, setup_context=_setup)
+patch_embed_op.register_autograd(_grads, setup_context=_setup)
 
 
 def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None, cls_pos=0, cls_first=True,
-                pixel_scale=None, pixel_shift=None):
+                pixel_scale=None, pixel_shift=None, norm_weight=None, norm_bias=None, eps=1e-5):
     """Patch embedding of ``pixels`` [B, C, H, W] (any strides; float, or uint8 with ``pixel_scale``/``pixel_shift``
     per channel: value * scale + shift, e.g. scale = 1 / (255 std), shift = -mean / std) by the conv ``weight``
-    [D, C, p, p]. Returns [B, T (+1), D] in the weight's dtype: the class token row first (or last) when ``cls``
-    [D] is given, ``pos`` [L, D] rows ``pos_rows`` [T] added to the patches and row ``cls_pos`` to the class token.
+    [D, C, p, p]. Returns [B, P + T, D] in the weight's dtype: the P prefix rows first (or last) when ``cls`` is
+    given ([D]: one class token, or [P, D]: class and register tokens), ``pos`` [L, D] rows ``pos_rows`` ([T], or
+    [B * T] per image) added to the patches and rows ``cls_pos + i`` to the prefix rows (none when ``cls_pos < 0``).
+    ``norm_weight`` (and ``norm_bias``, ``eps``): a LayerNorm over every output row, applied last (a fused pre-norm).
     """
     if pixels.dim() != 4:
         raise ValueError(f"patch_embed: pixels must be [batch, channels, height, width], got {tuple(pixels.shape)}")
@@ -215,15 +267,62 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
         raise ValueError(f"patch_embed: weight must be a square conv kernel [D, {pixels.shape[1]}, p, p], got "
                          f"{tuple(weight.shape)}")
     patch = weight.shape[2]
+    D = weight.shape[0]
     _, _, gh, gw = _grid(pixels, patch)
     if pixels.dtype == torch.uint8 and pixel_scale is None:
         raise ValueError("patch_embed: uint8 pixels need pixel_scale and pixel_shift (the processor's normalisation)")
     if pos is not None and (pos_rows is None or pos_rows.shape not in ((gh * gw,), (pixels.shape[0] * gh * gw,))):
         raise ValueError(f"patch_embed: pos_rows must be [{gh * gw}] (or per image [{pixels.shape[0] * gh * gw}])")
-    args = (pixels, weight, bias, pos, cls, pos_rows, int(cls_pos), pixel_scale, pixel_shift, patch, bool(cls_first))
+    if cls is not None and (cls.dim() not in (1, 2) or cls.shape[-1] != D):
+        raise ValueError(f"patch_embed: cls must be [{D}] or [prefix, {D}], got {tuple(cls.shape)}")
+    if pos is not None and cls is not None and cls_pos >= 0 and cls_pos + _n_prefix(cls) > pos.shape[0]:
+        raise ValueError(f"patch_embed: prefix rows at cls_pos {cls_pos} run past the {pos.shape[0]}-row table")
+    if norm_weight is not None and (norm_weight.shape != (D,) or (norm_bias is not None and norm_bias.shape != (D,))):
+        raise ValueError(f"patch_embed: norm_weight and norm_bias must be [{D}]")
+    args = (pixels, weight, bias, pos, cls, pos_rows, int(cls_pos), pixel_scale, pixel_shift, patch, bool(cls_first),
+            norm_weight, norm_bias, float(eps))
     if torch.compiler.is_compiling():
         return torch.ops.fastvlm.patch_embed(*args)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5]):
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5] + args[11:13]):
         return _PatchEmbedFunction.apply(*args)
     return _forward(pixels, weight, bias, pos, pos_rows, cls, int(cls_pos), pixel_scale, pixel_shift, patch,
-                    bool(cls_first))
+                    bool(cls_first), norm_weight, norm_bias, float(eps))
+
+
+# ------------------------------------------------------------------------------------- NaViT bucketed positions
+
+@functools.lru_cache(maxsize=16)
+def _bucket_edges_cached(side, device, dtype):
+    return torch.arange(1 / side, 1.0, 1 / side, device=torch.device(device), dtype=dtype)
+
+
+def _bucket_edges(side, device):
+    """Bucket boundaries 1/S, 2/S, ... < 1 in the default float dtype, built by the same float ``arange`` as
+    transformers (its length is S - 1 or S depending on rounding, e.g. S = 14 or 28 give S with a last edge of 1.0)."""
+    dtype = torch.get_default_dtype()
+    if torch.compiler.is_compiling():
+        return torch.arange(1 / side, 1.0, 1 / side, device=device, dtype=dtype)
+    return _bucket_edges_cached(side, str(device), dtype)
+
+
+def _axis_buckets(counts, length, edges):
+    """[N, length] bucket of each patch index along one axis of an image with ``counts`` valid patches on it."""
+    frac = torch.arange(length, device=counts.device, dtype=torch.float32)[None, :] * (1.0 / counts)[:, None]
+    return torch.bucketize(frac.clamp(max=1.0 - 1e-6), edges, right=True)
+
+
+def navit_position_ids(patch_attention_mask, side):
+    """NaViT position ids [N, Hp * Wp] of Idefics2/3 and SmolVLM vision embeddings.
+
+    Image n has ``h`` valid patch rows (the valid entries of mask[n, :, 0]) and ``w`` valid columns (mask[n, 0, :]);
+    patch (i, j) lies at the fractional coordinates (i / h, j / w), clamped below 1, and falls in bucket
+    (bi, bj) of a side x side grid over [0, 1): its id is bi * side + bj. Masked-out patches get id 0. Batched over
+    images with tensor ops on the mask's device (no per-image loop), with the same float steps as transformers,
+    so the ids are identical, fractional edge cases included.
+    """
+    N, Hp, Wp = patch_attention_mask.shape
+    edges = _bucket_edges(side, patch_attention_mask.device)
+    bh = _axis_buckets(patch_attention_mask[:, :, 0].sum(dim=1), Hp, edges)
+    bw = _axis_buckets(patch_attention_mask[:, 0, :].sum(dim=1), Wp, edges)
+    ids = (bh[:, :, None] * side + bw[:, None, :]).reshape(N, Hp * Wp)
+    return ids.masked_fill(~patch_attention_mask.reshape(N, Hp * Wp), 0)

@@ -9,6 +9,7 @@ The input ``x`` [T, D] holds vision tokens. The GEMM reads a *logical* A [M, K] 
     a_mode "concat"     A[m] = concat of x[rows[m, q]], q = 0..Q-1 (pixel shuffle, patch-major)
     a_mode "concat_cm"  the same merge in channel-major column order (F.unfold)
     a_mode "mean"       A[m] = mean of x[rows[m, q]] (k x k average pooling)
+    a_mode "max"        A[m] = max of x[rows[m, q]] (k x k max pooling; no norm)
 The norm runs on groups of ``norm_group`` columns of A, or, with ``norm_src``, on the rows of x before the merge.
 
 What is fused (Triton path; one small statistics pass when there is a norm, then one launch per linear):
@@ -39,8 +40,7 @@ from fastvlm.reference.projector import norm_ref, norm_stats_ref
 
 OP_NAME = "fastvlm::mlp_projector"
 NORMS = ("none", "layernorm", "rmsnorm", "rmsnorm_1p")
-A_MODES = ("strided", "concat", "concat_cm", "mean")
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+A_MODES = ("strided", "concat", "concat_cm", "mean", "max")
 
 
 @dataclass(frozen=True)
@@ -100,6 +100,8 @@ def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec, w_up=Non
             raise ValueError(f"mlp_projector: {name} must be one of {ACTIVATIONS}, got {a!r}")
     if s.norm not in NORMS:
         raise ValueError(f"mlp_projector: norm must be one of {NORMS}, got {s.norm!r}")
+    if s.a_mode == "max" and s.norm != "none":
+        raise ValueError("mlp_projector: a_mode 'max' takes no norm (no connector normalises max-pooled rows)")
     if s.norm != "none":
         width = x.shape[1] if s.norm_src else K
         if s.norm_group <= 0 or width % s.norm_group:
@@ -117,17 +119,7 @@ def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec, w_up=Non
 
 def _kernel_reasons(x, tensors):
     """Why the Triton kernels cannot run these inputs (empty list when they can)."""
-    reasons = []
-    if x.dtype not in KERNEL_DTYPES:
-        reasons.append(f"x dtype {x.dtype} is not one of float16/bfloat16/float32")
-    for name, t in tensors:
-        if t is None:
-            continue
-        if t.dtype != x.dtype:
-            reasons.append(f"{name} is {t.dtype} but x is {x.dtype} (the kernel needs one dtype)")
-        if t.device != x.device:
-            reasons.append(f"{name} is on {t.device} but x is on {x.device}")
-    return reasons
+    return _dispatch.dtype_device_reasons(x, tensors)
 
 
 def _saves_h(w2, s: Spec):
@@ -306,7 +298,7 @@ def _backward(s: Spec, saved, gy, needs, w_up=None):
         # gradient of the (normalised) logical A
         g_a = gh @ w1 if w_up is None else gh[:, :half] @ w_up + gh[:, half:] @ w1
         if s.norm == "none":
-            gx = scatter_back(g_a, rows, s.a_mode, x.shape[0]) if need_x else None
+            gx = scatter_back(g_a, rows, s.a_mode, x.shape[0], x) if need_x else None
         elif s.norm_src:
             g_xn = scatter_back(g_a, rows, s.a_mode, x.shape[0])
             gx, gnw, gnb = _norm_backward(g_xn, x, mean, rstd, nw, s.norm, s.norm_group, need_x, need_nw, need_nb)
@@ -424,7 +416,7 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
 
     Without ``rows`` this works over the last dimension of ``x`` (any leading dimensions). With ``rows`` (an int64
     [M, Q] table from fastvlm.ops.layout) ``x`` is [tokens, D] and A is the merged (``a_mode`` "concat",
-    "concat_cm") or pooled ("mean") rows; the result is [M, out].
+    "concat_cm") or pooled ("mean" average, "max" maximum) rows; the result is [M, out].
     ``norm``: "none", "layernorm", "rmsnorm" (transformers' cast point), "rmsnorm_1p" (Gemma: fp32, weight 1 + w).
     ``norm_group``: the width the norm runs over (default: A's width); ``norm_src``: the norm runs on the rows of x
     before the merge. ``w2=None`` gives a single (optionally activated) linear. ``gated``: linear_1's output is

@@ -4,6 +4,11 @@ and the PyTorch path of ``fastvlm::attention``.
 Shapes: q [B, H, Lq, D], k/v [B, H, Lk, D]; every function returns O as [B, Lq, H, D], the layout transformers'
 attention functions return (``attn_output.transpose(1, 2).contiguous()``).
 
+Grouped-query attention: k/v may have Hkv heads with Hkv dividing H; query head h reads kv head h // (H / Hkv).
+Two key/value sources (Idefics2's Perceiver): ``k2``/``v2`` [B, Hkv, Lk2, D] hold keys that follow k's, i.e. the
+attention runs over ``concat(k, k2)``; ``key_mask`` then covers the first source only (the second is always
+attended) and ``attn_mask``'s last dimension is Lk + Lk2. ``full_kv`` builds that concatenation for the references.
+
 Masks (both optional):
     key_mask   [B, Lk]                   bool / integer keep-flags (nonzero = attend; a tokenizer's attention_mask)
                                          or a float additive bias
@@ -36,6 +41,24 @@ def keep_flags(mask):
     return mask != 0
 
 
+def full_kv(q, k, v, key_mask=None, k2=None, v2=None):
+    """(k, v, key_mask) over every key, as the fused op sees them: the second source appended after the first, the
+    key mask extended with keep-flags (or zero biases) for it, and kv heads repeated to q's heads (GQA)."""
+    if k2 is not None:
+        k = torch.cat([k, k2], dim=2)
+        v = torch.cat([v, v2], dim=2)
+        if key_mask is not None:
+            key_mask = keep_flags(key_mask)
+            pad = (torch.ones if key_mask.dtype == torch.bool else torch.zeros)(
+                (key_mask.shape[0], k2.shape[2]), dtype=key_mask.dtype, device=key_mask.device)
+            key_mask = torch.cat([key_mask, pad], dim=1)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    return k, v, key_mask
+
+
 def _as_4d(key_mask):
     return None if key_mask is None else key_mask[:, None, None, :]
 
@@ -61,8 +84,9 @@ def combined_mask(key_mask, attn_mask, dtype):
     return out
 
 
-def eager_attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None):
+def eager_attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None, k2=None, v2=None):
     """transformers' eager attention (BLIP-2 Q-Former), O [B, Lq, H, D] in q's dtype."""
+    k, v, key_mask = full_kv(q, k, v, key_mask, k2, v2)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     mask = combined_mask(key_mask, attn_mask, q.dtype)
     if mask is not None and mask.dtype == torch.bool:
@@ -74,8 +98,9 @@ def eager_attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None):
     return torch.matmul(w, v).transpose(1, 2).contiguous()
 
 
-def sdpa_attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None):
+def sdpa_attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None, k2=None, v2=None):
     """transformers' SDPA attention, O [B, Lq, H, D] in q's dtype."""
+    k, v, key_mask = full_kv(q, k, v, key_mask, k2, v2)
     mask = combined_mask(key_mask, attn_mask, q.dtype)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).contiguous()
@@ -103,9 +128,10 @@ def probs_from_lse(s, lse):
     return torch.where(torch.isneginf(lse)[..., None], torch.zeros((), dtype=p.dtype, device=p.device), p)
 
 
-def attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None):
+def attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None, k2=None, v2=None):
     """The fused op's result: ``(O [B, Lq, H, D] in q's dtype, LSE [B, H, Lq] fp32 (fp64 for fp64 inputs))``;
-    differentiable (autograd through it is the gradient oracle)."""
+    differentiable (autograd through it is the gradient oracle). GQA and a second source as ``full_kv``."""
+    k, v, key_mask = full_kv(q, k, v, key_mask, k2, v2)
     s = scores_ref(q, k, key_mask, attn_mask, scale)
     lse = torch.logsumexp(s, dim=-1)
     p = probs_from_lse(s, lse)

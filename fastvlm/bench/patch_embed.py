@@ -1,0 +1,289 @@
+"""Patch-embedding microbenchmark: the transformers modules in eager mode, the GEMM formulation, torch.compile and
+fastvlm, forward, at real vision-tower sizes.
+
+Shapes (``<model>@<batch>``, batch 1, 8 or 64 by default):
+    clip-l-336        CLIP ViT-L/14 at 336 px (LLaVA-1.5): 577 tokens x 1024, class token, position table;
+                      ``--prenorm`` adds ``pre_layrnorm`` (a CLIPVisionModel with no encoder layer, patched by
+                      fastvlm.patch so the LayerNorm runs as the fused row-norm pass)
+    siglip-so400m-384 SigLIP so400m/14 at 384 px: 729 tokens x 1152, conv bias, no class token
+    idefics2-980      Idefics2's NaViT embeddings at 980 px, every second image padded to 490 x 700
+                      (position ids bucketed from patch_attention_mask)
+Providers:
+    eager             the transformers module(s) (Conv2d, flatten, cat, + positions [, LayerNorm])
+    gemm              the GEMM formulation in PyTorch: the patches as a reshape/permute im2col, F.linear on the conv
+                      weight viewed as [D, C*p*p], then the same glue
+    compile           torch.compile(eager, mode="max-autotune") (CUDA only unless --compile-on-cpu)
+    fastvlm           the fused module (Triton on CUDA; its PyTorch path elsewhere, and the row says so)
+``--uint8``: the input is the processor's uint8 image; eager/gemm/compile normalise it first ((x / 255 - mean) / std,
+the processor's math, on the device), fastvlm folds it into the GEMM's loads.
+Timing: harness.measure (CUDA events, median / p20 / p80). TFLOP/s counts 2 * tokens * C*p*p * D; the roofline
+is max(FLOPs at bf16 peak, pixels + weight + output bytes at peak bandwidth). Each provider's output is compared with
+eager's in the same run (rel err). ``--quick``: one shape, three repetitions (checks that the suite runs; on a CPU
+the numbers say nothing about GPU kernels).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+from fastvlm.bench import harness
+
+MODELS = {
+    # name: (family, hidden, image, patch)
+    "clip-l-336": ("clip", 1024, 336, 14),
+    "siglip-so400m-384": ("siglip", 1152, 384, 14),
+    "idefics2-980": ("idefics2", 1152, 980, 14),
+}
+BATCHES = (1, 8, 64)
+PROVIDERS = ["eager", "gemm", "compile", "fastvlm"]
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def parse_shape(shape):
+    name, _, batch = shape.partition("@")
+    if name not in MODELS:
+        raise KeyError(f"unknown model {name!r}; choose from {list(MODELS)} (as name@batch)")
+    return name, int(batch or 1)
+
+
+def build_module(name, prenorm, device, dtype):
+    """The eager transformers module for ``name`` (random weights, std 0.02) and a call(x, mask) for it."""
+    import transformers
+
+    fam, hidden, image, patch = MODELS[name]
+    kw = dict(hidden_size=hidden, image_size=image, patch_size=patch, num_attention_heads=16)
+    if fam == "clip":
+        if prenorm:
+            mod = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(num_hidden_layers=0, **kw))
+            call = lambda m, x, mask: m(x).last_hidden_state  # noqa: E731  (embeddings + pre_layrnorm)
+        else:
+            from transformers.models.clip.modeling_clip import CLIPVisionEmbeddings
+
+            mod = CLIPVisionEmbeddings(transformers.CLIPVisionConfig(**kw))
+            call = lambda m, x, mask: m(x)  # noqa: E731
+    elif fam == "siglip":
+        from transformers.models.siglip.modeling_siglip import SiglipVisionEmbeddings
+
+        mod = SiglipVisionEmbeddings(transformers.SiglipVisionConfig(**kw))
+        call = lambda m, x, mask: m(x)  # noqa: E731
+    else:
+        from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionConfig, Idefics2VisionEmbeddings
+
+        mod = Idefics2VisionEmbeddings(Idefics2VisionConfig(**kw))
+        call = lambda m, x, mask: m(x, mask)  # noqa: E731
+    with torch.no_grad():
+        for p in mod.parameters():
+            p.normal_(0, 0.02)
+    return mod.to(device=device, dtype=dtype).eval(), call
+
+
+def build_inputs(name, batch, device, dtype, uint8):
+    fam, hidden, image, patch = MODELS[name]
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (batch, 3, image, image), generator=g, dtype=torch.uint8)
+    side = image // patch
+    mask = None
+    if fam == "idefics2":
+        mask = torch.ones(batch, side, side, dtype=torch.bool)
+        mask[1::2, side // 2:] = False  # every second image: 490 x 700 px, padded to 980 x 980
+        mask[1::2, :, side * 5 // 7:] = False
+        mask = mask.to(device)
+    mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
+    img = img.to(device)
+    normalise = lambda u: ((u.float() / 255 - mean) / std).to(dtype)  # noqa: E731
+    return img if uint8 else normalise(img), mask, normalise
+
+
+def _gemm_formulation(mod, name, prenorm):
+    """The embedding in plain PyTorch with the conv as im2col + F.linear (the weight viewed, never copied)."""
+    fam = MODELS[name][0]
+    emb = mod.embeddings if fam == "clip" and prenorm else mod
+    conv = emb.patch_embedding
+    p = conv.kernel_size[0]
+    D = conv.out_channels
+
+    def fn(x, mask):
+        B, C, H, W = x.shape
+        gh, gw = H // p, W // p
+        a = x[:, :, :gh * p, :gw * p].reshape(B, C, gh, p, gw, p).permute(0, 2, 4, 1, 3, 5).reshape(B * gh * gw, -1)
+        y = F.linear(a, conv.weight.view(D, -1), conv.bias).view(B, gh * gw, D)
+        if fam == "clip":
+            y = torch.cat([emb.class_embedding.expand(B, 1, D), y], 1) + emb.position_embedding.weight
+            if prenorm:
+                y = mod.pre_layrnorm(y)
+        elif fam == "siglip":
+            y = y + emb.position_embedding.weight
+        else:
+            from fastvlm.ops.patch_embed import navit_position_ids
+
+            y = y + emb.position_embedding(navit_position_ids(mask, emb.num_patches_per_side))
+        return y
+
+    return fn
+
+
+def _fastvlm(mod, call, name, prenorm, uint8):
+    import fastvlm
+
+    fused = copy.copy(mod)  # a shallow copy shares the parameters; patch it, not the eager module
+    fused.__dict__["_modules"] = dict(mod._modules)
+    if MODELS[name][0] == "clip" and prenorm:
+        fastvlm.patch(fused)
+    else:
+        fused = fastvlm.nn.from_module(mod)
+    if not uint8:
+        return lambda x, mask: call(fused, x, mask)
+    from fastvlm.ops.patch_embed import patch_embed
+
+    emb = fused.embeddings if MODELS[name][0] == "clip" and prenorm else fused
+    conv = emb.patch_embedding
+    mean = torch.tensor(CLIP_MEAN, device=conv.weight.device)
+    std = torch.tensor(CLIP_STD, device=conv.weight.device)
+    scale, shift = 1 / (255 * std), -mean / std
+    fam = MODELS[name][0]
+
+    p = conv.kernel_size[0]
+
+    def fn(x, mask):  # the functional with the normalisation folded into the loads
+        H, W = x.shape[-2:]
+        x = x[:, :, :H // p * p, :W // p * p]  # a view: the "valid" conv drops the remainder
+        if fam == "idefics2":
+            from fastvlm.ops.patch_embed import navit_position_ids
+
+            ids = navit_position_ids(mask, emb.num_patches_per_side).reshape(-1)
+            return patch_embed(x, conv.weight, conv.bias, pos=emb.position_embedding.weight, pos_rows=ids,
+                               pixel_scale=scale, pixel_shift=shift)
+        T = emb.num_patches
+        cls = emb.class_embedding if fam == "clip" else None
+        rows = torch.arange(1 if cls is not None else 0, T + (1 if cls is not None else 0), device=x.device)
+        norm = {}
+        if fam == "clip" and prenorm:
+            ln = fused.pre_layrnorm
+            norm = dict(norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps)
+        return patch_embed(x, conv.weight, conv.bias, pos=emb.position_embedding.weight, pos_rows=rows, cls=cls,
+                           pixel_scale=scale, pixel_shift=shift, **norm)
+
+    return fn
+
+
+def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=False, reps=None, out=None,
+        quick=False, compile_on_cpu=False, verbose=True):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    env = harness.environment()
+    if quick:
+        shapes = shapes or ["clip-l-336@1"]
+        reps = reps or 3
+    if device == "cpu":
+        shapes = shapes or ["clip-l-336@1"]
+        reps = reps or 3
+        if dtype == torch.bfloat16 and verbose:
+            print("No CUDA device: fastvlm runs its PyTorch path and the numbers only show that the suite runs.")
+    shapes = shapes or [f"{m}@{b}" for m in MODELS for b in BATCHES]
+    providers, reps = providers or PROVIDERS, reps or 30
+    rows = []
+    for shape in shapes:
+        name, batch = parse_shape(shape)
+        fam, hidden, image, patch = MODELS[name]
+        pn = prenorm and fam == "clip"
+        mod, call = build_module(name, pn, device, dtype)
+        x, mask, normalise = build_inputs(name, batch, device, dtype, uint8)
+        eager = (lambda x, mask: call(mod, normalise(x), mask)) if uint8 else (lambda x, mask: call(mod, x, mask))
+        T = (image // patch) ** 2
+        K = 3 * patch * patch
+        flops = 2 * batch * T * K * hidden
+        min_bytes = x.numel() * x.element_size() + hidden * K * 2 + batch * (T + 1) * hidden * 2
+        bound = harness.roofline_ms(flops, min_bytes)
+        with torch.no_grad():
+            ref = eager(x, mask).float()
+        base = None
+        for prov in providers:
+            row = dict(suite="patch_embed", shape=shape, provider=prov, mode="fwd", dtype=str(dtype), prenorm=pn,
+                       uint8=uint8, flops=flops, min_bytes=min_bytes, roofline_ms=bound, **env)
+            fn = None
+            if prov == "eager":
+                fn = eager
+            elif prov == "gemm":
+                g = _gemm_formulation(mod, name, pn)
+                fn = (lambda x, mask: g(normalise(x), mask)) if uint8 else g
+            elif prov == "compile":
+                if device == "cpu" and not compile_on_cpu:
+                    rows.append(dict(row, ms=None, skipped="CPU: torch.compile is timed on CUDA only "
+                                                           "(--compile-on-cpu to force, mode 'default')"))
+                    continue
+                c = torch.compile(eager, mode="max-autotune" if device == "cuda" else "default")
+                fn = c
+            elif prov == "fastvlm":
+                fn = _fastvlm(mod, call, name, pn, uint8)
+            else:
+                raise KeyError(f"unknown provider {prov!r}; choose from {PROVIDERS}")
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                from fastvlm import trace
+
+                with trace() as t:
+                    got = fn(x, mask).float()
+                backends = sorted({r.backend for r in t.records})
+                err = ((got - ref).norm() / ref.norm()).item()
+                med, p20, p80 = harness.measure(lambda: fn(x, mask), warmup=1 if device == "cpu" else 5, reps=reps,
+                                                device=device)
+            if prov == "eager":
+                base = med
+            rows.append(dict(row, ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9,
+                             roofline_fraction=bound / med, speedup_vs_eager=(base / med) if base else float("nan"),
+                             rel_err=err, backends=",".join(backends) or "-"))
+        mod = x = mask = eager = fn = None  # release the tensors before the next shape
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    if verbose:
+        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+        print(format_rows(rows))
+    if out:
+        harness.append_results(rows, out)
+        if verbose:
+            print(f"appended {len(rows)} rows to {out}")
+    return rows
+
+
+def format_rows(rows):
+    head = (f"{'shape':24} {'pre':3} {'u8':2} {'provider':8} {'median ms':>10} {'p20':>8} {'p80':>8} {'TFLOP/s':>8} "
+            f"{'%roof':>6} {'vs eager':>8} {'rel err':>8} backend")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        flags = f"{'y' if r['prenorm'] else '-':3} {'y' if r['uint8'] else '-':2}"
+        if r["ms"] is None:
+            out.append(f"{r['shape']:24} {flags} {r['provider']:8} skipped: {r['skipped']}")
+            continue
+        out.append(f"{r['shape']:24} {flags} {r['provider']:8} {r['ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} "
+                   f"{r['tflops']:8.2f} {100 * r['roofline_fraction']:6.1f} {r['speedup_vs_eager']:8.2f} "
+                   f"{r['rel_err']:8.1e} {r['backends']}")
+    return "\n".join(out)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastvlm.bench.patch_embed", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", nargs="*", help=f"name@batch; names {list(MODELS)}; default every name at "
+                                                f"batch {BATCHES} on GPU, clip-l-336@1 on CPU")
+    ap.add_argument("--providers", nargs="*", choices=PROVIDERS, help=f"default: {PROVIDERS}")
+    ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    ap.add_argument("--prenorm", action="store_true", help="CLIP: embeddings + pre_layrnorm (fused by fastvlm)")
+    ap.add_argument("--uint8", action="store_true", help="uint8 input, normalisation folded into fastvlm's loads")
+    ap.add_argument("--reps", type=int)
+    ap.add_argument("--quick", action="store_true", help="one shape, 3 repetitions (a smoke run)")
+    ap.add_argument("--compile-on-cpu", action="store_true")
+    ap.add_argument("--out", help="append result rows (JSON lines) to this file")
+    args = ap.parse_args(argv)
+    run(args.shapes, args.providers, getattr(torch, args.dtype), args.prenorm, args.uint8, args.reps, args.out,
+        args.quick, args.compile_on_cpu)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,147 @@
+"""``fastvlm::linear_residual_layernorm``: ``LayerNorm(x @ W^T + b + residual)`` as one custom op (the Q-Former's
+``*SelfOutput`` / ``*Output``: dense -> dropout (eval: identity) -> LayerNorm(h + input)).
+
+Reads top to bottom: validation -> the two forward paths (the Triton launcher fastvlm.kernels.linear_norm, the
+PyTorch path fastvlm.reference.linear_norm.linear_norm_eager) -> backward -> torch.library registration (fake +
+autograd) -> the public functional.
+
+    x [M, K], W [N, K], b [N], residual [M, N], ln_weight / ln_bias [N]  ->  y [M, N]
+
+Backward runs in PyTorch ops and saves only the inputs: it recomputes ``h = x W^T + b + residual`` (one GEMM) and the
+row statistics in fp32, then the LayerNorm and linear gradients. Nothing of size [M, N] is kept between forward and
+backward (eager keeps h, its statistics and the LayerNorm input).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from fastvlm import _dispatch
+from fastvlm.reference.linear_norm import linear_norm_eager
+
+OP_NAME = "fastvlm::linear_residual_layernorm"
+PRECISIONS = ("", "tf32x3", "tf32", "ieee")  # "" = the kernel's default (tf32x3, or tf32 under allow_tf32)
+
+
+def _validate(x, w, b, residual, ln_w, ln_b, precision):
+    if x.dim() != 2:
+        raise ValueError(f"linear_residual_layernorm: x must be 2-D [rows, features], got {tuple(x.shape)}")
+    M, K = x.shape
+    if w.dim() != 2 or w.shape[1] != K:
+        raise ValueError(f"linear_residual_layernorm: weight must be [out, {K}], got {tuple(w.shape)}")
+    N = w.shape[0]
+    for name, t, shape in (("bias", b, (N,)), ("residual", residual, (M, N)), ("ln_weight", ln_w, (N,)),
+                           ("ln_bias", ln_b, (N,))):
+        if t is not None and tuple(t.shape) != shape:
+            raise ValueError(f"linear_residual_layernorm: {name} must be {list(shape)}, got {tuple(t.shape)}")
+    if ln_w is None:
+        raise ValueError("linear_residual_layernorm: ln_weight is required")
+    if precision not in PRECISIONS:
+        raise ValueError(f"linear_residual_layernorm: precision must be one of {PRECISIONS}, got {precision!r}")
+
+
+def _kernel_reasons(x, named):
+    """Why the Triton kernels cannot run these inputs (empty list when they can)."""
+    return _dispatch.dtype_device_reasons(x, named)
+
+
+def _forward(x, w, b, residual, ln_w, ln_b, eps, precision):
+    detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}"
+    named = (("weight", w), ("bias", b), ("residual", residual), ("ln_weight", ln_w), ("ln_bias", ln_b))
+    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
+    if backend == "triton":
+        from fastvlm.kernels.linear_norm import linear_norm
+
+        return linear_norm(x, w, b, residual, ln_w, ln_b, eps, precision=precision or None)
+    return linear_norm_eager(x, w, b, residual, ln_w, ln_b, eps)
+
+
+def _backward(saved, gy, eps, needs):
+    """Gradients of (x, w, b, residual, ln_w, ln_b) from dL/dy, recomputing h and its statistics in fp32."""
+    x, w, b, residual, ln_w, ln_b = saved
+    need_x, need_w, need_b, need_r, need_lw, need_lb = needs
+    ct = torch.promote_types(x.dtype, torch.float32)
+    h = F.linear(x.to(ct), w.to(ct), None if b is None else b.to(ct))
+    if residual is not None:
+        h = h + residual.to(ct)
+    mean = h.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + eps)
+    xhat = (h - mean) * rstd
+    g = gy.to(ct)
+    glw = (g * xhat).sum(0).to(ln_w.dtype) if need_lw else None
+    glb = g.sum(0).to(ln_b.dtype) if need_lb else None
+    gx = gw = gb = gr = None
+    if need_x or need_w or need_b or need_r:
+        gxh = g * ln_w.to(ct)
+        gh = rstd * (gxh - gxh.mean(-1, keepdim=True) - xhat * (gxh * xhat).mean(-1, keepdim=True))
+        if need_r:
+            gr = gh.to(residual.dtype)
+        if need_b:
+            gb = gh.sum(0).to(b.dtype)
+        if need_w:
+            gw = (gh.t() @ x.to(ct)).to(w.dtype)
+        if need_x:
+            gx = (gh @ w.to(ct)).to(x.dtype)
+    return gx, gw, gb, gr, glw, glb
+
+
+@torch.library.custom_op(OP_NAME, mutates_args=())
+def linear_residual_layernorm_op(x: torch.Tensor, w: torch.Tensor, b: Optional[torch.Tensor],
+                                 residual: Optional[torch.Tensor], ln_weight: torch.Tensor,
+                                 ln_bias: Optional[torch.Tensor], eps: float, precision: str) -> torch.Tensor:
+    return _forward(x, w, b, residual, ln_weight, ln_bias, eps, precision)
+
+
+@linear_residual_layernorm_op.register_fake
+def _(x, w, b, residual, ln_weight, ln_bias, eps, precision):
+    return x.new_empty((x.shape[0], w.shape[0]))
+
+
+def _setup_context(ctx, inputs, output):
+    x, w, b, residual, ln_w, ln_b, eps, precision = inputs
+    ctx.eps = eps
+    ctx.save_for_backward(x, w, b, residual, ln_w, ln_b)
+
+
+def _op_backward(ctx, gy):
+    return (*_backward(ctx.saved_tensors, gy, ctx.eps, ctx.needs_input_grad[:6]), None, None)
+
+
+linear_residual_layernorm_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _LinearNormFunction(torch.autograd.Function):
+    """The same forward/backward as the custom op, without the dispatcher's per-call cost (eager mode only)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, residual, ln_w, ln_b, eps, precision):
+        ctx.eps = eps
+        ctx.save_for_backward(x, w, b, residual, ln_w, ln_b)
+        return _forward(x, w, b, residual, ln_w, ln_b, eps, precision)
+
+    @staticmethod
+    def backward(ctx, gy):
+        return (*_backward(ctx.saved_tensors, gy, ctx.eps, ctx.needs_input_grad[:6]), None, None)
+
+
+def linear_residual_layernorm(x, weight, bias=None, residual=None, ln_weight=None, ln_bias=None, eps=1e-12, *,
+                              precision=""):
+    """``F.layer_norm(x @ weight^T + bias + residual, ln_weight, ln_bias, eps)`` over the last dimension of ``x``
+    (any leading dimensions; ``residual`` has the output's shape). ``precision``: fp32 dot precision of the kernel
+    ("" = tf32x3, or tf32 under allow_tf32; "ieee"). Eager calls skip the dispatcher; under torch.compile the call is
+    the registered custom op."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    _validate(x2, weight, bias, r2, ln_weight, ln_bias, precision)
+    tensors = (x2, weight, bias, r2, ln_weight, ln_bias)
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if torch.compiler.is_compiling():
+        y = torch.ops.fastvlm.linear_residual_layernorm(*tensors, float(eps), precision)
+    elif needs_grad:
+        y = _LinearNormFunction.apply(*tensors, float(eps), precision)
+    else:
+        y = _forward(*tensors, float(eps), precision)
+    return y.reshape(*lead, weight.shape[0])

@@ -1,0 +1,223 @@
+"""``out = LayerNorm(a @ W^T + bias + residual)`` over full rows in one kernel (BERT SelfOutput / Output, i.e. every
+``dense -> dropout -> LayerNorm(h + input)`` of the Q-Former).
+
+    a        [M, K]  activations, any strides
+    W        [N, K]  an nn.Linear weight, any strides (never transposed or copied)
+    residual [M, N]  any strides
+    out      [M, N]  any strides (may not alias a or residual)
+
+Each program owns BLOCK_M whole rows, so the LayerNorm needs no cross-program reduction:
+
+    pass 1  for each BLOCK_N chunk of the row: K loop of dots (fp32 accumulator), + bias + residual, store the
+            pre-norm chunk into ``out`` (the output buffer doubles as scratch), fold the chunk's fp32 mean and M2
+            into the row's running statistics (Chan's pairwise merge: no sum-of-squares cancellation when
+            |mean| >> std)
+    barrier every thread of the program sees pass 1's stores (the load layout need not be the store layout)
+    pass 2  reload the chunks this program wrote, normalise in fp32, * ln_weight + ln_bias, store
+
+Only the program that wrote a chunk reads it back, so there are no races between programs. The price: the grid is
+cdiv(M, BLOCK_M) programs (1 program for one 32-query BLIP-2 image); splitting N across programs would need a second
+launch or atomics for the statistics.
+
+Numerics: fp32 accumulation and statistics; the pre-norm value is rounded once to ``out``'s dtype between the passes
+(eager rounds dense's output and the residual sum). fp32 inputs use ``PRECISION`` "tf32x3" (about fp32-accurate on
+tensor cores; the default), "tf32" (when torch.backends.cuda.matmul.allow_tf32 is set) or "ieee" (FMA, for
+reference; slow). 16-bit inputs go to the tensor cores as they are. All offsets are int64.
+"""
+import triton
+import triton.language as tl
+
+from ._interp import autotune_configs, dot_operand
+
+FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages); the first one is what the interpreter runs. 64-row tiles are
+# one warpgroup (wgmma). fp32 (tf32x3 keeps hi/lo halves of both operands in registers) only takes the "fp32" rows.
+LN_CONFIGS = [
+    (64, 64, 32, 4, 3),  # fp32 and 16-bit
+    (64, 128, 64, 4, 3),
+    (64, 64, 64, 4, 4),
+    (64, 256, 64, 8, 3),
+    (64, 32, 32, 4, 4),  # fp32
+    (64, 64, 32, 4, 4),  # fp32
+]
+SMEM_BUDGET = 200 * 1024
+
+
+def _config_ok(bm, bn, bk, warps, stages, elem_bytes):
+    if (bm * bk + bk * bn) * elem_bytes * stages > SMEM_BUDGET:
+        return False
+    if elem_bytes == 4:  # tf32x3: the audit spills beyond a 64x64 accumulator and BLOCK_K 32
+        return bm * bn <= 64 * 64 and bk <= 32 and warps == 4
+    return True
+
+
+def _prune_configs(configs, named_args, **kwargs):
+    a = named_args["a_ptr"]
+    elem = a.element_size() if hasattr(a, "element_size") else 2
+    kept = [c for c in configs if _config_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
+                                             c.num_warps, c.num_stages, elem)]
+    return kept or configs[:1]
+
+
+def _triton_configs():
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in LN_CONFIGS]
+
+
+@triton.jit
+def _linear_norm_body(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, lnw_ptr, lnb_ptr, M, N, K, eps,
+                      stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+                      HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+                      PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rm = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = rm < M
+    rm64 = rm.to(tl.int64)
+    mean = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    m2 = tl.zeros((BLOCK_M,), dtype=tl.float32)
+
+    # pass 1: GEMM chunk + bias + residual -> out (pre-norm), running statistics
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        rn64 = rn.to(tl.int64)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            mask_k = rk < K
+            rk64 = rk.to(tl.int64)
+            a = tl.load(a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = tl.load(w_ptr + rk64[:, None] * stride_wk + rn64[None, :] * stride_wn,
+                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
+            acc = tl.dot(dot_operand(a), dot_operand(w), acc, input_precision=PRECISION)
+        omask = mask_m[:, None] & mask_n[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if HAS_RES:
+            acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn64[None, :] * stride_rn,
+                           mask=omask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
+                 acc.to(out_ptr.dtype.element_ty), mask=omask)
+        # the chunk's statistics, merged into the row's (Chan et al.): exact for any |mean| / std ratio
+        nc = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
+        seen = n0 * 1.0
+        total = seen + nc
+        cmean = tl.sum(tl.where(mask_n[None, :], acc, 0.0), axis=1) / nc
+        d = tl.where(mask_n[None, :], acc - cmean[:, None], 0.0)
+        cm2 = tl.sum(d * d, axis=1)
+        delta = cmean - mean
+        mean += delta * (nc / total)
+        m2 += cm2 + delta * delta * (seen * nc / total)
+
+    rstd = 1.0 / tl.sqrt(m2 / N + eps)
+    tl.debug_barrier()  # pass 1's stores are visible to every thread of this program
+
+    # pass 2: normalise the chunks this program wrote
+    for n0 in range(0, N, BLOCK_N):
+        rn = n0 + tl.arange(0, BLOCK_N)
+        mask_n = rn < N
+        rn64 = rn.to(tl.int64)
+        omask = mask_m[:, None] & mask_n[None, :]
+        optrs = out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on
+        h = tl.load(optrs, mask=omask, other=0.0).to(tl.float32)
+        lw = tl.load(lnw_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)
+        y = (h - mean[:, None]) * rstd[:, None] * lw[None, :]
+        if HAS_LN_BIAS:
+            y += tl.load(lnb_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(optrs, y.to(out_ptr.dtype.element_ty), mask=omask)
+
+
+@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_configs})
+@triton.jit
+def _linear_norm_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, lnw_ptr, lnb_ptr, M, N, K, M_BUCKET, eps,
+                        stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+                        HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, HAS_LN_BIAS: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    _linear_norm_body(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, lnw_ptr, lnb_ptr, M, N, K, eps,
+                      stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+                      HAS_BIAS, HAS_RES, HAS_LN_BIAS, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
+
+
+def _check(cond, msg):
+    if not cond:
+        raise ValueError(msg)
+
+
+def linear_norm(a, weight, bias=None, residual=None, ln_weight=None, ln_bias=None, eps=1e-12, *, precision=None,
+                config=None, out=None):
+    """Launch ``LayerNorm(a @ weight^T + bias + residual) * ln_weight + ln_bias`` over rows of N; returns ``out``.
+
+    ``precision`` (fp32 only): "tf32x3" (default), "tf32" (default when torch.backends.cuda.matmul.allow_tf32),
+    "ieee". ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) bypassing the autotuner
+    (tests cover every tile shape this way under the interpreter).
+    """
+    import torch
+
+    _check(a.dim() == 2, f"linear_norm: a must be 2-D [M, K], got shape {tuple(a.shape)}")
+    M, K = a.shape
+    _check(weight.dim() == 2 and weight.shape[1] == K,
+           f"linear_norm: weight must be [N, {K}], got {tuple(weight.shape)}")
+    N = weight.shape[0]
+    _check(bias is None or bias.shape == (N,), f"linear_norm: bias must be [{N}]")
+    _check(residual is None or residual.shape == (M, N), f"linear_norm: residual must be [{M}, {N}]")
+    _check(ln_weight is not None and ln_weight.shape == (N,), f"linear_norm: ln_weight must be [{N}]")
+    _check(ln_bias is None or ln_bias.shape == (N,), f"linear_norm: ln_bias must be [{N}]")
+    if out is None:
+        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    _check(out.shape == (M, N), f"linear_norm: out must be [{M}, {N}]")
+    if M == 0 or N == 0:
+        return out
+    if a.dtype == torch.float32:
+        if precision is None:
+            precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+        _check(precision in FP32_PRECISIONS, f"linear_norm: precision must be one of {FP32_PRECISIONS}")
+    else:
+        precision = "ieee"  # ignored by 16-bit dots
+    dummy = out
+    args = (a, weight, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
+            ln_weight, ln_bias if ln_bias is not None else dummy, M, N, K, triton.next_power_of_2(M), float(eps),
+            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
+            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
+            out.stride(0), out.stride(1))
+    flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_LN_BIAS=ln_bias is not None,
+                 PRECISION=precision)
+    if config is None:
+        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
+        _linear_norm_kernel[grid](*args, **flags)
+    else:
+        bm, bn, bk, warps, stages = config
+        _linear_norm_kernel.fn[(triton.cdiv(M, bm),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+                                                      num_warps=warps, num_stages=stages)
+    return out
+
+
+_PTR_ARGS = ("a_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr", "lnw_ptr", "lnb_ptr")
+
+
+def audit_cases():
+    """Compile cases for ``fastvlm audit``: every config kept for bf16 and for fp32 (tf32x3, tf32), with the
+    specialisation the JIT sees for contiguous 16-aligned tensors."""
+    cases = []
+    for dt, prec, elem in (("bf16", "ieee", 2), ("fp32", "tf32x3", 4), ("fp32", "tf32", 4)):
+        for bm, bn, bk, warps, stages in LN_CONFIGS:
+            if not _config_ok(bm, bn, bk, warps, stages, elem):
+                continue
+            sig = {name: f"*{dt}" for name in _PTR_ARGS}
+            for name in ("M", "N", "K", "M_BUCKET", "stride_am", "stride_wn", "stride_rm", "stride_om"):
+                sig[name] = "i32"
+            sig["eps"] = "fp32"
+            unit = ("stride_ak", "stride_wk", "stride_rn", "stride_on")
+            constexprs = {name: 1 for name in unit}
+            constexprs.update(HAS_BIAS=True, HAS_RES=True, HAS_LN_BIAS=True, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn,
+                              BLOCK_K=bk)
+            for name in constexprs:
+                sig[name] = "constexpr"
+            divisible = _PTR_ARGS + ("N", "K", "M_BUCKET", "stride_am", "stride_wn", "stride_rm", "stride_om")
+            cases.append(dict(name=f"linear_norm[{dt} {prec}] {bm}x{bn}x{bk} w{warps} s{stages}",
+                              fn=_linear_norm_kernel.fn, signature=sig, constexprs=constexprs,
+                              divisible=divisible, num_warps=warps, num_stages=stages, expect_mma=True))
+    return cases

@@ -1,0 +1,122 @@
+"""The hand-off inside patched models (fastvlm/integrations/handoff.py): image features scattered straight into
+inputs_embeds by fastvlm::scatter_image_features instead of masked_scatter, for the families where that is exact.
+
+With only the hand-off patched (ops={"handoff"}) nothing else changes, so the logits must be bit-identical to the
+original model's and generate must give the same tokens.
+"""
+
+import pytest
+import torch
+
+import fastvlm
+from fastvlm.integrations import handoff
+from fastvlm.tiny_models import FAMILIES, build_tiny_model
+
+HANDOFF_FAMILIES = [r.family for r in handoff.RECIPES if r.family in FAMILIES]
+
+
+pytestmark = pytest.mark.usefixtures("quiet_fallbacks")  # fallback warnings are asserted through trace()
+
+
+def _inner(model):
+    return next(m for m in model.modules() if handoff.recipe_for(m) is not None)
+
+
+def _outputs(model, inputs):
+    with torch.no_grad():
+        out = model(**inputs)
+        tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    return out, tokens
+
+
+def test_every_recipe_has_a_tiny_model():
+    assert len(HANDOFF_FAMILIES) == len(handoff.RECIPES)
+
+
+@pytest.mark.parametrize("family", HANDOFF_FAMILIES)
+def test_handoff_is_exact(family, torch_backend):
+    model, inputs = build_tiny_model(family)
+    ref, ref_tokens = _outputs(model, inputs)
+    report = fastvlm.patch(model, ops={"handoff"})
+    inner = _inner(model)
+    assert [e.status for e in report.entries if e.fused == "hand-off"] == ["patched"], str(report)
+    assert handoff.is_installed(inner)
+    with fastvlm.trace() as t:
+        out, tokens = _outputs(model, inputs)
+    ops = [r.op for r in t.records]
+    assert "fastvlm.handoff" in ops and "fastvlm::scatter_image_features" in ops, str(t)
+    assert torch.equal(out.logits, ref.logits)
+    assert torch.equal(tokens, ref_tokens)
+    ref_feats, feats = ref.image_outputs.pooler_output, out.image_outputs.pooler_output
+    if isinstance(feats, (list, tuple)):
+        ref_feats, feats = torch.cat(list(ref_feats)), torch.cat(list(feats))
+    assert torch.equal(feats, ref_feats)
+    assert fastvlm.unpatch(model) == 1
+    assert not handoff.is_installed(inner) and "forward" not in inner.__dict__
+
+
+def test_handoff_with_fused_modules_on_the_interpreter(triton_backend):
+    model, inputs = build_tiny_model("llava")
+    ref, _ = _outputs(model, inputs)
+    fastvlm.patch(model)
+    with fastvlm.trace() as t:
+        out, _ = _outputs(model, inputs)
+    assert ("fastvlm::scatter_image_features", "triton") in {(r.op, r.backend) for r in t.records}, str(t)
+    assert fastvlm.testing.rel_err(out.logits, ref.logits) < 1e-5
+
+
+def test_falls_through_with_the_reason(torch_backend):
+    model, inputs = build_tiny_model("llava")
+    fastvlm.patch(model, ops={"handoff"})
+    inner = _inner(model)
+    embeds = inner.get_input_embeddings()(inputs["input_ids"])
+    with fastvlm.trace() as t, torch.no_grad():
+        model(inputs_embeds=embeds, pixel_values=inputs["pixel_values"], attention_mask=inputs["attention_mask"])
+    reasons = [r.reasons for r in t.records if r.op == "fastvlm.handoff"]
+    assert reasons and "no input_ids (inputs_embeds given)" in reasons[0], str(t)
+    with fastvlm.trace() as t, torch.no_grad():  # text only
+        model(input_ids=inputs["input_ids"][:, :3])
+    assert any("no pixel_values" in " ".join(r.reasons) for r in t.records if r.op == "fastvlm.handoff"), str(t)
+
+
+def test_token_count_mismatch_raises_like_transformers(torch_backend):
+    model, inputs = build_tiny_model("llava")
+    token = model.config.image_token_id
+    ids = inputs["input_ids"].clone()
+    first = (ids == token).nonzero()[0]
+    ids[first[0], first[1]] = 0  # one image token fewer than feature rows
+    bad = dict(inputs, input_ids=ids)
+    with pytest.raises(ValueError, match="Image features and image tokens do not match") as original:
+        with torch.no_grad():
+            model(**bad)
+    fastvlm.patch(model, ops={"handoff"})
+    with pytest.raises(ValueError, match="Image features and image tokens do not match") as patched:
+        with torch.no_grad():
+            model(**bad)
+    assert "tokens:" in str(original.value) and "tokens:" in str(patched.value)
+
+
+def test_not_exact_families_keep_their_forward(torch_backend):
+    model, _ = build_tiny_model("qwen2_vl")
+    report = fastvlm.patch(model)
+    rows = [e for e in report.entries if "hand-off" in e.detail]
+    assert [(e.original, e.status) for e in rows] == [("Qwen2VLModel", "not swapped")], str(report)
+    assert "rope" in rows[0].detail
+    assert not any(handoff.is_installed(m) for m in model.modules())
+
+
+def test_gradients_flow_through_the_handoff(torch_backend):
+    model, inputs = build_tiny_model("llava")
+    ref_model, _ = build_tiny_model("llava")
+    ref_model.load_state_dict(model.state_dict())
+    fastvlm.patch(model, ops={"handoff"})
+    grads = []
+    for m in (ref_model, model):
+        m.train()
+        m.zero_grad()
+        m(**inputs).logits.float().square().mean().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert "model.multi_modal_projector.linear_1.weight" in grads[1]
+    for name, g in grads[0].items():
+        assert torch.allclose(grads[1][name], g, rtol=1e-5, atol=1e-7), name
