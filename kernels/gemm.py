@@ -208,13 +208,14 @@ def _fused_linear_kernel(
     sc_ptr,  # [K] fp32 per-column scale applied on load (HAS_AFFINE): pixel rescale and normalisation
     sh_ptr,  # [K] fp32 per-column shift (HAS_AFFINE)
     pos_ptr,  # [L, N] position table (HAS_POS)
-    pos_rows_ptr,  # [M] int64 row of the position table for each output row (HAS_POS)
+    pos_rows_ptr,  # [M, POS_TAPS] int64 rows of the position table for each output row (HAS_POS)
+    pos_w_ptr,  # [M, POS_TAPS] fp32 weight of each of those rows (HAS_POS and POS_TAPS > 1): interpolated tables
     out_rows_ptr,  # [M] int64 destination row of each output row (OUT_REMAP): leaves room for class tokens
     M, N, K, M_BUCKET, Q, D_SRC,
     stride_am, stride_ak, stride_wn, stride_wk, stride_wun, stride_wuk,
     stride_rm, stride_rn, stride_om, stride_on, stride_pm, stride_pn, stride_pos,
     NORM_GROUP,
-    HAS_AFFINE: tl.constexpr, HAS_POS: tl.constexpr, OUT_REMAP: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, HAS_POS: tl.constexpr, POS_TAPS: tl.constexpr, OUT_REMAP: tl.constexpr,
     A_MODE: tl.constexpr, A_ALIGNED: tl.constexpr, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
     NORM_ALIGNED: tl.constexpr, NORM_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -266,8 +267,15 @@ def _fused_linear_kernel(
         acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
     if HAS_POS:
-        prow = tl.load(pos_rows_ptr + rm64, mask=mask_m, other=0)
-        acc += tl.load(pos_ptr + prow[:, None] * stride_pos + rn64[None, :], mask=omask, other=0.0).to(tl.float32)
+        if POS_TAPS == 1:
+            prow = tl.load(pos_rows_ptr + rm64, mask=mask_m, other=0)
+            acc += tl.load(pos_ptr + prow[:, None] * stride_pos + rn64[None, :], mask=omask, other=0.0).to(tl.float32)
+        else:  # sum_t w[m, t] * pos[rows[m, t]] (Qwen3-VL's bilinear / bicubic table resampling), fp32
+            for t in range(POS_TAPS):  # a loop, not unrolled: one tap's [BLOCK_M, BLOCK_N] pointers live at a time
+                prow = tl.load(pos_rows_ptr + rm64 * POS_TAPS + t, mask=mask_m, other=0)
+                pw = tl.load(pos_w_ptr + rm64 * POS_TAPS + t, mask=mask_m, other=0.0)
+                acc += pw[:, None] * tl.load(pos_ptr + prow[:, None] * stride_pos + rn64[None, :], mask=omask,
+                                             other=0.0).to(tl.float32)
     orow = rm64
     if OUT_REMAP:
         orow = tl.load(out_rows_ptr + rm64, mask=mask_m, other=0)
@@ -310,14 +318,15 @@ def logical_k(a, a_rows, a_mode, a_cols=None):
 def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
                  norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None, norm_src=False,
                  a_rows=None, a_mode="strided", a_cols=None, col_scale=None, col_shift=None, pos=None, pos_rows=None,
-                 out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None):
+                 pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None):
     """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
 
     ``a_mode``/``a_rows``: how the logical A [M, K] is read from ``a`` (see ``_load_a_tile``); with a row table,
     M = a_rows.shape[0]. ``norm_src``: the statistics are per source row of ``a`` (norm before the merge).
     "separable" (im2col): ``a`` is any tensor (e.g. NCHW pixels, uint8 or float), ``a_rows`` [M] and ``a_cols`` [K]
     int64 element offsets; ``col_scale``/``col_shift`` [K] fp32 normalise each loaded value.
-    Epilogue: ``pos`` [L, N] with ``pos_rows`` [M] adds a position-table row to each output row; ``out_rows`` [M]
+    Epilogue: ``pos`` [L, N] with ``pos_rows`` [M] adds a position-table row to each output row (with ``pos_rows``
+    and fp32 ``pos_weights`` [M, taps]: the weighted sum of ``taps`` rows, an interpolated table); ``out_rows`` [M]
     sends output row m to row out_rows[m] of ``out`` (which must then be given, with room for prefix rows).
     ``out`` / ``pre``: optional preallocated [M, N] outputs (any strides), written in place.
     With a gated pair and ``store_pre``, ``pre`` is [M, 2N] in the layout of one Linear whose output is chunked into
@@ -385,9 +394,19 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         out = torch.empty((M, N), device=a.device, dtype=out_dtype)
     _check((out_rows is not None or out.shape == (M, N)) and out.device == a.device,
            f"fused_linear: out must be [{M}, {N}] on {a.device}")
+    taps = 1
+    if pos is not None and pos_weights is not None:
+        taps = pos_weights.shape[-1]
+        _check(pos_weights.shape == (M, taps) and pos_weights.dtype == torch.float32 and pos_weights.is_contiguous()
+               and pos_rows is not None and pos_rows.shape == (M, taps) and pos_rows.dtype == torch.int64
+               and pos_rows.is_contiguous(),
+               f"fused_linear: pos_weights must be contiguous fp32 [{M}, taps] with int64 pos_rows of the same shape")
+    elif pos is not None:
+        _check(pos_rows is not None and pos_rows.shape == (M,),
+               f"fused_linear: pos must come with pos_rows [{M}]")
     if pos is not None:
-        _check(pos.dim() == 2 and pos.shape[1] == N and pos.stride(1) == 1 and pos_rows is not None
-               and pos_rows.shape == (M,), f"fused_linear: pos must be [L, {N}] (unit column stride) with pos_rows [M]")
+        _check(pos.dim() == 2 and pos.shape[1] == N and pos.stride(1) == 1,
+               f"fused_linear: pos must be [L, {N}] with unit column stride, got {tuple(pos.shape)}")
     pre_width = 2 * N if gated else N
     if store_pre and pre is None:
         pre = torch.empty((M, pre_width), device=a.device, dtype=out_dtype)
@@ -407,6 +426,7 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         a_rows if a_rows is not None else dummy, a_cols if a_cols is not None else dummy,
         col_scale if col_scale is not None else dummy, col_shift if col_shift is not None else dummy,
         pos if pos is not None else dummy, pos_rows if pos_rows is not None else dummy,
+        pos_weights if pos_weights is not None and pos is not None else dummy,
         out_rows if out_rows is not None else dummy,
         M, N, K, triton.next_power_of_2(M), a_rows.shape[1] if a_rows is not None and a_rows.dim() == 2 else 1,
         a.shape[1] if a.dim() == 2 else 1,
@@ -417,7 +437,7 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         pos.stride(0) if pos is not None else 0,
         norm_group if norm != "none" else K,
     )
-    flags = dict(HAS_AFFINE=col_scale is not None, HAS_POS=pos is not None, OUT_REMAP=out_rows is not None,
+    flags = dict(HAS_AFFINE=col_scale is not None, HAS_POS=pos is not None, POS_TAPS=taps, OUT_REMAP=out_rows is not None,
                  A_MODE=a_mode, NORM=norm, HAS_NORM_BIAS=norm_bias is not None, NORM_SRC=bool(norm_src),
                  HAS_BIAS=bias is not None, ACT=act,
                  GATED=gated, HAS_RES=residual is not None, STORE_PRE=bool(store_pre), PRECISION=precision)
@@ -434,14 +454,14 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
 
 _PTR_ARGS = ("a_ptr", "w_ptr", "wu_ptr", "bias_ptr", "bu_ptr", "res_ptr", "out_ptr", "pre_ptr", "preu_ptr", "mean_ptr",
              "rstd_ptr", "nw_ptr", "nb_ptr", "rows_ptr", "cols_ptr", "sc_ptr", "sh_ptr", "pos_ptr", "pos_rows_ptr",
-             "out_rows_ptr")
+             "pos_w_ptr", "out_rows_ptr")
 
 
 def audit_cases():
     """Compile cases for ``fastvlm audit``: every autotune config x the epilogue variants the ops launch on sm_90,
     with the specialisation the JIT would see for contiguous 16-aligned bf16 tensors (unit inner strides become
     constexpr 1; pointers, sizes and leading strides divisible by 16)."""
-    base = dict(HAS_AFFINE=False, HAS_POS=False, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
+    base = dict(HAS_AFFINE=False, HAS_POS=False, POS_TAPS=1, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
                 GATED=False, HAS_RES=False, STORE_PRE=False)
     variants = [
         ("linear_gelu+pre", dict(base, HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
@@ -456,6 +476,7 @@ def audit_cases():
         ("avgpool_rmsnorm1p_linear", dict(base, A_MODE="mean", NORM="rmsnorm_1p")),
         ("maxpool_linear_gelu+pre", dict(base, A_MODE="max", HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
         ("im2col_bias_pos_remap", dict(base, A_MODE="separable", HAS_BIAS=True, HAS_POS=True, OUT_REMAP=True)),
+        ("rows_bias_pos4", dict(base, HAS_BIAS=True, HAS_POS=True, POS_TAPS=4)),
         ("im2col_uint8_affine", dict(base, A_MODE="separable", HAS_AFFINE=True, HAS_BIAS=True)),
         ("nchw_flatten_linear_gelu+pre", dict(base, A_MODE="separable", HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
         ("nchw_avgpool_linear_gelu+pre", dict(base, A_MODE="separable_mean", HAS_BIAS=True, ACT="gelu",
@@ -471,7 +492,7 @@ def audit_cases():
             sig.update(mean_ptr="*fp32", rstd_ptr="*fp32")
             for name in ("rows_ptr", "cols_ptr", "pos_rows_ptr", "out_rows_ptr"):
                 sig[name] = "*i64"
-            sig.update(sc_ptr="*fp32", sh_ptr="*fp32")
+            sig.update(sc_ptr="*fp32", sh_ptr="*fp32", pos_w_ptr="*fp32")
             if flags["HAS_AFFINE"]:
                 sig["a_ptr"] = "*u8"  # raw pixels
             for name in ("M", "N", "K", "M_BUCKET", "Q", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",
@@ -482,7 +503,7 @@ def audit_cases():
             constexprs = {name: 1 for name in ("stride_ak", "stride_wk", "stride_wuk", "stride_rn", "stride_on", "stride_pn")}
             constexprs.update(flags, PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                               NORM_ALIGNED=flags["NORM"] != "none", A_ALIGNED=flags["A_MODE"] == "concat")
-            for name in ("HAS_AFFINE", "HAS_POS", "OUT_REMAP", "A_MODE", "A_ALIGNED", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "NORM_SRC", "HAS_BIAS", "ACT",
+            for name in ("HAS_AFFINE", "HAS_POS", "POS_TAPS", "OUT_REMAP", "A_MODE", "A_ALIGNED", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "NORM_SRC", "HAS_BIAS", "ACT",
                          "GATED", "HAS_RES", "STORE_PRE", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
                 sig[name] = "constexpr"
             divisible = _PTR_ARGS + ("N", "K", "M_BUCKET", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",

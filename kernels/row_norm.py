@@ -1,6 +1,7 @@
-"""In-place LayerNorm over whole rows of a freshly written GEMM output (the pre-norm of a patch embedding).
+"""In-place LayerNorm or RMSNorm over whole rows of a freshly written GEMM output (the pre-norm of a patch embedding).
 
     x[r, :] = (x[r, :] - mean_r) * rstd_r * w + b        r < R, fp32 statistics, result rounded to x's dtype
+    x[r, :] = x[r, :] * rstd_r * w                       RMS: rstd_r = 1 / sqrt(mean(x[r]^2) + eps) (Pixtral ln_pre)
 
 Used by ``fastvlm::patch_embed`` right after its GEMM (and the class-token rows) when a pre-norm is fused (CLIP's
 ``pre_layrnorm``, timm's ``norm_pre``). The GEMM's N tiles are spread over programs, so no program sees a whole row
@@ -24,6 +25,7 @@ def _row_norm_kernel(
     stride_r,
     eps,
     HAS_BIAS: tl.constexpr,
+    RMS: tl.constexpr,
     BLOCK_R: tl.constexpr,
     BLOCK_C: tl.constexpr,
 ):
@@ -36,8 +38,11 @@ def _row_norm_kernel(
     ptrs = x_ptr + rows[:, None] * stride_r + cols[None, :]
     x = tl.load(ptrs, mask=m, other=0.0).to(tl.float32)
     n = C.to(tl.float32)
-    mean = tl.sum(x, axis=1) / n
-    d = tl.where(m, x - mean[:, None], 0.0)
+    if RMS:
+        d = x  # (masked lanes were loaded as 0)
+    else:
+        mean = tl.sum(x, axis=1) / n
+        d = tl.where(m, x - mean[:, None], 0.0)
     var = tl.sum(d * d, axis=1) / n
     rstd = 1.0 / tl.sqrt(var + eps)
     w = tl.load(w_ptr + cols, mask=mask_c, other=0.0).to(tl.float32)
@@ -53,34 +58,39 @@ def _blocks(C):
     return block_r, block_c
 
 
-def row_norm_(x, weight, bias, eps, *, block_r=None):
-    """Normalise the rows of the 2-D ``x`` [R, C] (unit column stride) in place; returns ``x``."""
+def row_norm_(x, weight, bias, eps, *, rms=False, block_r=None):
+    """Normalise the rows of the 2-D ``x`` [R, C] (unit column stride) in place (LayerNorm, or RMSNorm with
+    ``rms``: no centring, no bias); returns ``x``."""
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"row_norm_: x must be 2-D with unit column stride, got {tuple(x.shape)} {x.stride()}")
     R, C = x.shape
     if weight.shape != (C,) or (bias is not None and bias.shape != (C,)):
         raise ValueError(f"row_norm_: weight/bias must be [{C}]")
+    if rms and bias is not None:
+        raise ValueError("row_norm_: an RMSNorm has no bias")
     br, bc = _blocks(C)
     br = block_r or br
     if R == 0:
         return x
     _row_norm_kernel[(triton.cdiv(R, br),)](x, weight, bias if bias is not None else weight, R, C, x.stride(0),
-                                             float(eps), HAS_BIAS=bias is not None, BLOCK_R=br, BLOCK_C=bc,
+                                             float(eps), HAS_BIAS=bias is not None, RMS=bool(rms), BLOCK_R=br, BLOCK_C=bc,
                                              num_warps=4 if bc * br <= 4096 else 8)
     return x
 
 
 def audit_cases():
-    """Compile cases for ``fastvlm audit`` (sm_90): the in-place row norm at CLIP-L (1024) and SigLIP (1152) widths."""
+    """Compile cases for ``fastvlm audit`` (sm_90): the in-place LayerNorm at CLIP-L (1024) and SigLIP (1152)
+    widths, the RMSNorm at Pixtral's (1024)."""
     cases = []
-    for C in (1024, 1152):
+    for C, rms in ((1024, False), (1152, False), (1024, True)):
         br, bc = _blocks(C)
         cases.append(dict(
-            name=f"row_norm[C={C}]",
+            name=f"row_norm[C={C}{',rms' if rms else ''}]",
             fn=_row_norm_kernel,
             signature={"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "R": "i32", "C": "i32", "stride_r": "i32",
-                       "eps": "fp32", "HAS_BIAS": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"},
-            constexprs={"HAS_BIAS": True, "BLOCK_R": br, "BLOCK_C": bc},
+                       "eps": "fp32", "HAS_BIAS": "constexpr", "RMS": "constexpr", "BLOCK_R": "constexpr",
+                       "BLOCK_C": "constexpr"},
+            constexprs={"HAS_BIAS": not rms, "RMS": rms, "BLOCK_R": br, "BLOCK_C": bc},
             divisible=("x_ptr", "w_ptr", "b_ptr", "C", "stride_r"),
             num_warps=4, num_stages=1, expect_mma=False,
         ))

@@ -406,7 +406,7 @@ def test_patch_report_lists_the_connector(torch_backend, quiet):
     assert type(model.model.connector.perceiver_resampler).__name__ == "FusedIdefics2PerceiverResampler"
 
 
-@pytest.mark.parametrize("context", [729, pytest.param(4900, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("context", [729, 4900])
 def test_idefics2_8b_perceiver_full_size(context, torch_backend, quiet):
     """The real Idefics2-8B perceiver (hidden 4096, 64 latents, depth 3, 16 heads x 96, 4 kv heads, MLP 16384) on
     the PyTorch path, fp32, one image with padded patches."""

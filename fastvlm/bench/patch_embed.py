@@ -8,6 +8,12 @@ Shapes (``<model>@<batch>``, batch 1, 8 or 64 by default):
     siglip-so400m-384 SigLIP so400m/14 at 384 px: 729 tokens x 1152, conv bias, no class token
     idefics2-980      Idefics2's NaViT embeddings at 980 px, every second image padded to 490 x 700
                       (position ids bucketed from patch_attention_mask)
+    qwen2-vl-rows     Qwen2-VL's Conv3d on pre-patchified rows: 1024 patches (448 px) per image x 1176 -> 1280, no
+                      bias; the extra provider ``fastvlm_still`` reads one of the two repeated frames against the
+                      time-summed kernel (the rows are built as the processor builds a still image's)
+    qwen3-vl-rows     Qwen3-VL's patch embedding with its bilinear position table: 1024 patches (512 px) per image
+                      x 1536 -> 1152 with bias, plus the 48 x 48 table resampled by 4 taps per patch (taps computed
+                      once outside the timing, as they depend on the grid only)
 Providers:
     eager             the transformers module(s) (Conv2d, flatten, cat, + positions [, LayerNorm])
     gemm              the GEMM formulation in PyTorch: the patches as a reshape/permute im2col, F.linear on the conv
@@ -38,9 +44,11 @@ MODELS = {
     "clip-l-336": ("clip", 1024, 336, 14),
     "siglip-so400m-384": ("siglip", 1152, 384, 14),
     "idefics2-980": ("idefics2", 1152, 980, 14),
+    "qwen2-vl-rows": ("qwen2", 1280, 448, 14),
+    "qwen3-vl-rows": ("qwen3", 1152, 512, 16),
 }
 BATCHES = (1, 8, 64)
-PROVIDERS = ["eager", "gemm", "compile", "fastvlm"]
+PROVIDERS = ["eager", "gemm", "compile", "fastvlm", "fastvlm_still"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -72,6 +80,20 @@ def build_module(name, prenorm, device, dtype):
 
         mod = SiglipVisionEmbeddings(transformers.SiglipVisionConfig(**kw))
         call = lambda m, x, mask: m(x)  # noqa: E731
+    elif fam == "qwen2":
+        from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
+
+        mod = PatchEmbed(patch_size=patch, temporal_patch_size=2, in_channels=3, embed_dim=hidden)
+        call = lambda m, x, mask: m(x)  # noqa: E731
+    elif fam == "qwen3":
+        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionConfig, Qwen3VLVisionModel
+
+        mod = Qwen3VLVisionModel(Qwen3VLVisionConfig(hidden_size=hidden, patch_size=patch, depth=0, num_heads=16,
+                                                     num_position_embeddings=2304))
+
+        def call(m, x, taps):  # Qwen3VLVisionModel.forward's embedding lines
+            h = m.patch_embed(x)
+            return h + (m.pos_embed(taps[0]) * taps[1][:, :, None]).sum(1).to(h.dtype)
     else:
         from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionConfig, Idefics2VisionEmbeddings
 
@@ -86,6 +108,20 @@ def build_module(name, prenorm, device, dtype):
 def build_inputs(name, batch, device, dtype, uint8):
     fam, hidden, image, patch = MODELS[name]
     g = torch.Generator().manual_seed(0)
+    if fam in ("qwen2", "qwen3"):  # rows as the processor makes them for still images: each frame twice
+        if uint8:
+            raise ValueError(f"{name}: the rows are pre-patchified floats (no uint8 input)")
+        side = image // patch
+        frame = torch.randn(batch * side * side, 3, 1, patch * patch, generator=g)
+        x = frame.expand(-1, 3, 2, patch * patch).reshape(batch * side * side, -1).to(device=device, dtype=dtype)
+        taps = None
+        if fam == "qwen3":
+            from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+            grid = torch.tensor([[1, side, side]] * batch, device=device)
+            taps = get_vision_interpolation_indices_and_weights(grid, num_grid_per_side=48, mode="bilinear",
+                                                                align_corners=True, spatial_merge_size=2)
+        return x, taps, lambda u: u
     img = torch.randint(0, 256, (batch, 3, image, image), generator=g, dtype=torch.uint8)
     side = image // patch
     mask = None
@@ -104,6 +140,15 @@ def build_inputs(name, batch, device, dtype, uint8):
 def _gemm_formulation(mod, name, prenorm):
     """The embedding in plain PyTorch with the conv as im2col + F.linear (the weight viewed, never copied)."""
     fam = MODELS[name][0]
+    if fam in ("qwen2", "qwen3"):
+        conv = mod.proj if fam == "qwen2" else mod.patch_embed.proj
+        w2 = conv.weight.view(conv.out_channels, -1)
+
+        def rows(x, taps):
+            y = F.linear(x, w2, conv.bias)
+            return y if taps is None else y + (mod.pos_embed(taps[0]) * taps[1][:, :, None]).sum(1).to(y.dtype)
+
+        return rows
     emb = mod.embeddings if fam == "clip" and prenorm else mod
     conv = emb.patch_embedding
     p = conv.kernel_size[0]
@@ -129,8 +174,27 @@ def _gemm_formulation(mod, name, prenorm):
     return fn
 
 
+def _fastvlm_rows(mod, name, still):
+    import fastvlm
+    from fastvlm.ops.rows_embed import rows_embed
+
+    if MODELS[name][0] == "qwen2":
+        fused = fastvlm.nn.from_module(mod)
+        fused.fastvlm_still_images = still
+        return lambda x, taps: fused(x)
+    conv = mod.patch_embed.proj
+    w = conv.weight
+    ws = w.float().sum(2).to(w.dtype).reshape(w.shape[0], -1) if still else w.view(w.shape[0], -1)
+    kw = dict(frames=2, chunk=w[0, 0, 0].numel()) if still else {}
+    return lambda x, taps: rows_embed(x, ws, conv.bias, pos=mod.pos_embed.weight, pos_idx=taps[0],
+                                      pos_weights=taps[1], **kw)
+
+
 def _fastvlm(mod, call, name, prenorm, uint8):
     import fastvlm
+
+    if MODELS[name][0] in ("qwen2", "qwen3"):
+        return _fastvlm_rows(mod, name, still=False)
 
     fused = copy.copy(mod)  # a shallow copy shares the parameters; patch it, not the eager module
     fused.__dict__["_modules"] = dict(mod._modules)
@@ -191,12 +255,14 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
     for shape in shapes:
         name, batch = parse_shape(shape)
         fam, hidden, image, patch = MODELS[name]
+        if uint8 and fam in ("qwen2", "qwen3"):
+            continue  # pre-patchified float rows: there is no uint8 form
         pn = prenorm and fam == "clip"
         mod, call = build_module(name, pn, device, dtype)
         x, mask, normalise = build_inputs(name, batch, device, dtype, uint8)
         eager = (lambda x, mask: call(mod, normalise(x), mask)) if uint8 else (lambda x, mask: call(mod, x, mask))
         T = (image // patch) ** 2
-        K = 3 * patch * patch
+        K = 3 * patch * patch * (2 if fam in ("qwen2", "qwen3") else 1)  # Qwen: two frames per row
         flops = 2 * batch * T * K * hidden
         min_bytes = x.numel() * x.element_size() + hidden * K * 2 + batch * (T + 1) * hidden * 2
         bound = harness.roofline_ms(flops, min_bytes)
@@ -221,6 +287,10 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
                 fn = c
             elif prov == "fastvlm":
                 fn = _fastvlm(mod, call, name, pn, uint8)
+            elif prov == "fastvlm_still":
+                if fam not in ("qwen2", "qwen3"):
+                    continue  # still-image mode exists for Qwen-VL's repeated frames only
+                fn = _fastvlm_rows(mod, name, still=True)
             else:
                 raise KeyError(f"unknown provider {prov!r}; choose from {PROVIDERS}")
             with torch.no_grad(), warnings.catch_warnings():
@@ -252,15 +322,15 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
 
 
 def format_rows(rows):
-    head = (f"{'shape':24} {'pre':3} {'u8':2} {'provider':8} {'median ms':>10} {'p20':>8} {'p80':>8} {'TFLOP/s':>8} "
+    head = (f"{'shape':24} {'pre':3} {'u8':2} {'provider':13} {'median ms':>10} {'p20':>8} {'p80':>8} {'TFLOP/s':>8} "
             f"{'%roof':>6} {'vs eager':>8} {'rel err':>8} backend")
     out = [head, "-" * len(head)]
     for r in rows:
         flags = f"{'y' if r['prenorm'] else '-':3} {'y' if r['uint8'] else '-':2}"
         if r["ms"] is None:
-            out.append(f"{r['shape']:24} {flags} {r['provider']:8} skipped: {r['skipped']}")
+            out.append(f"{r['shape']:24} {flags} {r['provider']:13} skipped: {r['skipped']}")
             continue
-        out.append(f"{r['shape']:24} {flags} {r['provider']:8} {r['ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} "
+        out.append(f"{r['shape']:24} {flags} {r['provider']:13} {r['ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} "
                    f"{r['tflops']:8.2f} {100 * r['roofline_fraction']:6.1f} {r['speedup_vs_eager']:8.2f} "
                    f"{r['rel_err']:8.1e} {r['backends']}")
     return "\n".join(out)

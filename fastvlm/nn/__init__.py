@@ -9,7 +9,8 @@ Each kind of module has its recipes (data) and a class factory; ``REGISTRY`` lis
 """
 import torch.nn as nn
 
-from .patch_embed import EMBED_RECIPES, EmbedRecipe, fused_embed_class
+from .patch_embed import (EMBED_RECIPES, EmbedRecipe, FusedPairedPositionEmbedding, FusedPixtralPatchConv,
+                          fused_embed_class)
 from .perceiver import PERCEIVER_RECIPES, PerceiverRecipe, fused_perceiver_class
 from .pool import POOL_RECIPES, LlavaNextVideoPoolProjector, PoolRecipe, fused_pool_class
 from .qformer import QFORMER_RECIPES, QFormerRecipe, fused_qformer_class
@@ -22,7 +23,7 @@ REGISTRY = ((FEATURE_MAP_RECIPES, fused_feature_map_class), (RECIPES, fused_clas
             (POOL_RECIPES, fused_pool_class), (QFORMER_RECIPES, fused_qformer_class),
             (PERCEIVER_RECIPES, fused_perceiver_class))
 
-__all__ = ["from_module", "FusedLinear", "InternVLShuffleProjector", "LlavaNextVideoPoolProjector", "REGISTRY", "RECIPES", "EMBED_RECIPES",
+__all__ = ["from_module", "FusedLinear", "FusedPairedPositionEmbedding", "FusedPixtralPatchConv", "InternVLShuffleProjector", "LlavaNextVideoPoolProjector", "REGISTRY", "RECIPES", "EMBED_RECIPES",
            "POOL_RECIPES", "QFORMER_RECIPES", "PERCEIVER_RECIPES", "PerceiverRecipe", "ProjectorRecipe", "QFormerRecipe", "EmbedRecipe", "PoolRecipe", "recipe_for", "fused_class_for",
            "is_fused", "supported"]
 
@@ -87,4 +88,10 @@ def __getattr__(name):
 
     if name in PAIRED_NORMS:
         return paired_norm_class(name)
+    if name == "FusedPairedPixtralRMSNorm":  # Pixtral's ln_pre paired with its fused patch conv
+        from transformers.models.pixtral.modeling_pixtral import PixtralRMSNorm
+
+        from .patch_embed import _paired_rms_class
+
+        return _paired_rms_class(PixtralRMSNorm)
     raise AttributeError(f"module 'fastvlm.nn' has no attribute {name!r}")

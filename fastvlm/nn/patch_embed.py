@@ -12,8 +12,9 @@ recomputed under autograd while the table is being trained).
 Kinds: CLIP / SigLIP / BLIP-2 ("conv_pos"), Qwen-VL pre-patchified rows ("rows"), timm ``PatchEmbed`` ("timm"),
 Idefics2 / Idefics3 / SmolVLM with NaViT bucketed position ids from ``patch_attention_mask`` ("navit"), InternVL
 ("internvl") and Llama 4's Unfold + Linear ("unfold"). ``pair_embeddings`` (called by ``fastvlm.patch``) joins a
-parent's pre-norm (CLIP ``pre_layrnorm``, timm ``norm_pre``) and timm's ``_pos_embed`` to the fused embedding's op
-call; see the "pairing" section below and docs/design-patch-embed.md.
+parent's inline code to the fused embedding's op call: the pre-norm (CLIP ``pre_layrnorm``, timm ``norm_pre``,
+Pixtral ``ln_pre`` with its ``patch_conv``), timm's ``_pos_embed`` and Qwen3-VL's interpolated ``pos_embed``; see
+the "pairing" section below and docs/design-patch-embed.md.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ import torch.nn as nn
 from fastvlm import _dispatch
 from fastvlm.nn.projector import _FusedBase
 from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
-from fastvlm.ops.projector import mlp_projector
+from fastvlm.ops.rows_embed import rows_embed
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,8 @@ EMBED_RECIPES = (
                 "FusedQwen2_5_VisionPatchEmbed", "rows", conv="proj"),
     EmbedRecipe("qwen3_vl", _T + "qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchEmbed", "FusedQwen3VLVisionPatchEmbed",
                 "rows", conv="proj"),
+    EmbedRecipe("qwen3_vl_moe", _T + "qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionPatchEmbed",
+                "FusedQwen3VLMoeVisionPatchEmbed", "rows", conv="proj"),
     EmbedRecipe("idefics2", _T + "idefics2.modeling_idefics2", "Idefics2VisionEmbeddings",
                 "FusedIdefics2VisionEmbeddings", "navit", pos="position_embedding"),
     EmbedRecipe("idefics3", _T + "idefics3.modeling_idefics3", "Idefics3VisionEmbeddings",
@@ -348,9 +351,55 @@ class _FusedEmbedMixin(_FusedBase):
             if r.kind == "rows":
                 return self._fastvlm_base.forward(self, pixel_values)
             return self._fastvlm_base.forward(self, pixel_values, interpolate_pos_encoding)
-        conv = getattr(self, r.conv)  # "rows": pre-patchified [patches, C * T * p * p]
-        w = conv.weight.reshape(conv.weight.shape[0], -1)
-        return mlp_projector(pixel_values.reshape(-1, w.shape[1]).to(w.dtype), w, conv.bias, act="none")
+        return self._fastvlm_rows_forward(pixel_values)
+
+    # Qwen-VL "rows". Still-image mode (opt in per module with ``fastvlm_still_images = True``, or for every module
+    # with FASTVLM_STILL_IMAGES=1): the processor repeats each image temporal_patch_size times, so the GEMM may read
+    # one frame against the time-summed kernel (half the FLOPs at T = 2). Only the caller knows its inputs are still
+    # images (a video's frames differ), so it is never switched on by guessing.
+    fastvlm_still_images = False
+
+    def _fastvlm_still(self, x, conv):
+        import os
+
+        T = conv.kernel_size[0]
+        if T < 2 or not (self.fastvlm_still_images or os.environ.get("FASTVLM_STILL_IMAGES") == "1"):
+            return None
+        if x.requires_grad:  # the pixels' gradient of the halved GEMM is not the original's
+            import warnings
+
+            warnings.warn(f"fastvlm: {self._fastvlm_recipe.fused_name}: still-image mode not used because the pixels "
+                          "require grad (the full temporal kernel runs)", _dispatch.FastVLMFallbackWarning,
+                          stacklevel=4)
+            return None
+        w = conv.weight
+        if torch.is_grad_enabled() and w.requires_grad or torch.compiler.is_compiling():
+            return (w.float().sum(2).to(w.dtype)).reshape(w.shape[0], -1)
+        key = (w.data_ptr(), w._version, w.dtype, w.device)
+        cache = self.__dict__.get("_fastvlm_still_cache")
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, (w.float().sum(2).to(w.dtype)).reshape(w.shape[0], -1))
+            self.__dict__["_fastvlm_still_cache"] = cache
+        return cache[1]
+
+    def _fastvlm_rows_forward(self, pixel_values):
+        """Pre-patchified rows [patches, C * T * p * p] (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) through ``rows_embed``; an
+        armed Qwen3-VL pair adds the parent's interpolated position rows in the same call."""
+        conv = getattr(self, self._fastvlm_recipe.conv)
+        w = conv.weight
+        D = w.shape[0]
+        x = pixel_values.reshape(-1, w[0].numel()).to(w.dtype)
+        pos = _take_qwen3_positions(self, x)
+        still = self._fastvlm_still(x, conv)
+        kw = dict(pos=pos[0], pos_idx=pos[1], pos_weights=pos[2]) if pos else {}
+        if still is not None:
+            out = rows_embed(x, still, conv.bias, frames=conv.kernel_size[0], chunk=w[0, 0, 0].numel(), **kw)
+        else:
+            out = rows_embed(x, w.view(D, -1), conv.bias, **kw)
+        if pos:
+            _hand_off(self, out)
+        return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -406,8 +455,8 @@ def fused_embed_class(recipe: EmbedRecipe):
 
 # ----------------------------------------------------------------------------------------------------- pairing
 #
-# A pre-norm (CLIP's ``pre_layrnorm``, timm's ``norm_pre``) and timm's ``_pos_embed`` live in the *parent* module,
-# so a drop-in embedding alone cannot fuse them. ``fastvlm.patch`` pairs them: the parent's entry points
+# A pre-norm (CLIP's ``pre_layrnorm``, timm's ``norm_pre``, Pixtral's ``ln_pre``), timm's ``_pos_embed`` and
+# Qwen3-VL's ``pos_embed`` lookup live in the *parent* module, so a drop-in embedding alone cannot fuse them. ``fastvlm.patch`` pairs them: the parent's entry points
 # (``CLIPVisionModel.forward``; ``VisionTransformer.forward_features`` / ``forward_intermediates``) are wrapped on the
 # instance to *arm* the pair for one call; the armed fused embedding returns the finished tokens (positions, class
 # and register tokens, pre-norm) and hands that tensor object over; each consumer (the pre-norm, a LayerNorm
@@ -428,6 +477,7 @@ class _Pair:
         self.armed = False
         self.out = None  # the handed-over tensor, until its last consumer took it
         self.norm_fused = False
+        self.taps = None  # Qwen3-VL: (interp_indices, interp_weights) of the armed call
 
 
 def _pair_of(module):
@@ -471,6 +521,30 @@ def _hand_off(embed, out, norm_fused=True):
     pair.norm_fused = norm_fused
 
 
+def _take_qwen3_positions(embed, x):
+    """Armed Qwen3-VL pair: (table, indices, weights) to add in this call, else None (the pair disarms)."""
+    pair = _pair_of(embed)
+    if pair is None or pair.kind != "qwen3" or not pair.armed or pair.out is not None or pair.taps is None:
+        return None
+    pair.armed = False
+    consumer = getattr(pair.parent, pair.norm_attr)
+    idx, w = pair.taps
+    if (consumer is not pair.norm or _has_hooks(embed, consumer) or pair.parent.patch_embed is not embed
+            or not isinstance(idx, torch.Tensor) or idx.dim() != 2 or idx.dtype != torch.int64
+            or not isinstance(w, torch.Tensor) or w.dim() != 2 or consumer.weight.dtype != x.dtype
+            or idx.device != x.device):
+        return None  # the parent's own code adds its positions (and raises its own errors)
+    if torch.compiler.is_compiling():
+        # the taps' length is data-dependent (a sum over grid_thw) when traced; the parent's add needs it equal to
+        # the number of rows anyway, so assert it instead of branching on it
+        torch._check(idx.shape[0] == x.shape[0])
+        torch._check(w.shape[0] == x.shape[0])
+        torch._check(w.shape[1] == idx.shape[1])
+    elif idx.shape[0] != x.shape[0] or w.shape != idx.shape:
+        return None
+    return consumer.weight, idx, w
+
+
 # the pre-norm classes a pairing may subclass, by fused name (fastvlm.nn resolves these names for pickling)
 PAIRED_NORMS = {"FusedPreNormLayerNorm": ("torch.nn", "LayerNorm"),
                 "FusedPreNormTimmLayerNorm": ("timm.layers", "LayerNorm")}
@@ -511,6 +585,123 @@ def _paired_norm_class(base):
         "forward": forward, "__module__": "fastvlm.nn",
         "__doc__": f"``{base.__name__}`` paired with a fused patch embedding that applies it (same parameters); "
                    "any other input is normalised by the original forward."})
+
+
+class FusedPairedPositionEmbedding(nn.Embedding):
+    """Qwen3-VL's ``pos_embed`` paired with a fused patch embedding that already added the interpolated rows (same
+    parameters). For the very index tensor of the armed call it returns zeros [N, taps, 1], so the parent's inline
+    ``hidden + (pos_embed(idx) * w).sum(1)`` adds an exact zero by broadcasting (the [N, taps, D] gather, product and
+    reduction are gone; the add remains, as fastvlm does not rewrite transformers' forward). Any other input is
+    looked up as usual."""
+
+    __module__ = "fastvlm.nn"
+
+    def forward(self, input):
+        pair = _pair_of(self)
+        if pair is not None and pair.out is not None and pair.taps is not None and input is pair.taps[0]:
+            pair.out = None
+            return torch.zeros((*input.shape, 1), dtype=self.weight.dtype, device=input.device)
+        return super().forward(input)
+
+
+def _qwen3_taps(parent, grid_thw, kwargs):
+    """transformers' own interpolation taps for this call (precomputed ones in ``kwargs`` are used as given)."""
+    import sys
+
+    helper = sys.modules[type(parent).__module__].get_vision_interpolation_indices_and_weights
+    return helper(grid_thw, num_grid_per_side=parent.num_grid_per_side, mode=parent.interpolation_mode,
+                  align_corners=parent.interpolation_align_corners,
+                  spatial_merge_size=parent.config.spatial_merge_size,
+                  kwargs={k: kwargs[k] for k in ("interp_indices", "interp_weights") if k in kwargs})
+
+
+def _qwen3_structure(parent):
+    """Why a Qwen3-VL vision model's position code cannot be paired (empty when it can)."""
+    import sys
+
+    mod = sys.modules[type(parent).__module__]
+    if not hasattr(mod, "get_vision_interpolation_indices_and_weights") or hasattr(parent,
+                                                                                   "fast_pos_embed_interpolate"):
+        return ["this transformers version does not compute Qwen3-VL positions with "
+                "get_vision_interpolation_indices_and_weights"]
+    if type(parent.pos_embed) is not nn.Embedding:
+        return [f"pos_embed is {type(parent.pos_embed).__name__}, not torch.nn.Embedding"]
+    if _has_hooks(parent.pos_embed):
+        return ["pos_embed has forward hooks (they stay on the original module)"]
+    return []
+
+
+class FusedPixtralPatchConv(nn.Conv2d):
+    """Pixtral's ``patch_conv`` paired with its parent's ``ln_pre`` (same parameters). Inside an armed
+    ``PixtralVisionModel.forward`` it runs the conv as fastvlm's patch GEMM with the RMSNorm applied to every row right
+    after it (a per-row op, so normalising before the parent's per-image crop and concatenation gives the same rows)
+    and returns the [B, D, H', W'] result as a view of channels-last rows, so the parent's ``flatten(1).T`` and
+    ``torch.cat`` copy rows instead of transposing; the paired ``ln_pre`` then passes that concatenation through.
+    Called any other way it is the original convolution."""
+
+    __module__ = "fastvlm.nn"
+
+    def forward(self, input):
+        pair = _pair_of(self)
+        norm = None
+        if pair is not None and pair.armed and pair.out is None:
+            pair.armed = False  # one fused call per armed forward
+            ln = getattr(pair.parent, pair.norm_attr)
+            if (ln is pair.norm and getattr(pair.parent, "patch_conv", None) is self and not _has_hooks(self, ln)
+                    and ln.weight.dtype == self.weight.dtype and ln.weight.shape == (self.out_channels,)):
+                norm = dict(norm_weight=ln.weight, eps=ln.variance_epsilon)
+        p = self.kernel_size[0]
+        if (norm is None or not isinstance(input, torch.Tensor) or input.dim() != 4
+                or input.shape[1] != self.in_channels or input.shape[2] < p or input.shape[3] < p
+                or input.dtype != self.weight.dtype or input.device != self.weight.device
+                or (self.bias is not None and self.bias.dtype != self.weight.dtype)):
+            return super().forward(input)
+        B, C, H, W = input.shape
+        gh, gw = H // p, W // p
+        x = input if (H % p == 0 and W % p == 0) else input[:, :, :gh * p, :gw * p]
+        out = patch_embed(x, self.weight, self.bias, norm_weight=norm["norm_weight"], eps=norm["eps"], norm_rms=True)
+        _hand_off(self, out)
+        return out.view(B, gh, gw, -1).permute(0, 3, 1, 2)
+
+
+def _paired_rms_class(base):
+    """``PixtralRMSNorm`` subclass that passes the armed call's (already normalised) rows through."""
+    cls = _PAIRED_RMS.get(base)
+    if cls is None:
+        def forward(self, hidden_states):
+            pair = _pair_of(self)
+            if (pair is not None and pair.kind == "pixtral" and pair.norm_fused and pair.out is not None
+                    and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3
+                    and hidden_states.shape[0] == 1 and hidden_states.shape[-1] == pair.out.shape[-1]
+                    and hidden_states.dtype == pair.out.dtype and not _has_hooks(self)):
+                pair.out = None  # the rows of this concatenation were normalised by the fused patch conv
+                return hidden_states
+            return base.forward(self, hidden_states)
+
+        cls = _PAIRED_RMS[base] = type(f"FusedPaired{base.__name__}", (base,), {
+            "forward": forward, "__module__": "fastvlm.nn",
+            "__doc__": f"``{base.__name__}`` paired with a fused patch conv that applies it (same parameters)."})
+    return cls
+
+
+_PAIRED_RMS = {}
+
+
+def _pixtral_structure(conv, norm):
+    reasons = []
+    if type(conv) is not nn.Conv2d:
+        reasons.append(f"patch_conv is {type(conv).__name__}, not torch.nn.Conv2d")
+    else:
+        padded = any(conv.padding) if isinstance(conv.padding, tuple) else conv.padding != "valid"
+        if (conv.kernel_size[0] != conv.kernel_size[1] or conv.stride != conv.kernel_size or conv.groups != 1
+                or padded or any(d != 1 for d in conv.dilation) or conv.padding_mode != "zeros"):
+            reasons.append("patch_conv is not a square stride == kernel convolution (no padding, groups, dilation)")
+    if (type(norm).__name__ != "PixtralRMSNorm" or getattr(norm, "weight", None) is None
+            or not hasattr(norm, "variance_epsilon")):
+        reasons.append(f"ln_pre is {type(norm).__name__}, not PixtralRMSNorm")
+    if _has_hooks(conv) or _has_hooks(norm):
+        reasons.append("patch_conv or ln_pre has forward hooks (they stay on the original modules)")
+    return reasons
 
 
 def _timm_pos_table(vit, gh, gw):
@@ -606,11 +797,18 @@ class _ArmedEntry:
 
     def __call__(self, *args, **kwargs):
         pair = self.pair
+        if pair.kind == "qwen3":  # forward(hidden_states, grid_thw, **kwargs): the taps go in as precomputed kwargs
+            grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            if not isinstance(grid_thw, torch.Tensor):
+                return self.inner(*args, **kwargs)
+            idx, w = _qwen3_taps(pair.parent, grid_thw, kwargs)
+            kwargs = dict(kwargs, interp_indices=idx, interp_weights=w)
+            pair.taps = (idx, w)
         pair.armed, pair.out = True, None
         try:
             return self.inner(*args, **kwargs)
         finally:
-            pair.armed, pair.out = False, None
+            pair.armed, pair.out, pair.taps = False, None, None
 
 
 _UNDO = "_fastvlm_pair_undo"
@@ -635,6 +833,11 @@ def _pair_candidates(model):
             yield name, mod, "clip", "embeddings", "pre_layrnorm", ("forward",)
         elif VisionTransformer is not None and cls is VisionTransformer:
             yield name, mod, "timm", "patch_embed", "norm_pre", ("forward_features", "forward_intermediates")
+        elif cls.__name__ == "PixtralVisionModel" and cls.__module__ == _T + "pixtral.modeling_pixtral":
+            yield name, mod, "pixtral", "patch_conv", "ln_pre", ("forward",)
+        elif cls.__name__ in ("Qwen3VLVisionModel", "Qwen3VLMoeVisionModel") and cls.__module__.startswith(
+                _T + "qwen3_vl"):
+            yield name, mod, "qwen3", "patch_embed", "pos_embed", ("forward",)
 
 
 def pair_embeddings(model, originals, *, verify=False, selected=lambda family: True):
@@ -652,12 +855,51 @@ def pair_embeddings(model, originals, *, verify=False, selected=lambda family: T
         if _pair_of(embed) is not None and _pair_of(embed).parent is parent:
             rows.append((where, type(parent).__name__, "fused into " + embed_attr, "already fused", ""))
             continue
-        if not isinstance(embed, _FusedEmbedMixin):
+        if not isinstance(embed, _FusedEmbedMixin) and kind != "pixtral":
             rows.append((where, type(parent).__name__, "", "not swapped",
                          f"{embed_attr} is not a fused patch embedding ({type(embed).__name__})"))
             continue
         pair = _Pair(kind, parent, norm_attr)
         norm = getattr(parent, norm_attr)
+        if kind == "pixtral":
+            reasons = _pixtral_structure(embed, norm)
+            if reasons:
+                rows.append((where, type(norm).__name__, "", "not swapped", "; ".join(reasons)))
+                continue
+            conv = _adopt(FusedPixtralPatchConv, embed)
+            fused_norm = _adopt(_paired_rms_class(type(norm)), norm)
+            for m in (conv, fused_norm):
+                m.__dict__["_fastvlm_pair"] = pair
+            pair.norm = fused_norm
+            conv_where = f"{path}.{embed_attr}" if path else embed_attr
+            setattr(parent, embed_attr, conv)
+            setattr(parent, norm_attr, fused_norm)
+            originals[conv_where] = embed
+            originals[where] = norm
+            _set_instance_attr(parent, "forward", _ArmedEntry(getattr(parent, "forward"), pair), undo)
+            checked = ("; " + _verify_pixtral(pair, conv, norm)) if verify else ""
+            rows.append((conv_where, "Conv2d", "FusedPixtralPatchConv", "patched",
+                         "ln_pre fused into patch_conv (the conv as a GEMM, the RMSNorm as its row-norm pass)" + checked))
+            rows.append((where, type(norm).__name__, type(fused_norm).__name__, "patched",
+                         "fused into patch_conv (passes the armed call's rows through)" + checked))
+            continue
+        if kind == "qwen3":
+            reasons = _qwen3_structure(parent)
+            if reasons:
+                rows.append((where, type(norm).__name__, "", "not swapped", "; ".join(reasons)))
+                continue
+            fused_pos = _adopt(FusedPairedPositionEmbedding, norm)
+            fused_pos.__dict__["_fastvlm_pair"] = pair
+            pair.norm = fused_pos
+            setattr(parent, norm_attr, fused_pos)
+            originals[where] = norm
+            _set_instance_attr(embed, "_fastvlm_pair", pair, undo)
+            _set_instance_attr(parent, "forward", _ArmedEntry(getattr(parent, "forward"), pair), undo)
+            detail = "interpolated positions fused into patch_embed"
+            if verify:
+                detail += "; " + _verify_qwen3(pair, parent, embed, norm)
+            rows.append((where, type(norm).__name__, type(fused_pos).__name__, "patched", detail))
+            continue
         fusable_norm = (type(norm) in _norm_bases() and norm.weight is not None
                         and len(norm.normalized_shape) == 1)
         if fusable_norm and _has_hooks(norm):
@@ -715,6 +957,54 @@ def _verify_pair(pair, parent, embed, original_norm, kind):
             ref = original_norm(parent.patch_drop(type(parent)._pos_embed(parent, embed(x))))
     err = rel_err(got, ref)
     bound = tolerance(x.dtype, embed.get_submodule(embed._fastvlm_recipe.conv).weight[0].numel(), roundings=3)
+    ok = got.shape == ref.shape and err <= bound
+    return f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+
+
+def _verify_pixtral(pair, conv, original_norm):
+    """Armed fused conv + pass-through ln_pre vs the original conv and RMSNorm, on a probe of 2 x 3 patches."""
+    from fastvlm.testing import rel_err, tolerance
+
+    w = conv.weight
+    if w.device.type == "meta":
+        return "verify skipped: parameters are on the meta device"
+    p = conv.kernel_size[0]
+    x = torch.randn(1, conv.in_channels, 2 * p, 3 * p, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        pair.armed, pair.out = True, None
+        try:
+            got = pair.norm(conv(x).flatten(2).transpose(1, 2))
+        finally:
+            pair.armed, pair.out = False, None
+        ref = original_norm(nn.Conv2d.forward(conv, x).flatten(2).transpose(1, 2))
+    err = rel_err(got, ref)
+    bound = tolerance(x.dtype, w[0].numel(), roundings=3)
+    ok = got.shape == ref.shape and err <= bound
+    return f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+
+
+def _verify_qwen3(pair, parent, embed, original_pos):
+    """Armed fused rows (positions added in the GEMM) vs the plain embedding plus the original position code."""
+    from fastvlm.testing import rel_err, tolerance
+
+    conv = embed.proj
+    if conv.weight.device.type == "meta":
+        return "verify skipped: parameters are on the meta device"
+    m = parent.config.spatial_merge_size
+    grid = torch.tensor([[1, 2 * m, 3 * m]], device=conv.weight.device)
+    x = torch.randn(6 * m * m, conv.weight[0].numel(), device=conv.weight.device, dtype=conv.weight.dtype)
+    with torch.no_grad():
+        idx, w = _qwen3_taps(parent, grid, {})
+        pair.armed, pair.out, pair.taps = True, None, (idx, w)
+        try:
+            got = embed(x)
+            got = got + (pair.norm(idx) * w[:, :, None]).sum(1).to(got.dtype)
+        finally:
+            pair.armed, pair.out, pair.taps = False, None, None
+        plain = embed(x)
+        ref = plain + (original_pos(idx) * w[:, :, None]).sum(1).to(plain.dtype)
+    err = rel_err(got, ref)
+    bound = tolerance(x.dtype, x.shape[1], roundings=3)
     ok = got.shape == ref.shape and err <= bound
     return f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
 

@@ -2,7 +2,8 @@
 
     out[b, prefix + t] = conv(pixels)[b, :, t] + bias + pos[pos_rows[t]]       t = patch index, row-major
     out[b, prefix_i]   = cls[i] + pos[cls_pos + i]                          (prefix rows: class / register tokens)
-    out[b, :]          = LayerNorm(out[b, :]) * norm_weight + norm_bias      (optional fused pre-norm, all rows)
+    out[b, :]          = LayerNorm(out[b, :]) * norm_weight + norm_bias      (optional fused pre-norm, all rows;
+                                                                             or RMSNorm * norm_weight: norm_rms)
 
 The GEMM reads the patches straight from the pixel tensor (im2col in the A loads: element offsets of each patch's
 corner and of each pixel inside a patch, so NCHW, NHWC and any strides work) and, for uint8 pixels, applies the image
@@ -78,8 +79,17 @@ def _prefix_values(cls, pos, cls_pos):
     return c
 
 
+def _norm_ref(y, weight, bias, eps, rms):
+    """The fused pre-norm on the PyTorch path: fp32 statistics and math, one rounding to y's dtype."""
+    D = y.shape[-1]
+    ct = torch.promote_types(y.dtype, torch.float32)
+    if rms:
+        return F.rms_norm(y.to(ct), (D,), weight.to(ct), eps).to(y.dtype)
+    return F.layer_norm(y, (D,), weight, bias, eps)
+
+
 def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight=None,
-             norm_bias=None, eps=0.0, backend=None):
+             norm_bias=None, eps=0.0, norm_rms=False, backend=None):
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
     D = weight.shape[0]
@@ -96,7 +106,7 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
             reasons.append(f"{name} is {t.dtype} but the weight is {w2.dtype}")
     detail = f"pixels{tuple(pixels.shape)} {str(pixels.dtype).replace('torch.', '')} p{patch} -> {D}"
     if norm_weight is not None:
-        detail += " +layernorm"
+        detail += " +rmsnorm" if norm_rms else " +layernorm"
     if backend is None:
         backend = _dispatch.choose_backend(OP_NAME, pixels.device, reasons, detail)
     out = torch.empty(B, T + prefix, D, device=pixels.device, dtype=w2.dtype)
@@ -126,9 +136,9 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
         if backend == "triton":
             from fastvlm.kernels.row_norm import row_norm_
 
-            row_norm_(out.view(B * (T + prefix), D), norm_weight, norm_bias, eps)
+            row_norm_(out.view(B * (T + prefix), D), norm_weight, norm_bias, eps, rms=norm_rms)
         else:
-            out = F.layer_norm(out, (D,), norm_weight, norm_bias, eps)
+            out = _norm_ref(out, norm_weight, norm_bias, eps, norm_rms)
     return out
 
 
@@ -142,7 +152,7 @@ def _out_rows(B, T, prefix, first, device):
     return _out_rows_cached(B, T, prefix, first, str(device)) if prefix else None
 
 
-def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0):
+def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, norm_rms=False):
     pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias = saved
     need_px, need_w, need_b, need_pos, need_cls, need_nw, need_nb = needs
     B, C, gh, gw = _grid(pixels, patch)
@@ -160,7 +170,7 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0):
             y = y.detach().requires_grad_()
             nw = norm_weight.detach().requires_grad_()
             nb = norm_bias.detach().requires_grad_() if norm_bias is not None else None
-            z = F.layer_norm(y, (D,), nw, nb, eps)
+            z = _norm_ref(y, nw, nb, eps, norm_rms)
             grads = torch.autograd.grad(z, [t for t in (y, nw, nb) if t is not None], g)
         g, gnw = grads[0], grads[1]
         gnb = grads[2] if nb is not None else None
@@ -192,35 +202,35 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0):
 
 
 def _save(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-          norm_bias, eps):
-    ctx.cfg = (patch, cls_pos, cls_first, None if pos is None else pos.shape, float(eps))
+          norm_bias, eps, norm_rms=False):
+    ctx.cfg = (patch, cls_pos, cls_first, None if pos is None else pos.shape, float(eps), bool(norm_rms))
     ctx.save_for_backward(pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias)
 
 
 def _grads(ctx, g):
     saved = ctx.saved_tensors
-    patch, cls_pos, cls_first, pos_shape, eps = ctx.cfg
+    patch, cls_pos, cls_first, pos_shape, eps, norm_rms = ctx.cfg
     n_in = len(ctx.needs_input_grad)  # the op may be called without its defaulted trailing arguments
-    n = tuple(ctx.needs_input_grad) + (False,) * (14 - n_in)
+    n = tuple(ctx.needs_input_grad) + (False,) * (15 - n_in)
     weight = saved[1]
     gx, gw, gb, gpos, gcls, gnw, gnb = _backward(saved, g, patch, cls_pos, cls_first,
                                                  (n[0], n[1], n[2], n[3], n[4], n[11], n[12]),
-                                                 pos_shape[0] if pos_shape is not None else 0, eps)
+                                                 pos_shape[0] if pos_shape is not None else 0, eps, norm_rms)
     gpos = gpos.to(weight.dtype) if gpos is not None else None
     gcls = gcls.to(weight.dtype) if gcls is not None else None
     gnw = gnw.to(saved[8].dtype) if gnw is not None else None
     gnb = gnb.to(saved[9].dtype) if gnb is not None else None
-    return (gx, gw, gb, gpos, gcls, None, None, None, None, None, None, gnw, gnb, None)[:n_in]
+    return (gx, gw, gb, gpos, gcls, None, None, None, None, None, None, gnw, gnb, None, None)[:n_in]
 
 
 class _PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                norm_bias, eps):
+                norm_bias, eps, norm_rms):
         _save(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-              norm_bias, eps)
+              norm_bias, eps, norm_rms)
         return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                        norm_bias, eps)
+                        norm_bias, eps, norm_rms)
 
     @staticmethod
     def backward(ctx, g):
@@ -232,34 +242,35 @@ def patch_embed_op(pixels: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                    pos: Optional[torch.Tensor], cls: Optional[torch.Tensor], pos_rows: Optional[torch.Tensor],
                    cls_pos: int, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], patch: int,
                    cls_first: bool, norm_weight: Optional[torch.Tensor] = None,
-                   norm_bias: Optional[torch.Tensor] = None, eps: float = 0.0) -> torch.Tensor:
+                   norm_bias: Optional[torch.Tensor] = None, eps: float = 0.0, norm_rms: bool = False) -> torch.Tensor:
     return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                    norm_bias, eps)
+                    norm_bias, eps, norm_rms)
 
 
 @patch_embed_op.register_fake
 def _(pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight=None,
-      norm_bias=None, eps=0.0):
+      norm_bias=None, eps=0.0, norm_rms=False):
     B, C, H, W = pixels.shape
     T = (H // patch) * (W // patch)
     return weight.new_empty((B, T + _n_prefix(cls), weight.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    _save(ctx, *inputs, *(None, None, 0.0)[len(inputs) - 11:])
+    _save(ctx, *inputs, *(None, None, 0.0, False)[len(inputs) - 11:])
 
 
 patch_embed_op.register_autograd(_grads, setup_context=_setup)
 
 
 def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None, cls_pos=0, cls_first=True,
-                pixel_scale=None, pixel_shift=None, norm_weight=None, norm_bias=None, eps=1e-5):
+                pixel_scale=None, pixel_shift=None, norm_weight=None, norm_bias=None, eps=1e-5, norm_rms=False):
     """Patch embedding of ``pixels`` [B, C, H, W] (any strides; float, or uint8 with ``pixel_scale``/``pixel_shift``
     per channel: value * scale + shift, e.g. scale = 1 / (255 std), shift = -mean / std) by the conv ``weight``
     [D, C, p, p]. Returns [B, P + T, D] in the weight's dtype: the P prefix rows first (or last) when ``cls`` is
     given ([D]: one class token, or [P, D]: class and register tokens), ``pos`` [L, D] rows ``pos_rows`` ([T], or
     [B * T] per image) added to the patches and rows ``cls_pos + i`` to the prefix rows (none when ``cls_pos < 0``).
-    ``norm_weight`` (and ``norm_bias``, ``eps``): a LayerNorm over every output row, applied last (a fused pre-norm).
+    ``norm_weight`` (and ``norm_bias``, ``eps``): a LayerNorm over every output row, applied last (a fused pre-norm);
+    with ``norm_rms`` an RMSNorm (``norm_weight`` only), as Pixtral's ``ln_pre``.
     """
     if pixels.dim() != 4:
         raise ValueError(f"patch_embed: pixels must be [batch, channels, height, width], got {tuple(pixels.shape)}")
@@ -279,14 +290,16 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
         raise ValueError(f"patch_embed: prefix rows at cls_pos {cls_pos} run past the {pos.shape[0]}-row table")
     if norm_weight is not None and (norm_weight.shape != (D,) or (norm_bias is not None and norm_bias.shape != (D,))):
         raise ValueError(f"patch_embed: norm_weight and norm_bias must be [{D}]")
+    if norm_rms and (norm_weight is None or norm_bias is not None):
+        raise ValueError("patch_embed: norm_rms needs norm_weight and takes no norm_bias")
     args = (pixels, weight, bias, pos, cls, pos_rows, int(cls_pos), pixel_scale, pixel_shift, patch, bool(cls_first),
-            norm_weight, norm_bias, float(eps))
+            norm_weight, norm_bias, float(eps), bool(norm_rms))
     if torch.compiler.is_compiling():
         return torch.ops.fastvlm.patch_embed(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5] + args[11:13]):
         return _PatchEmbedFunction.apply(*args)
     return _forward(pixels, weight, bias, pos, pos_rows, cls, int(cls_pos), pixel_scale, pixel_shift, patch,
-                    bool(cls_first), norm_weight, norm_bias, float(eps))
+                    bool(cls_first), norm_weight, norm_bias, float(eps), bool(norm_rms))
 
 
 # ------------------------------------------------------------------------------------- NaViT bucketed positions
