@@ -43,10 +43,15 @@ GATED_MAX_ACC_PER_THREAD = 32  # a gated pair holds two fp32 accumulators; more 
 # "separable_mean" sums each A tile in an fp32 register tile with int64 offsets: above 32 A elements per thread
 # (128x64 A tiles on 4 warps) ptxas spilled 144-156 B (fastvlm audit), so those tiles are not launched for it
 POOLED_MAX_A_PER_THREAD = 32
+# uint8 im2col with the padding mask (PIX_MASK): 128-wide N tiles spilled 376-472 B in the sm_90a audit (the affine
+# A path is already at 250 registers), so the masked variant runs N tiles of at most 64
+PIX_MASK_MAX_BLOCK_N = 64
 
 
-def _config_ok(bm, bn, bk, warps, stages, elem_bytes, gated, a_mode="strided"):
+def _config_ok(bm, bn, bk, warps, stages, elem_bytes, gated, a_mode="strided", pix_mask=False):
     if _smem_estimate(bm, bn, bk, stages, elem_bytes, gated) > SMEM_BUDGET:
+        return False
+    if pix_mask and bn > PIX_MASK_MAX_BLOCK_N:
         return False
     if a_mode == "separable_mean" and bm * bk // (32 * warps) > POOLED_MAX_A_PER_THREAD:
         return False
@@ -62,10 +67,11 @@ def _smem_estimate(bm, bn, bk, stages, elem_bytes, gated):
 def _prune_configs(configs, named_args, **kwargs):
     gated = named_args.get("GATED", kwargs.get("GATED", False))
     a_mode = named_args.get("A_MODE", kwargs.get("A_MODE", "strided"))
+    pix_mask = named_args.get("PIX_MASK", kwargs.get("PIX_MASK", False))
     a = named_args["a_ptr"]
     elem = a.element_size() if hasattr(a, "element_size") else 2
     kept = [c for c in configs if _config_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                             c.num_stages, elem, gated, a_mode)]
+                                             c.num_stages, elem, gated, a_mode, pix_mask)]
     return kept or configs[-1:]
 
 
@@ -182,7 +188,7 @@ def _prologue_norm(a, src, chan, rm64, rk, mask_m, mask_k, k0, mean_ptr, rstd_pt
     return y.to(a.dtype)
 
 
-@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "A_MODE", "GATED", "NORM", "ACT"],
+@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "A_MODE", "GATED", "NORM", "ACT", "HAS_AFFINE", "PIX_MASK"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.heuristics({
     "NORM_ALIGNED": lambda args: args["NORM"] != "none" and args["NORM_GROUP"] % args["BLOCK_K"] == 0,
@@ -207,6 +213,8 @@ def _fused_linear_kernel(
     cols_ptr,  # [K] int64 element offsets inside a patch ("separable")
     sc_ptr,  # [K] fp32 per-column scale applied on load (HAS_AFFINE): pixel rescale and normalisation
     sh_ptr,  # [K] fp32 per-column shift (HAS_AFFINE)
+    plim_ptr,  # [M] int32 (rows << 16 | cols) of patch m that lie inside its image (PIX_MASK)
+    pk_ptr,  # [K] int32 (ki << 16 | kj) position of column k inside a patch (PIX_MASK)
     pos_ptr,  # [L, N] position table (HAS_POS)
     pos_rows_ptr,  # [M, POS_TAPS] int64 rows of the position table for each output row (HAS_POS)
     pos_w_ptr,  # [M, POS_TAPS] fp32 weight of each of those rows (HAS_POS and POS_TAPS > 1): interpolated tables
@@ -215,7 +223,7 @@ def _fused_linear_kernel(
     stride_am, stride_ak, stride_wn, stride_wk, stride_wun, stride_wuk,
     stride_rm, stride_rn, stride_om, stride_on, stride_pm, stride_pn, stride_pos,
     NORM_GROUP,
-    HAS_AFFINE: tl.constexpr, HAS_POS: tl.constexpr, POS_TAPS: tl.constexpr, OUT_REMAP: tl.constexpr,
+    HAS_AFFINE: tl.constexpr, PIX_MASK: tl.constexpr, HAS_POS: tl.constexpr, POS_TAPS: tl.constexpr, OUT_REMAP: tl.constexpr,
     A_MODE: tl.constexpr, A_ALIGNED: tl.constexpr, NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr,
     NORM_ALIGNED: tl.constexpr, NORM_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -250,7 +258,13 @@ def _fused_linear_kernel(
         if HAS_AFFINE:  # x * scale + shift per column (uint8 pixels -> normalised), then the weights' dtype
             sc = tl.load(sc_ptr + rk64, mask=mask_k, other=0.0)
             sh = tl.load(sh_ptr + rk64, mask=mask_k, other=0.0)
-            a = (a.to(tl.float32) * sc[None, :] + sh[None, :]).to(w_ptr.dtype.element_ty)
+            a = a.to(tl.float32) * sc[None, :] + sh[None, :]
+            if PIX_MASK:  # pixels outside the image are 0 after normalisation (the processor pads after it)
+                lim = tl.load(plim_ptr + rm64, mask=mask_m, other=0)
+                pk = tl.load(pk_ptr + rk64, mask=mask_k, other=0)
+                inside = ((pk[None, :] >> 16) < (lim[:, None] >> 16)) & ((pk[None, :] & 0xFFFF) < (lim[:, None] & 0xFFFF))
+                a = tl.where(inside, a, 0.0)
+            a = a.to(w_ptr.dtype.element_ty)
         elif A_MODE == "separable" or A_MODE == "separable_mean":  # cast to the weights' dtype (as the conv input)
             a = a.to(w_ptr.dtype.element_ty)
         if NORM != "none":
@@ -317,14 +331,16 @@ def logical_k(a, a_rows, a_mode, a_cols=None):
 
 def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
                  norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None, norm_src=False,
-                 a_rows=None, a_mode="strided", a_cols=None, col_scale=None, col_shift=None, pos=None, pos_rows=None,
-                 pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None):
+                 a_rows=None, a_mode="strided", a_cols=None, col_scale=None, col_shift=None, pix_limits=None,
+                 pix_cols=None, pos=None, pos_rows=None, pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None):
     """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
 
     ``a_mode``/``a_rows``: how the logical A [M, K] is read from ``a`` (see ``_load_a_tile``); with a row table,
     M = a_rows.shape[0]. ``norm_src``: the statistics are per source row of ``a`` (norm before the merge).
     "separable" (im2col): ``a`` is any tensor (e.g. NCHW pixels, uint8 or float), ``a_rows`` [M] and ``a_cols`` [K]
-    int64 element offsets; ``col_scale``/``col_shift`` [K] fp32 normalise each loaded value.
+    int64 element offsets; ``col_scale``/``col_shift`` [K] fp32 normalise each loaded value, and with int32
+    ``pix_limits`` [M] (rows << 16 | cols of each patch inside its image) and ``pix_cols`` [K] (ki << 16 | kj of each
+    column) values outside the image become 0 after normalising (a padded batch).
     Epilogue: ``pos`` [L, N] with ``pos_rows`` [M] adds a position-table row to each output row (with ``pos_rows``
     and fp32 ``pos_weights`` [M, taps]: the weighted sum of ``taps`` rows, an interpolated table); ``out_rows`` [M]
     sends output row m to row out_rows[m] of ``out`` (which must then be given, with room for prefix rows).
@@ -344,6 +360,11 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
                and a_cols.dim() == 1 and a_cols.dtype == torch.int64,
                "fused_linear: a_mode 'separable' needs int64 a_rows [M] and a_cols [K] element offsets")
         _check((col_scale is None) == (col_shift is None), "fused_linear: give col_scale and col_shift together")
+        _check((pix_limits is None) == (pix_cols is None) and (pix_limits is None or col_scale is not None),
+               "fused_linear: pix_limits and pix_cols come together, with col_scale / col_shift")
+        _check(pix_limits is None or (pix_limits.shape == a_rows.shape and pix_limits.dtype == torch.int32
+                                      and pix_cols.shape == a_cols.shape and pix_cols.dtype == torch.int32),
+               "fused_linear: pix_limits must be int32 [M] and pix_cols int32 [K]")
     elif a_mode == "separable_mean":
         _check(a_rows is not None and a_rows.dim() == 2 and a_rows.dtype == torch.int64 and a_rows.is_contiguous()
                and a_cols is not None and a_cols.dim() == 1 and a_cols.dtype == torch.int64,
@@ -425,6 +446,7 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
         a_rows if a_rows is not None else dummy, a_cols if a_cols is not None else dummy,
         col_scale if col_scale is not None else dummy, col_shift if col_shift is not None else dummy,
+        pix_limits if pix_limits is not None else dummy, pix_cols if pix_cols is not None else dummy,
         pos if pos is not None else dummy, pos_rows if pos_rows is not None else dummy,
         pos_weights if pos_weights is not None and pos is not None else dummy,
         out_rows if out_rows is not None else dummy,
@@ -437,7 +459,7 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         pos.stride(0) if pos is not None else 0,
         norm_group if norm != "none" else K,
     )
-    flags = dict(HAS_AFFINE=col_scale is not None, HAS_POS=pos is not None, POS_TAPS=taps, OUT_REMAP=out_rows is not None,
+    flags = dict(HAS_AFFINE=col_scale is not None, PIX_MASK=pix_limits is not None, HAS_POS=pos is not None, POS_TAPS=taps, OUT_REMAP=out_rows is not None,
                  A_MODE=a_mode, NORM=norm, HAS_NORM_BIAS=norm_bias is not None, NORM_SRC=bool(norm_src),
                  HAS_BIAS=bias is not None, ACT=act,
                  GATED=gated, HAS_RES=residual is not None, STORE_PRE=bool(store_pre), PRECISION=precision)
@@ -453,7 +475,7 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
 
 
 _PTR_ARGS = ("a_ptr", "w_ptr", "wu_ptr", "bias_ptr", "bu_ptr", "res_ptr", "out_ptr", "pre_ptr", "preu_ptr", "mean_ptr",
-             "rstd_ptr", "nw_ptr", "nb_ptr", "rows_ptr", "cols_ptr", "sc_ptr", "sh_ptr", "pos_ptr", "pos_rows_ptr",
+             "rstd_ptr", "nw_ptr", "nb_ptr", "rows_ptr", "cols_ptr", "sc_ptr", "sh_ptr", "plim_ptr", "pk_ptr", "pos_ptr", "pos_rows_ptr",
              "pos_w_ptr", "out_rows_ptr")
 
 
@@ -461,7 +483,7 @@ def audit_cases():
     """Compile cases for ``fastvlm audit``: every autotune config x the epilogue variants the ops launch on sm_90,
     with the specialisation the JIT would see for contiguous 16-aligned bf16 tensors (unit inner strides become
     constexpr 1; pointers, sizes and leading strides divisible by 16)."""
-    base = dict(HAS_AFFINE=False, HAS_POS=False, POS_TAPS=1, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
+    base = dict(HAS_AFFINE=False, PIX_MASK=False, HAS_POS=False, POS_TAPS=1, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
                 GATED=False, HAS_RES=False, STORE_PRE=False)
     variants = [
         ("linear_gelu+pre", dict(base, HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
@@ -478,6 +500,8 @@ def audit_cases():
         ("im2col_bias_pos_remap", dict(base, A_MODE="separable", HAS_BIAS=True, HAS_POS=True, OUT_REMAP=True)),
         ("rows_bias_pos4", dict(base, HAS_BIAS=True, HAS_POS=True, POS_TAPS=4)),
         ("im2col_uint8_affine", dict(base, A_MODE="separable", HAS_AFFINE=True, HAS_BIAS=True)),
+        ("im2col_uint8_padded_navit", dict(base, A_MODE="separable", HAS_AFFINE=True, PIX_MASK=True, HAS_BIAS=True,
+                                           HAS_POS=True)),
         ("nchw_flatten_linear_gelu+pre", dict(base, A_MODE="separable", HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
         ("nchw_avgpool_linear_gelu+pre", dict(base, A_MODE="separable_mean", HAS_BIAS=True, ACT="gelu",
                                               STORE_PRE=True)),
@@ -486,13 +510,13 @@ def audit_cases():
     cases = []
     for vname, flags in variants:
         for bm, bn, bk, warps, stages in GEMM_CONFIGS:
-            if not _config_ok(bm, bn, bk, warps, stages, 2, flags["GATED"], flags["A_MODE"]):
+            if not _config_ok(bm, bn, bk, warps, stages, 2, flags["GATED"], flags["A_MODE"], flags["PIX_MASK"]):
                 continue
             sig = {name: "*bf16" for name in _PTR_ARGS}
             sig.update(mean_ptr="*fp32", rstd_ptr="*fp32")
             for name in ("rows_ptr", "cols_ptr", "pos_rows_ptr", "out_rows_ptr"):
                 sig[name] = "*i64"
-            sig.update(sc_ptr="*fp32", sh_ptr="*fp32", pos_w_ptr="*fp32")
+            sig.update(sc_ptr="*fp32", sh_ptr="*fp32", pos_w_ptr="*fp32", plim_ptr="*i32", pk_ptr="*i32")
             if flags["HAS_AFFINE"]:
                 sig["a_ptr"] = "*u8"  # raw pixels
             for name in ("M", "N", "K", "M_BUCKET", "Q", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",
@@ -503,7 +527,7 @@ def audit_cases():
             constexprs = {name: 1 for name in ("stride_ak", "stride_wk", "stride_wuk", "stride_rn", "stride_on", "stride_pn")}
             constexprs.update(flags, PRECISION="ieee", BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                               NORM_ALIGNED=flags["NORM"] != "none", A_ALIGNED=flags["A_MODE"] == "concat")
-            for name in ("HAS_AFFINE", "HAS_POS", "POS_TAPS", "OUT_REMAP", "A_MODE", "A_ALIGNED", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "NORM_SRC", "HAS_BIAS", "ACT",
+            for name in ("HAS_AFFINE", "PIX_MASK", "HAS_POS", "POS_TAPS", "OUT_REMAP", "A_MODE", "A_ALIGNED", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "NORM_SRC", "HAS_BIAS", "ACT",
                          "GATED", "HAS_RES", "STORE_PRE", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
                 sig[name] = "constexpr"
             divisible = _PTR_ARGS + ("N", "K", "M_BUCKET", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",

@@ -92,3 +92,55 @@ def test_timm_vit_b16_registers_pre_norm():
             ref = ref_model.forward_features(x.bfloat16().double())
         assert [r.detail.endswith("+layernorm") for r in t.records] == [True]
         assert_close(out, ref, torch.bfloat16, 768, roundings=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_qwen3_vl_rows_with_interpolated_positions(dtype):
+    """Qwen3-VL at real width: 4 images of 32 x 32 patches (K = 1536 -> 1152, bias) plus the 48 x 48 table resampled
+    by 4 taps, and the still-image mode on the same rows."""
+    from transformers.vision_utils import get_vision_interpolation_indices_and_weights
+
+    from fastvlm.ops.rows_embed import rows_embed
+
+    N, D, q = 4 * 1024, 1152, 256
+    frame = torch.randn(N, 3, 1, q, device="cuda")
+    x = frame.expand(N, 3, 2, q).reshape(N, -1).to(dtype)
+    w = (torch.randn(D, 3, 2, q, device="cuda") * 0.02).to(dtype)
+    b = (torch.randn(D, device="cuda") * 0.02).to(dtype)
+    pos = (torch.randn(2304, D, device="cuda") * 0.02).to(dtype)
+    grid = torch.tensor([[1, 32, 32]] * 4, device="cuda")
+    idx, tw = get_vision_interpolation_indices_and_weights(grid, num_grid_per_side=48, mode="bilinear",
+                                                           align_corners=True, spatial_merge_size=2)
+    ref = x.double() @ w.reshape(D, -1).double().T + b.double() + (pos.double()[idx] * tw.double()[..., None]).sum(1)
+    with fastvlm.trace() as t:
+        out = rows_embed(x, w.reshape(D, -1), b, pos=pos, pos_idx=idx, pos_weights=tw)
+        still = rows_embed(x, w.float().sum(2).to(dtype).reshape(D, -1), b, pos=pos, pos_idx=idx, pos_weights=tw,
+                           frames=2, chunk=q)
+    assert [r.backend for r in t.records] == ["triton", "triton"]
+    assert_close(out, ref, dtype, 1536 + 4)
+    assert_close(still, ref, dtype, 1536 + 4, roundings=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pixtral_patch_conv_rms_pre_norm(dtype):
+    """Pixtral-12B's tower width (1024, patch 16) on a ragged batch of two images, patched vs float64 original."""
+    from transformers import PixtralVisionConfig
+    from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
+
+    cfg = PixtralVisionConfig(hidden_size=1024, intermediate_size=64, num_hidden_layers=0, num_attention_heads=16,
+                              head_dim=64, patch_size=16, image_size=1024)
+    m = PixtralVisionModel(cfg).eval()
+    with torch.no_grad():
+        m.patch_conv.weight.normal_(0, 0.02)
+        m.ln_pre.weight.copy_(1 + 0.1 * torch.randn(1024))
+    ref_model = copy.deepcopy(m).double().cuda()
+    m = m.to("cuda", dtype)
+    fastvlm.patch(m)
+    x = torch.randn(2, 3, 512, 768, device="cuda")
+    x[1, :, 256:] = 0
+    sizes = torch.tensor([[512, 768], [256, 400]])
+    with torch.no_grad(), fastvlm.trace() as t:
+        out = m(x.to(dtype), image_sizes=sizes).last_hidden_state
+        ref = ref_model(x.to(dtype).double(), image_sizes=sizes).last_hidden_state
+    assert [r.backend for r in t.records if r.op == "fastvlm::patch_embed"] == ["triton"]
+    assert_close(out, ref, dtype, 768, roundings=4)

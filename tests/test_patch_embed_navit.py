@@ -235,3 +235,41 @@ def test_patched_in_a_tiny_idefics2(torch_backend):
     assert "fastvlm::patch_embed" in {r.op for r in t.records}
     assert rel_err(out, ref) < 1e-5
     fastvlm.unpatch(model)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_uint8_padded_batch(backend, monkeypatch):
+    """Raw uint8 images of different sizes padded into one batch, fed with ``image_hw``: the GEMM normalises each
+    pixel as it loads it and takes the pixels outside each image as 0 afterwards, which is what Idefics2's processor
+    produces (normalise, then pad with zeros). Sizes that cut patches in half (boundary patches are partly padding)."""
+    monkeypatch.setenv("FASTVLM_BACKEND", backend)
+    from fastvlm.ops.patch_embed import patch_embed
+
+    m = _module("idefics2")
+    p, side = 7, m.num_patches_per_side
+    hw = torch.tensor([[56, 56], [31, 45], [8, 20]])  # pixels; 31 and 45 and 20 are not multiples of the patch
+    img = torch.randint(0, 256, (3, 3, 56, 56), dtype=torch.uint8)
+    for b, (h, w) in enumerate(hw.tolist()):
+        img[b, :, h:] = 0  # whatever the padding holds in uint8 must not matter
+        img[b, :, :, w:] = 255
+    mean, std = torch.tensor([0.5, 0.4, 0.3]), torch.tensor([0.2, 0.25, 0.3])
+    norm = (img.float() / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    pix_mask = torch.zeros(3, 56, 56, dtype=torch.bool)
+    for b, (h, w) in enumerate(hw.tolist()):
+        pix_mask[b, :h, :w] = True
+    norm = norm * pix_mask[:, None]  # the processor's zero padding after normalising
+    patch_mask = pix_mask.unfold(1, p, p).unfold(2, p, p).sum((-1, -2)) > 0  # as Idefics2VisionTransformer does
+    ids = navit_position_ids(patch_mask, side).reshape(-1)
+    conv = m.patch_embedding
+    with torch.no_grad(), fastvlm.trace() as t:
+        out = patch_embed(img, conv.weight, conv.bias, pos=m.position_embedding.weight, pos_rows=ids,
+                          pixel_scale=1 / (255 * std), pixel_shift=-mean / std, image_hw=hw)
+    assert [r.backend for r in t.records] == [backend] and "padded" in t.records[0].detail, str(t)
+    with torch.no_grad():
+        ref = m.double()(norm.double(), patch_mask)
+    assert_close(out, ref, torch.float32, 147, roundings=2)
+    with pytest.raises(ValueError, match="image_hw applies to uint8 pixels"):
+        patch_embed(norm, conv.weight.float(), image_hw=hw)
+    with pytest.raises(ValueError, match="image_hw must be an integer"):
+        patch_embed(img, conv.weight.float(), pixel_scale=1 / (255 * std), pixel_shift=-mean / std,
+                    image_hw=hw.float())

@@ -21,7 +21,8 @@ Providers:
     compile           torch.compile(eager, mode="max-autotune") (CUDA only unless --compile-on-cpu)
     fastvlm           the fused module (Triton on CUDA; its PyTorch path elsewhere, and the row says so)
 ``--uint8``: the input is the processor's uint8 image; eager/gemm/compile normalise it first ((x / 255 - mean) / std,
-the processor's math, on the device), fastvlm folds it into the GEMM's loads.
+the processor's math, on the device, then Idefics2's zero padding), fastvlm folds both into the GEMM's loads
+(``image_hw``: pixels outside each image read as 0 after normalising).
 Timing: harness.measure (CUDA events, median / p20 / p80). TFLOP/s counts 2 * tokens * C*p*p * D; the roofline
 is max(FLOPs at bf16 peak, pixels + weight + output bytes at peak bandwidth). Each provider's output is compared with
 eager's in the same run (rel err). ``--quick``: one shape, three repetitions (checks that the suite runs; on a CPU
@@ -133,7 +134,10 @@ def build_inputs(name, batch, device, dtype, uint8):
     mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     img = img.to(device)
-    normalise = lambda u: ((u.float() / 255 - mean) / std).to(dtype)  # noqa: E731
+    keep = 1.0
+    if mask is not None:  # Idefics2's processor pads after normalising: the padded pixels are 0
+        keep = mask.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None].float()
+    normalise = lambda u: (((u.float() / 255 - mean) / std) * keep).to(dtype)  # noqa: E731
     return img if uint8 else normalise(img), mask, normalise
 
 
@@ -222,8 +226,9 @@ def _fastvlm(mod, call, name, prenorm, uint8):
             from fastvlm.ops.patch_embed import navit_position_ids
 
             ids = navit_position_ids(mask, emb.num_patches_per_side).reshape(-1)
+            hw = torch.stack([mask[:, :, 0].sum(1), mask[:, 0, :].sum(1)], 1) * p  # each image's size in pixels
             return patch_embed(x, conv.weight, conv.bias, pos=emb.position_embedding.weight, pos_rows=ids,
-                               pixel_scale=scale, pixel_shift=shift)
+                               pixel_scale=scale, pixel_shift=shift, image_hw=hw)
         T = emb.num_patches
         cls = emb.class_embedding if fam == "clip" else None
         rows = torch.arange(1 if cls is not None else 0, T + (1 if cls is not None else 0), device=x.device)

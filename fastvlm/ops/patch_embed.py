@@ -67,6 +67,33 @@ def _affine_cols(scale, shift, patch):
             shift.float().repeat_interleave(patch * patch).contiguous())
 
 
+def _pix_tables(image_hw, B, gh, gw, patch, C):
+    """Int32 (rows << 16 | cols) of each patch that lie inside its image, [B * gh * gw], and (ki << 16 | kj) of each
+    column in the conv weight's (c, ki, kj) order, [C * p * p] (fused_linear's ``pix_limits`` / ``pix_cols``)."""
+    dev = image_hw.device
+    hw = image_hw.to(torch.int64)
+    lh = (hw[:, 0, None] - torch.arange(gh, device=dev) * patch).clamp(0, patch)  # [B, gh]
+    lw = (hw[:, 1, None] - torch.arange(gw, device=dev) * patch).clamp(0, patch)  # [B, gw]
+    lim = (lh[:, :, None] * 65536 + lw[:, None, :]).reshape(-1).to(torch.int32)
+    k = torch.arange(patch, device=dev)
+    pk = (k.view(patch, 1) * 65536 + k.view(1, patch)).reshape(1, -1).expand(C, -1).reshape(-1).to(torch.int32)
+    return lim.contiguous(), pk.contiguous()
+
+
+def _affine_patches(pixels, patch, scale, shift, image_hw):
+    """im2col of uint8 pixels normalised per channel, with the pixels outside each image (``image_hw``) set to 0."""
+    a = im2col_ref(pixels, patch)
+    sc, sh = _affine_cols(scale, shift, patch)
+    a = a.float() * sc + sh
+    if image_hw is not None:
+        B, C, gh, gw = _grid(pixels, patch)
+        lim, pk = _pix_tables(image_hw, B, gh, gw, patch, C)
+        lim, pk = lim.to(torch.int64), pk.to(torch.int64)
+        inside = ((pk[None, :] // 65536) < (lim[:, None] // 65536)) & ((pk[None, :] % 65536) < (lim[:, None] % 65536))
+        a = a * inside
+    return a
+
+
 def _n_prefix(cls):
     return 0 if cls is None else (1 if cls.dim() == 1 else cls.shape[0])
 
@@ -89,7 +116,7 @@ def _norm_ref(y, weight, bias, eps, rms):
 
 
 def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight=None,
-             norm_bias=None, eps=0.0, norm_rms=False, backend=None):
+             norm_bias=None, eps=0.0, norm_rms=False, image_hw=None, backend=None):
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
     D = weight.shape[0]
@@ -107,6 +134,8 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
     detail = f"pixels{tuple(pixels.shape)} {str(pixels.dtype).replace('torch.', '')} p{patch} -> {D}"
     if norm_weight is not None:
         detail += " +rmsnorm" if norm_rms else " +layernorm"
+    if image_hw is not None:
+        detail += " padded"
     if backend is None:
         backend = _dispatch.choose_backend(OP_NAME, pixels.device, reasons, detail)
     out = torch.empty(B, T + prefix, D, device=pixels.device, dtype=w2.dtype)
@@ -116,15 +145,14 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
 
         rows, cols = _tables(tuple(pixels.shape), tuple(pixels.stride()), patch, str(pixels.device))
         sc, sh = _affine_cols(scale, shift, patch)
+        lim, pk = _pix_tables(image_hw, B, gh, gw, patch, C) if image_hw is not None else (None, None)
         out_rows = _out_rows(B, T, prefix, first, pixels.device)
         fused_linear(pixels, w2, bias, a_mode="separable", a_rows=rows, a_cols=cols, col_scale=sc, col_shift=sh,
+                     pix_limits=lim, pix_cols=pk,
                      pos=pos, pos_rows=None if pos is None else pos_rows.repeat(B) if pos_rows.shape[0] == T else pos_rows,
                      out_rows=out_rows, out=out.view(B * (T + prefix), D))
     else:
-        a = im2col_ref(pixels, patch)
-        if scale is not None:
-            sc, sh = _affine_cols(scale, shift, patch)
-            a = a.float() * sc + sh
+        a = im2col_ref(pixels, patch) if scale is None else _affine_patches(pixels, patch, scale, shift, image_hw)
         y = F.linear(a.to(w2.dtype), w2, bias).view(B, T, D)
         if pos is not None:
             y = y + pos[pos_rows].view(-1, T, D)
@@ -153,7 +181,7 @@ def _out_rows(B, T, prefix, first, device):
 
 
 def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, norm_rms=False):
-    pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias = saved
+    pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias, image_hw = saved
     need_px, need_w, need_b, need_pos, need_cls, need_nw, need_nb = needs
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
@@ -165,7 +193,7 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
     if norm_weight is not None:  # recompute the pre-norm output (PyTorch path) and back-propagate the LayerNorm
         with torch.no_grad():
             y = _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first,
-                         backend="torch")
+                         image_hw=image_hw, backend="torch")
         with torch.enable_grad():
             y = y.detach().requires_grad_()
             nw = norm_weight.detach().requires_grad_()
@@ -179,10 +207,7 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
     gp = g[:, first:first + T].reshape(B * T, D)
     gx = gw_ = gb = gpos = gcls = None
     if need_w:
-        a = im2col_ref(pixels, patch)
-        if scale is not None:
-            sc, sh = _affine_cols(scale, shift, patch)
-            a = a.float() * sc + sh
+        a = im2col_ref(pixels, patch) if scale is None else _affine_patches(pixels, patch, scale, shift, image_hw)
         gw_ = (gp.t() @ a.to(weight.dtype)).view_as(weight).to(weight.dtype)
     if need_b and bias is not None:
         gb = gp.to(ct).sum(0).to(weight.dtype)
@@ -202,16 +227,16 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
 
 
 def _save(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-          norm_bias, eps, norm_rms=False):
+          norm_bias, eps, norm_rms=False, image_hw=None):
     ctx.cfg = (patch, cls_pos, cls_first, None if pos is None else pos.shape, float(eps), bool(norm_rms))
-    ctx.save_for_backward(pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias)
+    ctx.save_for_backward(pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias, image_hw)
 
 
 def _grads(ctx, g):
     saved = ctx.saved_tensors
     patch, cls_pos, cls_first, pos_shape, eps, norm_rms = ctx.cfg
     n_in = len(ctx.needs_input_grad)  # the op may be called without its defaulted trailing arguments
-    n = tuple(ctx.needs_input_grad) + (False,) * (15 - n_in)
+    n = tuple(ctx.needs_input_grad) + (False,) * (16 - n_in)
     weight = saved[1]
     gx, gw, gb, gpos, gcls, gnw, gnb = _backward(saved, g, patch, cls_pos, cls_first,
                                                  (n[0], n[1], n[2], n[3], n[4], n[11], n[12]),
@@ -220,17 +245,17 @@ def _grads(ctx, g):
     gcls = gcls.to(weight.dtype) if gcls is not None else None
     gnw = gnw.to(saved[8].dtype) if gnw is not None else None
     gnb = gnb.to(saved[9].dtype) if gnb is not None else None
-    return (gx, gw, gb, gpos, gcls, None, None, None, None, None, None, gnw, gnb, None, None)[:n_in]
+    return (gx, gw, gb, gpos, gcls, None, None, None, None, None, None, gnw, gnb, None, None, None)[:n_in]
 
 
 class _PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                norm_bias, eps, norm_rms):
+                norm_bias, eps, norm_rms, image_hw):
         _save(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-              norm_bias, eps, norm_rms)
+              norm_bias, eps, norm_rms, image_hw)
         return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                        norm_bias, eps, norm_rms)
+                        norm_bias, eps, norm_rms, image_hw)
 
     @staticmethod
     def backward(ctx, g):
@@ -242,28 +267,30 @@ def patch_embed_op(pixels: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                    pos: Optional[torch.Tensor], cls: Optional[torch.Tensor], pos_rows: Optional[torch.Tensor],
                    cls_pos: int, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], patch: int,
                    cls_first: bool, norm_weight: Optional[torch.Tensor] = None,
-                   norm_bias: Optional[torch.Tensor] = None, eps: float = 0.0, norm_rms: bool = False) -> torch.Tensor:
+                   norm_bias: Optional[torch.Tensor] = None, eps: float = 0.0, norm_rms: bool = False,
+                   image_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
     return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                    norm_bias, eps, norm_rms)
+                    norm_bias, eps, norm_rms, image_hw)
 
 
 @patch_embed_op.register_fake
 def _(pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight=None,
-      norm_bias=None, eps=0.0, norm_rms=False):
+      norm_bias=None, eps=0.0, norm_rms=False, image_hw=None):
     B, C, H, W = pixels.shape
     T = (H // patch) * (W // patch)
     return weight.new_empty((B, T + _n_prefix(cls), weight.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    _save(ctx, *inputs, *(None, None, 0.0, False)[len(inputs) - 11:])
+    _save(ctx, *inputs, *(None, None, 0.0, False, None)[len(inputs) - 11:])
 
 
 patch_embed_op.register_autograd(_grads, setup_context=_setup)
 
 
 def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None, cls_pos=0, cls_first=True,
-                pixel_scale=None, pixel_shift=None, norm_weight=None, norm_bias=None, eps=1e-5, norm_rms=False):
+                pixel_scale=None, pixel_shift=None, norm_weight=None, norm_bias=None, eps=1e-5, norm_rms=False,
+                image_hw=None):
     """Patch embedding of ``pixels`` [B, C, H, W] (any strides; float, or uint8 with ``pixel_scale``/``pixel_shift``
     per channel: value * scale + shift, e.g. scale = 1 / (255 std), shift = -mean / std) by the conv ``weight``
     [D, C, p, p]. Returns [B, P + T, D] in the weight's dtype: the P prefix rows first (or last) when ``cls`` is
@@ -271,6 +298,8 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
     [B * T] per image) added to the patches and rows ``cls_pos + i`` to the prefix rows (none when ``cls_pos < 0``).
     ``norm_weight`` (and ``norm_bias``, ``eps``): a LayerNorm over every output row, applied last (a fused pre-norm);
     with ``norm_rms`` an RMSNorm (``norm_weight`` only), as Pixtral's ``ln_pre``.
+    ``image_hw`` [B, 2] (uint8 pixels only): each image's height and width in pixels inside a batch padded at the
+    bottom and right; pixels outside are taken as 0 *after* normalising, as Idefics2/3's and SmolVLM's processors pad.
     """
     if pixels.dim() != 4:
         raise ValueError(f"patch_embed: pixels must be [batch, channels, height, width], got {tuple(pixels.shape)}")
@@ -292,14 +321,22 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
         raise ValueError(f"patch_embed: norm_weight and norm_bias must be [{D}]")
     if norm_rms and (norm_weight is None or norm_bias is not None):
         raise ValueError("patch_embed: norm_rms needs norm_weight and takes no norm_bias")
+    if image_hw is not None:
+        if pixel_scale is None:
+            raise ValueError("patch_embed: image_hw applies to uint8 pixels given with pixel_scale / pixel_shift "
+                             "(float pixels from the processor are already 0 where padded)")
+        if (image_hw.shape != (pixels.shape[0], 2) or image_hw.is_floating_point()
+                or image_hw.device != pixels.device):
+            raise ValueError(f"patch_embed: image_hw must be an integer [{pixels.shape[0]}, 2] tensor of (height, "
+                             f"width) on {pixels.device}, got {tuple(image_hw.shape)} {image_hw.dtype}")
     args = (pixels, weight, bias, pos, cls, pos_rows, int(cls_pos), pixel_scale, pixel_shift, patch, bool(cls_first),
-            norm_weight, norm_bias, float(eps), bool(norm_rms))
+            norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw)
     if torch.compiler.is_compiling():
         return torch.ops.fastvlm.patch_embed(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5] + args[11:13]):
         return _PatchEmbedFunction.apply(*args)
     return _forward(pixels, weight, bias, pos, pos_rows, cls, int(cls_pos), pixel_scale, pixel_shift, patch,
-                    bool(cls_first), norm_weight, norm_bias, float(eps), bool(norm_rms))
+                    bool(cls_first), norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw)
 
 
 # ------------------------------------------------------------------------------------- NaViT bucketed positions
