@@ -206,7 +206,7 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
         elif type(mod).__name__ in NOT_YET:
             report.entries.append(PatchEntry(name, type(mod).__name__, "", "not swapped", NOT_YET[type(mod).__name__]))
     # pre-norms (CLIP pre_layrnorm, timm norm_pre) and timm's _pos_embed fused into the patch embedding
-    from fastvlm.nn.patch_embed import pair_embeddings
+    from fastvlm.nn.embed_pairing import pair_embeddings
 
     for row in pair_embeddings(model, originals, verify=verify, selected=lambda fam: _selected(ops, name=fam)):
         report.entries.append(PatchEntry(*row))
@@ -233,7 +233,7 @@ def _swap(model, originals, name, original, fused, verify, probe):
 def unpatch(model: nn.Module) -> int:
     """Put back the original module objects that ``patch`` replaced and remove its hand-off forwards; returns how
     many were restored (modules plus hand-offs)."""
-    from fastvlm.nn.patch_embed import unpair_embeddings
+    from fastvlm.nn.embed_pairing import unpair_embeddings
 
     unpair_embeddings(model)
     n_handoff = handoff.remove(model)
