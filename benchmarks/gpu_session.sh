@@ -16,7 +16,7 @@ timeout 150 fastvlm bench --shapes llava-1.5-7b@1 llava-1.5-7b@8 llava-1.5-7b@64
 # issue 3: CLIP-L/14-336 with class token, positions and the fused pre-LayerNorm at batch 8 and 64; Qwen rows
 timeout 90 python -m fastvlm.bench.patch_embed --prenorm --shapes clip-l-336@8 clip-l-336@64 \
     --providers eager gemm fastvlm --out "$OUT/patch-embed-$name.jsonl" 2>&1 | tee "$OUT/patch-embed.txt"
-timeout 90 python -m fastvlm.bench.patch_embed --shapes siglip-so400m-384@8 idefics2-980@8 qwen2-vl-rows@8 \
+timeout 120 python -m fastvlm.bench.patch_embed --shapes siglip-so400m-384@8 idefics2-980@8 pixtral-1024@8 qwen2-vl-rows@8 \
     qwen3-vl-rows@8 --providers eager gemm fastvlm fastvlm_still --out "$OUT/patch-embed-$name.jsonl" 2>&1 \
     | tee -a "$OUT/patch-embed.txt"
 # issue 4: whole Q-Former at batch 8 (fp32 and bf16) and the attention core at 32 x 257

@@ -11,6 +11,9 @@ Shapes (``<model>@<batch>``, batch 1, 8 or 64 by default):
     qwen2-vl-rows     Qwen2-VL's Conv3d on pre-patchified rows: 1024 patches (448 px) per image x 1176 -> 1280, no
                       bias; the extra provider ``fastvlm_still`` reads one of the two repeated frames against the
                       time-summed kernel (the rows are built as the processor builds a still image's)
+    pixtral-1024      Pixtral-12B's tower front (Mistral 3): PixtralVisionModel with no encoder layer, so conv, per-image
+                      crop and concatenation, ln_pre (RMSNorm), rotary table and block mask; 1024 px images, every
+                      second one 512 x 768 padded to 1024 x 1024 (``image_sizes``); fastvlm pairs conv and ln_pre
     qwen3-vl-rows     Qwen3-VL's patch embedding with its bilinear position table: 1024 patches (512 px) per image
                       x 1536 -> 1152 with bias, plus the 48 x 48 table resampled by 4 taps per patch (taps computed
                       once outside the timing, as they depend on the grid only)
@@ -45,6 +48,7 @@ MODELS = {
     "clip-l-336": ("clip", 1024, 336, 14),
     "siglip-so400m-384": ("siglip", 1152, 384, 14),
     "idefics2-980": ("idefics2", 1152, 980, 14),
+    "pixtral-1024": ("pixtral", 1024, 1024, 16),
     "qwen2-vl-rows": ("qwen2", 1280, 448, 14),
     "qwen3-vl-rows": ("qwen3", 1152, 512, 16),
 }
@@ -81,6 +85,13 @@ def build_module(name, prenorm, device, dtype):
 
         mod = SiglipVisionEmbeddings(transformers.SiglipVisionConfig(**kw))
         call = lambda m, x, mask: m(x)  # noqa: E731
+    elif fam == "pixtral":
+        from transformers import PixtralVisionConfig
+        from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
+
+        mod = PixtralVisionModel(PixtralVisionConfig(hidden_size=hidden, image_size=image, patch_size=patch,
+                                                     num_hidden_layers=0, num_attention_heads=16, head_dim=64))
+        call = lambda m, x, sizes: m(x, image_sizes=sizes).last_hidden_state  # noqa: E731
     elif fam == "qwen2":
         from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchEmbed
 
@@ -126,6 +137,10 @@ def build_inputs(name, batch, device, dtype, uint8):
     img = torch.randint(0, 256, (batch, 3, image, image), generator=g, dtype=torch.uint8)
     side = image // patch
     mask = None
+    if fam == "pixtral":  # every second image 512 x 768, padded with zeros (the mask slot carries image_sizes)
+        img[1::2, :, image // 2:] = 0
+        img[1::2, :, :, image * 3 // 4:] = 0
+        mask = torch.tensor([[image, image] if b % 2 == 0 else [image // 2, image * 3 // 4] for b in range(batch)])
     if fam == "idefics2":
         mask = torch.ones(batch, side, side, dtype=torch.bool)
         mask[1::2, side // 2:] = False  # every second image: 490 x 700 px, padded to 980 x 980
@@ -135,7 +150,7 @@ def build_inputs(name, batch, device, dtype, uint8):
     std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
     img = img.to(device)
     keep = 1.0
-    if mask is not None:  # Idefics2's processor pads after normalising: the padded pixels are 0
+    if fam == "idefics2":  # Idefics2's processor pads after normalising: the padded pixels are 0
         keep = mask.repeat_interleave(patch, 1).repeat_interleave(patch, 2)[:, None].float()
     normalise = lambda u: (((u.float() / 255 - mean) / std) * keep).to(dtype)  # noqa: E731
     return img if uint8 else normalise(img), mask, normalise
@@ -202,7 +217,7 @@ def _fastvlm(mod, call, name, prenorm, uint8):
 
     fused = copy.copy(mod)  # a shallow copy shares the parameters; patch it, not the eager module
     fused.__dict__["_modules"] = dict(mod._modules)
-    if MODELS[name][0] == "clip" and prenorm:
+    if (MODELS[name][0] == "clip" and prenorm) or MODELS[name][0] == "pixtral":
         fastvlm.patch(fused)
     else:
         fused = fastvlm.nn.from_module(mod)
@@ -260,8 +275,8 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
     for shape in shapes:
         name, batch = parse_shape(shape)
         fam, hidden, image, patch = MODELS[name]
-        if uint8 and fam in ("qwen2", "qwen3"):
-            continue  # pre-patchified float rows: there is no uint8 form
+        if uint8 and fam in ("qwen2", "qwen3", "pixtral"):
+            continue  # pre-patchified float rows, or a model without a uint8 entry: no uint8 form
         pn = prenorm and fam == "clip"
         mod, call = build_module(name, pn, device, dtype)
         x, mask, normalise = build_inputs(name, batch, device, dtype, uint8)
@@ -281,6 +296,9 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
             if prov == "eager":
                 fn = eager
             elif prov == "gemm":
+                if fam == "pixtral":
+                    rows.append(dict(row, ms=None, skipped="the crop and concatenation need the conv's NCHW map"))
+                    continue
                 g = _gemm_formulation(mod, name, pn)
                 fn = (lambda x, mask: g(normalise(x), mask)) if uint8 else g
             elif prov == "compile":
