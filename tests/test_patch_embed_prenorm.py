@@ -395,3 +395,21 @@ def test_deepcopy_and_pickle_of_a_paired_model(torch_backend):
     loaded = torch.load(buf, weights_only=False)
     with torch.no_grad():
         assert rel_err(loaded(x).last_hidden_state, ref) < 1e-6
+
+
+def test_clip_unexpected_consumer_input_raises(torch_backend):
+    """After the armed embedding handed over normalised tokens, a pre-norm call on another tensor would normalise
+    twice if it ran the LayerNorm: it raises instead (a transformers forward that no longer matches the pairing)."""
+    m = _clip()
+    fastvlm.patch(m)
+    pair = m.pre_layrnorm.__dict__["_fastvlm_pair"]
+    x = torch.randn(1, 3, 42, 42)
+    with torch.no_grad():
+        pair.armed, pair.out = True, None
+        try:
+            out = m.embeddings(x)
+            assert pair.out is out
+            with pytest.raises(RuntimeError, match="expected the pre-norm to receive"):
+                m.pre_layrnorm(out.clone())
+        finally:
+            pair.armed, pair.out = False, None

@@ -143,3 +143,23 @@ def test_compiled_patched_model(family, torch_backend, quiet_fallbacks):
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         assert_close(compiled(**inputs).logits, ref, torch.float32, 1536, roundings=4)
+
+
+def test_unexpected_ln_pre_call_raises(torch_backend):
+    """If a transformers version called ln_pre on something else after the fused conv normalised its rows, running
+    the RMSNorm again would be silently wrong: the paired ln_pre raises instead."""
+    m = _pixtral()
+    fastvlm.patch(m)
+    pair = m.ln_pre.__dict__["_fastvlm_pair"]
+    x = torch.randn(1, 3, 28, 28)
+    with torch.no_grad():
+        pair.armed, pair.out = True, None
+        try:
+            m.patch_conv(x)  # armed: normalised rows handed over
+            assert pair.out is not None
+            with pytest.raises(RuntimeError, match="PixtralVisionModel.forward differs"):
+                m.ln_pre(torch.randn(2, 4, 48))
+        finally:
+            pair.armed, pair.out = False, None
+        ref = m.ln_pre(torch.ones(1, 4, 48))  # unarmed: the original RMSNorm
+    assert torch.allclose(ref, m.ln_pre.weight.expand(1, 4, 48))

@@ -204,3 +204,24 @@ def test_still_images_mode_on_the_module(backend, monkeypatch):
     with fastvlm.trace() as t, pytest.warns(fastvlm.FastVLMFallbackWarning, match="still-image mode not used"):
         fused(xg).sum().backward()
     assert "still" not in t.records[-1].detail and xg.grad is not None
+
+
+def test_qwen3_unexpected_lookup_raises(monkeypatch, quiet_fallbacks):
+    """A pos_embed lookup with other indices after the fused rows already hold the positions would add them twice:
+    the paired module raises instead; unarmed lookups are plain."""
+    model, inputs = _qwen3("torch", monkeypatch)
+    fastvlm.patch(model)
+    visual = model.model.visual
+    pair = visual.pos_embed.__dict__["_fastvlm_pair"]
+    idx, w = torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 0.25)
+    x = torch.randn(4, visual.patch_embed.proj.weight[0].numel())
+    with torch.no_grad():
+        pair.armed, pair.out, pair.taps = True, None, (idx, w)
+        try:
+            visual.patch_embed(x)
+            assert pair.out is not None
+            with pytest.raises(RuntimeError, match="computes them differently"):
+                visual.pos_embed(idx.clone())
+        finally:
+            pair.armed, pair.out, pair.taps = False, None, None
+        assert torch.equal(visual.pos_embed(idx), visual.pos_embed.weight[idx])

@@ -42,6 +42,13 @@ class _Pair:
         self.taps = None  # Qwen3-VL: (interp_indices, interp_weights) of the armed call
 
 
+def _unexpected(what):
+    """A consumer saw something other than the handed-over tensor after the fused embedding already applied its
+    part: running the original code now would apply it twice, so stop instead of returning a wrong result."""
+    raise RuntimeError(f"fastvlm: an embedding pairing expected {what}; this library version's forward differs "
+                       "from the one fastvlm pairs. fastvlm.unpatch(model) restores the model; please report it.")
+
+
 def _pair_of(module):
     return module.__dict__.get("_fastvlm_pair")
 
@@ -138,9 +145,13 @@ def paired_norm_class(name):
 def _paired_norm_class(base):
     def forward(self, input):
         pair = _pair_of(self)
-        if pair is not None and pair.norm_fused and pair.out is not None and input is pair.out:
-            pair.out = None  # already normalised by the fused embedding
-            return input
+        if pair is not None and pair.norm_fused and pair.out is not None:
+            if input is pair.out:
+                pair.out = None  # already normalised by the fused embedding
+                return input
+            pair.out = None
+            _unexpected(f"the pre-norm to receive the fused embedding's output, got another tensor "
+                        f"{tuple(getattr(input, 'shape', ()))}")
         return base.forward(self, input)
 
     return type(_paired_norm_name(base), (base,), {
@@ -153,17 +164,22 @@ class FusedPairedPositionEmbedding(nn.Embedding):
     """Qwen3-VL's ``pos_embed`` paired with a fused patch embedding that already added the interpolated rows (same
     parameters). For the very index tensor of the armed call it returns zeros [N, taps, 1], so the parent's inline
     ``hidden + (pos_embed(idx) * w).sum(1)`` adds an exact zero by broadcasting (the [N, taps, D] gather, product and
-    reduction are gone; the add remains, as fastvlm does not rewrite transformers' forward). Any other input is
-    looked up as usual."""
+    reduction are gone; the add remains, as fastvlm does not rewrite transformers' forward). Outside an armed call
+    it is the plain lookup."""
 
     __module__ = "fastvlm.nn"
 
     def forward(self, input):
         pair = _pair_of(self)
-        if pair is not None and pair.out is not None and pair.taps is not None and input is pair.taps[0]:
-            pair.out = None
+        if pair is None or pair.out is None or pair.taps is None:
+            return super().forward(input)
+        pair.out = None
+        if input is pair.taps[0]:
             return torch.zeros((*input.shape, 1), dtype=self.weight.dtype, device=input.device)
-        return super().forward(input)
+        # the positions are already in the patch embedding's rows: a second lookup would add them twice
+        raise RuntimeError("fastvlm: the Qwen3-VL pairing expected pos_embed to receive the interpolation indices "
+                           "it passed to the vision model's forward; this transformers version computes them "
+                           "differently. fastvlm.unpatch(model) restores the model; please report the version.")
 
 
 def _qwen3_taps(parent, grid_thw, kwargs):
@@ -232,13 +248,22 @@ def _paired_rms_class(base):
     if cls is None:
         def forward(self, hidden_states):
             pair = _pair_of(self)
-            if (pair is not None and pair.kind == "pixtral" and pair.norm_fused and pair.out is not None
-                    and isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3
-                    and hidden_states.shape[0] == 1 and hidden_states.shape[-1] == pair.out.shape[-1]
-                    and hidden_states.dtype == pair.out.dtype and not _has_hooks(self)):
-                pair.out = None  # the rows of this concatenation were normalised by the fused patch conv
+            if pair is None or pair.kind != "pixtral" or not pair.norm_fused or pair.out is None:
+                return base.forward(self, hidden_states)
+            done = pair.out
+            pair.out = None
+            # the fused conv checked the hooks and dtypes before it normalised; here the rows must be its output,
+            # cropped and concatenated by PixtralVisionModel.forward: [1, tokens, D] in its dtype
+            if (isinstance(hidden_states, torch.Tensor) and hidden_states.dim() == 3 and hidden_states.shape[0] == 1
+                    and hidden_states.shape[-1] == done.shape[-1] and hidden_states.dtype == done.dtype
+                    and hidden_states.shape[1] <= done.shape[0] * done.shape[1]):
                 return hidden_states
-            return base.forward(self, hidden_states)
+            # normalising again would be silently wrong: this transformers version calls ln_pre differently
+            raise RuntimeError(
+                "fastvlm: the Pixtral pairing expected ln_pre to receive the concatenated rows [1, tokens, "
+                f"{done.shape[-1]}] of the fused patch conv, got {tuple(getattr(hidden_states, 'shape', ()))}; this "
+                "transformers version's PixtralVisionModel.forward differs. fastvlm.unpatch(model) restores it; "
+                "please report the version.")
 
         cls = _PAIRED_RMS[base] = type(f"FusedPaired{base.__name__}", (base,), {
             "forward": forward, "__module__": "fastvlm.nn",
@@ -341,10 +366,13 @@ class _PosEmbedConsumer:
 
     def __call__(self, x):
         pair = self.pair
-        if pair.out is not None and x is pair.out:  # the fused embedding's finished tokens
-            if not pair.norm_fused:
-                pair.out = None
-            return x
+        if pair.out is not None:
+            if x is pair.out:  # the fused embedding's finished tokens
+                if not pair.norm_fused:
+                    pair.out = None
+                return x
+            pair.out = None
+            _unexpected("_pos_embed to receive the fused patch embedding's tokens, got another tensor")
         return type(self.vit)._pos_embed(self.vit, x)
 
 
