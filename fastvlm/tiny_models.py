@@ -153,6 +153,10 @@ _SPECS: dict[str, dict] = {
     # Aya Vision: SigLIP 4x4 patches, pixel shuffle (downsample 2) -> 4 tokens, LayerNorm + SwiGLU MLP
     "aya_vision": dict(cls="AyaVision", pixels="plain", size=56, n_img=4, config=dict(
         vision_config=_SIGLIP, text_config=_COHERE2, image_token_index=IMG, downsample_factor=2)),
+    # Cohere2-Vision: Aya's pixel shuffle and chunked SwiGLU without the LayerNorm
+    "cohere2_vision": dict(cls="Cohere2Vision", pixels="plain", size=56, n_img=4, config=dict(
+        vision_config=_SIGLIP, text_config=_COHERE2, image_token_id=IMG, downsample_factor=2,
+        alignment_intermediate_size=64)),
 }
 
 FAMILIES = list(_SPECS)

@@ -62,6 +62,7 @@ RECIPES = (
     HandoffRecipe("fast_vlm", "FastVlmModel"),
     HandoffRecipe("mistral3", "Mistral3Model", keywords=("vision_feature_layer", "image_sizes"), concat=True),
     HandoffRecipe("aya_vision", "AyaVisionModel"),
+    HandoffRecipe("cohere2_vision", "Cohere2VisionModel", keywords=()),
     HandoffRecipe("internvl", "InternVLModel"),
 )
 

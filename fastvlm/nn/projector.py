@@ -52,6 +52,7 @@ class ProjectorRecipe:
     gated: bool = False  # linear_1's output chunked into (up, gate) halves: act(gate) * up (Aya's SwiGLU)
     up: Optional[str] = None  # a separate up Linear: act(linear_1(x)) * up(x) (Idefics2's gate_proj / up_proj)
     grid_output: bool = False  # return [B, H/s, W/s, out] instead of [B, tokens, out] (Aya)
+    grid_input: bool = False  # the input is already a grid [B, H, W, C], possibly not square (LFM2-VL)
 
 
 def _llava_like(family, module, cls):
@@ -99,6 +100,14 @@ RECIPES = (
     ProjectorRecipe("aya_vision", _T + "aya_vision.modeling_aya_vision", "AyaVisionMultiModalProjector",
                     "FusedAyaVisionMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
                     norm="layernorm", merge="pixel_shuffle", scale="downsample_factor", gated=True, grid_output=True),
+    # Cohere2-Vision: Aya's projector without its LayerNorm (same pixel shuffle, same chunked SwiGLU)
+    ProjectorRecipe("cohere2_vision", _T + "cohere2_vision.modeling_cohere2_vision", "Cohere2VisionMultiModalProjector",
+                    "FusedCohere2VisionMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
+                    merge="pixel_shuffle", scale="downsample_factor", gated=True, grid_output=True),
+    # LFM2-VL: the same space-to-depth order on a [B, H, W, C] grid of any aspect, optional LayerNorm, MLP
+    ProjectorRecipe("lfm2_vl", _T + "lfm2_vl.modeling_lfm2_vl", "Lfm2VlMultiModalProjector",
+                    "FusedLfm2VlMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
+                    norm="layer_norm", merge="pixel_shuffle", scale="factor", grid_output=True, grid_input=True),
     ProjectorRecipe("idefics2", _T + "idefics2.modeling_idefics2", "Idefics2MLP", "FusedIdefics2MLP", "x",
                     "gate_proj", "down_proj", "act_fn", up="up_proj"),
     ProjectorRecipe("gemma3", _T + "gemma3.modeling_gemma3", "Gemma3MultiModalProjector",
@@ -134,6 +143,12 @@ def _norm_plan(mod):
     if name in _RMSNORM_1P_CLASSES:
         return "rmsnorm_1p", mod.weight, None, float(mod.eps)
     return f"norm {name} has no fused kernel"
+
+
+def _optional_child(module, path):
+    """The child at ``path``, or None where the original keeps None there (LFM2-VL's ``layer_norm`` when off)."""
+    owner, _, attr = path.rpartition(".")
+    return getattr(module.get_submodule(owner) if owner else module, attr, None)
 
 
 def _child_reasons(name, mod):
@@ -183,7 +198,7 @@ class _FusedProjectorMixin(_FusedBase):
                 plan[key] = activation_name(act_mod)
                 if plan[key] is None:
                     reasons.append(f"activation {type(act_mod).__name__} has no fused kernel")
-        if r.norm:
+        if r.norm and _optional_child(self, r.norm) is not None:
             np_ = _norm_plan(self.get_submodule(r.norm))
             if isinstance(np_, str):
                 reasons.append(np_)
@@ -212,7 +227,7 @@ class _FusedProjectorMixin(_FusedBase):
         plan, reasons = self._fastvlm_structure()
         r = self._fastvlm_recipe
         for name in (r.merger, r.linear_1, r.up, r.linear_2, r.norm):
-            if name:
+            if name and _optional_child(self, name) is not None:
                 reasons += _child_reasons(name, self.get_submodule(name))
         if torch.is_autocast_enabled(x.device.type):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
@@ -241,6 +256,13 @@ class _FusedProjectorMixin(_FusedBase):
             if any(h % s or w % s for h, w in sizes) or sum(h * w for h, w in sizes) != x.shape[0]:
                 return None, None, None, [f"image_sizes {sizes} do not tile the {x.shape[0]} tokens in {s}x{s} windows"]
             return x, ragged_space_to_depth_rows(sizes, s, x.device), None, []
+        if r.grid_input:
+            s = self._fastvlm_scale()
+            if x.dim() != 4 or x.shape[1] % s or x.shape[2] % s:
+                return None, None, None, [f"input of shape {tuple(x.shape)} is not a [batch, h, w, features] grid "
+                                          f"divisible by the scale {s}"]
+            B, gh, gw, D = x.shape
+            return x.reshape(B * gh * gw, D), space_to_depth_rows(B, gh, gw, s, x.device), (B, gh // s, gw // s), []
         if x.dim() != 3:
             return None, None, None, [f"input of shape {tuple(x.shape)} is not [batch, tokens, features]"]
         B, P, D = x.shape
