@@ -225,3 +225,34 @@ def test_qwen3_unexpected_lookup_raises(monkeypatch, quiet_fallbacks):
         finally:
             pair.armed, pair.out, pair.taps = False, None, None
         assert torch.equal(visual.pos_embed(idx), visual.pos_embed.weight[idx])
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen3_vl"])
+def test_patch_still_images(family, monkeypatch, quiet_fallbacks):
+    """``fastvlm.patch(model, still_images=True)``: image rows built as the processor builds them (each frame
+    repeated) give the unpatched logits through the halved GEMM; get_video_features keeps the full kernel."""
+    model, inputs = _qwen3("torch", monkeypatch) if family == "qwen3_vl" else (None, None)
+    if model is None:
+        from fastvlm.tiny_models import build_tiny_model
+
+        model, inputs = build_tiny_model(family)
+    px = inputs["pixel_values"]
+    T = model.model.visual.patch_embed.proj.kernel_size[0]
+    n = px.shape[0]
+    frame = px.view(n, 3, T, -1)[:, :, :1]
+    inputs["pixel_values"] = frame.expand(n, 3, T, frame.shape[-1]).reshape(n, -1).contiguous()
+    with torch.no_grad():
+        ref = model(**inputs).logits
+    report = fastvlm.patch(model, still_images=True)
+    rows = [e for e in report.entries if e.fused == "still images"]
+    assert len(rows) == 1 and rows[0].status == "patched" and rows[0].path == "model", str(report)
+    with torch.no_grad(), fastvlm.trace() as t:
+        out = model(**inputs).logits
+    rec = [r for r in t.records if r.op == "fastvlm::rows_embed"]
+    assert len(rec) == 1 and f"still x{T}" in rec[0].detail, str(t)
+    assert_close(out, ref, torch.float32, px.shape[1], roundings=4)
+    with torch.no_grad(), fastvlm.trace() as t:
+        model.model.get_video_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    assert [r.detail for r in t.records if r.op == "fastvlm::rows_embed" and "still" in r.detail] == [], str(t)
+    assert fastvlm.unpatch(model) == len(report.patched)
+    assert "get_image_features" not in model.model.__dict__ and "get_video_features" not in model.model.__dict__

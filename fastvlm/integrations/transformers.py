@@ -161,12 +161,16 @@ def _selected(ops, recipe=None, name=None):
     return bool(keys & set(ops))
 
 
-def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
+def patch(model: nn.Module, *, ops=None, verify: bool = False, still_images: bool = False) -> PatchReport:
     """Swap every supported connector module of ``model`` for its fused equivalent, in place.
 
     ``ops``: restrict to these families / class names (e.g. ``{"llava"}`` or ``{"PatchMerger"}``; ``"FusedLinear"``
     selects BLIP-2's language_projection). ``verify``: run original and fused module on a random probe and record
-    the relative error against the fastvlm tolerance for the module's dtype. Returns a ``PatchReport``.
+    the relative error against the fastvlm tolerance for the module's dtype. ``still_images`` (Qwen-VL): inside
+    ``get_image_features`` the patch embedding reads one of the frames the image processor repeated, against the
+    time-summed kernel (half the FLOPs; equal up to one rounding of the summed kernel). Only for image rows made by
+    the processor (which repeats every image's frame); videos go through ``get_video_features`` and keep the full
+    kernel. Returns a ``PatchReport``.
     """
     report = PatchReport(type(model).__name__)
     originals = model.__dict__.setdefault(_ORIGINALS, {})
@@ -210,6 +214,11 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False) -> PatchReport:
 
     for row in pair_embeddings(model, originals, verify=verify, selected=lambda fam: _selected(ops, name=fam)):
         report.entries.append(PatchEntry(*row))
+    if still_images:
+        from fastvlm.nn.embed_pairing import enable_still_images
+
+        for row in enable_still_images(model):
+            report.entries.append(PatchEntry(*row))
     # the image rows written straight into inputs_embeds (fastvlm/integrations/handoff.py), where that is exact
     for path, cls, status, detail in handoff.install(model, selected=lambda fam: _selected(ops, name=fam)):
         report.entries.append(PatchEntry(path, cls, "hand-off" if status != "not swapped" else "", status, detail))
@@ -232,15 +241,15 @@ def _swap(model, originals, name, original, fused, verify, probe):
 
 def unpatch(model: nn.Module) -> int:
     """Put back the original module objects that ``patch`` replaced and remove its hand-off forwards; returns how
-    many were restored (modules plus hand-offs)."""
+    many were restored (modules, hand-offs and still-image wrappers: one per "patched" report row)."""
     from fastvlm.nn.embed_pairing import unpair_embeddings
 
-    unpair_embeddings(model)
+    n_still = unpair_embeddings(model)
     n_handoff = handoff.remove(model)
     originals = model.__dict__.pop(_ORIGINALS, {})
     for name, original in originals.items():
         _set_submodule(model, name, original)
-    return len(originals) + n_handoff
+    return len(originals) + n_handoff + n_still
 
 
 # ------------------------------------------------------------------------------------------------ class level

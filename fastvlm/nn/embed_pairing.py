@@ -600,9 +600,65 @@ def _verify_qwen3(pair, parent, embed, original_pos):
 
 
 def unpair_embeddings(model):
-    """Undo ``pair_embeddings``'s instance attributes (the swapped pre-norms are restored from ``originals``)."""
+    """Undo ``pair_embeddings``'s (and ``enable_still_images``'s) instance attributes (the swapped pre-norms are
+    restored from ``originals``). Returns how many still-image wrappers were removed (report rows of their own)."""
+    n_still = 0
     for obj, name, had, prev in reversed(model.__dict__.pop(_UNDO, [])):
+        n_still += name == "get_image_features" and isinstance(obj.__dict__.get(name), _StillImageCall)
         if had:
             obj.__dict__[name] = prev
         else:
             obj.__dict__.pop(name, None)
+    return n_still
+
+
+# ------------------------------------------------------------------------------------------ still images (Qwen-VL)
+
+class _StillImageCall:
+    """A Qwen-VL model's ``get_image_features`` (flag ``_fastvlm_still_call``) or ``get_video_features`` (flag
+    ``_fastvlm_video_call``) wrapped on the instance. Inside an image call the fused patch embedding reads one of the
+    processor's repeated frames against the time-summed kernel; inside a video call never, even where the video
+    path goes through ``get_image_features`` (Qwen3-VL does)."""
+
+    def __init__(self, inner, embed, flag="_fastvlm_still_call"):
+        self.inner, self.embed, self.flag = inner, embed, flag
+        self.__wrapped__ = inner
+        self.__doc__ = getattr(inner, "__doc__", None)
+
+    def __call__(self, *args, **kwargs):
+        state = self.embed.__dict__
+        before = state.get(self.flag)
+        state[self.flag] = True
+        try:
+            return self.inner(*args, **kwargs)
+        finally:
+            if before is None:
+                state.pop(self.flag, None)
+            else:
+                state[self.flag] = before
+
+
+def enable_still_images(model):
+    """Install ``_StillImageCall`` on every module with ``get_image_features``, ``get_video_features`` and a
+    ``visual.patch_embed`` that is a fused pre-patchified-rows embedding. Returns report rows."""
+    rows = []
+    undo = model.__dict__.setdefault(_UNDO, [])
+    for path, mod in model.named_modules():
+        embed = getattr(getattr(mod, "visual", None), "patch_embed", None)
+        if not (hasattr(mod, "get_image_features") and hasattr(mod, "get_video_features")
+                and isinstance(embed, _FusedEmbedMixin) and embed._fastvlm_recipe.kind == "rows"):
+            continue
+        if isinstance(mod.__dict__.get("get_image_features"), _StillImageCall):
+            rows.append((path, type(mod).__name__, "still images", "already fused", ""))
+            continue
+        T = embed.get_submodule(embed._fastvlm_recipe.conv).kernel_size[0]
+        if T < 2:
+            continue
+        _set_instance_attr(mod, "get_image_features", _StillImageCall(getattr(mod, "get_image_features"), embed),
+                           undo)
+        _set_instance_attr(mod, "get_video_features",
+                           _StillImageCall(getattr(mod, "get_video_features"), embed, "_fastvlm_video_call"), undo)
+        rows.append((path, type(mod).__name__, "still images", "patched",
+                     f"get_image_features: the patch GEMM reads 1 of the {T} repeated frames against the "
+                     f"time-summed kernel ({T}x fewer FLOPs); videos keep the full kernel"))
+    return rows

@@ -353,17 +353,18 @@ class _FusedEmbedMixin(_FusedBase):
             return self._fastvlm_base.forward(self, pixel_values, interpolate_pos_encoding)
         return self._fastvlm_rows_forward(pixel_values)
 
-    # Qwen-VL "rows". Still-image mode (opt in per module with ``fastvlm_still_images = True``, or for every module
-    # with FASTVLM_STILL_IMAGES=1): the processor repeats each image temporal_patch_size times, so the GEMM may read
-    # one frame against the time-summed kernel (half the FLOPs at T = 2). Only the caller knows its inputs are still
-    # images (a video's frames differ), so it is never switched on by guessing.
+    # Qwen-VL "rows". Still-image mode: the processor repeats each image temporal_patch_size times, so the GEMM may
+    # read one frame against the time-summed kernel (half the FLOPs at T = 2). Only the caller knows its inputs are
+    # still images (a video's frames differ), so it is never switched on by guessing: ``fastvlm.patch(model,
+    # still_images=True)`` turns it on inside the model's ``get_image_features`` calls only (videos go through
+    # ``get_video_features``); ``fastvlm_still_images = True`` turns it on for every call of a standalone module.
     fastvlm_still_images = False
 
     def _fastvlm_still(self, x, conv):
-        import os
-
         T = conv.kernel_size[0]
-        if T < 2 or not (self.fastvlm_still_images or os.environ.get("FASTVLM_STILL_IMAGES") == "1"):
+        state = self.__dict__
+        if T < 2 or state.get("_fastvlm_video_call") or not (self.fastvlm_still_images
+                                                             or state.get("_fastvlm_still_call")):
             return None
         if x.requires_grad:  # the pixels' gradient of the halved GEMM is not the original's
             import warnings
