@@ -256,3 +256,16 @@ def test_patch_still_images(family, monkeypatch, quiet_fallbacks):
     assert [r.detail for r in t.records if r.op == "fastvlm::rows_embed" and "still" in r.detail] == [], str(t)
     assert fastvlm.unpatch(model) == len(report.patched)
     assert "get_image_features" not in model.model.__dict__ and "get_video_features" not in model.model.__dict__
+
+
+def test_qwen3_pairing_gradients(monkeypatch, quiet_fallbacks):
+    """Training through the paired path: the position table's and the patch kernel's gradients equal the
+    unpatched model's (the table's gradient comes from the op's backward, the zeros from pos_embed carry none)."""
+    model, inputs = _qwen3("torch", monkeypatch)
+    visual = model.model.visual
+    params = [visual.pos_embed.weight, visual.patch_embed.proj.weight, visual.patch_embed.proj.bias]
+    ref = torch.autograd.grad(model(**inputs).logits.square().sum(), params)
+    fastvlm.patch(model)
+    got = torch.autograd.grad(model(**inputs).logits.square().sum(), params)
+    for a, b in zip(got, ref):
+        assert_close(a, b, torch.float32, 1536, roundings=4, what="gradient")
