@@ -20,12 +20,14 @@ timeout 120 python -m fastvlm.bench.patch_embed --shapes siglip-so400m-384@8 ide
     qwen3-vl-rows@8 --providers eager gemm fastvlm fastvlm_still --out "$OUT/patch-embed-$name.jsonl" 2>&1 \
     | tee -a "$OUT/patch-embed.txt"
 # issue 4: whole Q-Former at batch 8 (fp32 and bf16) and the attention core at 32 x 257
-timeout 120 python -m fastvlm.bench.qformer --batches 1 8 --providers hf_sdpa fastvlm fastvlm_bf16 sdpa flash_attn \
+timeout 100 python -m fastvlm.bench.qformer --batches 1 8 --providers hf_sdpa fastvlm fastvlm_bf16 sdpa flash_attn \
     xformers --out "$OUT/qformer-$name.jsonl" 2>&1 | tee "$OUT/qformer.txt"
 # issue 5: the Idefics2 connector at batch 8 against transformers' sdpa module
 timeout 90 python -m fastvlm.bench.perceiver --shapes idefics2-8b@729x1 idefics2-8b@729x8 \
     --providers hf_sdpa fastvlm --out "$OUT/perceiver-$name.jsonl" 2>&1 | tee "$OUT/perceiver.txt"
 # issue 6: the connector path into inputs_embeds
 timeout 60 python -m fastvlm.bench.e2e --paths connector --out "$OUT/e2e-$name.jsonl" 2>&1 | tee "$OUT/e2e.txt"
+timeout 60 python -m fastvlm.bench.e2e --models qwen2-vl-7b --paths full --providers hf_eager fastvlm fastvlm_still \
+    --out "$OUT/e2e-$name.jsonl" 2>&1 | tee -a "$OUT/e2e.txt"
 timeout 120 python -m pytest -q -x -m gpu tests 2>&1 | tee "$OUT/tests-gpu.log" | tail -5
 timeout 60 fastvlm check 2>&1 | tee "$OUT/check.txt" | tail -3

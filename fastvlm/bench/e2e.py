@@ -5,7 +5,9 @@ but only one decoder layer (it never runs here). Paths:
     "connector"  precomputed vision features -> connector -> image-token scatter into inputs_embeds
     "full"       pixel_values -> vision encoder -> connector -> scatter (``model.model.get_image_features`` + scatter)
 Providers: transformers eager, ``fastvlm.patch``, ``torch.compile`` of the same, and on a GPU the patched path under
-CUDA graphs (``torch.compile(mode="reduce-overhead")``).
+CUDA graphs (``torch.compile(mode="reduce-overhead")``); for Qwen2-VL also ``fastvlm_still``
+(``fastvlm.patch(model, still_images=True)``: the patch GEMM reads one of the two frames the processor repeats).
+Qwen2-VL's pixel rows are built as the processor builds an image's: each frame twice.
     python -m fastvlm.bench.e2e --models llava-1.5-7b qwen2-vl-7b --out benchmarks/results/e2e.jsonl
 """
 from __future__ import annotations
@@ -20,7 +22,7 @@ from fastvlm.bench import harness
 
 MODELS = ["llava-1.5-7b", "qwen2-vl-7b"]
 PATHS = ["connector", "full"]
-PROVIDERS = ["hf_eager", "fastvlm", "hf_compile", "fastvlm_compile", "fastvlm_cudagraph"]
+PROVIDERS = ["hf_eager", "fastvlm", "fastvlm_still", "hf_compile", "fastvlm_compile", "fastvlm_cudagraph"]
 
 
 def build(name, device, dtype, tiny=False):
@@ -57,7 +59,9 @@ def build(name, device, dtype, tiny=False):
         model = transformers.Qwen2VLForConditionalGeneration(cfg)
         patches = grid[0] * grid[1] * grid[2]
         n_img = patches // 4
-        inputs = dict(pixel_values=torch.randn(patches, 3 * 2 * 14 * 14), image_grid_thw=torch.tensor([grid]))
+        frame = torch.randn(patches, 3, 1, 14 * 14)  # an image: the processor repeats its frame (temporal patch 2)
+        inputs = dict(pixel_values=frame.expand(patches, 3, 2, 14 * 14).reshape(patches, -1),
+                      image_grid_thw=torch.tensor([grid]))
     else:
         raise KeyError(f"unknown model {name!r}; choose from {MODELS}")
     with torch.no_grad():
@@ -128,9 +132,11 @@ def run(models=None, paths=None, providers=None, dtype=torch.bfloat16, reps=None
         for path in paths:
             base = None
             for prov in providers:
+                if prov == "fastvlm_still" and (name != "qwen2-vl-7b" or path != "full"):
+                    continue  # the halved patch GEMM exists for Qwen-VL's pixel rows only
                 m = copy.deepcopy(model) if prov.startswith("fastvlm") else model
                 if prov.startswith("fastvlm"):
-                    fastvlm.patch(m)
+                    fastvlm.patch(m, still_images=prov == "fastvlm_still")
                 fn = _path_fn(m, inputs, n_img, path, features)
                 if prov.endswith("compile"):
                     fn = torch.compile(fn)
