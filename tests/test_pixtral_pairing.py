@@ -48,6 +48,39 @@ def test_patch_embed_rmsnorm(dtype, triton_backend):
         patch_embed(x, w, None, norm_weight=nw, norm_bias=nw, norm_rms=True)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_patch_embed_keep_rows(backend, monkeypatch):
+    """``keep_rows``: only the listed patches are computed (the rest are zero before the norm, with no gradient)."""
+    if backend == "triton":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("FASTVLM_BACKEND", backend)
+    x = torch.randn(2, 3, 18, 30)
+    w = torch.randn(40, 3, 6, 6) / 108 ** 0.5
+    nw = 1 + 0.1 * torch.randn(40)
+    keep = torch.tensor([0, 1, 2, 5, 6, 7, 15, 16, 20])  # image 0: a 2 x 3 crop; image 1: a 2 x 2 crop
+    out = patch_embed(x, w, None, norm_weight=nw, eps=1e-5, norm_rms=True, keep_rows=keep)
+    y = (im2col_ref(x.double(), 6) @ w.double().reshape(40, -1).T)
+    ref = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    flat = out.reshape(30, 40)
+    assert_close(flat[keep], ref[keep], torch.float32, 108, roundings=2)
+    dropped = torch.ones(30, dtype=torch.bool)
+    dropped[keep] = False
+    assert torch.equal(flat[dropped], torch.zeros(int(dropped.sum()), 40))
+    with pytest.raises(IndexError, match="keep_rows must index the 30 patches"):
+        patch_embed(x, w, keep_rows=torch.tensor([0, 30]))
+
+
+def test_keep_rows_gradients(torch_backend):
+    x = torch.randn(1, 3, 12, 18, dtype=torch.float64)
+    w = torch.randn(8, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    keep = torch.tensor([0, 1, 3])
+    g = torch.randn(1, 6, 8, dtype=torch.float64)
+    got, = torch.autograd.grad(patch_embed(x, w, keep_rows=keep), w, g)
+    a = im2col_ref(x, 6)[keep]
+    ref, = torch.autograd.grad(a @ w.reshape(8, -1).T, w, g[0, keep])
+    assert rel_err(got, ref) < 1e-12
+
+
 def _pixtral(dtype=torch.float32):
     from transformers import PixtralVisionConfig
     from transformers.models.pixtral.modeling_pixtral import PixtralVisionModel
@@ -87,7 +120,8 @@ def test_patched_pixtral_matches_original(backend, monkeypatch, quiet_fallbacks)
     with torch.no_grad(), fastvlm.trace() as t:
         out = m(x, image_sizes=sizes).last_hidden_state
     rec = [r for r in t.records if r.op == "fastvlm::patch_embed"]
-    assert len(rec) == 1 and "+rmsnorm" in rec[0].detail and rec[0].backend == backend, str(t)
+    # the padded second image's patches outside its 4 x 5 crop are skipped: 48 + 20 of the 2 x 6 x 8 patches
+    assert len(rec) == 1 and "+rmsnorm keep 68/96" in rec[0].detail and rec[0].backend == backend, str(t)
     assert out.shape == ref.shape == (1, 48 + 20, 48)
     assert_close(out, ref, torch.float32, 588, roundings=4)
     # the conv called on its own is the original convolution; hidden states are still captured
@@ -163,3 +197,10 @@ def test_unexpected_ln_pre_call_raises(torch_backend):
             pair.armed, pair.out = False, None
         ref = m.ln_pre(torch.ones(1, 4, 48))  # unarmed: the original RMSNorm
     assert torch.allclose(ref, m.ln_pre.weight.expand(1, 4, 48))
+
+
+def test_opcheck_rms_and_keep_rows(torch_backend):
+    x = torch.randn(2, 3, 12, 18)
+    w, nw = torch.randn(8, 3, 6, 6), 1 + 0.1 * torch.randn(8)
+    args = (x, w, None, None, None, None, 0, None, None, 6, True, nw, None, 1e-5, True, None, torch.tensor([0, 1, 4]))
+    torch.library.opcheck(torch.ops.fastvlm.patch_embed.default, args)

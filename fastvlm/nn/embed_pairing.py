@@ -39,7 +39,7 @@ class _Pair:
         self.armed = False
         self.out = None  # the handed-over tensor, until its last consumer took it
         self.norm_fused = False
-        self.taps = None  # Qwen3-VL: (interp_indices, interp_weights) of the armed call
+        self.taps = None  # per-call data: Qwen3-VL's (interp_indices, interp_weights), Pixtral's image_sizes
 
 
 def _unexpected(what):
@@ -215,7 +215,8 @@ class FusedPixtralPatchConv(nn.Conv2d):
     after it (a per-row op, so normalising before the parent's per-image crop and concatenation gives the same rows)
     and returns the [B, D, H', W'] result as a view of channels-last rows, so the parent's ``flatten(1).T`` and
     ``torch.cat`` copy rows instead of transposing; the paired ``ln_pre`` then passes that concatenation through.
-    Called any other way it is the original convolution."""
+    In a padded batch only the patches inside each image's ``image_sizes`` are computed (the parent crops the
+    rest away). Called any other way it is the original convolution."""
 
     __module__ = "fastvlm.nn"
 
@@ -237,9 +238,36 @@ class FusedPixtralPatchConv(nn.Conv2d):
         B, C, H, W = input.shape
         gh, gw = H // p, W // p
         x = input if (H % p == 0 and W % p == 0) else input[:, :, :gh * p, :gw * p]
-        out = patch_embed(x, self.weight, self.bias, norm_weight=norm["norm_weight"], eps=norm["eps"], norm_rms=True)
+        keep = _pixtral_keep(pair.taps, B, gh, gw, p, input.device)  # the patches the parent's crop keeps
+        out = patch_embed(x, self.weight, self.bias, norm_weight=norm["norm_weight"], eps=norm["eps"], norm_rms=True,
+                          keep_rows=keep)
         _hand_off(self, out)
         return out.view(B, gh, gw, -1).permute(0, 3, 1, 2)
+
+
+def _pixtral_keep(sizes, B, gh, gw, p, device):
+    """Indices of the patches PixtralVisionModel.forward keeps (``[:h // p, :w // p]`` of each image), or None when
+    it keeps them all, the sizes are unknown, or the call is being traced (data-dependent sizes)."""
+    if sizes is None or torch.compiler.is_compiling():
+        return None
+    try:
+        hw = [(int(h), int(w)) for h, w in (sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes)]
+    except (TypeError, ValueError):
+        return None
+    if len(hw) != B:
+        return None
+    grid = tuple((min(h // p, gh), min(w // p, gw)) for h, w in hw)
+    if all(g == (gh, gw) for g in grid):
+        return None
+    return _keep_table(grid, gh, gw, str(device))
+
+
+@functools.lru_cache(maxsize=32)
+def _keep_table(grid, gh, gw, device):
+    dev = torch.device(device)
+    parts = [b * gh * gw + (torch.arange(h, device=dev)[:, None] * gw + torch.arange(w, device=dev)).reshape(-1)
+             for b, (h, w) in enumerate(grid)]
+    return torch.cat(parts)
 
 
 def _paired_rms_class(base):
@@ -387,6 +415,8 @@ class _ArmedEntry:
 
     def __call__(self, *args, **kwargs):
         pair = self.pair
+        if pair.kind == "pixtral":  # forward(pixel_values, image_sizes=None, **kwargs): the crop of each image
+            pair.taps = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
         if pair.kind == "qwen3":  # forward(hidden_states, grid_thw, **kwargs): the taps go in as precomputed kwargs
             grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
             if not isinstance(grid_thw, torch.Tensor):

@@ -116,7 +116,7 @@ def _norm_ref(y, weight, bias, eps, rms):
 
 
 def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight=None,
-             norm_bias=None, eps=0.0, norm_rms=False, image_hw=None, backend=None):
+             norm_bias=None, eps=0.0, norm_rms=False, image_hw=None, keep_rows=None, backend=None):
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
     D = weight.shape[0]
@@ -136,6 +136,8 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
         detail += " +rmsnorm" if norm_rms else " +layernorm"
     if image_hw is not None:
         detail += " padded"
+    if keep_rows is not None:
+        detail += f" keep {keep_rows.shape[0]}/{B * T}"
     if backend is None:
         backend = _dispatch.choose_backend(OP_NAME, pixels.device, reasons, detail)
     out = torch.empty(B, T + prefix, D, device=pixels.device, dtype=w2.dtype)
@@ -147,15 +149,24 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
         sc, sh = _affine_cols(scale, shift, patch)
         lim, pk = _pix_tables(image_hw, B, gh, gw, patch, C) if image_hw is not None else (None, None)
         out_rows = _out_rows(B, T, prefix, first, pixels.device)
+        prows = None if pos is None else pos_rows.repeat(B) if pos_rows.shape[0] == T else pos_rows
+        if keep_rows is not None:  # only these patches: the A rows, positions and destinations of the kept ones
+            out.zero_()
+            rows = rows[keep_rows]
+            prows = None if prows is None else prows[keep_rows]
+            lim = None if lim is None else lim[keep_rows]
+            out_rows = (out_rows[keep_rows] if out_rows is not None
+                        else keep_rows if keep_rows.is_contiguous() else keep_rows.contiguous())
         fused_linear(pixels, w2, bias, a_mode="separable", a_rows=rows, a_cols=cols, col_scale=sc, col_shift=sh,
-                     pix_limits=lim, pix_cols=pk,
-                     pos=pos, pos_rows=None if pos is None else pos_rows.repeat(B) if pos_rows.shape[0] == T else pos_rows,
+                     pix_limits=lim, pix_cols=pk, pos=pos, pos_rows=prows,
                      out_rows=out_rows, out=out.view(B * (T + prefix), D))
     else:
         a = im2col_ref(pixels, patch) if scale is None else _affine_patches(pixels, patch, scale, shift, image_hw)
         y = F.linear(a.to(w2.dtype), w2, bias).view(B, T, D)
         if pos is not None:
             y = y + pos[pos_rows].view(-1, T, D)
+        if keep_rows is not None:
+            y = y * _kept(keep_rows, B * T).view(B, T, 1)
         out[:, first:first + T] = y
     if cls is not None:
         row = 0 if cls_first else T
@@ -170,6 +181,13 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
     return out
 
 
+def _kept(keep_rows, n):
+    """[n] 0/1 mask of the kept patch rows."""
+    mask = torch.zeros(n, device=keep_rows.device)
+    mask[keep_rows] = 1.0
+    return mask
+
+
 @functools.lru_cache(maxsize=64)
 def _out_rows_cached(B, T, prefix, first, device):
     b = torch.arange(B, device=torch.device(device)).view(B, 1) * (T + prefix)
@@ -181,7 +199,7 @@ def _out_rows(B, T, prefix, first, device):
 
 
 def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, norm_rms=False):
-    pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias, image_hw = saved
+    pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias, image_hw, keep_rows = saved
     need_px, need_w, need_b, need_pos, need_cls, need_nw, need_nb = needs
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
@@ -193,7 +211,7 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
     if norm_weight is not None:  # recompute the pre-norm output (PyTorch path) and back-propagate the LayerNorm
         with torch.no_grad():
             y = _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first,
-                         image_hw=image_hw, backend="torch")
+                         image_hw=image_hw, keep_rows=keep_rows, backend="torch")
         with torch.enable_grad():
             y = y.detach().requires_grad_()
             nw = norm_weight.detach().requires_grad_()
@@ -205,6 +223,8 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
         gnw = gnw if need_nw else None
         gnb = gnb if need_nb else None
     gp = g[:, first:first + T].reshape(B * T, D)
+    if keep_rows is not None:  # the other patch rows are constants (zero)
+        gp = gp * _kept(keep_rows, B * T).to(gp.dtype)[:, None]
     gx = gw_ = gb = gpos = gcls = None
     if need_w:
         a = im2col_ref(pixels, patch) if scale is None else _affine_patches(pixels, patch, scale, shift, image_hw)
@@ -227,16 +247,17 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
 
 
 def _save(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-          norm_bias, eps, norm_rms=False, image_hw=None):
+          norm_bias, eps, norm_rms=False, image_hw=None, keep_rows=None):
     ctx.cfg = (patch, cls_pos, cls_first, None if pos is None else pos.shape, float(eps), bool(norm_rms))
-    ctx.save_for_backward(pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias, image_hw)
+    ctx.save_for_backward(pixels, weight, pos_rows, scale, shift, bias, pos, cls, norm_weight, norm_bias, image_hw,
+                          keep_rows)
 
 
 def _grads(ctx, g):
     saved = ctx.saved_tensors
     patch, cls_pos, cls_first, pos_shape, eps, norm_rms = ctx.cfg
     n_in = len(ctx.needs_input_grad)  # the op may be called without its defaulted trailing arguments
-    n = tuple(ctx.needs_input_grad) + (False,) * (16 - n_in)
+    n = tuple(ctx.needs_input_grad) + (False,) * (17 - n_in)
     weight = saved[1]
     gx, gw, gb, gpos, gcls, gnw, gnb = _backward(saved, g, patch, cls_pos, cls_first,
                                                  (n[0], n[1], n[2], n[3], n[4], n[11], n[12]),
@@ -245,17 +266,17 @@ def _grads(ctx, g):
     gcls = gcls.to(weight.dtype) if gcls is not None else None
     gnw = gnw.to(saved[8].dtype) if gnw is not None else None
     gnb = gnb.to(saved[9].dtype) if gnb is not None else None
-    return (gx, gw, gb, gpos, gcls, None, None, None, None, None, None, gnw, gnb, None, None, None)[:n_in]
+    return (gx, gw, gb, gpos, gcls, None, None, None, None, None, None, gnw, gnb, None, None, None, None)[:n_in]
 
 
 class _PatchEmbedFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                norm_bias, eps, norm_rms, image_hw):
+                norm_bias, eps, norm_rms, image_hw, keep_rows):
         _save(ctx, pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight,
-              norm_bias, eps, norm_rms, image_hw)
+              norm_bias, eps, norm_rms, image_hw, keep_rows)
         return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                        norm_bias, eps, norm_rms, image_hw)
+                        norm_bias, eps, norm_rms, image_hw, keep_rows)
 
     @staticmethod
     def backward(ctx, g):
@@ -268,21 +289,21 @@ def patch_embed_op(pixels: torch.Tensor, weight: torch.Tensor, bias: Optional[to
                    cls_pos: int, scale: Optional[torch.Tensor], shift: Optional[torch.Tensor], patch: int,
                    cls_first: bool, norm_weight: Optional[torch.Tensor] = None,
                    norm_bias: Optional[torch.Tensor] = None, eps: float = 0.0, norm_rms: bool = False,
-                   image_hw: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   image_hw: Optional[torch.Tensor] = None, keep_rows: Optional[torch.Tensor] = None) -> torch.Tensor:
     return _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, patch, cls_first, norm_weight,
-                    norm_bias, eps, norm_rms, image_hw)
+                    norm_bias, eps, norm_rms, image_hw, keep_rows)
 
 
 @patch_embed_op.register_fake
 def _(pixels, weight, bias, pos, cls, pos_rows, cls_pos, scale, shift, patch, cls_first, norm_weight=None,
-      norm_bias=None, eps=0.0, norm_rms=False, image_hw=None):
+      norm_bias=None, eps=0.0, norm_rms=False, image_hw=None, keep_rows=None):
     B, C, H, W = pixels.shape
     T = (H // patch) * (W // patch)
     return weight.new_empty((B, T + _n_prefix(cls), weight.shape[0]))
 
 
 def _setup(ctx, inputs, output):
-    _save(ctx, *inputs, *(None, None, 0.0, False, None)[len(inputs) - 11:])
+    _save(ctx, *inputs, *(None, None, 0.0, False, None, None)[len(inputs) - 11:])
 
 
 patch_embed_op.register_autograd(_grads, setup_context=_setup)
@@ -290,7 +311,7 @@ patch_embed_op.register_autograd(_grads, setup_context=_setup)
 
 def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None, cls_pos=0, cls_first=True,
                 pixel_scale=None, pixel_shift=None, norm_weight=None, norm_bias=None, eps=1e-5, norm_rms=False,
-                image_hw=None):
+                image_hw=None, keep_rows=None):
     """Patch embedding of ``pixels`` [B, C, H, W] (any strides; float, or uint8 with ``pixel_scale``/``pixel_shift``
     per channel: value * scale + shift, e.g. scale = 1 / (255 std), shift = -mean / std) by the conv ``weight``
     [D, C, p, p]. Returns [B, P + T, D] in the weight's dtype: the P prefix rows first (or last) when ``cls`` is
@@ -300,6 +321,8 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
     with ``norm_rms`` an RMSNorm (``norm_weight`` only), as Pixtral's ``ln_pre``.
     ``image_hw`` [B, 2] (uint8 pixels only): each image's height and width in pixels inside a batch padded at the
     bottom and right; pixels outside are taken as 0 *after* normalising, as Idefics2/3's and SmolVLM's processors pad.
+    ``keep_rows`` [R] int64 (indices into the B * T patches, image-major): only these patches are computed; the
+    others are zero before the norm and carry no gradient (for callers that crop padded images, as Pixtral does).
     """
     if pixels.dim() != 4:
         raise ValueError(f"patch_embed: pixels must be [batch, channels, height, width], got {tuple(pixels.shape)}")
@@ -329,14 +352,24 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
                 or image_hw.device != pixels.device):
             raise ValueError(f"patch_embed: image_hw must be an integer [{pixels.shape[0]}, 2] tensor of (height, "
                              f"width) on {pixels.device}, got {tuple(image_hw.shape)} {image_hw.dtype}")
+    if keep_rows is not None and (keep_rows.dim() != 1 or keep_rows.dtype != torch.int64
+                                  or keep_rows.device != pixels.device):
+        raise ValueError(f"patch_embed: keep_rows must be a 1-D int64 tensor of patch indices on {pixels.device}")
+    if keep_rows is not None and keep_rows.numel() and not torch.compiler.is_compiling():
+        n = pixels.shape[0] * gh * gw
+        if keep_rows.device.type == "cpu":
+            if int(keep_rows.min()) < 0 or int(keep_rows.max()) >= n:
+                raise IndexError(f"patch_embed: keep_rows must index the {n} patches")
+        else:
+            torch._assert_async(((keep_rows >= 0) & (keep_rows < n)).all(), "keep_rows out of range")
     args = (pixels, weight, bias, pos, cls, pos_rows, int(cls_pos), pixel_scale, pixel_shift, patch, bool(cls_first),
-            norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw)
+            norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw, keep_rows)
     if torch.compiler.is_compiling():
         return torch.ops.fastvlm.patch_embed(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5] + args[11:13]):
         return _PatchEmbedFunction.apply(*args)
     return _forward(pixels, weight, bias, pos, pos_rows, cls, int(cls_pos), pixel_scale, pixel_shift, patch,
-                    bool(cls_first), norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw)
+                    bool(cls_first), norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw, keep_rows)
 
 
 # ------------------------------------------------------------------------------------- NaViT bucketed positions
