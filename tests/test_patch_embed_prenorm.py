@@ -405,11 +405,8 @@ def test_clip_unexpected_consumer_input_raises(torch_backend):
     pair = m.pre_layrnorm.__dict__["_fastvlm_pair"]
     x = torch.randn(1, 3, 42, 42)
     with torch.no_grad():
-        pair.armed, pair.out = True, None
-        try:
+        with pair.arm():
             out = m.embeddings(x)
             assert pair.out is out
             with pytest.raises(RuntimeError, match="expected the pre-norm to receive"):
                 m.pre_layrnorm(out.clone())
-        finally:
-            pair.armed, pair.out = False, None

@@ -187,14 +187,11 @@ def test_unexpected_ln_pre_call_raises(torch_backend):
     pair = m.ln_pre.__dict__["_fastvlm_pair"]
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
-        pair.armed, pair.out = True, None
-        try:
+        with pair.arm():
             m.patch_conv(x)  # armed: normalised rows handed over
             assert pair.out is not None
             with pytest.raises(RuntimeError, match="PixtralVisionModel.forward differs"):
                 m.ln_pre(torch.randn(2, 4, 48))
-        finally:
-            pair.armed, pair.out = False, None
         ref = m.ln_pre(torch.ones(1, 4, 48))  # unarmed: the original RMSNorm
     assert torch.allclose(ref, m.ln_pre.weight.expand(1, 4, 48))
 

@@ -216,14 +216,11 @@ def test_qwen3_unexpected_lookup_raises(monkeypatch, quiet_fallbacks):
     idx, w = torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 0.25)
     x = torch.randn(4, visual.patch_embed.proj.weight[0].numel())
     with torch.no_grad():
-        pair.armed, pair.out, pair.taps = True, None, (idx, w)
-        try:
+        with pair.arm((idx, w)):
             visual.patch_embed(x)
             assert pair.out is not None
             with pytest.raises(RuntimeError, match="computes them differently"):
                 visual.pos_embed(idx.clone())
-        finally:
-            pair.armed, pair.out, pair.taps = False, None, None
         assert torch.equal(visual.pos_embed(idx), visual.pos_embed.weight[idx])
 
 

@@ -6,6 +6,7 @@ CLIP's ``pre_layrnorm`` and timm's ``_pos_embed`` / ``norm_pre`` (fused into ``f
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 
@@ -40,6 +41,15 @@ class _Pair:
         self.out = None  # the handed-over tensor, until its last consumer took it
         self.norm_fused = False
         self.taps = None  # per-call data: Qwen3-VL's (interp_indices, interp_weights), Pixtral's image_sizes
+
+    @contextlib.contextmanager
+    def arm(self, taps=None):
+        """Arm the pair for one call of the parent (or one verification probe)."""
+        self.armed, self.out, self.taps = True, None, taps
+        try:
+            yield self
+        finally:
+            self.armed, self.out, self.taps = False, None, None
 
 
 def _unexpected(what):
@@ -415,20 +425,18 @@ class _ArmedEntry:
 
     def __call__(self, *args, **kwargs):
         pair = self.pair
+        taps = None
         if pair.kind == "pixtral":  # forward(pixel_values, image_sizes=None, **kwargs): the crop of each image
-            pair.taps = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
+            taps = kwargs.get("image_sizes", args[1] if len(args) > 1 else None)
         if pair.kind == "qwen3":  # forward(hidden_states, grid_thw, **kwargs): the taps go in as precomputed kwargs
             grid_thw = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
             if not isinstance(grid_thw, torch.Tensor):
                 return self.inner(*args, **kwargs)
             idx, w = _qwen3_taps(pair.parent, grid_thw, kwargs)
             kwargs = dict(kwargs, interp_indices=idx, interp_weights=w)
-            pair.taps = (idx, w)
-        pair.armed, pair.out = True, None
-        try:
+            taps = (idx, w)
+        with pair.arm(taps):
             return self.inner(*args, **kwargs)
-        finally:
-            pair.armed, pair.out, pair.taps = False, None, None
 
 
 _UNDO = "_fastvlm_pair_undo"
@@ -554,36 +562,35 @@ def pair_embeddings(model, originals, *, verify=False, selected=lambda family: T
     return rows
 
 
+def _verdict(got, ref, dtype, k):
+    """The report's verify text: relative error against fastvlm's bound for ``dtype`` and reduction length ``k``."""
+    from fastvlm.testing import rel_err, tolerance
+
+    err = rel_err(got, ref)
+    bound = tolerance(dtype, k, roundings=3)
+    ok = got.shape == ref.shape and err <= bound
+    return f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+
+
 def _verify_pair(pair, parent, embed, original_norm, kind):
     """Armed fused tokens vs the unfused chain (the plain embedding, the original position code and pre-norm)."""
     from fastvlm.integrations.transformers import probe_args
-    from fastvlm.testing import rel_err, tolerance
 
     x = probe_args(embed._fastvlm_recipe, embed)[0]
     if x.device.type == "meta":
         return "verify skipped: parameters are on the meta device"
     with torch.no_grad():
-        pair.armed, pair.out = True, None
-        try:
-            if kind == "clip":
-                got = embed(x)
-            else:
-                got = _PosEmbedConsumer(parent, pair)(embed(x))
-        finally:
-            pair.armed, pair.out = False, None
+        with pair.arm():
+            got = embed(x) if kind == "clip" else _PosEmbedConsumer(parent, pair)(embed(x))
         if kind == "clip":
             ref = original_norm(embed(x))
         else:
             ref = original_norm(parent.patch_drop(type(parent)._pos_embed(parent, embed(x))))
-    err = rel_err(got, ref)
-    bound = tolerance(x.dtype, embed.get_submodule(embed._fastvlm_recipe.conv).weight[0].numel(), roundings=3)
-    ok = got.shape == ref.shape and err <= bound
-    return f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+    return _verdict(got, ref, x.dtype, embed.get_submodule(embed._fastvlm_recipe.conv).weight[0].numel())
 
 
 def _verify_pixtral(pair, conv, original_norm):
     """Armed fused conv + pass-through ln_pre vs the original conv and RMSNorm, on a probe of 2 x 3 patches."""
-    from fastvlm.testing import rel_err, tolerance
 
     w = conv.weight
     if w.device.type == "meta":
@@ -591,21 +598,14 @@ def _verify_pixtral(pair, conv, original_norm):
     p = conv.kernel_size[0]
     x = torch.randn(1, conv.in_channels, 2 * p, 3 * p, device=w.device, dtype=w.dtype)
     with torch.no_grad():
-        pair.armed, pair.out = True, None
-        try:
+        with pair.arm():
             got = pair.norm(conv(x).flatten(2).transpose(1, 2))
-        finally:
-            pair.armed, pair.out = False, None
         ref = original_norm(nn.Conv2d.forward(conv, x).flatten(2).transpose(1, 2))
-    err = rel_err(got, ref)
-    bound = tolerance(x.dtype, w[0].numel(), roundings=3)
-    ok = got.shape == ref.shape and err <= bound
-    return f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+    return _verdict(got, ref, x.dtype, w[0].numel())
 
 
 def _verify_qwen3(pair, parent, embed, original_pos):
     """Armed fused rows (positions added in the GEMM) vs the plain embedding plus the original position code."""
-    from fastvlm.testing import rel_err, tolerance
 
     conv = embed.proj
     if conv.weight.device.type == "meta":
@@ -615,18 +615,12 @@ def _verify_qwen3(pair, parent, embed, original_pos):
     x = torch.randn(6 * m * m, conv.weight[0].numel(), device=conv.weight.device, dtype=conv.weight.dtype)
     with torch.no_grad():
         idx, w = _qwen3_taps(parent, grid, {})
-        pair.armed, pair.out, pair.taps = True, None, (idx, w)
-        try:
+        with pair.arm((idx, w)):
             got = embed(x)
             got = got + (pair.norm(idx) * w[:, :, None]).sum(1).to(got.dtype)
-        finally:
-            pair.armed, pair.out, pair.taps = False, None, None
         plain = embed(x)
         ref = plain + (original_pos(idx) * w[:, :, None]).sum(1).to(plain.dtype)
-    err = rel_err(got, ref)
-    bound = tolerance(x.dtype, x.shape[1], roundings=3)
-    ok = got.shape == ref.shape and err <= bound
-    return f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+    return _verdict(got, ref, x.dtype, x.shape[1])
 
 
 def unpair_embeddings(model):
