@@ -410,3 +410,37 @@ def test_clip_unexpected_consumer_input_raises(torch_backend):
             assert pair.out is out
             with pytest.raises(RuntimeError, match="expected the pre-norm to receive"):
                 m.pre_layrnorm(out.clone())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_llama4_class_token_last_positions_and_layernorm_pre(backend, monkeypatch):
+    """Llama 4's embedding stage (Unfold + Linear, the class token appended *last*, the position table, then
+    ``layernorm_pre``) is one ``patch_embed`` call: ``cls_first=False`` with ``cls_pos = T`` and the fused LayerNorm.
+    Compared with what ``Llama4VisionModel.forward`` hands its ``layernorm_pre`` output to the encoder (a hook)."""
+    monkeypatch.setenv("FASTVLM_BACKEND", backend)
+    from transformers.models.llama4.configuration_llama4 import Llama4VisionConfig
+    from transformers.models.llama4.modeling_llama4 import Llama4VisionModel
+
+    from fastvlm.testing import randomize_
+
+    cfg = Llama4VisionConfig(hidden_size=32, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                             image_size=56, patch_size=14, vision_output_dim=64, projector_input_dim=64,
+                             projector_output_dim=64, pixel_shuffle_ratio=0.5)
+    m = randomize_(Llama4VisionModel(cfg).float().eval())
+    with torch.no_grad():
+        m.layernorm_pre.weight.copy_(1 + 0.1 * torch.randn(32))
+        m.layernorm_pre.bias.normal_(0, 0.1)
+    seen = []
+    m.layernorm_pre.register_forward_hook(lambda mod, i, o: seen.append(o.double()))
+    x = torch.randn(2, 3, 56, 56)
+    with torch.no_grad():
+        m.double()(x.double())
+        m.float()
+        ref = seen[0].reshape(2, 17, 32)
+        lin, ln = m.patch_embedding.linear, m.layernorm_pre
+        T = 16
+        out = patch_embed(x, lin.weight.view(32, 3, 14, 14), None, pos=m.positional_embedding_vlm,
+                          pos_rows=torch.arange(T), cls=m.class_embedding, cls_pos=T, cls_first=False,
+                          norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps)
+    assert out.shape == ref.shape
+    assert_close(out, ref, torch.float32, 588, roundings=3)
