@@ -78,6 +78,39 @@ def test_idefics2_980_navit(dtype):
     assert_close(out, ref, dtype, 588, roundings=2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_idefics2_980_uint8_padded(dtype):
+    """Raw uint8 images of three sizes padded to 980 px: the normalisation and the zero padding after it happen in
+    the GEMM's loads (``image_hw``, the masked A-load with 64-wide N tiles); sizes cut patches in half."""
+    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionConfig, Idefics2VisionEmbeddings
+
+    from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
+
+    m = Idefics2VisionEmbeddings(Idefics2VisionConfig(hidden_size=1152, image_size=980, patch_size=14))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    ref_model = copy.deepcopy(m).double().cuda()
+    m = m.to("cuda", dtype)
+    hw = torch.tensor([[980, 980], [497, 705], [300, 980]], device="cuda")
+    img = torch.randint(0, 256, (3, 3, 980, 980), dtype=torch.uint8, device="cuda")
+    keep = torch.zeros(3, 980, 980, dtype=torch.bool, device="cuda")
+    for b, (h, w) in enumerate(hw.tolist()):
+        keep[b, :h, :w] = True
+    mean = torch.tensor([0.5, 0.5, 0.5], device="cuda")
+    std = torch.tensor([0.5, 0.5, 0.5], device="cuda")
+    norm = ((img.double() / 255 - mean.view(1, 3, 1, 1).double()) / std.view(1, 3, 1, 1).double()) * keep[:, None]
+    pmask = keep.unfold(1, 14, 14).unfold(2, 14, 14).sum((-1, -2)) > 0
+    ids = navit_position_ids(pmask, 70).reshape(-1)
+    conv = m.patch_embedding
+    with torch.no_grad(), fastvlm.trace() as t:
+        out = patch_embed(img, conv.weight, conv.bias, pos=m.position_embedding.weight, pos_rows=ids,
+                          pixel_scale=1 / (255 * std), pixel_shift=-mean / std, image_hw=hw)
+        ref = ref_model(norm, pmask)
+    assert [r.backend for r in t.records] == ["triton"]
+    assert_close(out, ref, dtype, 588, roundings=2)
+
+
 def test_timm_vit_b16_registers_pre_norm():
     timm = pytest.importorskip("timm")
     m = timm.create_model("vit_base_patch16_reg4_gap_256", pretrained=False, pre_norm=True, dynamic_img_size=True,
