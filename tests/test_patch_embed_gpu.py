@@ -57,16 +57,22 @@ def test_clip_l_336_pre_norm(dtype):
     assert_close(out, ref, dtype, 588, roundings=4)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_idefics2_980_navit(dtype):
+def _idefics2_980(dtype):
+    """Idefics2's vision embeddings at 980 px (random N(0, 0.02) weights) on the GPU in ``dtype``, and a float64
+    copy as the reference."""
     from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionConfig, Idefics2VisionEmbeddings
 
     m = Idefics2VisionEmbeddings(Idefics2VisionConfig(hidden_size=1152, image_size=980, patch_size=14))
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02)
-    ref_model = copy.deepcopy(m).double().cuda()
-    m = m.to("cuda", dtype)
+    ref_model = copy.deepcopy(m).double().cuda()  # before the cast: the reference keeps the fp32 weights
+    return m.to("cuda", dtype), ref_model
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_idefics2_980_navit(dtype):
+    m, ref_model = _idefics2_980(dtype)
     mask = torch.zeros(4, 70, 70, dtype=torch.bool, device="cuda")
     mask[0] = True
     mask[1, :35, :50] = True
@@ -82,16 +88,9 @@ def test_idefics2_980_navit(dtype):
 def test_idefics2_980_uint8_padded(dtype):
     """Raw uint8 images of three sizes padded to 980 px: the normalisation and the zero padding after it happen in
     the GEMM's loads (``image_hw``, the masked A-load with 64-wide N tiles); sizes cut patches in half."""
-    from transformers.models.idefics2.modeling_idefics2 import Idefics2VisionConfig, Idefics2VisionEmbeddings
-
     from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
 
-    m = Idefics2VisionEmbeddings(Idefics2VisionConfig(hidden_size=1152, image_size=980, patch_size=14))
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02)
-    ref_model = copy.deepcopy(m).double().cuda()
-    m = m.to("cuda", dtype)
+    m, ref_model = _idefics2_980(dtype)
     hw = torch.tensor([[980, 980], [497, 705], [300, 980]], device="cuda")
     img = torch.randint(0, 256, (3, 3, 980, 980), dtype=torch.uint8, device="cuda")
     keep = torch.zeros(3, 980, 980, dtype=torch.bool, device="cuda")
