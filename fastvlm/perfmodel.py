@@ -1,0 +1,284 @@
+"""A performance model of fastvlm's fused paths at the canonical shapes (an estimate, not a measurement).
+
+For every op and canonical shape it derives, from the kernel designs as they are today (tile sizes, grids, extra
+passes), with or without a GPU:
+
+* FLOPs (2·M·N·K per GEMM, the attention cores' QKᵀ and PV);
+* minimal bytes: inputs, weights and outputs each read or written once, intermediates kept on chip
+  (../shared/research/performance.md §1 uses the same definition);
+* the bytes the design moves to and from HBM: the minimal bytes plus every extra pass (norm statistics read the
+  input once more, an MLP's hidden activations round-trip between its two GEMMs, a separate row-norm pass, per-call
+  table copies); re-reads of a tile are assumed to hit L2;
+* the bytes the design moves from L2 into the SMs: every CTA reads its whole A panel and W panel, so A is read once
+  per N tile and W once per M tile (a pooled A-load reads all Q source rows of each pooled row);
+* CTAs, waves and SM fill (the mean fraction of SMs busy over the waves) of each GEMM;
+* the bound this implies on each device: max(FLOPs / (peak · fill), HBM bytes / bandwidth), beside the roofline
+  bound max(FLOPs / peak, minimal bytes / bandwidth). L2 bandwidth is not a term (we have no measured ceiling for
+  it); instead ``l2_x`` compares the op's L2 -> SM bytes with those of plain GEMMs of the same shapes, which exposes
+  a pooled A-load that re-reads its raw input once per N tile (Gemma 3: 16x); where l2_x is large the time is
+  underestimated.
+
+Ceilings (``DEVICES``) are measured ones where we have them: ≈790 TFLOP/s dense bf16 on H100 and H200 (the same
+SMs and clocks), device copies at ≈3.0 TB/s (H100) and ≈4.3 TB/s (H200). TF32 is taken as half the bf16 ceiling
+(the datasheet ratio), and fp32 dots computed as tf32x3 as a third of that. The model assumes the first autotune
+config (128×128×64 tiles; 128×64 for gated pairs) because it cannot know the autotuner's pick.
+
+    python -m fastvlm.perfmodel [--device H100|H200] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    sms: int
+    bf16_tflops: float  # dense, measured ceiling
+    hbm_tbps: float  # device-to-device copy, measured ceiling
+
+    @property
+    def tf32_tflops(self):  # datasheet ratio TF32 : bf16 = 1 : 2, applied to the measured bf16 ceiling
+        return self.bf16_tflops / 2
+
+    def peak(self, dtype):
+        return {"bf16": self.bf16_tflops, "fp16": self.bf16_tflops, "tf32": self.tf32_tflops,
+                "fp32": self.tf32_tflops / 3}[dtype] * 1e12  # fp32 = tf32x3: three TF32 dots
+
+
+DEVICES = {"H100": Device("H100 SXM", 132, 790.0, 3.0), "H200": Device("H200", 132, 790.0, 4.3)}
+
+# targets of issue 12 checked by the model
+BYTES_RATIO_MAX = 1.3
+FILL_MIN_B8 = 0.85
+FILL_MIN_LLAVA_B1 = 0.70
+
+
+@dataclass
+class Gemm:
+    """One launch of a GEMM-shaped kernel: out[M, N] = A[M, K] @ W[N, K]^T (+ epilogue)."""
+    name: str
+    M: int
+    N: int
+    K: int
+    q: int = 1  # source rows read per A element (pooling window); 1 for strided and gather loads
+    gated: bool = False  # two weights, two accumulators (SwiGLU pair)
+    tile: tuple = (128, 128)
+    elem: int = 2
+    count: int = 1  # identical launches (layers)
+
+    @property
+    def flops(self):
+        return 2 * self.M * self.N * self.K * (2 if self.gated else 1) * self.count
+
+    @property
+    def ctas(self):
+        return math.ceil(self.M / self.tile[0]) * math.ceil(self.N / self.tile[1])
+
+    def fill(self, sms):
+        waves = math.ceil(self.ctas / sms)
+        return self.ctas / (waves * sms)
+
+    @property
+    def a_bytes(self):  # distinct input bytes the A-load touches
+        return self.M * self.K * self.q * self.elem
+
+    @property
+    def w_bytes(self):
+        return self.N * self.K * self.elem * (2 if self.gated else 1)
+
+    @property
+    def l2_to_sm(self):
+        tiles_m, tiles_n = math.ceil(self.M / self.tile[0]), math.ceil(self.N / self.tile[1])
+        return (tiles_n * self.a_bytes + tiles_m * self.w_bytes) * self.count
+
+    @property
+    def l2_to_sm_plain(self):  # the same GEMM with a plain (q = 1) A operand
+        tiles_m, tiles_n = math.ceil(self.M / self.tile[0]), math.ceil(self.N / self.tile[1])
+        return (tiles_n * self.a_bytes // self.q + tiles_m * self.w_bytes) * self.count
+
+
+@dataclass
+class OpModel:
+    op: str
+    shape: str
+    gemms: list
+    min_bytes: float  # inputs + weights + outputs once
+    extra: dict = field(default_factory=dict)  # extra HBM passes of the design: name -> bytes
+    attn_flops: float = 0.0
+    dtype: str = "bf16"
+    fill_target: float = 0.0  # 0: no SM-fill target at this shape
+
+    @property
+    def flops(self):
+        return sum(g.flops for g in self.gemms) + self.attn_flops
+
+    @property
+    def design_bytes(self):
+        return self.min_bytes + sum(self.extra.values())
+
+    @property
+    def l2_to_sm(self):
+        return sum(g.l2_to_sm for g in self.gemms)
+
+    def fill(self, dev):
+        """FLOP-weighted SM fill over the op's GEMMs: the fraction of the SMs' time the GEMMs keep busy."""
+        return sum(g.flops for g in self.gemms) / sum(g.flops / g.fill(dev.sms) for g in self.gemms)
+
+    def main_gemm(self):
+        return max(self.gemms, key=lambda g: g.flops)
+
+    def row(self, dev: Device):
+        peak = dev.peak(self.dtype)
+        bound = max(self.flops / peak, self.min_bytes / (dev.hbm_tbps * 1e12))
+        compute = sum(g.flops / (peak * g.fill(dev.sms)) for g in self.gemms) + self.attn_flops / peak
+        model = max(compute, self.design_bytes / (dev.hbm_tbps * 1e12))
+        g = self.main_gemm()
+        fill = self.fill(dev)
+        ratio = self.design_bytes / self.min_bytes
+        return {
+            "op": self.op, "shape": self.shape, "dtype": self.dtype, "device": dev.name,
+            "gflop": self.flops / 1e9, "min_mb": self.min_bytes / 1e6, "design_mb": self.design_bytes / 1e6,
+            "bytes_ratio": ratio, "l2_to_sm_gb": self.l2_to_sm / 1e9,
+            "l2_x": self.l2_to_sm / sum(g.l2_to_sm_plain for g in self.gemms),
+            "main_gemm": f"{g.name} {g.M}x{g.N}x{g.K}", "ctas": g.ctas, "waves": g.ctas / dev.sms, "fill": fill,
+            "roofline_us": bound * 1e6, "model_us": model * 1e6, "model_vs_roofline": bound / model,
+            "bytes_ok": ratio <= BYTES_RATIO_MAX, "fill_ok": fill >= self.fill_target,
+            "extra_passes": {k: v / 1e6 for k, v in self.extra.items()},
+        }
+
+
+# ------------------------------------------------------------------------------------------------ canonical shapes
+def llava(B, E=2):
+    """(a) LLaVA-1.5-7B projector 1024 -> 4096 GELU -> 4096, bias; two GEMM launches, h round-trips HBM."""
+    M, D, H = 576 * B, 1024, 4096
+    gemms = [Gemm("fc1+gelu", M, H, D), Gemm("fc2", M, H, H)]
+    min_b = (M * D + H * D + H * H + M * H) * E + 2 * H * E
+    return OpModel("llava_projector", f"LLaVA-1.5-7B B={B}", gemms, min_b, {"h write+read": 2 * M * H * E},
+                   fill_target=FILL_MIN_LLAVA_B1 if B == 1 else FILL_MIN_B8)
+
+
+def gemma3(B, E=2, N=2560):
+    """(f) Gemma 3 projector: 4096x1152 per image, 4x4 mean pool inside the A-load, RMSNorm(1+w) of the pooled row
+    (statistics from a separate pass over the raw input), matmul 1152 -> N."""
+    T, D, P = 4096, 1152, 256
+    M = P * B
+    gemms = [Gemm("pool+norm+matmul", M, N, D, q=16)]
+    x = B * T * D * E
+    min_b = x + D * N * E + M * N * E + D * E
+    return OpModel("gemma3_projector", f"Gemma 3-4B B={B}", gemms, min_b, {"norm stats pass": x},
+                   fill_target=FILL_MIN_B8 if B >= 8 else 0.0)
+
+
+def clip_patch(B, E=2):
+    """(b) CLIP-L/14 at 336 px: im2col GEMM (K = 588) + bias + positions, class token, pre-LayerNorm as a separate
+    row-norm pass over the output, position rows repeated per call."""
+    T, K, D = 576, 3 * 14 * 14, 1024
+    M = T * B
+    gemms = [Gemm("im2col gemm", M, D, K)]
+    out = B * (T + 1) * D * E
+    min_b = B * 3 * 336 * 336 * E + D * K * E + (T + 1) * D * E + D * E + out + 2 * D * E
+    extra = {"row-norm pass (read+write)": 2 * out, "pos_rows.repeat (int64 write+read)": 2 * M * 8,
+             "class-token write": B * D * E}
+    return OpModel("clip_patch_embed", f"CLIP-L/14-336 B={B}", gemms, min_b, extra,
+                   fill_target=FILL_MIN_B8 if B >= 8 else 0.0)
+
+
+def qwen2vl_merger(patches, E=2):
+    """(d) Qwen2-VL-7B merger: LayerNorm(1280) per patch (statistics pass), free 2x2 merge, 5120 -> 5120 GELU -> 3584."""
+    M, D, H, O = patches // 4, 5120, 5120, 3584
+    gemms = [Gemm("norm+fc1+gelu", M, H, D), Gemm("fc2", M, O, H)]
+    x = patches * 1280 * E
+    min_b = x + (H * D + O * H) * E + M * O * E + (2 * 1280 + H + O) * E
+    extra = {"norm stats pass": x, "h write+read": 2 * M * H * E}
+    return OpModel("qwen2vl_merger", f"Qwen2-VL-7B {patches} patches", gemms, min_b, extra, fill_target=FILL_MIN_B8)
+
+
+def qformer(B, E=4, layers=12, cross_every=2):
+    """(c') BLIP-2 Q-Former query path in fp32 (tf32x3 dots): 32 queries x 768, image 257 x 1408, 12 heads. The
+    image-side K/V of all cross-attention layers in one GEMM; dense + residual + LayerNorm in linear_norm, whose
+    grid is cdiv(M, 64) programs that each own full 768-wide rows."""
+    Mq, Mi, D, Di, F = 32 * B, 257 * B, 768, 1408, 3072
+    n_cross = layers // cross_every
+    ln = lambda name, k, count: Gemm(name, Mq, D, k, tile=(64, D), elem=E, count=count)  # noqa: E731
+    gemms = [Gemm("self qkv", Mq, 3 * D, D, elem=E, count=layers), ln("self dense+res+LN", D, layers),
+             Gemm("cross q", Mq, D, D, elem=E, count=n_cross),
+             Gemm("cross kv (all layers)", Mi, 2 * D * n_cross, Di, elem=E),
+             ln("cross dense+res+LN", D, n_cross), Gemm("ffn fc1+gelu", Mq, F, D, elem=E, count=layers),
+             ln("ffn fc2+res+LN", F, layers)]
+    attn = 4 * B * 12 * 32 * 64 * (32 * layers + 257 * n_cross)
+    weights = (layers * (4 * D * D + 2 * D * F) + n_cross * (2 * D * D + 2 * D * Di)) * E
+    min_b = weights + (Mi * Di + 2 * Mq * D) * E
+    extra = {"per-layer activations write+read": 2 * layers * Mq * (3 * D + 2 * D + F) * E,
+             "image K/V write+read": 2 * Mi * 2 * D * n_cross * E}
+    return OpModel("qformer", f"BLIP-2 Q-Former B={B}", gemms, min_b, extra, attn_flops=attn, dtype="fp32",
+                   fill_target=FILL_MIN_B8 if B >= 8 else 0.0)
+
+
+def perceiver(B, N=729, E=2, depth=3):
+    """(e) Idefics2 perceiver: hidden 4096, 64 latents, q 16x96, kv 4x96 over [context; latents], gated MLP
+    4096 -> 16384 -> 4096 on the latents; RMSNorm statistics passes over context and latents."""
+    L, D, F = 64 * B, 4096, 16384
+    Mkv = (N + 64) * B
+    gemms = [Gemm("q", L, 16 * 96, D, count=depth), Gemm("kv", Mkv, 2 * 4 * 96, D, count=depth),
+             Gemm("o+res", L, D, 16 * 96, count=depth),
+             Gemm("gate/up pair", L, F, D, gated=True, tile=(128, 64), count=depth),
+             Gemm("down+res", L, D, F, count=depth)]
+    attn = 4 * B * 16 * 64 * 96 * (N + 64) * depth
+    weights = depth * (D * 16 * 96 * 2 + D * 2 * 4 * 96 + 3 * D * F) * E
+    ctx = B * N * D * E
+    min_b = weights + ctx + 2 * L * D * E
+    extra = {"context norm stats passes": depth * ctx,
+             "per-layer latent activations write+read": 2 * depth * L * (2 * 16 * 96 + D + F) * E,
+             "kv write+read": 2 * depth * Mkv * 2 * 4 * 96 * E}
+    return OpModel("idefics2_perceiver", f"Idefics2 perceiver N={N} B={B}", gemms, min_b, extra, attn_flops=attn,
+                   fill_target=FILL_MIN_B8 if B >= 8 else 0.0)
+
+
+def canonical():
+    """Every canonical shape of issue 12's targets."""
+    return [gemma3(64), clip_patch(8), clip_patch(64), qwen2vl_merger(16384), llava(1), llava(8), llava(64),
+            qformer(8), perceiver(8)]
+
+
+def table(device="H100"):
+    dev = DEVICES[device]
+    return [m.row(dev) for m in canonical()]
+
+
+def format_table(rows):
+    head = (f"{'shape':32} {'GFLOP':>8} {'min MB':>8} {'design MB':>9} {'ratio':>6} {'L2->SM GB':>9} {'l2_x':>5} {'CTAs':>5} "
+            f"{'waves':>6} {'fill':>5} {'roofline us':>11} {'model us':>9} {'of roof':>7}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['shape']:32} {r['gflop']:8.1f} {r['min_mb']:8.1f} {r['design_mb']:9.1f} "
+                     f"{r['bytes_ratio']:5.2f}{'' if r['bytes_ok'] else '!'} {r['l2_to_sm_gb']:9.2f} {r['l2_x']:5.1f} "
+                     f"{r['ctas']:5d} {r['waves']:6.2f} {r['fill']:4.0%}{'' if r['fill_ok'] else '!'} "
+                     f"{r['roofline_us']:11.1f} {r['model_us']:9.1f} {r['model_vs_roofline']:7.0%}")
+    lines.append(f"(a model, not a measurement; '!' marks a miss of issue 12's targets: bytes <= {BYTES_RATIO_MAX}x "
+                 f"minimal, SM fill >= {FILL_MIN_B8:.0%} at B >= 8, >= {FILL_MIN_LLAVA_B1:.0%} at LLaVA B=1; "
+                 f"fill = FLOP-weighted over the op's GEMMs; CTAs and waves: the largest GEMM's)")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m fastvlm.perfmodel", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=sorted(DEVICES), nargs="*", default=["H100", "H200"])
+    ap.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    args = ap.parse_args(argv)
+    for name in args.device:
+        rows = table(name)
+        if args.json:
+            for r in rows:
+                print(json.dumps(r))
+        else:
+            print(f"\nperformance model on {DEVICES[name].name} ({asdict(DEVICES[name])})")
+            print(format_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,59 @@
+"""The performance model's arithmetic against the independently computed roofline table
+(../shared/research/performance.md §2, bf16, H100 ceilings 790 TFLOP/s and 3.0 TB/s)."""
+import pytest
+
+from fastvlm import perfmodel
+
+H100 = perfmodel.DEVICES["H100"]
+
+# shape builder -> (GFLOP, minimal MB, roofline bound in µs) from the research table
+EXPECTED = [
+    (lambda: perfmodel.llava(1), 24.18, 47.86, 30.6),
+    (lambda: perfmodel.llava(8), 193.4, 89.15, 244.8),
+    (lambda: perfmodel.llava(64), 1547, 419.5, 1958.7),
+    (lambda: perfmodel.gemma3(64), 97.01, 693.8, 231.3),
+    (lambda: perfmodel.clip_patch(8), 5.59, 17.26, 7.07),
+    (lambda: perfmodel.qwen2vl_merger(16384), 365.4, 160.5, 462.5),
+    (lambda: perfmodel.perceiver(8), 784.4, 1354.9, 992.9),
+]
+
+
+@pytest.mark.parametrize("build,gflop,min_mb,bound_us", EXPECTED)
+def test_matches_research_roofline(build, gflop, min_mb, bound_us):
+    r = build().row(H100)
+    # the model counts GEMM and attention FLOPs only (no norm or pooling arithmetic): within 1.5%
+    assert r["gflop"] == pytest.approx(gflop, rel=0.015)
+    assert r["min_mb"] == pytest.approx(min_mb, rel=0.01)
+    assert r["roofline_us"] == pytest.approx(bound_us, rel=0.015)
+
+
+def test_grid_arithmetic():
+    r = perfmodel.llava(1).row(H100)
+    assert r["ctas"] == 160  # 576 / 128 = 5 row tiles (4.5 rounded up) x 4096 / 128 = 32 column tiles
+    assert r["waves"] == pytest.approx(160 / 132)
+    assert r["fill"] == pytest.approx(160 / 264)  # two waves, the second 28/132 full
+    assert not r["fill_ok"]
+
+
+def test_pooled_reread_and_extra_passes_are_counted():
+    g = perfmodel.gemma3(64)
+    r = g.row(H100)
+    # the mean A-load reads 16 raw rows per pooled row once per N tile: 20 tiles of 128 at N = 2560
+    raw = 64 * 4096 * 1152 * 2
+    assert g.gemms[0].a_bytes == raw
+    assert g.l2_to_sm >= 20 * raw
+    assert r["l2_x"] > 5
+    assert r["design_mb"] == pytest.approx(r["min_mb"] + raw / 1e6)  # the statistics pass reads the input again
+
+
+def test_model_never_beats_roofline_and_h200_is_not_slower():
+    for m in perfmodel.canonical():
+        a, b = m.row(H100), m.row(perfmodel.DEVICES["H200"])
+        assert a["model_us"] >= a["roofline_us"] * (1 - 1e-9)
+        assert b["model_us"] <= a["model_us"] * (1 + 1e-9)
+
+
+def test_cli_prints_both_devices(capsys):
+    assert perfmodel.main([]) == 0
+    out = capsys.readouterr().out
+    assert "H100" in out and "H200" in out and "a model, not a measurement" in out
