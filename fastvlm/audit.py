@@ -1,6 +1,9 @@
 """Static audit: compile every kernel x config for an H100 (sm_90a) without a GPU.
 
-For each case it reports registers, spilled bytes, shared memory and whether the matrix instructions are wgmma.
+For each case it reports registers, spilled bytes, shared memory, whether the matrix instructions are wgmma, and
+whether the main loop is pipelined: every tile load inside a loop of the TTGIR is an asynchronous copy (cp.async or a
+TMA bulk copy) rather than a register load, and a wgmma wait leaves at least one group in flight (``wgmma.wait_group
+N`` with N >= 1 in the PTX), so the tensor cores overlap the next tile's loads.
 Run it as ``fastvlm audit`` or ``python -m fastvlm.audit [--json]``. It must run in a process where
 ``TRITON_INTERPRET`` is unset: with the interpreter on, triton builds its own standard library as interpreter
 functions at import and compilation fails with misleading errors.
@@ -37,6 +40,30 @@ def _ptxas():
     return path if os.path.exists(path) else None
 
 
+def loop_loads(ttgir):
+    """(asynchronous copies, synchronous tile loads) inside scf.for bodies of a TTGIR listing. A tile load is a
+    tt.load of a tensor of rank >= 2 (per-row or per-column vectors such as a bias or norm statistics do not count)."""
+    depth, for_depths, n_async, n_sync = 0, [], 0, 0
+    for line in ttgir.splitlines():
+        opens, closes = line.count("{"), line.count("}")
+        in_loop = bool(for_depths)
+        if in_loop and ("async_copy_global_to_local" in line or "async_tma_copy_global_to_local" in line
+                        or "async_tma_gather" in line):
+            n_async += 1
+        elif in_loop and "tt.load" in line:
+            m = re.search(r":\s*tensor<([0-9x]+)x!tt\.ptr", line)
+            if m and m.group(1).count("x") >= 1:
+                n_sync += 1
+        elif in_loop and "tt.descriptor_load" in line:
+            n_async += 1
+        if "scf.for" in line and line.rstrip().endswith("{"):
+            for_depths.append(depth + opens - closes)
+        depth += opens - closes
+        while for_depths and depth < for_depths[-1]:
+            for_depths.pop()
+    return n_async, n_sync
+
+
 def compile_case(case, arch=90):
     """Compile one case and return its resource report (a dict)."""
     import triton
@@ -53,6 +80,8 @@ def compile_case(case, arch=90):
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": case["num_warps"], "num_stages": case["num_stages"]})
     ptx = compiled.asm["ptx"]
+    n_async, n_sync = loop_loads(compiled.asm["ttgir"])
+    waits = [int(n) for n in re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx)]
     report = {
         "name": case["name"],
         "num_warps": case["num_warps"],
@@ -61,6 +90,10 @@ def compile_case(case, arch=90):
         "wgmma": "wgmma.mma_async" in ptx,
         "mma_sync": "mma.sync" in ptx,
         "expect_mma": case["expect_mma"],
+        "loop_async_loads": n_async,
+        "loop_sync_tile_loads": n_sync,
+        "async_loads": n_async > 0 and n_sync == 0,
+        "wgmma_in_flight": any(n >= 1 for n in waits),
         "registers": None,
         "spill_bytes": None,
     }
@@ -90,14 +123,31 @@ def run_audit():
 
 
 def format_table(reports):
-    head = f"{'kernel / config':58} {'regs':>5} {'spill B':>8} {'smem KB':>8} {'matrix':>9}  ok"
+    head = (f"{'kernel / config':58} {'regs':>5} {'spill B':>8} {'smem KB':>8} {'matrix':>9} {'loads':>9} "
+            f"{'in flight':>9}  ok")
     lines = [head, "-" * len(head)]
     for r in reports:
         mma = "wgmma" if r["wgmma"] else ("mma.sync" if r["mma_sync"] else "-")
+        loads = "async" if r["async_loads"] else (f"{r['loop_sync_tile_loads']} sync" if r["loop_sync_tile_loads"]
+                                                  else "-")
+        flight = ("yes" if r["wgmma_in_flight"] else "no") if r["wgmma"] else "-"
         lines.append(f"{r['name']:58} {r['registers'] if r['registers'] is not None else '?':>5} "
                      f"{r['spill_bytes'] if r['spill_bytes'] is not None else '?':>8} {r['shared_bytes'] / 1024:8.1f} "
-                     f"{mma:>9}  {'yes' if r['ok'] else 'NO'}")
+                     f"{mma:>9} {loads:>9} {flight:>9}  {'yes' if r['ok'] else 'NO'}")
+    lines.append(summary(reports))
     return "\n".join(lines)
+
+
+def summary(reports):
+    """One line: how many matrix cases load every tile asynchronously and keep a wgmma group in flight."""
+    mma = [r for r in reports if r["expect_mma"]]
+    n_async = sum(r["async_loads"] for r in mma)
+    n_flight = sum(r["wgmma_in_flight"] for r in mma if r["wgmma"])
+    n_wgmma = sum(r["wgmma"] for r in mma)
+    sync = sorted({r["name"].split("]")[0] + "]" for r in mma if not r["async_loads"]})
+    return (f"pipelining: {n_async}/{len(mma)} matrix cases load every tile of their main loop asynchronously, "
+            f"{n_flight}/{n_wgmma} wgmma cases keep >= 1 group in flight"
+            + (f"; synchronous tile loads in: {', '.join(sync)}" if sync else ""))
 
 
 def main(argv=None):

@@ -35,3 +35,40 @@ def test_resources(reports):
         assert r["spill_bytes"] == 0, r
         if r["expect_mma"]:
             assert r["wgmma"], f"{r['name']} does not use wgmma"
+
+
+def test_pipelining_report(reports):
+    """The audit reports, per case, whether the main loop's tiles arrive by asynchronous copies and whether wgmma
+    keeps a group in flight. The dense GEMM (plain strided A) must do both in every config; the summary line lists
+    the variants that do not (issue 12's target: every A-mode)."""
+    from fastvlm.audit import summary
+
+    dense = [r for r in reports if r["name"].startswith("fused_linear[linear_gelu+pre]")]
+    assert dense
+    for r in dense:
+        assert r["async_loads"] and r["loop_sync_tile_loads"] == 0, r
+        assert r["wgmma_in_flight"], r
+    line = summary(reports)
+    assert line.startswith("pipelining: ")
+    for r in reports:
+        if r["expect_mma"] and not r["async_loads"]:
+            assert r["name"].split("]")[0] + "]" in line
+
+
+def test_loop_load_parser():
+    from fastvlm.audit import loop_loads
+
+    ttgir = "\n".join([
+        "%x = tt.load %p : tensor<64x64x!tt.ptr<bf16>, #blocked>",  # outside any loop: not counted
+        "%r:2 = scf.for %i = %c0 to %K step %c64 iter_args(%a = %z) -> (tensor<64x64xf32>) : i32 {",
+        "  %c = ttg.async_copy_global_to_local %pa, %sa mask %m : tensor<64x64x!tt.ptr<bf16>, #b> -> <64x64xbf16>",
+        "  %v = tt.load %pv, %mv : tensor<64x!tt.ptr<f32>, #s>",  # a vector: not a tile
+        "  %s:1 = scf.for %q = %c0 to %Q step %c1 iter_args(%b = %z) -> (tensor<64x64xf32>) : i32 {",
+        "    %t = tt.load %pt, %mt : tensor<64x64x!tt.ptr<bf16>, #blocked>",  # a synchronous tile load
+        "    scf.yield %t",
+        "  }",
+        "  scf.yield %c",
+        "}",
+        "%y = tt.load %p : tensor<64x64x!tt.ptr<bf16>, #blocked>",
+    ])
+    assert loop_loads(ttgir) == (1, 1)
