@@ -162,14 +162,23 @@ def llava(B, E=2):
 
 
 def gemma3(B, E=2, N=2560):
-    """(f) Gemma 3 projector: 4096x1152 per image, 4x4 mean pool inside the A-load, RMSNorm(1+w) of the pooled row
-    (statistics from a separate pass over the raw input), matmul 1152 -> N."""
+    """(f) Gemma 3 projector: 4096x1152 per image, 4x4 mean pool, RMSNorm(1+w) of the pooled row, matmul 1152 -> N.
+    Past one N tile the op pools first (ops/projector.py ``_pool_first``): one pass reads the input and writes the
+    pooled rows, the statistics pass and the GEMM read those (1/16 of the input)."""
     T, D, P = 4096, 1152, 256
     M = P * B
-    gemms = [Gemm("pool+norm+matmul", M, N, D, q=16)]
     x = B * T * D * E
+    pooled = M * D * E
     min_b = x + D * N * E + M * N * E + D * E
-    return OpModel("gemma3_projector", f"Gemma 3-4B B={B}", gemms, min_b, {"norm stats pass": x},
+    from fastvlm.ops.projector import POOL_FIRST_MIN_N
+
+    if N >= POOL_FIRST_MIN_N:
+        gemms = [Gemm("norm+matmul on pooled rows", M, N, D)]
+        extra = {"pooled rows write": pooled, "norm stats read": pooled, "GEMM A read": pooled}
+    else:  # the pooled A-load inside the GEMM, statistics from a pass over the input
+        gemms = [Gemm("pool+norm+matmul", M, N, D, q=16)]
+        extra = {"norm stats pass": x}
+    return OpModel("gemma3_projector", f"Gemma 3-4B B={B}", gemms, min_b, extra,
                    fill_target=FILL_MIN_B8 if B >= 8 else 0.0)
 
 

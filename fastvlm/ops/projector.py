@@ -27,7 +27,7 @@ backward is future work.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -129,12 +129,28 @@ def _saves_h(w2, s: Spec):
 # ------------------------------------------------------------------------------------------------ forward paths
 
 
+# A pooled A-load ("mean"/"max") reads all Q source rows of every pooled row once per N tile of the GEMM (the GEMM's
+# widest tile is 128 columns). Past one N tile it moves fewer bytes to pool first (one pass over x, writing the
+# pooled A at 1/Q of its size) and run the plain GEMM on the pooled rows: docs/design-projector.md, "Pool first".
+POOL_FIRST_MIN_N = 129
+
+
+def _pool_first(x, rows, w1, s: Spec):
+    """(x, rows, s) for the GEMM: the pooled rows as a strided A when that moves fewer bytes, else unchanged."""
+    if s.a_mode not in ("mean", "max") or w1.shape[0] < POOL_FIRST_MIN_N:
+        return x, rows, s
+    from fastvlm.kernels.pool import pool_rows
+
+    return pool_rows(x, rows, s.a_mode), None, replace(s, a_mode="strided")
+
+
 def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
     from fastvlm.kernels.gemm import fused_linear
     from fastvlm.kernels.norm_stats import row_stats
 
     if x.stride(1) != 1:
         x = x.contiguous()
+    x, rows, s = _pool_first(x, rows, w1, s)  # the caller keeps the original x and rows for the backward
     mean = rstd = None
     K = _k_of(x, rows, s.a_mode)
     if s.norm != "none":
