@@ -21,7 +21,9 @@ passes), with or without a GPU:
 Ceilings (``DEVICES``) are measured ones where we have them: ≈790 TFLOP/s dense bf16 on H100 and H200 (the same
 SMs and clocks), device copies at ≈3.0 TB/s (H100) and ≈4.3 TB/s (H200). TF32 is taken as half the bf16 ceiling
 (the datasheet ratio), and fp32 dots computed as tf32x3 as a third of that. The model assumes the first autotune
-config (128×128×64 tiles; 128×64 for gated pairs) because it cannot know the autotuner's pick.
+config (128×128×64 tiles; 128×64 for gated pairs) because it cannot know the autotuner's pick, and it runs every
+GEMM at the ceiling times its SM fill: the GEMM core's own efficiency (pipelining, TMA, tile shape) is not a term,
+so the model's time is a bound the design could reach, not a prediction; GPU measurements are owed.
 
     python -m fastvlm.perfmodel [--device H100|H200] [--json]
 """
@@ -273,16 +275,31 @@ def format_table(rows):
     return "\n".join(lines)
 
 
+def markdown_table(rows):
+    """The rows as a Markdown table (the README's performance section)."""
+    lines = ["| shape | GFLOP | min MB | design MB (x min) | L2->SM x | fill | roofline µs | model µs |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['shape']} | {r['gflop']:.1f} | {r['min_mb']:.1f} | {r['design_mb']:.1f} "
+                     f"({r['bytes_ratio']:.2f}{'' if r['bytes_ok'] else ' !'}) | {r['l2_x']:.1f} | "
+                     f"{r['fill']:.0%}{'' if r['fill_ok'] else ' !'} | {r['roofline_us']:.1f} | {r['model_us']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m fastvlm.perfmodel", description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=sorted(DEVICES), nargs="*", default=["H100", "H200"])
     ap.add_argument("--json", action="store_true", help="one JSON object per row instead of a table")
+    ap.add_argument("--markdown", action="store_true", help="a Markdown table (the README's)")
     args = ap.parse_args(argv)
     for name in args.device:
         rows = table(name)
         if args.json:
             for r in rows:
                 print(json.dumps(r))
+        elif args.markdown:
+            print(f"\n{DEVICES[name].name}\n")
+            print(markdown_table(rows))
         else:
             print(f"\nperformance model on {DEVICES[name].name} ({asdict(DEVICES[name])})")
             print(format_table(rows))
