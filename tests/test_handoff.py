@@ -15,7 +15,7 @@ from fastvlm.integrations import handoff
 from fastvlm.tiny_models import FAMILIES, build_tiny_model
 
 HANDOFF_FAMILIES = [r.family for r in handoff.RECIPES if r.family in FAMILIES]
-# transformers 5.24+ generate encodes the images before the prefill and passes mm_encoder_outputs, not the pixels
+# transformers 5.18+ generate encodes the images before the prefill and passes mm_encoder_outputs, not the pixels
 _GENERATE_SOURCE = ("mm_encoder_outputs" if hasattr(GenerationMixin, "_prepare_multimodal_encoder_kwargs_for_generation")
                     else "pixel_values")
 
@@ -28,7 +28,7 @@ def _inner(model):
 
 
 def _image_rows(out):
-    """The image rows the output reports: transformers 5.24+ ``image_outputs``, earlier ``image_hidden_states``."""
+    """The image rows the output reports: transformers 5.24 ``image_outputs``, 5.17 / 5.18 ``image_hidden_states``."""
     if "image_outputs" in out.__dataclass_fields__:
         feats = out.image_outputs.pooler_output
         return torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats

@@ -5,14 +5,14 @@ transformers' multimodal models embed the text, run ``get_image_features``, chec
 ``install(model)`` gives each supported inner model (``LlavaModel`` and friends) an instance-level ``forward`` that
 does the image branch itself with ``fastvlm.ops.scatter.scatter_image_features`` (one pass over the image rows,
 the same count check and error) and then calls the class's own forward with ``inputs_embeds`` and no pixels, so the
-language-model part is the original code path. The output's ``image_outputs`` is set to what
-``get_image_features`` returned (up to transformers 5.23: ``image_hidden_states`` to the scattered rows), as the
-original does.
+language-model part is the original code path. The output's ``image_outputs`` field is set to what
+``get_image_features`` returned, or, in releases whose output has ``image_hidden_states`` instead (5.17, 5.18), that
+field to the scattered rows, as the original does.
 
-Two ways in, both handled: ``pixel_values`` (a plain forward call, and ``generate`` up to transformers 5.23), and
-``mm_encoder_outputs={"image": ...}`` (transformers 5.24+, whose ``generate`` runs ``get_image_features`` before the
-prefill and passes its output instead of the pixels): the hand-off then takes the image rows from that output, as
-the original forward does, instead of calling ``get_image_features`` itself.
+Two ways in, both handled: ``pixel_values`` (a plain forward call, and ``generate`` in 5.17), and
+``mm_encoder_outputs={"image": ...}`` (``generate`` from 5.18 on runs ``get_image_features`` before the prefill and
+passes its output instead of the pixels): the hand-off then takes the image rows from that output, as the original
+forward does, instead of calling ``get_image_features`` itself.
 
 Where it is exact: the family's forward uses ``input_ids`` only to embed the text and to find the image tokens, and
 calls ``get_image_features`` in a way each ``HandoffRecipe`` below describes as data (positional and keyword
@@ -67,7 +67,7 @@ RECIPES = (
                   needs_none=("pixel_values_videos",)),
     HandoffRecipe("llava_onevision", "LlavaOnevisionModel", positional=("image_sizes",),
                   keywords=_IMAGE_KWARGS + ("batch_num_images",), concat=True, needs_none=("pixel_values_videos",)),
-    # vision_feature_layers up to 5.18 or so, vision_feature_layer in 5.24
+    # vision_feature_layers in 5.17 and 5.18, vision_feature_layer in 5.24
     HandoffRecipe("vipllava", "VipLlavaModel", keywords=(_VIP_LAYERS,), return_dict=False,
                   config_defaults=_VIP_LAYERS),
     HandoffRecipe("fast_vlm", "FastVlmModel"),
@@ -192,7 +192,7 @@ def _handoff_forward(self, *args, **kwargs):
             return _fallback(self, forward, f"arguments do not bind to the forward's signature ({exc})", args, kwargs)
     input_ids = kwargs.get("input_ids")
     pixels = kwargs.get("pixel_values")
-    encoded = kwargs.get("mm_encoder_outputs")  # transformers 5.24+: generate encodes the images before the prefill
+    encoded = kwargs.get("mm_encoder_outputs")  # transformers 5.18+: generate encodes the images before the prefill
     token_id = _image_token_id(self.config)
     why = _reason(self.config, recipe, kwargs, token_id)
     pass_kwargs = _passes_kwargs(type(self))
@@ -236,9 +236,9 @@ def _handoff_forward(self, *args, **kwargs):
                                          f"{type(self).__name__} rows{tuple(features.shape)} from {source}"))
     out = forward(input_ids=None, inputs_embeds=inputs_embeds, pixel_values=None, **rest)
     fields = getattr(out, "__dataclass_fields__", {})
-    if "image_outputs" in fields or "image_hidden_states" not in fields:  # transformers 5.24+
+    if "image_outputs" in fields or "image_hidden_states" not in fields:  # transformers 5.24
         _set_field(out, "image_outputs", image_outputs)
-    else:  # up to 5.23 the output holds the concatenated rows
+    else:  # 5.17, 5.18: the output holds the concatenated rows
         _set_field(out, "image_hidden_states", features)
     return out
 
