@@ -94,6 +94,32 @@ def test_falls_through_with_the_reason(torch_backend):
     assert any("no pixel_values" in " ".join(r.reasons) for r in t.records if r.op == "fastvlm.handoff"), str(t)
 
 
+@pytest.mark.skipif(_GENERATE_SOURCE != "mm_encoder_outputs", reason="transformers 5.17: no mm_encoder_outputs")
+def test_mm_encoder_outputs_forward(torch_backend):
+    """Image features encoded beforehand (as generate does from 5.18 on): the same logits, the rows taken from them;
+    outside what the hand-off reproduces, the original's forward and error."""
+    model, inputs = build_tiny_model("llava")
+    pixels = inputs.pop("pixel_values")
+    with torch.no_grad():
+        encoded = {"image": model.model.get_image_features(pixel_values=pixels, return_dict=True)}
+        ref = model(**inputs, mm_encoder_outputs=encoded)
+    fastvlm.patch(model, ops={"handoff"})
+    with fastvlm.trace() as t, torch.no_grad():
+        out = model(**inputs, mm_encoder_outputs=encoded)
+    ran = [r for r in t.records if r.op == "fastvlm.handoff" and r.backend == "fastvlm"]
+    assert len(ran) == 1 and ran[0].detail.endswith("from mm_encoder_outputs"), str(t)
+    assert torch.equal(out.logits, ref.logits) and list(out.keys()) == list(ref.keys())
+    assert out.image_outputs is encoded["image"]
+    with fastvlm.trace() as t, torch.no_grad(), pytest.raises(ValueError, match="pixel_values and mm_encoder_outputs"):
+        model(**inputs, pixel_values=pixels, mm_encoder_outputs=encoded)
+    assert [r.reasons for r in t.records if r.op == "fastvlm.handoff"] == [
+        ("both pixel_values and mm_encoder_outputs given",)], str(t)
+    with fastvlm.trace() as t, torch.no_grad():
+        out = model(**inputs, mm_encoder_outputs=dict(encoded, video=encoded["image"]))
+    assert [r.reasons for r in t.records if r.op == "fastvlm.handoff"] == [("mm_encoder_outputs holds video",)]
+    assert torch.equal(out.logits, ref.logits)
+
+
 def test_token_count_mismatch_raises_like_transformers(torch_backend):
     model, inputs = build_tiny_model("llava")
     token = model.config.image_token_id

@@ -157,9 +157,9 @@ def _passes_kwargs(cls):
     return False
 
 
-def _reason(config, recipe, kwargs, token_id):
+def _reason(config, recipe, kwargs, token_id, encoded):
     """Why the hand-off does not apply to this call (None when it does)."""
-    pixels, encoded = kwargs.get("pixel_values"), kwargs.get("mm_encoder_outputs")
+    pixels = kwargs.get("pixel_values")
     if encoded is not None:
         why = _encoded_reason(encoded, pixels)
         if why is not None:
@@ -190,11 +190,14 @@ def _handoff_forward(self, *args, **kwargs):
             kwargs = _as_keywords(type(self).forward, self, args, kwargs)
         except TypeError as exc:
             return _fallback(self, forward, f"arguments do not bind to the forward's signature ({exc})", args, kwargs)
+    known = set(inspect.signature(type(self).forward).parameters)
     input_ids = kwargs.get("input_ids")
     pixels = kwargs.get("pixel_values")
-    encoded = kwargs.get("mm_encoder_outputs")  # transformers 5.18+: generate encodes the images before the prefill
+    # transformers 5.18+: generate encodes the images before the prefill (5.17's forward has no such argument: there
+    # it is one of the **kwargs, passed on as the original does)
+    encoded = kwargs.get("mm_encoder_outputs") if "mm_encoder_outputs" in known else None
     token_id = _image_token_id(self.config)
-    why = _reason(self.config, recipe, kwargs, token_id)
+    why = _reason(self.config, recipe, kwargs, token_id, encoded)
     pass_kwargs = _passes_kwargs(type(self))
     if why is None and pass_kwargs is None:
         why = "the forward's source cannot be read (how it calls get_image_features)"
@@ -203,7 +206,6 @@ def _handoff_forward(self, *args, **kwargs):
 
     rest = dict(kwargs)
     call_kw = {}
-    known = set(inspect.signature(type(self).forward).parameters)
     for spec in recipe.keywords:
         name = next((n for n in ((spec,) if isinstance(spec, str) else spec) if n in known), None)
         if name is None:  # not an argument of this release's forward, so the forward cannot pass it
@@ -219,7 +221,8 @@ def _handoff_forward(self, *args, **kwargs):
     if pass_kwargs:
         call_kw.update(extra)
     for name in ("input_ids", "pixel_values", "inputs_embeds", "mm_encoder_outputs"):
-        rest.pop(name, None)
+        if name in known:
+            rest.pop(name, None)
 
     inputs_embeds = self.get_input_embeddings()(input_ids)
     if encoded is not None:
