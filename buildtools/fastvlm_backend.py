@@ -4,14 +4,46 @@
 otherwise has no torch. The extension must be compiled against the torch it will be loaded by, so the torch asked for
 is pinned to the version installed in the interpreter running pip (read in a subprocess started with ``-I``, which
 ignores the isolation's PYTHONPATH). Without torch there, the newest allowed torch is used and the runtime loader
-(fastvlm/_cext.py) rebuilds the extension on first use if the versions disagree. Every other hook is setuptools'.
+(fastvlm/_cext.py) rebuilds the extension on first use if the versions disagree. Every other hook is setuptools',
+after a check that setuptools is new enough to read pyproject.toml (77, for the PEP 639 license fields).
 """
 import os
 import subprocess
 import sys
 
+import setuptools
 from setuptools import build_meta as _setuptools
 from setuptools.build_meta import *  # noqa: F401,F403  (build_wheel, build_sdist, prepare_metadata_..., ...)
+
+# pyproject.toml's `license = "Apache-2.0"` and `license-files` (PEP 639) need setuptools 77. pip's isolated build
+# installs that ([build-system] requires); `--no-build-isolation` uses the environment's setuptools, and an older one
+# fails with an unclear "project.license must be valid exactly by one definition": the build hooks say what to do.
+MIN_SETUPTOOLS = 77
+
+
+def setuptools_problem(version=setuptools.__version__):
+    """The message for a setuptools too old to read pyproject.toml, or None."""
+    if int(version.split(".")[0]) >= MIN_SETUPTOOLS:
+        return None
+    return (f"fastvlm: building needs setuptools>={MIN_SETUPTOOLS} (PEP 639 license metadata); this environment has "
+            f"setuptools {version}: run `pip install \"setuptools>={MIN_SETUPTOOLS}\"` (or build without "
+            "--no-build-isolation)")
+
+
+def _checked(hook):
+    def run(*args, **kwargs):
+        problem = setuptools_problem()
+        if problem:
+            raise SystemExit(problem)
+        return hook(*args, **kwargs)
+
+    run.__name__ = run.__qualname__ = hook.__name__
+    return run
+
+
+for _name in ("prepare_metadata_for_build_wheel", "prepare_metadata_for_build_editable", "build_wheel",
+              "build_editable", "build_sdist"):
+    globals()[_name] = _checked(getattr(_setuptools, _name))
 
 _PROBE = ("import importlib.metadata as m\n"
           "try: print(m.version('torch'))\n"

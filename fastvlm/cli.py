@@ -6,7 +6,11 @@ import importlib
 import os
 import platform
 import sys
+import textwrap
 import warnings
+
+_INSTALL_HF = 'install it with: pip install "fastvlm[hf]" (in a source checkout: pip install ".[hf]")'
+TESTED_TRANSFORMERS = "5.17 to 5.24"  # the README's "Tested versions"; .ci/run and .ci/oldest-transformers
 
 
 def _version(mod):
@@ -44,18 +48,33 @@ def info(argv=None):
 
     print(f"  CUDA extension    {_cext.status()}")
     print("  pytorch path      always available (CPU tensors, fallbacks, FASTVLM_BACKEND=torch)")
-    sup = fastvlm.nn.supported()
-    print(f"drop-in modules ({len(sup) + 1}): " + ", ".join(sorted(sup.values())) + ", FusedLinear")
+    missing = _missing_hf()
+    if missing:
+        print(f"drop-in modules: FusedLinear only; the fused transformers classes need transformers, which is not "
+              f"installed ({missing}): {_INSTALL_HF}")
+    else:
+        names = sorted(fastvlm.nn.supported().values()) + ["FusedLinear"]
+        print(f"drop-in modules ({len(names)}): " + ", ".join(names))
     return 0
 
 
 def check(argv=None):
     """Check fused modules and patched models against the transformers originals (no download by default)."""
-    ap = argparse.ArgumentParser(prog="fastvlm check", description=check.__doc__)
+    from fastvlm.tiny_models import ALIASES, FAMILIES, canonical_family
+
+    aliases = ", ".join(f"{a} = {f}" for a, f in ALIASES.items())
+    ap = argparse.ArgumentParser(
+        prog="fastvlm check", description=check.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="families:\n" + textwrap.fill(", ".join(FAMILIES), 100, initial_indent="  ", subsequent_indent="  ")
+        + f"\n  (transformers' model_type spellings are accepted too: {aliases}; '-' for '_')")
     ap.add_argument("target", nargs="?", help="a local model directory (config.json + safetensors) or a built-in "
-                    "family name (see fastvlm.tiny_models.FAMILIES); default: every module, then a tiny LLaVA")
+                    "family (listed below): its tiny random model patched end to end; default: every fused module "
+                    "(tiny and real sizes), then the tiny LLaVA model")
     ap.add_argument("--small", action="store_true", help="tiny sizes only (fast under the Triton interpreter)")
     args = ap.parse_args(argv)
+    if args.target is not None and not os.path.isdir(args.target) and canonical_family(args.target) is None:
+        ap.error(f"{args.target!r} is neither a directory nor a built-in family (families: {', '.join(FAMILIES)})")
+    _require_hf("check")
     import fastvlm
     from fastvlm.check import run_check
 
@@ -77,6 +96,8 @@ def audit(argv=None):
 
 
 def bench(argv=None):
+    if not argv or argv[0] not in ("-h", "--help"):
+        _require_hf("bench")
     if argv and argv[0] == "qformer":  # fastvlm bench qformer [--quick] ...: the Q-Former suites
         from fastvlm.bench.qformer import main as qformer_main
 
@@ -87,19 +108,71 @@ def bench(argv=None):
 
 
 COMMANDS = {"info": info, "check": check, "audit": audit, "bench": bench}
+USAGE = """usage: fastvlm {info,check,audit,bench} [options]
+
+  info   versions, device, which backends are available and why not
+  check  fused modules vs their transformers originals on built-in random-weight models (no download);
+         `fastvlm check --help` lists the families
+  audit  compile every kernel for sm_90a (no GPU needed): registers, spills, shared memory, wgmma
+  bench  projector microbenchmark vs transformers eager and torch.compile (GPU; CPU path otherwise);
+         `fastvlm bench qformer` for the Q-Former and its attention core"""
+
+
+class _NeedsHF(Exception):
+    """A command needs transformers (or timm), which is not installed: the message says how to install it."""
+
+
+def _missing_hf(names=("transformers",)):
+    """The import error of the first of ``names`` that does not import, as text; "" when all do."""
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as exc:
+            return f"{type(exc).__name__}: {exc}"
+    return ""
+
+
+def _require_hf(command):
+    missing = _missing_hf()
+    if missing:
+        raise _NeedsHF(f"fastvlm {command}: needs transformers, which is not installed ({missing}); {_INSTALL_HF}")
+
+
+def _hf_import_error(exc):
+    """The missing top-level package (transformers or timm) behind ``exc`` or its causes, else None."""
+    while exc is not None:
+        if isinstance(exc, ModuleNotFoundError) and (exc.name or "").split(".")[0] in ("transformers", "timm"):
+            return exc.name.split(".")[0]
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: fastvlm {info,check,audit,bench} [options]\n\n"
-              "  info   versions, device, which backends are available and why not\n"
-              "  check  fused modules vs their transformers originals on built-in random-weight models (no download)\n"
-              "  audit  compile every kernel for sm_90a (no GPU needed): registers, spills, shared memory, wgmma\n"
-              "  bench  projector microbenchmark vs transformers eager and torch.compile (GPU; CPU path otherwise);\n"
-              "         `fastvlm bench qformer` for the Q-Former and its attention core")
-        return 0 if argv and argv[0] in ("-h", "--help") else (2 if argv else 0)
-    return COMMANDS[argv[0]](argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    if argv[0] not in COMMANDS:
+        print(USAGE, file=sys.stderr)
+        print(f"fastvlm: unknown command {argv[0]!r} (choose from {', '.join(COMMANDS)})", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except _NeedsHF as exc:
+        print(exc, file=sys.stderr)
+    except ImportError as exc:  # includes fastvlm.testing.FamilyUnavailable
+        from fastvlm.testing import FamilyUnavailable
+
+        package = _hf_import_error(exc)
+        if package is not None:
+            print(f"fastvlm {argv[0]}: needs {package}, which is not installed ({exc}); {_INSTALL_HF}",
+                  file=sys.stderr)
+        elif isinstance(exc, FamilyUnavailable):
+            print(f"fastvlm {argv[0]}: {exc}; fastvlm is tested with transformers {TESTED_TRANSFORMERS}, "
+                  f"installed: {_version('transformers')}", file=sys.stderr)
+        else:
+            raise
+    return 1
 
 
 if __name__ == "__main__":

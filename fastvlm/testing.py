@@ -57,8 +57,9 @@ def _mod(path, cls):
         raise FamilyUnavailable(f"transformers has no {path}.{cls}: {exc}") from exc
 
 
-# family -> (build(act) -> module, input width, tokens are merged 2x2?)
+# a module case of FAMILIES (below) -> the original transformers module, random weights, eval mode
 def build(family, act="gelu"):
+    family = _OLD_NAMES.get(family, family)
     if family in ("llava", "llava_next", "llava_next_video", "video_llava"):
         cfgname = {"llava": "LlavaConfig", "llava_next": "LlavaNextConfig", "llava_next_video": "LlavaNextVideoConfig",
                    "video_llava": "VideoLlavaConfig"}[family]
@@ -89,36 +90,36 @@ def build(family, act="gelu"):
         m = _mod("qwen2_vl.modeling_qwen2_vl", "PatchMerger")(dim=40, context_dim=24, spatial_merge_size=2)
     elif family == "qwen2_5_vl":
         m = _mod("qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLPatchMerger")(dim=40, context_dim=24)
-    elif family in ("qwen3_vl", "qwen3_vl_deepstack"):
+    elif family in ("qwen3_vl", "qwen3_vl:deepstack"):
         from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
 
         cfg = Qwen3VLVisionConfig(hidden_size=24, out_hidden_size=40, num_heads=4, intermediate_size=32, depth=1)
         m = _mod("qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchMerger")(
-            cfg, use_postshuffle_norm=family == "qwen3_vl_deepstack")
+            cfg, use_postshuffle_norm=family == "qwen3_vl:deepstack")
     elif family in ("idefics3", "smolvlm"):
         cfg_cls, vt, scale = (("Idefics3Config", "idefics3_vision", 2) if family == "idefics3" else
                               ("SmolVLMConfig", "smolvlm_vision", 3))
         path = ("idefics3.modeling_idefics3", "Idefics3Connector") if family == "idefics3" else \
             ("smolvlm.modeling_smolvlm", "SmolVLMConnector")
         m = _mod(*path)(_cfg(cfg_cls, vision_config=dict(model_type=vt, **V), text_config=LLAMA, scale_factor=scale))
-    elif family in ("llama4_adapter", "llama4_projector"):
+    elif family in ("llama4:adapter", "llama4:projector"):
         from transformers.models.llama4.configuration_llama4 import Llama4VisionConfig
 
         vc = Llama4VisionConfig(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1,
                                 pixel_shuffle_ratio=0.5, projector_input_dim=80, projector_output_dim=80,
                                 vision_output_dim=80, image_size=56, patch_size=14)
-        if family == "llama4_adapter":
+        if family == "llama4:adapter":
             m = _mod("llama4.modeling_llama4", "Llama4VisionPixelShuffleMLP")(vc)
         else:
             m = _mod("llama4.modeling_llama4", "Llama4MultiModalProjector")(_cfg(
                 "Llama4Config", vision_config=vc.to_dict(), text_config=dict(
                     hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=4,
                     num_hidden_layers=1, vocab_size=100)))
-    elif family == "idefics2_mlp":
+    elif family == "idefics2:mlp":
         m = _mod("idefics2.modeling_idefics2", "Idefics2MLP")(hidden_size=48, intermediate_size=72, output_size=40,
                                                              hidden_act="silu")
     elif family == "aya_vision":
-        cfg = _cfg("AyaVisionConfig", vision_config=SIGLIP, text_config=dict(model_type="cohere2", **T),
+        cfg = _cfg("AyaVisionConfig", vision_config=SIGLIP, text_config=dict(model_type="cohere2", pad_token_id=0, bos_token_id=1, eos_token_id=2, **T),
                    downsample_factor=2)
         cfg.alignment_intermediate_size = 80
         m = _mod("aya_vision.modeling_aya_vision", "AyaVisionMultiModalProjector")(cfg)
@@ -137,28 +138,41 @@ def build(family, act="gelu"):
     return randomize_(m.eval())
 
 
+# The module cases: a family name of fastvlm.tiny_models.FAMILIES (the one naming scheme, also `fastvlm check
+# FAMILY`'s), followed by ":part" where a family has more than one connector module.
 FAMILIES = ["llava", "llava_next", "llava_next_video", "llava_onevision", "video_llava", "fast_vlm", "paligemma",
-            "vipllava", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack", "idefics3", "smolvlm",
-            "llama4_adapter", "llama4_projector", "gemma3", "mistral3", "aya_vision", "idefics2_mlp"]
-MERGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_deepstack"}
+            "vipllava", "internvl", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl:deepstack", "idefics3", "smolvlm",
+            "llama4:adapter", "llama4:projector", "gemma3", "mistral3", "aya_vision", "idefics2:mlp"]
+# earlier names of the cases, still accepted by build / args_for / input_for
+_OLD_NAMES = {"qwen3_vl_deepstack": "qwen3_vl:deepstack", "llama4_adapter": "llama4:adapter",
+              "llama4_projector": "llama4:projector", "idefics2_mlp": "idefics2:mlp"}
+
+
+def case_family(case):
+    """The family of a module case ("llama4:adapter" -> "llama4")."""
+    return _OLD_NAMES.get(case, case).split(":")[0]
+
+
+MERGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl:deepstack"}
 
 
 def args_for(family, module, tokens=12, dtype=torch.float32, device="cpu"):
     """Random forward arguments shaped as the family's caller passes them (a tuple)."""
+    family = _OLD_NAMES.get(family, family)
     r = lambda *shape: torch.randn(*shape, dtype=dtype, device=device) * 2 + 0.5  # noqa: E731
     if family == "idefics3":
         return (r(2, 36, 48),)  # 6 x 6 grid, scale 2
     if family == "smolvlm":
         return (r(2, 36, 48),)  # 6 x 6 grid, scale 3
-    if family == "llama4_adapter":
+    if family == "llama4:adapter":
         return (r(3, 16, 16),)  # 4 x 4 grid of 16 channels, ratio 0.5
-    if family == "llama4_projector":
+    if family == "llama4:projector":
         return (r(5, 80),)
     if family == "gemma3":
         return (r(2, 64, 48),)  # 8 x 8 grid pooled by 2
     if family == "aya_vision":
         return (r(2, 36, 48),)  # 6 x 6 grid, downsample 2
-    if family == "idefics2_mlp":
+    if family == "idefics2:mlp":
         return (r(2, 7, 48),)
     if family == "mistral3":  # two images of 4 x 6 and 2 x 2 patches (patch 14), packed in one sequence
         return r(28, 48), torch.tensor([[56, 84], [28, 28]], device=device)
@@ -167,6 +181,7 @@ def args_for(family, module, tokens=12, dtype=torch.float32, device="cpu"):
 
 def input_for(family, module, tokens=12, dtype=torch.float32, device="cpu"):
     """A random input shaped as the family's caller passes it ([B, P, D], or [patches, D] for the mergers)."""
+    family = _OLD_NAMES.get(family, family)
     lin = module.get_submodule({"paligemma": "linear"}.get(family, "linear_1" if family not in MERGED else
                                                          ("mlp.0" if family.startswith("qwen2") else "linear_fc1")))
     if family in MERGED:

@@ -5,10 +5,11 @@
 and ``inputs`` is a dict such that ``model(**inputs).logits`` works and
 ``model.generate(**inputs, max_new_tokens=8, do_sample=False)`` works.
 
-Everything is built from public config classes; nothing is downloaded.  The
-connector / projector modules (see ``projector_paths``) are re-randomised with
-``randn * 0.5`` after construction so that the image path is never degenerate
-(HF initialises e.g. BLIP-2 ``query_tokens`` to zeros).
+Everything is built from public config classes; nothing is downloaded.  ``FAMILIES`` is the one list of family
+names (transformers' model_type spelling) that ``fastvlm check FAMILY`` and fastvlm.testing's module cases use;
+importing this module does not import transformers.  The connector / projector modules (see ``projector_paths``)
+are re-randomised with ``randn * 0.5`` after construction so that the image path is never degenerate (HF
+initialises e.g. BLIP-2 ``query_tokens`` to zeros).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import copy
 
 import torch
-import transformers
 from torch import nn
 
 # ----------------------------------------------------------------------------- ids
@@ -160,6 +160,17 @@ _SPECS: dict[str, dict] = {
 }
 
 FAMILIES = list(_SPECS)
+# Other spellings ``fastvlm check FAMILY`` accepts: transformers' model_type and its models/ folder name where they
+# differ from the family name (BLIP-2 is "blip-2" and models/blip_2); "-" and "_" are interchangeable anyway.
+ALIASES = {"blip_2": "blip2"}
+
+
+def canonical_family(name: str) -> str | None:
+    """The family name for ``name`` (a family, a transformers model_type or models/ folder name, or a
+    ``family:part`` case of fastvlm.testing), or None when there is no such family."""
+    key = name.strip().lower().replace("-", "_").split(":")[0]
+    key = ALIASES.get(key, key)
+    return key if key in _SPECS else None
 
 _PROJECTORS = {
     "qwen2_vl": ["model.visual.merger"],
@@ -268,6 +279,8 @@ def _text_inputs(spec: dict) -> dict:
 
 
 def build_config(family: str):
+    import transformers
+
     spec = _SPECS[family]
     return getattr(transformers, spec["cls"] + "Config")(**copy.deepcopy(spec["config"]))
 
@@ -276,6 +289,8 @@ def build_tiny_model(family: str, seed: int = 0) -> tuple[torch.nn.Module, dict]
     """Return ``(model, inputs)``: eval-mode fp32 CPU model with random weights, and its forward inputs."""
     if family not in _SPECS:
         raise KeyError(f"unknown family {family!r}; known: {FAMILIES}")
+    import transformers
+
     spec = _SPECS[family]
     torch.manual_seed(seed)
     cfg = build_config(family)

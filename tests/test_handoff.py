@@ -8,11 +8,16 @@ original model's and generate must give the same tokens.
 import pytest
 import torch
 
+from transformers import GenerationMixin
+
 import fastvlm
 from fastvlm.integrations import handoff
 from fastvlm.tiny_models import FAMILIES, build_tiny_model
 
 HANDOFF_FAMILIES = [r.family for r in handoff.RECIPES if r.family in FAMILIES]
+# transformers 5.18+ generate encodes the images before the prefill and passes mm_encoder_outputs, not the pixels
+_GENERATE_SOURCE = ("mm_encoder_outputs" if hasattr(GenerationMixin, "_prepare_multimodal_encoder_kwargs_for_generation")
+                    else "pixel_values")
 
 
 pytestmark = pytest.mark.usefixtures("quiet_fallbacks")  # fallback warnings are asserted through trace()
@@ -20,6 +25,14 @@ pytestmark = pytest.mark.usefixtures("quiet_fallbacks")  # fallback warnings are
 
 def _inner(model):
     return next(m for m in model.modules() if handoff.recipe_for(m) is not None)
+
+
+def _image_rows(out):
+    """The image rows the output reports: transformers 5.24 ``image_outputs``, 5.17 / 5.18 ``image_hidden_states``."""
+    if "image_outputs" in out.__dataclass_fields__:
+        feats = out.image_outputs.pooler_output
+        return torch.cat(list(feats)) if isinstance(feats, (list, tuple)) else feats
+    return out.image_hidden_states
 
 
 def _outputs(model, inputs):
@@ -41,16 +54,18 @@ def test_handoff_is_exact(family, torch_backend):
     inner = _inner(model)
     assert [e.status for e in report.entries if e.fused == "hand-off"] == ["patched"], str(report)
     assert handoff.is_installed(inner)
-    with fastvlm.trace() as t:
-        out, tokens = _outputs(model, inputs)
+    with fastvlm.trace() as t, torch.no_grad():
+        out = model(**inputs)
     ops = [r.op for r in t.records]
     assert "fastvlm.handoff" in ops and "fastvlm::scatter_image_features" in ops, str(t)
+    with fastvlm.trace() as t, torch.no_grad():
+        tokens = model.generate(**inputs, max_new_tokens=8, do_sample=False)
+    ran = [r for r in t.records if r.op == "fastvlm.handoff" and r.backend == "fastvlm"]
+    assert len(ran) == 1 and ran[0].detail.endswith(_GENERATE_SOURCE), str(t)  # the prefill; decode steps: text
     assert torch.equal(out.logits, ref.logits)
     assert torch.equal(tokens, ref_tokens)
-    ref_feats, feats = ref.image_outputs.pooler_output, out.image_outputs.pooler_output
-    if isinstance(feats, (list, tuple)):
-        ref_feats, feats = torch.cat(list(ref_feats)), torch.cat(list(feats))
-    assert torch.equal(feats, ref_feats)
+    assert list(out.keys()) == list(ref.keys())
+    assert torch.equal(_image_rows(out), _image_rows(ref))
     assert fastvlm.unpatch(model) == 1
     assert not handoff.is_installed(inner) and "forward" not in inner.__dict__
 
@@ -77,6 +92,32 @@ def test_falls_through_with_the_reason(torch_backend):
     with fastvlm.trace() as t, torch.no_grad():  # text only
         model(input_ids=inputs["input_ids"][:, :3])
     assert any("no pixel_values" in " ".join(r.reasons) for r in t.records if r.op == "fastvlm.handoff"), str(t)
+
+
+@pytest.mark.skipif(_GENERATE_SOURCE != "mm_encoder_outputs", reason="transformers 5.17: no mm_encoder_outputs")
+def test_mm_encoder_outputs_forward(torch_backend):
+    """Image features encoded beforehand (as generate does from 5.18 on): the same logits, the rows taken from them;
+    outside what the hand-off reproduces, the original's forward and error."""
+    model, inputs = build_tiny_model("llava")
+    pixels = inputs.pop("pixel_values")
+    with torch.no_grad():
+        encoded = {"image": model.model.get_image_features(pixel_values=pixels, return_dict=True)}
+        ref = model(**inputs, mm_encoder_outputs=encoded)
+    fastvlm.patch(model, ops={"handoff"})
+    with fastvlm.trace() as t, torch.no_grad():
+        out = model(**inputs, mm_encoder_outputs=encoded)
+    ran = [r for r in t.records if r.op == "fastvlm.handoff" and r.backend == "fastvlm"]
+    assert len(ran) == 1 and ran[0].detail.endswith("from mm_encoder_outputs"), str(t)
+    assert torch.equal(out.logits, ref.logits) and list(out.keys()) == list(ref.keys())
+    assert out.image_outputs is encoded["image"]
+    with fastvlm.trace() as t, torch.no_grad(), pytest.raises(ValueError, match="pixel_values and mm_encoder_outputs"):
+        model(**inputs, pixel_values=pixels, mm_encoder_outputs=encoded)
+    assert [r.reasons for r in t.records if r.op == "fastvlm.handoff"] == [
+        ("both pixel_values and mm_encoder_outputs given",)], str(t)
+    with fastvlm.trace() as t, torch.no_grad():
+        out = model(**inputs, mm_encoder_outputs=dict(encoded, video=encoded["image"]))
+    assert [r.reasons for r in t.records if r.op == "fastvlm.handoff"] == [("mm_encoder_outputs holds video",)]
+    assert torch.equal(out.logits, ref.logits)
 
 
 def test_token_count_mismatch_raises_like_transformers(torch_backend):

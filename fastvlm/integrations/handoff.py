@@ -5,15 +5,21 @@ transformers' multimodal models embed the text, run ``get_image_features``, chec
 ``install(model)`` gives each supported inner model (``LlavaModel`` and friends) an instance-level ``forward`` that
 does the image branch itself with ``fastvlm.ops.scatter.scatter_image_features`` (one pass over the image rows,
 the same count check and error) and then calls the class's own forward with ``inputs_embeds`` and no pixels, so the
-language-model part is the original code path. The output's ``image_outputs`` is set to what
-``get_image_features`` returned, as the original does.
+language-model part is the original code path. The output's ``image_outputs`` field is set to what
+``get_image_features`` returned, or, in releases whose output has ``image_hidden_states`` instead (5.17, 5.18), that
+field to the scattered rows, as the original does.
+
+Two ways in, both handled: ``pixel_values`` (a plain forward call, and ``generate`` in 5.17), and
+``mm_encoder_outputs={"image": ...}`` (``generate`` from 5.18 on runs ``get_image_features`` before the prefill and
+passes its output instead of the pixels): the hand-off then takes the image rows from that output, as the original
+forward does, instead of calling ``get_image_features`` itself.
 
 Where it is exact: the family's forward uses ``input_ids`` only to embed the text and to find the image tokens, and
 calls ``get_image_features`` in a way each ``HandoffRecipe`` below describes as data (positional and keyword
 arguments, defaults taken from the config, ``return_dict``, whether the per-image outputs are concatenated). The
 call falls through to the original forward (reported by ``fastvlm.trace()``, never silently wrong) when the inputs
-are outside that: no ``input_ids`` or pixels, ``inputs_embeds`` or ``mm_encoder_outputs`` given, videos, a tuple
-output. Families whose forward also reads ``input_ids`` elsewhere (Qwen2-VL's rope index, Gemma 3 and
+are outside that: no ``input_ids`` or image input, ``inputs_embeds`` given, both pixels and ``mm_encoder_outputs``,
+videos, a tuple output. Families whose forward also reads ``input_ids`` elsewhere (Qwen2-VL's rope index, Gemma 3 and
 PaliGemma's token-type masks, Idefics' own merger) are listed in ``NOT_EXACT`` and keep their forward.
 
 The wrapper is an instance attribute: nothing in transformers' classes changes, ``remove(model)`` deletes it, and
@@ -21,8 +27,10 @@ hooks, ``state_dict`` and ``save_pretrained`` are unaffected.
 """
 from __future__ import annotations
 
+import ast
 import functools
 import inspect
+import textwrap
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +42,7 @@ from fastvlm.ops.scatter import scatter_image_features
 OP = "fastvlm.handoff"
 _MARK = "_fastvlm_handoff"
 _IMAGE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
+_VIP_LAYERS = ("vision_feature_layer", "vision_feature_layers")
 
 
 @dataclass(frozen=True)
@@ -41,9 +50,10 @@ class HandoffRecipe:
     family: str
     cls: str  # the inner model class (the one whose forward does the masked_scatter)
     positional: tuple = ()  # forward arguments passed positionally to get_image_features, after pixel_values
-    keywords: tuple = _IMAGE_KWARGS  # forward arguments passed by keyword
+    # forward arguments passed by keyword; a tuple of names where transformers renamed one (the one the installed
+    # forward's signature has is used). Whether the forward also passes its **kwargs is read from its source.
+    keywords: tuple = _IMAGE_KWARGS
     return_dict: bool = True  # the forward passes return_dict=True
-    pass_kwargs: bool = False  # the forward passes its **kwargs on to get_image_features
     concat: bool = False  # pooler_output is a list of per-image tensors that the forward concatenates
     config_defaults: tuple = ()  # keyword arguments the forward fills from the config when None
     needs_none: tuple = ()  # forward arguments that must be None (e.g. videos) for the hand-off to apply
@@ -51,14 +61,15 @@ class HandoffRecipe:
 
 
 RECIPES = (
-    HandoffRecipe("llava", "LlavaModel", keywords=_IMAGE_KWARGS + ("image_sizes",), pass_kwargs=True, concat=True),
+    HandoffRecipe("llava", "LlavaModel", keywords=_IMAGE_KWARGS + ("image_sizes",), concat=True),
     HandoffRecipe("llava_next", "LlavaNextModel", positional=("image_sizes",), concat=True, nonempty_pixels=True),
     HandoffRecipe("llava_next_video", "LlavaNextVideoModel", positional=("image_sizes",), concat=True,
                   needs_none=("pixel_values_videos",)),
     HandoffRecipe("llava_onevision", "LlavaOnevisionModel", positional=("image_sizes",),
                   keywords=_IMAGE_KWARGS + ("batch_num_images",), concat=True, needs_none=("pixel_values_videos",)),
-    HandoffRecipe("vipllava", "VipLlavaModel", keywords=("vision_feature_layer",), return_dict=False,
-                  config_defaults=("vision_feature_layer",)),
+    # vision_feature_layers in 5.17 and 5.18, vision_feature_layer in 5.24
+    HandoffRecipe("vipllava", "VipLlavaModel", keywords=(_VIP_LAYERS,), return_dict=False,
+                  config_defaults=_VIP_LAYERS),
     HandoffRecipe("fast_vlm", "FastVlmModel"),
     HandoffRecipe("mistral3", "Mistral3Model", keywords=("vision_feature_layer", "image_sizes"), concat=True),
     HandoffRecipe("aya_vision", "AyaVisionModel"),
@@ -115,6 +126,62 @@ def _fallback(self, forward, why, args, kwargs):
     return forward(*args, **kwargs)
 
 
+def _encoded_reason(encoded, pixels):
+    """Why the hand-off cannot take ``mm_encoder_outputs`` as given (None when it can): only images, as a
+    ``ModelOutput`` with ``pooler_output``, and no pixels beside it (the original raises on both)."""
+    if pixels is not None:
+        return "both pixel_values and mm_encoder_outputs given"
+    if not isinstance(encoded, dict):
+        return "mm_encoder_outputs is not a dict"
+    if any(value is not None for key, value in encoded.items() if key != "image"):
+        return "mm_encoder_outputs holds " + " / ".join(sorted(k for k, v in encoded.items() if v is not None
+                                                               and k != "image"))
+    if encoded.get("image") is None:
+        return "no image in mm_encoder_outputs"
+    if getattr(encoded["image"], "pooler_output", None) is None:
+        return "mm_encoder_outputs['image'] has no pooler_output"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _passes_kwargs(cls):
+    """Whether ``cls.forward`` passes its ``**kwargs`` on to ``get_image_features`` (5.24's LlavaModel does, 5.17's
+    does not); None when its source cannot be read."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls.forward)))
+    except (OSError, TypeError, SyntaxError):
+        return None
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "get_image_features":
+            return any(k.arg is None for k in node.keywords)
+    return False
+
+
+def _reason(config, recipe, kwargs, token_id, encoded):
+    """Why the hand-off does not apply to this call (None when it does)."""
+    pixels = kwargs.get("pixel_values")
+    if encoded is not None:
+        why = _encoded_reason(encoded, pixels)
+        if why is not None:
+            return why
+    elif pixels is None:
+        return "no pixel_values or mm_encoder_outputs"
+    if kwargs.get("input_ids") is None:
+        return "no input_ids (inputs_embeds given)"
+    if kwargs.get("inputs_embeds") is not None:
+        return "inputs_embeds given"
+    if any(kwargs.get(name) is not None for name in recipe.needs_none):
+        return " / ".join(recipe.needs_none) + " given"
+    if recipe.nonempty_pixels and encoded is None and pixels.size(0) == 0:
+        return "pixel_values has no images"
+    if token_id is None:
+        return "config has no image_token_id"
+    if kwargs.get("return_dict") is False or (kwargs.get("return_dict") is None
+                                               and getattr(config, "return_dict", True) is False):
+        return "return_dict=False (tuple output)"
+    return None
+
+
 def _handoff_forward(self, *args, **kwargs):
     recipe = self.__dict__[_MARK]
     forward = functools.partial(type(self).forward, self)
@@ -123,31 +190,26 @@ def _handoff_forward(self, *args, **kwargs):
             kwargs = _as_keywords(type(self).forward, self, args, kwargs)
         except TypeError as exc:
             return _fallback(self, forward, f"arguments do not bind to the forward's signature ({exc})", args, kwargs)
+    known = set(inspect.signature(type(self).forward).parameters)
     input_ids = kwargs.get("input_ids")
     pixels = kwargs.get("pixel_values")
+    # transformers 5.18+: generate encodes the images before the prefill (5.17's forward has no such argument: there
+    # it is one of the **kwargs, passed on as the original does)
+    encoded = kwargs.get("mm_encoder_outputs") if "mm_encoder_outputs" in known else None
     token_id = _image_token_id(self.config)
-    why = None
-    if pixels is None:
-        why = "no pixel_values"
-    elif input_ids is None:
-        why = "no input_ids (inputs_embeds given)"
-    elif kwargs.get("inputs_embeds") is not None or kwargs.get("mm_encoder_outputs") is not None:
-        why = "inputs_embeds or mm_encoder_outputs given"
-    elif any(kwargs.get(name) is not None for name in recipe.needs_none):
-        why = " / ".join(recipe.needs_none) + " given"
-    elif recipe.nonempty_pixels and pixels.size(0) == 0:
-        why = "pixel_values has no images"
-    elif token_id is None:
-        why = "config has no image_token_id"
-    elif kwargs.get("return_dict") is False or (kwargs.get("return_dict") is None
-                                                 and getattr(self.config, "return_dict", True) is False):
-        why = "return_dict=False (tuple output)"
+    why = _reason(self.config, recipe, kwargs, token_id, encoded)
+    pass_kwargs = _passes_kwargs(type(self))
+    if why is None and pass_kwargs is None:
+        why = "the forward's source cannot be read (how it calls get_image_features)"
     if why is not None:
         return _fallback(self, forward, why, (), kwargs)
 
     rest = dict(kwargs)
     call_kw = {}
-    for name in recipe.keywords:
+    for spec in recipe.keywords:
+        name = next((n for n in ((spec,) if isinstance(spec, str) else spec) if n in known), None)
+        if name is None:  # not an argument of this release's forward, so the forward cannot pass it
+            continue
         value = rest.pop(name, None)
         if value is None and name in recipe.config_defaults:
             value = getattr(self.config, name)
@@ -155,24 +217,41 @@ def _handoff_forward(self, *args, **kwargs):
     positional = [rest.pop(name, None) for name in recipe.positional]
     if recipe.return_dict:
         call_kw["return_dict"] = True
-    known = set(inspect.signature(type(self).forward).parameters)
     extra = {k: v for k, v in rest.items() if k not in known}  # the forward's **kwargs bucket
-    if recipe.pass_kwargs:
+    if pass_kwargs:
         call_kw.update(extra)
     for name in ("input_ids", "pixel_values", "inputs_embeds", "mm_encoder_outputs"):
-        rest.pop(name, None)
+        if name in known:
+            rest.pop(name, None)
 
     inputs_embeds = self.get_input_embeddings()(input_ids)
-    image_outputs = self.get_image_features(pixels, *positional, **call_kw)
+    if encoded is not None:
+        image_outputs = encoded["image"]
+    else:
+        image_outputs = self.get_image_features(pixels, *positional, **call_kw)
     features = image_outputs.pooler_output
-    if recipe.concat:
+    if recipe.concat or isinstance(features, (list, tuple)):  # 5.17's FastVLM returns a list and concatenates it
         features = torch.cat(features, dim=0)
     features = features.to(inputs_embeds.device, inputs_embeds.dtype)
     inputs_embeds = scatter_image_features(inputs_embeds, input_ids == token_id, features)
-    _dispatch._record(_dispatch.OpRecord(OP, "fastvlm", (), f"{type(self).__name__} rows{tuple(features.shape)}"))
+    source = "mm_encoder_outputs" if encoded is not None else "pixel_values"
+    _dispatch._record(_dispatch.OpRecord(OP, "fastvlm", (),
+                                         f"{type(self).__name__} rows{tuple(features.shape)} from {source}"))
     out = forward(input_ids=None, inputs_embeds=inputs_embeds, pixel_values=None, **rest)
-    out.image_outputs = image_outputs
+    fields = getattr(out, "__dataclass_fields__", {})
+    if "image_outputs" in fields or "image_hidden_states" not in fields:  # transformers 5.24
+        _set_field(out, "image_outputs", image_outputs)
+    else:  # 5.17, 5.18: the output holds the concatenated rows
+        _set_field(out, "image_hidden_states", features)
     return out
+
+
+def _set_field(out, name, value):
+    """Set an output field as the original's constructor would (``ModelOutput`` keeps set fields as dict keys too)."""
+    if name in getattr(out, "__dataclass_fields__", {}):
+        out[name] = value
+    else:
+        setattr(out, name, value)
 
 
 def install(model: nn.Module, selected=lambda family: True):
