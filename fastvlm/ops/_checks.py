@@ -1,0 +1,84 @@
+"""Argument checks shared by the public ops, run before the backend is chosen so both paths behave the same.
+
+Cheap by design: shapes, dtypes and devices only, except for index tables, whose values decide what memory a kernel
+reads. Index tables (``rows`` of ``mlp_projector`` / ``pool_tokens``, position rows, kept-patch rows) are checked
+
+* not at all when the table came from ``fastvlm.ops.layout`` (``trust_table``: its extent is known when it is built,
+  so only ``extent <= rows of x`` is compared, and an in-place edit of the table, which bumps its version counter,
+  withdraws the trust);
+* on the host when the table is on the CPU (a min/max reduction; no device is involved): an ``IndexError`` naming
+  the table, the same text on the PyTorch path and in the Triton interpreter;
+* on the device otherwise: ``torch._assert_async`` (a device-side assert, as an embedding lookup makes), never a
+  host synchronisation.
+
+Meta tensors (shape tracing) skip the value checks: there are no values.
+"""
+from __future__ import annotations
+
+import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_TRUSTED = WeakIdKeyDictionary()  # table -> (extent, version when trusted)
+
+
+def trust_table(table, extent):
+    """Mark ``table`` (built by fastvlm.ops.layout) as holding indices in [0, ``extent``); returns it."""
+    if not torch.compiler.is_compiling():
+        _TRUSTED[table] = (int(extent), table._version)
+    return table
+
+
+def autocast_on(device) -> bool:
+    """``torch.is_autocast_enabled`` for ``device``'s type; False for device types without autocast (meta)."""
+    try:
+        return torch.is_autocast_enabled(device.type)
+    except RuntimeError:  # "unknown device type for autocast"
+        return False
+
+
+def autocast_reasons(device):
+    """A fallback reason while autocast is on: the PyTorch path's ops apply autocast's casts, the kernels do not."""
+    if autocast_on(device):
+        return [f"autocast is enabled on {device.type} (the PyTorch path applies its casts; the kernels do not)"]
+    return []
+
+
+def is_meta(t) -> bool:
+    """True for a meta tensor: shape tracing, answered by the op's fake implementation (no backend runs)."""
+    return t is not None and t.device.type == "meta"
+
+
+def _range_error(op, name, lo, hi, n):
+    return IndexError(f"{op}: {name} holds indices {lo}..{hi}, outside [0, {n}) (the {n} rows it indexes)")
+
+
+def check_indices(op, name, idx, n):
+    """Every entry of the integer tensor ``idx`` lies in [0, n) (see the module docstring for how)."""
+    if idx.numel() == 0 or idx.device.type == "meta":
+        return
+    trusted = _TRUSTED.get(idx)
+    if trusted is not None and trusted[1] == idx._version:
+        if trusted[0] > n:  # a layout table's indices are exactly 0 .. extent - 1
+            raise _range_error(op, name, 0, trusted[0] - 1, n)
+        return
+    if idx.device.type == "cpu":
+        lo, hi = torch.aminmax(idx)
+        lo, hi = int(lo), int(hi)
+        if lo < 0 or hi >= n:
+            raise _range_error(op, name, lo, hi, n)
+    else:
+        torch._assert_async(((idx >= 0) & (idx < n)).all(), f"{op}: {name} holds indices outside [0, {n})")
+
+
+def row_table(op, rows, x, name="rows"):
+    """Check a [M, Q] int64 table of row indices into ``x`` [T, D] (dtype, shape, device); returns it contiguous
+    (the kernels read it row-major; the PyTorch path takes any layout, so both accept any). The values are checked
+    by ``check_indices`` in the op's forward, which also runs under torch.compile (real tensors there)."""
+    if not isinstance(rows, torch.Tensor) or rows.dim() != 2 or rows.dtype != torch.int64:
+        got = f"{tuple(rows.shape)} {rows.dtype}" if isinstance(rows, torch.Tensor) else type(rows).__name__
+        raise ValueError(f"{op}: {name} must be an int64 [M, Q] table of row indices into x, got {got}")
+    if rows.shape[1] == 0:
+        raise ValueError(f"{op}: {name} must list at least one source row per output row, got {tuple(rows.shape)}")
+    if rows.device != x.device:
+        raise ValueError(f"{op}: {name} is on {rows.device} but x on {x.device}")
+    return rows if rows.is_contiguous() else rows.contiguous()
