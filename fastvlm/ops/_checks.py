@@ -48,26 +48,39 @@ def is_meta(t) -> bool:
     return t is not None and t.device.type == "meta"
 
 
-def _range_error(op, name, lo, hi, n):
-    return IndexError(f"{op}: {name} holds indices {lo}..{hi}, outside [0, {n}) (the {n} rows it indexes)")
+RANGE_ERROR = "{op}: {name} holds indices {lo}..{hi}, outside the {n} rows of x"
 
 
-def check_indices(op, name, idx, n):
-    """Every entry of the integer tensor ``idx`` lies in [0, n) (see the module docstring for how)."""
+def check_indices(op, name, idx, n, error=RANGE_ERROR):
+    """Every entry of the integer tensor ``idx`` lies in [0, n) (see the module docstring for how). ``error``: the
+    IndexError's text, formatted with op, name, lo, hi (the smallest and largest index) and n."""
     if idx.numel() == 0 or idx.device.type == "meta":
         return
     trusted = _TRUSTED.get(idx)
     if trusted is not None and trusted[1] == idx._version:
         if trusted[0] > n:  # a layout table's indices are exactly 0 .. extent - 1
-            raise _range_error(op, name, 0, trusted[0] - 1, n)
+            raise IndexError(error.format(op=op, name=name, lo=0, hi=trusted[0] - 1, n=n))
         return
     if idx.device.type == "cpu":
         lo, hi = torch.aminmax(idx)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= n:
-            raise _range_error(op, name, lo, hi, n)
+            raise IndexError(error.format(op=op, name=name, lo=lo, hi=hi, n=n))
     else:
         torch._assert_async(((idx >= 0) & (idx < n)).all(), f"{op}: {name} holds indices outside [0, {n})")
+
+
+def index_tensor(op, name, idx, device, dims=None):
+    """Check that ``idx`` is an int32/int64 tensor on ``device`` (with ``dims`` dimensions when given): the dtypes
+    both paths index with. Returns it contiguous (the kernels read it row-major)."""
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int32, torch.int64) or (
+            dims is not None and idx.dim() != dims):
+        got = f"{tuple(idx.shape)} {idx.dtype}" if isinstance(idx, torch.Tensor) else type(idx).__name__
+        raise ValueError(f"{op}: {name} must be an int64 (or int32) {dims or ''}{'-D ' if dims else ''}tensor of "
+                         f"indices, got {got}")
+    if idx.device != device:
+        raise ValueError(f"{op}: {name} is on {idx.device} but the input on {device}")
+    return idx if idx.is_contiguous() else idx.contiguous()
 
 
 def row_table(op, rows, x, name="rows"):
