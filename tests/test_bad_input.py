@@ -1,0 +1,389 @@
+"""Bad and edge-case input (issue 14, sections 3-5): every public op and fused module behaves the same on the PyTorch
+path and on the kernel path (the Triton interpreter here), and like the original / reference: the original's error
+for what it rejects, its result for what it accepts, an index table out of range an IndexError naming it (never a read
+outside ``x``), no internal exception. Small shapes: the whole file runs in seconds."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastvlm
+from fastvlm import FastVLMFallbackError
+from fastvlm.ops import _checks
+from fastvlm.ops.attention import attention
+from fastvlm.ops.feature_map import feature_map_projector
+from fastvlm.ops.layout import space_to_depth_rows
+from fastvlm.ops.linear_norm import linear_residual_layernorm
+from fastvlm.ops.patch_embed import patch_embed
+from fastvlm.ops.perceiver import norm_linear
+from fastvlm.ops.pool import pool_tokens
+from fastvlm.ops.projector import mlp_projector
+from fastvlm.ops.rows_embed import rows_embed
+from fastvlm.testing import FAMILIES, args_for, build
+from helpers import assert_close
+
+pytestmark = pytest.mark.usefixtures("quiet_fallbacks")
+
+
+@pytest.fixture(params=["torch", "triton"])
+def backend(request, monkeypatch):
+    """Both paths: the PyTorch path, and the kernels (in the interpreter on CPU)."""
+    monkeypatch.setenv("FASTVLM_BACKEND", request.param)
+    return request.param
+
+
+def _outcome(fn):
+    """("ok", shape, dtype) or ("error", type, message) of a call."""
+    try:
+        y = fn()
+    except FastVLMFallbackError:
+        raise
+    except Exception as exc:  # noqa: BLE001  (the comparison is the point)
+        return ("error", type(exc), str(exc))
+    return ("ok", tuple(y.shape), y.dtype)
+
+
+# ------------------------------------------------------------------------------- section 3: silent wrong results
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"])
+def test_qwen_merger_rejects_a_wrong_last_dimension_as_the_original(family, backend):
+    """16 x 30 elements are 5 rows of the merged width 96, but the norm runs over 24 features: the original raises."""
+    m = build(family)
+    x = torch.randn(16, 30)
+    with torch.no_grad():
+        with pytest.raises(Exception) as orig:
+            m(x)
+        with pytest.raises(type(orig.value), match=re.escape(str(orig.value))):
+            fastvlm.nn.from_module(m)(x)
+
+
+def test_qwen3_postshuffle_norm_takes_any_last_dimension_as_the_original(backend):
+    """With the norm after the merge, the original only views x as rows of the merged width: the fused module too."""
+    m = build("qwen3_vl_deepstack")
+    x = torch.randn(16, 30)
+    with torch.no_grad():
+        out = fastvlm.nn.from_module(m)(x)
+        ref = m.double()(x.double())
+    assert_close(out, ref, torch.float32, 96, roundings=3)
+
+
+def test_qwen2_5_rmsnorm_broadcast_input_as_the_original(backend):
+    """A width-1 input broadcasts through the original's RMSNorm weight ([4, 1] -> [4, 24] -> one merged row)."""
+    m = build("qwen2_5_vl")
+    x = torch.randn(4, 1)
+    with torch.no_grad():
+        out = fastvlm.nn.from_module(m)(x)
+        ref = m.double()(x.double())
+    assert out.shape == ref.shape == (1, 40)
+    assert_close(out, ref, torch.float32, 96, roundings=3)
+
+
+_AUTOCAST_CALLS = {
+    "mlp_projector": lambda: mlp_projector(torch.randn(4, 8), torch.randn(6, 8), act="gelu"),
+    "mlp_projector_concat": lambda: mlp_projector(torch.randn(16, 8), torch.randn(6, 32), act="gelu",
+                                                  rows=space_to_depth_rows(1, 4, 4, 2), a_mode="concat"),
+    "feature_map_projector": lambda: feature_map_projector(torch.randn(2, 8, 4, 4), torch.randn(6, 8)),
+    "linear_residual_layernorm": lambda: linear_residual_layernorm(torch.randn(3, 8), torch.randn(6, 8),
+                                                                   ln_weight=torch.randn(6)),
+    "norm_linear": lambda: norm_linear(torch.randn(3, 8), torch.randn(6, 8), norm_weight=torch.randn(8)),
+    "rows_embed": lambda: rows_embed(torch.randn(3, 8), torch.randn(6, 8), torch.randn(6)),
+    "patch_embed": lambda: patch_embed(torch.randn(2, 3, 8, 8), torch.randn(6, 3, 4, 4), torch.randn(6)),
+    "attention": lambda: attention(torch.randn(1, 2, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)),
+}
+
+
+@pytest.mark.parametrize("op", list(_AUTOCAST_CALLS))
+def test_autocast_is_honoured_or_a_named_fallback(op, monkeypatch):
+    """Under autocast the PyTorch path applies autocast's casts; the kernels do not, so the kernel path refuses with
+    a reason (a fallback to the PyTorch path in the default mode) instead of silently returning other values."""
+    call = _AUTOCAST_CALLS[op]
+    monkeypatch.setenv("FASTVLM_BACKEND", "torch")
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = call()
+    torch.manual_seed(0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), fastvlm.trace() as t:
+        again = call()
+    assert torch.equal(ref, again) and t.backends() and set(t.backends()) == {"torch"}
+    if op.startswith("mlp_projector") or op in ("feature_map_projector", "norm_linear", "rows_embed",
+                                                "linear_residual_layernorm"):
+        assert ref.dtype == torch.bfloat16  # F.linear under autocast
+    monkeypatch.setenv("FASTVLM_BACKEND", "triton")
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(FastVLMFallbackError, match="autocast"):
+        call()
+
+
+# ------------------------------------------------------------------------------- section 4: index tables
+
+
+def _mlp(rows, mode, x=None):
+    x = torch.randn(16, 8) if x is None else x
+    q = rows.shape[1]
+    width = 8 * q if mode in ("concat", "concat_cm") else 8
+    return mlp_projector(x, torch.randn(5, width), act="none", rows=rows, a_mode=mode)
+
+
+_RANGE = "holds indices {lo}..{hi}, outside the 16 rows of x"
+
+
+@pytest.mark.parametrize("bad,lo,hi", [(16, 0, 16), (-1, -1, 2), (1 << 40, 0, 1 << 40)])
+@pytest.mark.parametrize("mode", ["concat", "concat_cm", "mean", "max"])
+def test_mlp_projector_row_table_out_of_range(bad, lo, hi, mode, backend):
+    rows = torch.tensor([[0, 1, 2, bad], [0, 1, 2, 1]])
+    with pytest.raises(IndexError, match=re.escape("mlp_projector: rows " + _RANGE.format(lo=lo, hi=hi))):
+        _mlp(rows, mode)
+
+
+@pytest.mark.parametrize("bad,lo,hi", [(16, 0, 16), (-3, -3, 2)])
+@pytest.mark.parametrize("mode", ["mean", "max"])
+def test_pool_tokens_row_table_out_of_range(bad, lo, hi, mode, backend):
+    rows = torch.tensor([[0, 1, 2, bad]])
+    with pytest.raises(IndexError, match=re.escape("pool_tokens: rows " + _RANGE.format(lo=lo, hi=hi))):
+        pool_tokens(torch.randn(16, 8), rows, mode)
+
+
+def test_layout_tables_are_trusted_by_extent(backend):
+    """A table from fastvlm.ops.layout is checked by its known extent (no reduction over it): one for a larger
+    grid than x holds is refused, with the same text as a scanned table."""
+    rows = space_to_depth_rows(1, 4, 4, 2)
+    assert _checks._TRUSTED.get(rows) is not None
+    with pytest.raises(IndexError, match=re.escape("holds indices 0..15, outside the 12 rows of x")):
+        _mlp(rows, "concat", x=torch.randn(12, 8))
+    with pytest.raises(IndexError, match=re.escape("holds indices 0..15, outside the 12 rows of x")):
+        pool_tokens(torch.randn(12, 8), rows, "mean")
+
+
+def test_an_edited_trusted_table_is_checked_again(backend):
+    rows = _checks.trust_table(torch.tensor([[0, 1, 2, 3]]), 4)
+    _mlp(rows, "concat")
+    rows[0, 3] = -2  # in place: the version counter moves, the trust is withdrawn
+    with pytest.raises(IndexError, match=re.escape("holds indices -2..2")):
+        _mlp(rows, "concat")
+
+
+@pytest.mark.parametrize("mode", ["concat", "concat_cm", "mean", "max"])
+def test_row_table_layout_and_dtype(mode, backend):
+    """Any layout of an int64 table is taken (a transposed view equals its contiguous copy); other dtypes and shapes
+    are refused naming the table, identically on both paths."""
+    x = torch.randn(16, 8)
+    w = torch.randn(5, 8 * 4 if mode.startswith("concat") else 8)
+    rows = space_to_depth_rows(1, 4, 4, 2)
+    strided = rows.t().contiguous().t()
+    assert not strided.is_contiguous()
+    with torch.no_grad():
+        a = mlp_projector(x, w, act="none", rows=rows, a_mode=mode)
+        b = mlp_projector(x, w, act="none", rows=strided, a_mode=mode)
+    assert torch.equal(a, b)
+    if mode in ("mean", "max"):
+        assert torch.equal(pool_tokens(x, rows, mode), pool_tokens(x, strided, mode))
+    for bad in (rows.to(torch.int32), rows.double(), rows[0], torch.empty(4, 0, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="mlp_projector: rows must"):
+            mlp_projector(x, w, act="none", rows=bad, a_mode=mode)
+        if mode in ("mean", "max"):
+            with pytest.raises(ValueError, match="pool_tokens: rows must"):
+                pool_tokens(x, bad, mode)
+
+
+def test_row_table_checked_under_torch_compile(backend):
+    """The values are checked inside the op, so a compiled call (the registered custom op) checks them too."""
+    f = torch.compile(lambda x, r: pool_tokens(x, r, "mean"), backend="eager", fullgraph=True)
+    x = torch.randn(16, 8)
+    assert torch.equal(f(x, space_to_depth_rows(1, 4, 4, 2)), pool_tokens(x, space_to_depth_rows(1, 4, 4, 2)))
+    with pytest.raises(IndexError, match=re.escape("pool_tokens: rows " + _RANGE.format(lo=0, hi=99))):
+        f(x, torch.tensor([[0, 1, 2, 99]]))
+
+
+@pytest.mark.parametrize("bad,lo,hi", [(9, 0, 9), (-1, -1, 2)])
+def test_patch_embed_position_rows_out_of_range(bad, lo, hi, backend):
+    px, w = torch.randn(2, 3, 8, 8), torch.randn(6, 3, 4, 4)
+    pos = torch.randn(4, 6)
+    with pytest.raises(IndexError, match=re.escape(f"patch_embed: pos_rows holds rows {lo}..{hi} of a 4-row")):
+        patch_embed(px, w, pos=pos, pos_rows=torch.tensor([0, 1, 2, bad]))
+    with pytest.raises(ValueError, match="patch_embed: pos_rows must be an int64"):
+        patch_embed(px, w, pos=pos, pos_rows=torch.tensor([0.0, 1, 2, 3]))
+    with pytest.raises(IndexError, match="keep_rows must index the 8 patches"):
+        patch_embed(px, w, keep_rows=torch.tensor([0, bad if bad > 0 else 8]))
+
+
+# ------------------------------------------------------------------------------- section 5: internal exceptions
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_meta_input_like_the_original(family, backend):
+    """Shape tracing on the meta device: the fused module gives the original's shape (or the original's error)."""
+    m = build(family).to("meta")
+    args = tuple(a.to("meta") for a in args_for(family, build(family)))
+    fused = fastvlm.nn.from_module(m)
+    with torch.no_grad():
+        ref = _outcome(lambda: m(*args))
+        out = _outcome(lambda: fused(*args))
+    assert out[:2] == ref[:2], (out, ref)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_zero_images_like_the_original(family, backend):
+    """B = 0: the original's empty result, or its error (some originals reshape with -1 and reject 0 images)."""
+    m = build(family)
+    args = args_for(family, m)
+    empty = (args[0][:0],) + tuple(a[:0] for a in args[1:])
+    with torch.no_grad():
+        ref = _outcome(lambda: m(*empty))
+        out = _outcome(lambda: fastvlm.nn.from_module(m)(*empty))
+    assert out == ref
+
+
+def _pooler(mode):
+    import transformers
+    from transformers.models.llava_next_video.modeling_llava_next_video import (
+        LlavaNextVideoMultiModalProjector, LlavaNextVideoPooler)
+
+    cfg = transformers.LlavaNextVideoConfig(
+        vision_config=dict(model_type="clip_vision_model", hidden_size=24, intermediate_size=32, num_attention_heads=4,
+                           num_hidden_layers=1, image_size=84, patch_size=14),
+        text_config=dict(model_type="llama", hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         num_hidden_layers=1, vocab_size=100),
+        spatial_pool_mode=mode, spatial_pool_stride=2)
+    return LlavaNextVideoPooler(cfg), LlavaNextVideoMultiModalProjector(cfg)
+
+
+@pytest.mark.parametrize("mode", ["average", "max", "conv"])
+def test_zero_frames_pooler_and_pool_projector(mode, backend):
+    pooler, proj = _pooler(mode)
+    x = torch.randn(0, 36, 24)  # no frames of a 6 x 6 grid
+    with torch.no_grad():
+        ref = pooler(x)
+        assert fastvlm.nn.from_module(pooler)(x).shape == ref.shape == (0, 9, ref.shape[-1])
+        if mode != "conv":
+            out = fastvlm.nn.LlavaNextVideoPoolProjector(pooler, proj)(x)
+            assert out.shape == proj(ref).shape == (0, 9, 32)
+
+
+def test_zero_images_internvl_shuffle_projector(backend):
+    proj = build("internvl")
+    C = proj.linear_1.in_features // 4
+    with torch.no_grad():
+        out = fastvlm.nn.InternVLShuffleProjector.from_projector(proj, 0.5)(torch.randn(0, 16, C))
+    assert out.shape == (0, 4, proj.linear_2.out_features)
+
+
+@pytest.mark.parametrize("mode", ["concat", "concat_cm", "mean", "max"])
+@pytest.mark.parametrize("norm", ["none", "layernorm"])
+def test_zero_output_rows(mode, norm, backend):
+    """An empty row table gives [0, out] on both paths (the PyTorch path's reshape had an ambiguous -1)."""
+    if norm != "none" and mode == "max":
+        pytest.skip("max pooling takes no norm")
+    width = 32 if mode.startswith("concat") else 8
+    kw = dict(norm=norm, norm_weight=torch.randn(width), norm_bias=torch.randn(width)) if norm != "none" else {}
+    x = torch.randn(16, 8, requires_grad=True)
+    y = mlp_projector(x, torch.randn(5, width), act="gelu", rows=torch.empty(0, 4, dtype=torch.int64), a_mode=mode,
+                      **kw)
+    assert y.shape == (0, 5)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_gated_single_linear_backward(backend):
+    """``gated=True`` without linear_2: backward needs h, which was never saved (AttributeError before)."""
+    x = torch.randn(5, 8, requires_grad=True)
+    w = torch.randn(12, 8, requires_grad=True)
+    for act in ("none", "silu"):
+        y = mlp_projector(x, w, act=act, gated=True)
+        g = torch.randn_like(y)
+        gx, gw = torch.autograd.grad(y, (x, w), g)
+        x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+        up, gate = F.linear(x64, w64).chunk(2, dim=-1)
+        ref = (F.silu(gate) if act == "silu" else gate) * up
+        assert_close(y, ref, torch.float32, 8, roundings=2)
+        rx, rw = torch.autograd.grad(ref, (x64, w64), g.double())
+        assert_close(gx, rx, torch.float32, 12, roundings=3, what="x gradient")
+        assert_close(gw, rw, torch.float32, 5, roundings=3, what="w gradient")
+
+
+def test_zero_dim_input_is_named(backend):
+    s = torch.tensor(1.0)
+    with pytest.raises(ValueError, match="mlp_projector: x must have a feature dimension"):
+        mlp_projector(s, torch.randn(5, 8), act="none")
+    with pytest.raises(ValueError, match="linear_residual_layernorm: x and residual need a feature dimension"):
+        linear_residual_layernorm(s, torch.randn(6, 8), ln_weight=torch.randn(6))
+    with pytest.raises(ValueError, match="norm_linear: x and residual need a feature dimension"):
+        norm_linear(s, torch.randn(6, 8))
+    with pytest.raises(ValueError, match="mlp_projector: x must be 2-D"):
+        mlp_projector(torch.randn(8), torch.randn(5, 32), act="none", rows=space_to_depth_rows(1, 4, 4, 2),
+                      a_mode="concat")
+    # 1-D input is a single row, as for F.linear
+    w = torch.randn(5, 8)
+    v = torch.randn(8)
+    assert_close(mlp_projector(v, w, act="none"), F.linear(v.double(), w.double()), torch.float32, 8)
+
+
+def test_patch_embed_checks_devices_before_the_kernel(monkeypatch):
+    """Weights on another device than the pixels: a reason naming them (the launch failed inside Triton before)."""
+    monkeypatch.setenv("FASTVLM_BACKEND", "triton")
+    with pytest.raises(FastVLMFallbackError, match="weight is on meta but the pixels on cpu"):
+        patch_embed(torch.randn(2, 3, 8, 8), torch.randn(6, 3, 4, 4, device="meta"))
+
+
+_META_CALLS = {
+    "mlp_projector": (lambda d: mlp_projector(torch.randn(16, 8, device=d), torch.randn(6, 32, device=d),
+                                              rows=space_to_depth_rows(1, 4, 4, 2, d), a_mode="concat"), (4, 6)),
+    "pool_tokens": (lambda d: pool_tokens(torch.randn(16, 8, device=d), space_to_depth_rows(1, 4, 4, 2, d)), (4, 8)),
+    "feature_map_projector": (lambda d: feature_map_projector(torch.randn(2, 8, 4, 4, device=d),
+                                                              torch.randn(6, 8, device=d), pool=2), (2, 4, 6)),
+    "linear_residual_layernorm": (lambda d: linear_residual_layernorm(
+        torch.randn(3, 8, device=d), torch.randn(6, 8, device=d), ln_weight=torch.randn(6, device=d)), (3, 6)),
+    "norm_linear": (lambda d: norm_linear(torch.randn(3, 8, device=d), torch.randn(6, 8, device=d),
+                                          norm_weight=torch.randn(8, device=d)), (3, 6)),
+    "rows_embed": (lambda d: rows_embed(torch.randn(3, 8, device=d), torch.randn(6, 8, device=d)), (3, 6)),
+    "patch_embed": (lambda d: patch_embed(torch.randn(2, 3, 8, 8, device=d), torch.randn(6, 3, 4, 4, device=d),
+                                          cls=torch.randn(6, device=d)), (2, 5, 6)),
+    "attention": (lambda d: attention(torch.randn(1, 2, 3, 16, device=d), torch.randn(1, 2, 5, 16, device=d),
+                                      torch.randn(1, 2, 5, 16, device=d)), (1, 3, 2, 16)),
+}
+
+
+@pytest.mark.parametrize("op", list(_META_CALLS))
+def test_meta_tensors_answered_by_the_fake(op, backend):
+    """Meta input (shape tracing) runs no backend: the op's fake answers on both paths, with the CPU result's shape."""
+    call, shape = _META_CALLS[op]
+    with fastvlm.trace() as t:
+        y = call("meta")
+    assert y.device.type == "meta" and tuple(y.shape) == shape and not t.records, str(t)
+    assert tuple(call("cpu").shape) == shape
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.5, float("inf")])
+def test_attention_scale_outside_the_kernel_range(scale, monkeypatch):
+    """Eager attention takes any scale; so does the op: the PyTorch path computes it, the kernel path names the reason
+    (a fallback in the default mode) instead of raising its own ValueError."""
+    q, k, v = torch.randn(1, 2, 3, 16), torch.randn(1, 2, 5, 16), torch.randn(1, 2, 5, 16)
+    monkeypatch.setenv("FASTVLM_BACKEND", "torch")
+    out = attention(q, k, v, scale=scale)
+    ref = torch.softmax((q.double() @ k.double().transpose(-1, -2)) * scale, -1) @ v.double()
+    assert torch.allclose(out, ref.transpose(1, 2).float(), atol=1e-5, equal_nan=True)
+    monkeypatch.setenv("FASTVLM_BACKEND", "triton")
+    with pytest.raises(FastVLMFallbackError, match="is not positive and finite"):
+        attention(q, k, v, scale=scale)
+
+
+def test_feature_map_without_rows_like_the_glue(backend):
+    """A 0 x W map flattens to 0 tokens (the eager glue accepts it; the op refused it)."""
+    x, w = torch.randn(2, 8, 0, 4), torch.randn(6, 8)
+    y = feature_map_projector(x, w)
+    assert y.shape == F.linear(x.flatten(2).transpose(1, 2), w).shape == (2, 0, 6)
+    with pytest.raises(ValueError, match="pool window 2x2 does not fit"):
+        feature_map_projector(x, w, pool=2)
+
+
+def test_deferred_input_the_original_accepts_is_reported(backend):
+    """Input handed to the original that it accepts (a broadcasting norm) is never silent: trace() records the
+    fallback with its reason, while valid input takes the fused path."""
+    m = build("qwen2_5_vl")
+    fused = fastvlm.nn.from_module(m)
+    with torch.no_grad(), fastvlm.trace() as t:
+        fused(torch.randn(8, 24))
+    assert t.backends() == [backend], str(t)
+    with torch.no_grad(), fastvlm.trace() as t:
+        fused(torch.randn(4, 1))
+    assert [r.backend for r in t.records] == ["torch"] and "norm's width" in t.records[0].reasons[0], str(t)
