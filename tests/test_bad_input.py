@@ -387,3 +387,36 @@ def test_deferred_input_the_original_accepts_is_reported(backend):
     with torch.no_grad(), fastvlm.trace() as t:
         fused(torch.randn(4, 1))
     assert [r.backend for r in t.records] == ["torch"] and "norm's width" in t.records[0].reasons[0], str(t)
+
+
+# ------------------------------------------------------------------------------- on a GPU: no host synchronisation
+
+
+@pytest.mark.gpu
+def test_device_tables_are_checked_without_a_host_synchronisation():
+    """A user table on the GPU is checked by a device-side assert; a layout table by its extent. Neither syncs."""
+    x = torch.randn(16, 8, device="cuda")
+    user = torch.tensor([[0, 1, 2, 3]], device="cuda")
+    trusted = space_to_depth_rows(1, 4, 4, 2, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for rows in (user, trusted):
+            _checks.check_indices("mlp_projector", "rows", _checks.row_table("mlp_projector", rows, x), 16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    with pytest.raises(IndexError, match=re.escape("holds indices 0..15, outside the 12 rows of x")):
+        _checks.check_indices("mlp_projector", "rows", trusted, 12)
+
+
+@pytest.mark.gpu
+def test_device_table_out_of_range_trips_the_device_assert():
+    """An out-of-range GPU table stops the op with a device-side assert (in a child process: it ends the context)."""
+    import subprocess
+    import sys
+
+    code = ("import torch\nfrom fastvlm.ops.pool import pool_tokens\n"
+            "pool_tokens(torch.randn(16, 8, device='cuda'), torch.tensor([[0, 1, 2, 16]], device='cuda'), 'mean')\n"
+            "torch.cuda.synchronize()\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "assert" in r.stderr.lower(), r.stderr[-2000:]
