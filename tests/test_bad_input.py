@@ -318,6 +318,64 @@ def test_zero_dim_input_is_named(backend):
     assert_close(mlp_projector(v, w, act="none"), F.linear(v.double(), w.double()), torch.float32, 8)
 
 
+def test_zero_width_inputs_like_f_linear(backend):
+    """K = 0 features: F.linear gives the bias (the ops' reshape(-1, 0) was ambiguous); 0 output features; a pool over
+    rows of 0 features (a division by zero in the kernel's launcher); a conv with 0 output channels."""
+    x0, b = torch.randn(4, 0), torch.randn(5)
+    assert torch.equal(mlp_projector(x0, torch.randn(5, 0), b, act="none"), F.linear(x0, torch.randn(5, 0), b))
+    assert torch.equal(mlp_projector(torch.randn(2, 3, 0), torch.randn(5, 0), b, act="none"), b.expand(2, 3, 5))
+    assert linear_residual_layernorm(x0, torch.randn(6, 0), ln_weight=torch.randn(6)).shape == (4, 6)
+    assert torch.equal(norm_linear(x0, torch.randn(6, 0)), torch.zeros(4, 6))
+    assert torch.equal(feature_map_projector(torch.randn(2, 0, 4, 4), torch.randn(6, 0), b[:1].expand(6)),
+                       b[:1].expand(2, 16, 6))
+    assert mlp_projector(torch.randn(4, 8), torch.randn(0, 8), act="gelu").shape == (4, 0)
+    assert pool_tokens(torch.randn(4, 0), torch.tensor([[0, 1]]), "max").shape == (1, 0)
+    assert pool_tokens(torch.randn(4, 3), torch.empty(0, 2, dtype=torch.int64), "mean").shape == (0, 3)
+    assert patch_embed(torch.randn(2, 3, 8, 8), torch.randn(0, 3, 4, 4)).shape == (2, 4, 0)
+    with pytest.raises(ValueError, match="head_dim 0"):
+        attention(torch.randn(1, 2, 3, 0), torch.randn(1, 2, 5, 0), torch.randn(1, 2, 5, 0))
+
+
+def _strided(n):
+    return torch.randn(n, 2)[:, 0]  # every other element
+
+
+def _expanded(n):
+    return torch.randn(1).expand(n)  # stride 0
+
+
+_VECTOR_CALLS = {  # (call(make_vector, make_table), ...): biases / norm weights / position tables of any strides
+    "mlp_projector": lambda v, t: mlp_projector(
+        torch.randn(4, 8), torch.randn(6, 8), v(6), torch.randn(5, 6), v(5), act="gelu", norm="layernorm",
+        norm_weight=v(8), norm_bias=v(8)),
+    "mlp_projector_concat_rmsnorm": lambda v, t: mlp_projector(
+        torch.randn(16, 8), torch.randn(6, 32), v(6), act="gelu", norm="rmsnorm", norm_weight=v(32),
+        rows=space_to_depth_rows(1, 4, 4, 2), a_mode="concat"),
+    "feature_map_projector": lambda v, t: feature_map_projector(torch.randn(2, 8, 4, 4), torch.randn(6, 8), v(6)),
+    "linear_residual_layernorm": lambda v, t: linear_residual_layernorm(torch.randn(3, 8), torch.randn(6, 8), v(6),
+                                                                       None, v(6), v(6)),
+    "norm_linear": lambda v, t: norm_linear(torch.randn(3, 8), torch.randn(6, 8), norm_weight=v(8)),
+    "rows_embed": lambda v, t: rows_embed(torch.randn(3, 8), torch.randn(6, 8), v(6), pos=t(4, 6),
+                                          pos_idx=torch.tensor([[0], [1], [3]]), pos_weights=torch.ones(3, 1)),
+    "patch_embed": lambda v, t: patch_embed(torch.randn(2, 3, 8, 8), torch.randn(6, 3, 4, 4), v(6), pos=t(5, 6),
+                                            pos_rows=torch.arange(4), cls=v(6), norm_weight=v(6), norm_bias=v(6)),
+}
+
+
+@pytest.mark.parametrize("op", list(_VECTOR_CALLS))
+@pytest.mark.parametrize("layout", ["strided", "expanded"])
+def test_vectors_of_any_strides(op, layout, backend):
+    """A strided bias was read as a dense one by the kernels (a silently wrong result), an expanded one past its
+    storage; position tables with a column stride were refused by the kernel path only. Both paths now take them."""
+    v = _strided if layout == "strided" else _expanded
+    call = _VECTOR_CALLS[op]
+    torch.manual_seed(1)
+    out = call(v, lambda a, b: torch.randn(b, a).t())
+    torch.manual_seed(1)
+    ref = call(lambda n: v(n).contiguous(), lambda a, b: torch.randn(b, a).t().contiguous())
+    assert torch.equal(out, ref)
+
+
 def test_patch_embed_checks_devices_before_the_kernel(monkeypatch):
     """Weights on another device than the pixels: a reason naming them (the launch failed inside Triton before)."""
     monkeypatch.setenv("FASTVLM_BACKEND", "triton")

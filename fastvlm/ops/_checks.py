@@ -15,6 +15,8 @@ Meta tensors (shape tracing) skip the value checks: there are no values.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
@@ -41,6 +43,18 @@ def autocast_reasons(device):
     if autocast_on(device):
         return [f"autocast is enabled on {device.type} (the PyTorch path applies its casts; the kernels do not)"]
     return []
+
+
+def as_rows(x):
+    """``x`` [..., K] as 2-D rows [prod(...), K]; unlike ``reshape(-1, K)`` also when K == 0 (F.linear takes it)."""
+    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+
+
+def dense(*tensors):
+    """The tensors (None passes through) made contiguous where they are not. The kernels read biases, norm weights
+    and position tables as dense rows; the PyTorch path takes any strides, so both paths must see the same values
+    (a strided bias was read as a dense one, an expanded one past its storage). A no-op for module parameters."""
+    return tuple(t if t is None or t.is_contiguous() else t.contiguous() for t in tensors)
 
 
 def is_meta(t) -> bool:

@@ -244,6 +244,9 @@ def attention(q, k, v, *, key_mask=None, attn_mask=None, scale=None, k2=None, v2
     _validate(q, k, v, key_mask, attn_mask, k2, v2)
     key_mask = keep_flags(key_mask)
     attn_mask = keep_flags(attn_mask)
+    if scale is None and q.shape[-1] == 0:
+        raise ValueError(f"attention: q {tuple(q.shape)} has head_dim 0, so the default scale head_dim ** -0.5 is "
+                         f"undefined; pass scale")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     tensors = (q, k, v, key_mask, attn_mask)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, k2, v2))

@@ -96,7 +96,7 @@ def map_tokens_ref(x, pool_h=1, pool_w=1):
     if pool_h * pool_w > 1:
         x = F.avg_pool2d(x, (pool_h, pool_w))
     B, C = x.shape[:2]
-    return x.flatten(2).transpose(1, 2).reshape(-1, C)
+    return x.flatten(2).transpose(1, 2).reshape(B * x.shape[2] * x.shape[3], C)  # no -1: C may be 0
 
 
 def map_tokens_adjoint(g, shape, pool_h=1, pool_w=1):
@@ -325,6 +325,7 @@ def feature_map_projector(x, w1, b1=None, w2=None, b2=None, *, act="none", act2=
     ph, pw = _pair(pool)
     s = _spec(act, act2, ph, pw)
     _validate(x, w1, b1, w2, b2, s)
+    b1, b2 = _checks.dense(b1, b2)
     tensors = (x, w1, b1, w2, b2)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or _checks.is_meta(x):  # meta: shape tracing, answered by the fake

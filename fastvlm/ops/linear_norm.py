@@ -137,9 +137,10 @@ def linear_residual_layernorm(x, weight, bias=None, residual=None, ln_weight=Non
         raise ValueError("linear_residual_layernorm: x and residual need a feature dimension [..., features], got a "
                          "0-D tensor")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    x2 = _checks.as_rows(x)
+    r2 = None if residual is None else _checks.as_rows(residual)
     _validate(x2, weight, bias, r2, ln_weight, ln_bias, precision)
+    bias, ln_weight, ln_bias = _checks.dense(bias, ln_weight, ln_bias)
     tensors = (x2, weight, bias, r2, ln_weight, ln_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake

@@ -121,7 +121,7 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
     D = weight.shape[0]
-    w2 = weight.reshape(D, -1)
+    w2 = weight.flatten(1)  # [D, C * p * p]; no -1: D may be 0
     prefix = _n_prefix(cls)
     if backend is None:  # the index tables' values (here: torch.compile's calls check them too)
         if pos_rows is not None and pos is not None:
@@ -254,7 +254,7 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
     if need_cls and cls is not None:
         gcls = g[:, row:row + prefix].to(ct).sum(0).reshape(cls.shape)
     if need_px and pixels.is_floating_point() and scale is None:
-        ga = (gp @ weight.reshape(D, -1)).to(pixels.dtype)  # [B*T, C*p*p] -> fold back
+        ga = (gp @ weight.flatten(1)).to(pixels.dtype)  # [B*T, C*p*p] -> fold back
         gx = ga.view(B, gh, gw, C, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(pixels.shape)
     return gx, gw_, gb, gpos, gcls, gnw, gnb
 
@@ -372,6 +372,7 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
     if keep_rows is not None and (keep_rows.dim() != 1 or keep_rows.dtype != torch.int64
                                   or keep_rows.device != pixels.device):
         raise ValueError(f"patch_embed: keep_rows must be a 1-D int64 tensor of patch indices on {pixels.device}")
+    bias, pos, cls, norm_weight, norm_bias = _checks.dense(bias, pos, cls, norm_weight, norm_bias)
     args = (pixels, weight, bias, pos, cls, pos_rows, int(cls_pos), pixel_scale, pixel_shift, patch, bool(cls_first),
             norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw, keep_rows)
     if torch.compiler.is_compiling() or _checks.is_meta(pixels):  # meta: shape tracing, answered by the fake

@@ -22,6 +22,8 @@ def _forward(x, rows, mode):
     if _dispatch.choose_backend(OP_NAME, x.device, reasons, detail) == "triton":
         from fastvlm.kernels.pool import pool_rows
 
+        if rows.shape[0] == 0 or x.shape[1] == 0:  # nothing to read or write: no launch
+            return x.new_empty((rows.shape[0], x.shape[1]))
         return pool_rows(x if x.stride(1) == 1 else x.contiguous(), rows, mode)
     g = x[rows]
     if mode == "mean":

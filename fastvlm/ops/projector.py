@@ -429,7 +429,7 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         if x.dim() == 0:
             raise ValueError("mlp_projector: x must have a feature dimension [..., features], got a 0-D tensor")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = _checks.as_rows(x)
         K = x2.shape[1]
     else:
         lead = None
@@ -444,6 +444,7 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         group = int(norm_group or (x2.shape[-1] if norm_src else K))
     s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated or w_up is not None)
     _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
+    b1, b2, norm_weight, norm_bias, b_up = _checks.dense(b1, b2, norm_weight, norm_bias, b_up)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
     if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake

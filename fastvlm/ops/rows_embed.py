@@ -177,6 +177,7 @@ def rows_embed(x, weight, bias=None, *, pos=None, pos_idx=None, pos_weights=None
             raise ValueError(f"rows_embed: pos needs int64 pos_idx and pos_weights of one shape [{x.shape[0]}, taps]")
         if pos_idx.device != x.device or pos_weights.device != x.device:
             raise ValueError(f"rows_embed: pos_idx and pos_weights must be on {x.device}")
+    bias, pos = _checks.dense(bias, pos)
     args = (x, weight, bias, pos, pos_idx, pos_weights, int(frames), int(chunk) if frames else 0)
     if torch.compiler.is_compiling() or _checks.is_meta(x):  # meta: shape tracing, answered by the fake
         return torch.ops.fastvlm.rows_embed(*args)
