@@ -104,7 +104,7 @@ def test_layout_tables_are_trusted_by_extent(backend):
     """A table from fastvlm.ops.layout is checked by its known extent (no reduction over it): one for a larger
     grid than x holds is refused, with the same text as a scanned table."""
     rows = space_to_depth_rows(1, 4, 4, 2)
-    assert _checks._TRUSTED.get(rows) is not None
+    assert _checks.trusted_extent(rows) == 16
     with pytest.raises(IndexError, match=re.escape("holds indices 0..15, outside the 12 rows of x")):
         _mlp(rows, "concat", x=torch.randn(12, 8))
     with pytest.raises(IndexError, match=re.escape("holds indices 0..15, outside the 12 rows of x")):

@@ -18,16 +18,22 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-_TRUSTED = WeakIdKeyDictionary()  # table -> (extent, version when trusted)
+_TRUST = "_fastvlm_extent"  # attribute of a trusted table: (extent, version counter when trusted)
 
 
 def trust_table(table, extent):
-    """Mark ``table`` (built by fastvlm.ops.layout) as holding indices in [0, ``extent``); returns it."""
+    """Mark ``table`` (built by fastvlm.ops.layout) as holding indices in [0, ``extent``); returns it. The mark is an
+    attribute of the tensor object: it dies with it, and copies (``contiguous()``, ``clone()``) are not trusted."""
     if not torch.compiler.is_compiling():
-        _TRUSTED[table] = (int(extent), table._version)
+        setattr(table, _TRUST, (int(extent), table._version))
     return table
+
+
+def trusted_extent(table):
+    """The extent of a trusted, unedited table, else None."""
+    mark = getattr(table, _TRUST, None)
+    return mark[0] if mark is not None and mark[1] == table._version else None
 
 
 def autocast_on(device) -> bool:
@@ -47,7 +53,10 @@ def autocast_reasons(device):
 
 def as_rows(x):
     """``x`` [..., K] as 2-D rows [prod(...), K]; unlike ``reshape(-1, K)`` also when K == 0 (F.linear takes it)."""
-    return x.reshape(math.prod(x.shape[:-1]), x.shape[-1])
+    k = x.shape[-1]
+    if x.dim() == 2:
+        return x
+    return x.reshape(-1, k) if k else x.reshape(math.prod(x.shape[:-1]), 0)
 
 
 def dense(*tensors):
@@ -70,10 +79,10 @@ def check_indices(op, name, idx, n, error=RANGE_ERROR):
     IndexError's text, formatted with op, name, lo, hi (the smallest and largest index) and n."""
     if idx.numel() == 0 or idx.device.type == "meta":
         return
-    trusted = _TRUSTED.get(idx)
-    if trusted is not None and trusted[1] == idx._version:
-        if trusted[0] > n:  # a layout table's indices are exactly 0 .. extent - 1
-            raise IndexError(error.format(op=op, name=name, lo=0, hi=trusted[0] - 1, n=n))
+    extent = trusted_extent(idx)
+    if extent is not None:
+        if extent > n:  # a layout table's indices are exactly 0 .. extent - 1
+            raise IndexError(error.format(op=op, name=name, lo=0, hi=extent - 1, n=n))
         return
     if idx.device.type == "cpu":
         lo, hi = torch.aminmax(idx)
