@@ -11,11 +11,11 @@ import importlib
 import math
 from dataclasses import dataclass
 
-import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
 from fastvlm.nn.projector import _FusedBase
+from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import space_to_depth_rows
 from fastvlm.ops.pool import pool_tokens
 from fastvlm.ops.projector import mlp_projector
@@ -73,7 +73,7 @@ class _FusedPoolerMixin(_FusedBase):
                 reasons.append(f"{P} tokens are not a square grid divisible by {k}")
         elif not reasons:
             reasons.append(f"input of shape {tuple(image_features.shape)} is not [batch, tokens, features]")
-        if not reasons and torch.is_autocast_enabled(image_features.device.type):
+        if not reasons and autocast_on(image_features.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         if reasons:
             _dispatch.report_fallback(self._fastvlm_recipe.fused_name, reasons, f"x{tuple(image_features.shape)}")
@@ -86,7 +86,7 @@ class _FusedPoolerMixin(_FusedBase):
                               a_mode="concat_cm")
         else:
             y = pool_tokens(x, rows, kind)
-        return y.reshape(B, rows.shape[0] // B, -1)
+        return y.reshape(B, (side // k) ** 2, y.shape[-1])  # from the grid: B may be 0
 
 
 def _fwd(self, image_features):
@@ -156,4 +156,4 @@ class LlavaNextVideoPoolProjector(nn.Module):
         rows = space_to_depth_rows(B, side, side, k, video_features.device)
         y = mlp_projector(video_features.reshape(B * P, D), p.linear_1.weight, p.linear_1.bias, p.linear_2.weight,
                           p.linear_2.bias, act=act, rows=rows, a_mode=kind)
-        return y.reshape(B, rows.shape[0] // B, -1)
+        return y.reshape(B, (side // k) ** 2, y.shape[-1])  # from the grid: B may be 0

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
+from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import pool_rows, ragged_space_to_depth_rows, space_to_depth_rows
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
@@ -229,7 +230,7 @@ class _FusedProjectorMixin(_FusedBase):
         for name in (r.merger, r.linear_1, r.up, r.linear_2, r.norm):
             if name and _optional_child(self, name) is not None:
                 reasons += _child_reasons(name, self.get_submodule(name))
-        if torch.is_autocast_enabled(x.device.type):
+        if autocast_on(x.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         return (None, reasons) if reasons else (plan, [])
 
@@ -242,16 +243,14 @@ class _FusedProjectorMixin(_FusedBase):
         """(x2d, rows, output shape or None, reasons) for the recipe's merge."""
         r = self._fastvlm_recipe
         if r.merged_width:  # the free 2x2 merge of Qwen-VL: rows of `width` = consecutive patches
-            width = getattr(self, r.merged_width)
-            if x.numel() % width:
-                raise ValueError(f"{r.fused_name}: x of shape {tuple(x.shape)} cannot be viewed as rows of width "
-                                 f"{width} (the spatial merge needs whole merge windows)")
-            return x.reshape(-1, width), None, None, []
+            return self._fastvlm_merged_rows(x, getattr(self, r.merged_width)), None, None, []
         if r.merge is None:
             return x, None, None, []
         if r.merge == "unfold":  # Mistral 3: ragged images, channel-major merge windows
             s = self._fastvlm_scale()
             patch = self.patch_merger.patch_size
+            if extra is None or extra.device.type == "meta":  # no values to read the image sizes from
+                raise _DeferToOriginal("image_sizes has no values (meta tensor)")
             sizes = [(int(h) // patch, int(w) // patch) for h, w in extra.tolist()]
             if any(h % s or w % s for h, w in sizes) or sum(h * w for h, w in sizes) != x.shape[0]:
                 return None, None, None, [f"image_sizes {sizes} do not tile the {x.shape[0]} tokens in {s}x{s} windows"]
@@ -271,6 +270,7 @@ class _FusedProjectorMixin(_FusedBase):
             if P != side * side or side % k:
                 return None, None, None, [f"{P} tokens are not a {side}x{side} grid poolable by {k}"]
             rows = pool_rows(B, side, side, k, x.device)
+            out_tokens = (side // k) ** 2
         else:  # pixel shuffle on a square grid (Idefics3, SmolVLM, Llama 4)
             s = self._fastvlm_scale()
             side = math.isqrt(P)
@@ -279,14 +279,39 @@ class _FusedProjectorMixin(_FusedBase):
             rows = space_to_depth_rows(B, side, side, s, x.device)
             if r.grid_output:
                 return x.reshape(B * P, D), rows, (B, side // s, side // s), []
-        return x.reshape(B * P, D), rows, (B, rows.shape[0] // B), []
+            out_tokens = (side // s) ** 2
+        return x.reshape(B * P, D), rows, (B, out_tokens), []  # from the grid, not rows.shape[0] // B: B may be 0
+
+    def _fastvlm_merged_rows(self, x, width):
+        """Qwen-VL's ``norm(x).view(-1, width)`` (norm before the merge) or ``norm(x.view(-1, width))`` (after it) as
+        the view the fused path reads. Input the original would reject, or treat its own way (a norm broadcasting a
+        width-1 input), goes to the original forward unchanged (``_DeferToOriginal``)."""
+        norm = _optional_child(self, self._fastvlm_recipe.norm) if self._fastvlm_recipe.norm else None
+        group = getattr(norm, "weight", None)
+        group = width if group is None else group.shape[0]
+        if group != width and (x.dim() == 0 or x.shape[-1] != group):
+            raise _DeferToOriginal(f"x of shape {tuple(x.shape)} does not end in the norm's width {group}")
+        if x.numel() % width:
+            raise _DeferToOriginal(f"x of shape {tuple(x.shape)} is not whole rows of the merged width {width}")
+        if group != width:
+            return x.reshape(-1, width)  # the original's norm output is contiguous: its view always succeeds
+        try:
+            return x.view(-1, width)  # the original views x itself: a layout it cannot view, it rejects
+        except RuntimeError as exc:
+            raise _DeferToOriginal(f"x of shape {tuple(x.shape)} cannot be viewed as rows of width {width}") from exc
 
     def _fastvlm_forward(self, x, *extra):
         r = self._fastvlm_recipe
         plan, reasons = self._fastvlm_plan(x)
         x2 = rows = shape = None
+        if not reasons and x.numel() == 0:  # no data: the original decides (some accept 0 images, some reject them)
+            return _run_original(self, "empty input: the original forward runs (no data to compute)", x, *extra,
+                                 quiet=True)
         if not reasons:
-            x2, rows, shape, reasons = self._fastvlm_layout(x, extra[0] if extra else None)
+            try:
+                x2, rows, shape, reasons = self._fastvlm_layout(x, extra[0] if extra else None)
+            except _DeferToOriginal as why:
+                return _run_original(self, str(why), x, *extra)
         if reasons:
             _dispatch.report_fallback(r.fused_name, reasons, f"x{tuple(x.shape)}")
             return self._fastvlm_base.forward(self, x, *extra)
@@ -300,6 +325,20 @@ class _FusedProjectorMixin(_FusedBase):
             rows, mode = None, "strided"
         y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **plan)
         return y if shape is None else y.reshape(*shape, y.shape[-1])
+
+
+class _DeferToOriginal(Exception):
+    """Input the original module decides on (it raises its own error, or computes something the fused path does
+    not): the original forward runs unchanged."""
+
+
+def _run_original(module, why, *args, quiet=False):
+    """The original forward on input the fused path does not take: its error comes out as it is; if it returns a
+    result instead, the fallback is reported (never silent; ``quiet``: recorded in fastvlm.trace() only, for input
+    without data, where no speed is lost) and that result returned."""
+    out = module._fastvlm_base.forward(module, *args)
+    _dispatch.report_fallback(module._fastvlm_recipe.fused_name, [why], f"x{tuple(args[0].shape)}", explicit=quiet)
+    return out
 
 
 # instance attributes that accelerate's device hooks put on a module: never copied (they are bound to the
@@ -380,7 +419,7 @@ class FusedLinear(nn.Linear):
 
     def forward(self, input):
         reasons = []
-        if torch.is_autocast_enabled(input.device.type):
+        if autocast_on(input.device):
             reasons.append("autocast is enabled (nn.Linear's forward reproduces autocast's casts)")
         if reasons:
             _dispatch.report_fallback("FusedLinear", reasons, f"x{tuple(input.shape)}")
@@ -436,4 +475,4 @@ class InternVLShuffleProjector(nn.Module):
         y = mlp_projector(vision_features.reshape(B * P, C), p.linear_1.weight, p.linear_1.bias, p.linear_2.weight,
                           p.linear_2.bias, act=activation_name(p.act) or "gelu", norm="layernorm",
                           norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps, rows=rows, a_mode="concat")
-        return y.reshape(B, rows.shape[0] // B, -1)
+        return y.reshape(B, (side // s) ** 2, y.shape[-1])  # from the grid: B may be 0

@@ -26,6 +26,7 @@ from typing import Optional
 import torch
 
 from fastvlm import _dispatch
+from fastvlm.ops import _checks
 from fastvlm.reference.attention import attention_ref, full_kv, keep_flags, probs_from_lse, scores_ref
 
 OP_NAME = "fastvlm::attention"
@@ -107,8 +108,10 @@ def _forward(q, k, v, key_mask, attn_mask, scale, k2=None, v2=None):
     masks = "+".join(n for n, m in (("key_mask", key_mask), ("attn_mask", attn_mask)) if m is not None)
     detail = (f"q{tuple(q.shape)} k{tuple(k.shape)}" + (f" k2{tuple(k2.shape)}" if k2 is not None else "")
               + f" {str(q.dtype).replace('torch.', '')}" + (f" {masks}" if masks else ""))
-    backend = _dispatch.choose_backend(OP_NAME, q.device, _kernel_reasons(q, k, v, key_mask, attn_mask, k2, v2),
-                                       detail)
+    reasons = _kernel_reasons(q, k, v, key_mask, attn_mask, k2, v2) + _checks.autocast_reasons(q.device)
+    if not 0.0 < scale < float("inf"):  # eager attention takes any scale; the kernel folds 1 / scale into its masks
+        reasons.append(f"scale {scale} is not positive and finite (the kernel needs 0 < scale < inf)")
+    backend = _dispatch.choose_backend(OP_NAME, q.device, reasons, detail)
     if backend == "triton":
         from fastvlm.kernels.attention import attention_fwd
 
@@ -241,10 +244,13 @@ def attention(q, k, v, *, key_mask=None, attn_mask=None, scale=None, k2=None, v2
     _validate(q, k, v, key_mask, attn_mask, k2, v2)
     key_mask = keep_flags(key_mask)
     attn_mask = keep_flags(attn_mask)
+    if scale is None and q.shape[-1] == 0:
+        raise ValueError(f"attention: q {tuple(q.shape)} has head_dim 0, so the default scale head_dim ** -0.5 is "
+                         f"undefined; pass scale")
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
     tensors = (q, k, v, key_mask, attn_mask)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, k2, v2))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _checks.is_meta(q):  # meta: shape tracing, answered by the fake
         if k2 is None:
             return torch.ops.fastvlm.attention(*tensors, scale)[0]
         return torch.ops.fastvlm.attention(*tensors, scale, k2, v2)[0]

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm.ops import _checks
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 
 OP_NAME = "fastvlm::feature_map_projector"
@@ -95,7 +96,7 @@ def map_tokens_ref(x, pool_h=1, pool_w=1):
     if pool_h * pool_w > 1:
         x = F.avg_pool2d(x, (pool_h, pool_w))
     B, C = x.shape[:2]
-    return x.flatten(2).transpose(1, 2).reshape(-1, C)
+    return x.flatten(2).transpose(1, 2).reshape(B * x.shape[2] * x.shape[3], C)  # no -1: C may be 0
 
 
 def map_tokens_adjoint(g, shape, pool_h=1, pool_w=1):
@@ -117,7 +118,7 @@ def _validate(x, w1, b1, w2, b2, s: Spec):
         raise ValueError(f"feature_map_projector: x must be a [batch, channels, height, width] map, got "
                          f"{tuple(x.shape)}")
     B, C, H, W = x.shape
-    if s.pool_h < 1 or s.pool_w < 1 or s.pool_h > H or s.pool_w > W:
+    if s.pool_h < 1 or s.pool_w < 1 or (s.pooled and (s.pool_h > H or s.pool_w > W)):  # avg_pool2d's limit
         raise ValueError(f"feature_map_projector: pool window {s.pool_h}x{s.pool_w} does not fit a {H}x{W} map")
     if w1.dim() != 2 or w1.shape[1] != C:
         raise ValueError(f"feature_map_projector: linear_1.weight must be [out, {C}] for a map of {C} channels, "
@@ -139,7 +140,7 @@ def _validate(x, w1, b1, w2, b2, s: Spec):
 
 def _kernel_reasons(x, named):
     """Why the Triton kernels cannot run these inputs (empty list when they can)."""
-    return _dispatch.dtype_device_reasons(x, named, what="the map")
+    return _dispatch.dtype_device_reasons(x, named, what="the map") + _checks.autocast_reasons(x.device)
 
 
 def _saves_h(w2, s: Spec):
@@ -324,9 +325,10 @@ def feature_map_projector(x, w1, b1=None, w2=None, b2=None, *, act="none", act2=
     ph, pw = _pair(pool)
     s = _spec(act, act2, ph, pw)
     _validate(x, w1, b1, w2, b2, s)
+    b1, b2 = _checks.dense(b1, b2)
     tensors = (x, w1, b1, w2, b2)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _checks.is_meta(x):  # meta: shape tracing, answered by the fake
         return torch.ops.fastvlm.feature_map_projector(*tensors, s.act, s.act2, s.pool_h, s.pool_w, needs_grad)[0]
     if needs_grad:
         return _FeatureMapFunction.apply(*tensors, s)

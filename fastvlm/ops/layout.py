@@ -14,6 +14,8 @@ import functools
 
 import torch
 
+from fastvlm.ops._checks import trust_table
+
 
 def _window_rows(batch, grid_h, grid_w, s, device):
     hb, wb = grid_h // s, grid_w // s
@@ -27,7 +29,8 @@ def _window_rows(batch, grid_h, grid_w, s, device):
 
 @functools.lru_cache(maxsize=64)
 def _cached(batch, grid_h, grid_w, s, device):
-    return _window_rows(batch, grid_h, grid_w, s, torch.device(device))
+    # trusted by the ops (no range check per call): its indices are exactly 0 .. batch * grid_h * grid_w - 1
+    return trust_table(_window_rows(batch, grid_h, grid_w, s, torch.device(device)), batch * grid_h * grid_w)
 
 
 def space_to_depth_rows(batch, grid_h, grid_w, scale, device="cpu"):
@@ -48,7 +51,9 @@ def ragged_space_to_depth_rows(sizes, scale, device="cpu"):
     for h, w in sizes:
         tables.append(space_to_depth_rows(1, h, w, scale, device) + offset)
         offset += h * w
-    return torch.cat(tables) if tables else torch.empty(0, scale * scale, dtype=torch.int64, device=device)
+    if not tables:
+        return torch.empty(0, scale * scale, dtype=torch.int64, device=device)
+    return trust_table(torch.cat(tables), offset)
 
 
 def gather_ref(x, rows, mode):
@@ -56,10 +61,11 @@ def gather_ref(x, rows, mode):
     if mode == "strided":
         return x
     g = x[rows]  # [M, Q, D]
+    M, Q, D = g.shape
     if mode == "concat":
-        return g.reshape(rows.shape[0], -1)
+        return g.reshape(M, Q * D)  # explicit widths: a -1 is ambiguous when M == 0
     if mode == "concat_cm":
-        return g.transpose(1, 2).reshape(rows.shape[0], -1)
+        return g.transpose(1, 2).reshape(M, Q * D)
     if mode == "mean":
         return g.to(torch.promote_types(x.dtype, torch.float32)).mean(1).to(x.dtype)
     if mode == "max":

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm.ops import _checks
 from fastvlm.reference.linear_norm import linear_norm_eager
 
 OP_NAME = "fastvlm::linear_residual_layernorm"
@@ -44,7 +45,7 @@ def _validate(x, w, b, residual, ln_w, ln_b, precision):
 
 def _kernel_reasons(x, named):
     """Why the Triton kernels cannot run these inputs (empty list when they can)."""
-    return _dispatch.dtype_device_reasons(x, named)
+    return _dispatch.dtype_device_reasons(x, named) + _checks.autocast_reasons(x.device)
 
 
 def _forward(x, w, b, residual, ln_w, ln_b, eps, precision):
@@ -132,13 +133,17 @@ def linear_residual_layernorm(x, weight, bias=None, residual=None, ln_weight=Non
     (any leading dimensions; ``residual`` has the output's shape). ``precision``: fp32 dot precision of the kernel
     ("" = tf32x3, or tf32 under allow_tf32; "ieee"). Eager calls skip the dispatcher; under torch.compile the call is
     the registered custom op."""
+    if x.dim() == 0 or (residual is not None and residual.dim() == 0):
+        raise ValueError("linear_residual_layernorm: x and residual need a feature dimension [..., features], got a "
+                         "0-D tensor")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
+    x2 = _checks.as_rows(x)
+    r2 = None if residual is None else _checks.as_rows(residual)
     _validate(x2, weight, bias, r2, ln_weight, ln_bias, precision)
+    bias, ln_weight, ln_bias = _checks.dense(bias, ln_weight, ln_bias)
     tensors = (x2, weight, bias, r2, ln_weight, ln_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
         y = torch.ops.fastvlm.linear_residual_layernorm(*tensors, float(eps), precision)
     elif needs_grad:
         y = _LinearNormFunction.apply(*tensors, float(eps), precision)

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm.ops import _checks
 
 OP_NAME = "fastvlm::patch_embed"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -120,9 +121,16 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
     B, C, gh, gw = _grid(pixels, patch)
     T = gh * gw
     D = weight.shape[0]
-    w2 = weight.reshape(D, -1)
+    w2 = weight.flatten(1)  # [D, C * p * p]; no -1: D may be 0
     prefix = _n_prefix(cls)
-    reasons = []
+    if backend is None:  # the index tables' values (here: torch.compile's calls check them too)
+        if pos_rows is not None and pos is not None:
+            _checks.check_indices("patch_embed", "pos_rows", pos_rows, pos.shape[0],
+                                  "{op}: {name} holds rows {lo}..{hi} of a {n}-row position table")
+        if keep_rows is not None:
+            _checks.check_indices("patch_embed", "keep_rows", keep_rows, B * T,
+                                  "{op}: {name} must index the {n} patches, got {lo}..{hi}")
+    reasons = _checks.autocast_reasons(pixels.device)
     if w2.dtype not in KERNEL_DTYPES:
         reasons.append(f"weight dtype {w2.dtype} is not one of float16/bfloat16/float32")
     if pixels.dtype != torch.uint8 and pixels.dtype not in KERNEL_DTYPES:
@@ -131,6 +139,11 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
                     ("norm bias", norm_bias)):
         if t is not None and t.dtype != w2.dtype:
             reasons.append(f"{name} is {t.dtype} but the weight is {w2.dtype}")
+    for name, t in (("weight", weight), ("bias", bias), ("position table", pos), ("pos_rows", pos_rows),
+                    ("class token", cls), ("pixel_scale", scale), ("pixel_shift", shift),
+                    ("norm weight", norm_weight), ("norm bias", norm_bias)):
+        if t is not None and t.device != pixels.device:
+            reasons.append(f"{name} is on {t.device} but the pixels on {pixels.device}")
     detail = f"pixels{tuple(pixels.shape)} {str(pixels.dtype).replace('torch.', '')} p{patch} -> {D}"
     if norm_weight is not None:
         detail += " +rmsnorm" if norm_rms else " +layernorm"
@@ -241,7 +254,7 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
     if need_cls and cls is not None:
         gcls = g[:, row:row + prefix].to(ct).sum(0).reshape(cls.shape)
     if need_px and pixels.is_floating_point() and scale is None:
-        ga = (gp @ weight.reshape(D, -1)).to(pixels.dtype)  # [B*T, C*p*p] -> fold back
+        ga = (gp @ weight.flatten(1)).to(pixels.dtype)  # [B*T, C*p*p] -> fold back
         gx = ga.view(B, gh, gw, C, patch, patch).permute(0, 3, 1, 4, 2, 5).reshape(pixels.shape)
     return gx, gw_, gb, gpos, gcls, gnw, gnb
 
@@ -336,6 +349,10 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
         raise ValueError("patch_embed: uint8 pixels need pixel_scale and pixel_shift (the processor's normalisation)")
     if pos is not None and (pos_rows is None or pos_rows.shape not in ((gh * gw,), (pixels.shape[0] * gh * gw,))):
         raise ValueError(f"patch_embed: pos_rows must be [{gh * gw}] (or per image [{pixels.shape[0] * gh * gw}])")
+    if pos is not None:
+        if pos.dim() != 2 or pos.shape[1] != D:
+            raise ValueError(f"patch_embed: pos must be a [positions, {D}] table, got {tuple(pos.shape)}")
+        pos_rows = _checks.index_tensor("patch_embed", "pos_rows", pos_rows, pos_rows.device, dims=1)
     if cls is not None and (cls.dim() not in (1, 2) or cls.shape[-1] != D):
         raise ValueError(f"patch_embed: cls must be [{D}] or [prefix, {D}], got {tuple(cls.shape)}")
     if pos is not None and cls is not None and cls_pos >= 0 and cls_pos + _n_prefix(cls) > pos.shape[0]:
@@ -355,16 +372,10 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
     if keep_rows is not None and (keep_rows.dim() != 1 or keep_rows.dtype != torch.int64
                                   or keep_rows.device != pixels.device):
         raise ValueError(f"patch_embed: keep_rows must be a 1-D int64 tensor of patch indices on {pixels.device}")
-    if keep_rows is not None and keep_rows.numel() and not torch.compiler.is_compiling():
-        n = pixels.shape[0] * gh * gw
-        if keep_rows.device.type == "cpu":
-            if int(keep_rows.min()) < 0 or int(keep_rows.max()) >= n:
-                raise IndexError(f"patch_embed: keep_rows must index the {n} patches")
-        else:
-            torch._assert_async(((keep_rows >= 0) & (keep_rows < n)).all(), "keep_rows out of range")
+    bias, pos, cls, norm_weight, norm_bias = _checks.dense(bias, pos, cls, norm_weight, norm_bias)
     args = (pixels, weight, bias, pos, cls, pos_rows, int(cls_pos), pixel_scale, pixel_shift, patch, bool(cls_first),
             norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw, keep_rows)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _checks.is_meta(pixels):  # meta: shape tracing, answered by the fake
         return torch.ops.fastvlm.patch_embed(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5] + args[11:13]):
         return _PatchEmbedFunction.apply(*args)

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm.ops import _checks
 from fastvlm.ops.attention import attention
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 from fastvlm.reference.projector import norm_ref, norm_stats_ref
@@ -63,7 +64,7 @@ def _validate(x, w, w_up, nw, res, act):
 
 def _kernel_reasons(x, named):
     """Why the Triton kernels cannot run these inputs (empty list when they can)."""
-    return _dispatch.dtype_device_reasons(x, named)
+    return _dispatch.dtype_device_reasons(x, named) + _checks.autocast_reasons(x.device)
 
 
 # ------------------------------------------------------------------------------------------------ forward paths
@@ -243,17 +244,20 @@ def norm_linear(x, w, *, w_up=None, norm_weight=None, residual=None, eps=1e-6, a
     ``rstd``: x's row statistics from ``rms_rstd(x, eps)`` when several GEMMs normalise the same x (computed here
     otherwise).
     Eager calls skip the torch.library dispatcher; under torch.compile the call is the registered custom op."""
+    if x.dim() == 0 or (residual is not None and residual.dim() == 0):
+        raise ValueError("norm_linear: x and residual need a feature dimension [..., features], got a 0-D tensor")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1])
-    r2 = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
+    x2 = _checks.as_rows(x)
+    r2 = _checks.as_rows(residual) if residual is not None else None
     _validate(x2, w, w_up, norm_weight, r2, act)
     if rstd is not None:
         rstd = rstd.reshape(-1).detach()
         if norm_weight is None or rstd.shape != (x2.shape[0],) or not rstd.is_floating_point():
             raise ValueError(f"norm_linear: rstd must be a float [{x2.shape[0]}] tensor and needs a norm weight")
+    norm_weight, rstd = _checks.dense(norm_weight, rstd)
     tensors = (x2, w, w_up, norm_weight, r2)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
         y = torch.ops.fastvlm.norm_linear(*tensors, float(eps), act, needs_grad, rstd)[0]
     elif needs_grad:
         y = _NormLinearFunction.apply(*tensors, float(eps), act, rstd)

@@ -8,11 +8,13 @@ from __future__ import annotations
 import torch
 
 from fastvlm import _dispatch
+from fastvlm.ops import _checks
 
 OP_NAME = "fastvlm::pool_tokens"
 
 
 def _forward(x, rows, mode):
+    _checks.check_indices("pool_tokens", "rows", rows, x.shape[0])  # here: torch.compile's calls check them too
     reasons = []
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         reasons.append(f"x dtype {x.dtype} is not one of float16/bfloat16/float32")
@@ -20,6 +22,8 @@ def _forward(x, rows, mode):
     if _dispatch.choose_backend(OP_NAME, x.device, reasons, detail) == "triton":
         from fastvlm.kernels.pool import pool_rows
 
+        if rows.shape[0] == 0 or x.shape[1] == 0:  # nothing to read or write: no launch
+            return x.new_empty((rows.shape[0], x.shape[1]))
         return pool_rows(x if x.stride(1) == 1 else x.contiguous(), rows, mode)
     g = x[rows]
     if mode == "mean":
@@ -76,12 +80,12 @@ class _PoolFunction(torch.autograd.Function):
 
 def pool_tokens(x, rows, mode="mean"):
     """Pooled rows [M, D] of tokens ``x`` [T, D] over the windows ``rows`` [M, Q] (fastvlm.ops.layout.pool_rows)."""
-    if x.dim() != 2 or rows.dim() != 2 or rows.dtype != torch.int64:
-        raise ValueError(f"pool_tokens: x must be [tokens, D] and rows an int64 [M, Q] table, got {tuple(x.shape)} "
-                         f"and {tuple(rows.shape)} {rows.dtype}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"pool_tokens: x must be [tokens, D], got {tuple(getattr(x, 'shape', ()))}")
+    rows = _checks.row_table("pool_tokens", rows, x)
     if mode not in ("mean", "max"):
         raise ValueError(f"pool_tokens: mode must be 'mean' or 'max', got {mode!r}")
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _checks.is_meta(x):  # meta: shape tracing, answered by the fake
         return torch.ops.fastvlm.pool_tokens(x, rows, mode)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PoolFunction.apply(x, rows, mode)

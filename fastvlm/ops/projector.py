@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm.ops import _checks
 from fastvlm.ops.layout import gather_ref, scatter_back
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 from fastvlm.reference.projector import norm_ref, norm_stats_ref
@@ -68,11 +69,6 @@ def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec, w_up=Non
         raise ValueError(f"mlp_projector: x must be 2-D [tokens, features] here, got shape {tuple(x.shape)}")
     if s.a_mode not in A_MODES:
         raise ValueError(f"mlp_projector: a_mode must be one of {A_MODES}, got {s.a_mode!r}")
-    if s.a_mode != "strided":
-        if rows is None or rows.dim() != 2 or rows.dtype != torch.int64:
-            raise ValueError(f"mlp_projector: a_mode {s.a_mode!r} needs rows, an int64 [M, Q] table of token indices")
-        if rows.device != x.device:
-            raise ValueError(f"mlp_projector: rows is on {rows.device} but x on {x.device}")
     K = x.shape[1] if s.a_mode == "strided" else _k_of(x, rows, s.a_mode)
     if w1.dim() != 2 or w1.shape[1] != K:
         raise ValueError(f"mlp_projector: linear_1.weight must be [out, {K}] for input features of width {K}, "
@@ -119,11 +115,12 @@ def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec, w_up=Non
 
 def _kernel_reasons(x, tensors):
     """Why the Triton kernels cannot run these inputs (empty list when they can)."""
-    return _dispatch.dtype_device_reasons(x, tensors)
+    return _dispatch.dtype_device_reasons(x, tensors) + _checks.autocast_reasons(x.device)
 
 
 def _saves_h(w2, s: Spec):
-    return w2 is not None or s.act != "none"
+    """h is kept for backward when something after the first linear needs it (a gated pair always does)."""
+    return w2 is not None or s.act != "none" or s.gated
 
 
 # ------------------------------------------------------------------------------------------------ forward paths
@@ -217,6 +214,8 @@ def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_
 
 def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
     """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved."""
+    if rows is not None:  # the table's values, checked here so that torch.compile's calls check them too
+        _checks.check_indices("mlp_projector", "rows", rows, x.shape[0])
     detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {(w2 if w2 is not None else w1).shape[0]}"
     if s.a_mode != "strided":
         detail += f" ({s.a_mode} of {rows.shape[1]})"
@@ -442,23 +441,29 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     """
     if rows is None:
         if a_mode != "strided":
-            raise ValueError(f"mlp_projector: a_mode {a_mode!r} needs rows")
+            raise ValueError(f"mlp_projector: a_mode {a_mode!r} needs rows, an int64 [M, Q] table of token indices")
+        if x.dim() == 0:
+            raise ValueError("mlp_projector: x must have a feature dimension [..., features], got a 0-D tensor")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, x.shape[-1])
+        x2 = _checks.as_rows(x)
         K = x2.shape[1]
     else:
         lead = None
         x2 = x
-        K = _k_of(x2, rows, a_mode) if x2.dim() == 2 else -1
+        if x2.dim() != 2:
+            raise ValueError(f"mlp_projector: x must be 2-D [tokens, features] with rows, got shape {tuple(x.shape)}")
+        rows = _checks.row_table("mlp_projector", rows, x2)
+        K = _k_of(x2, rows, a_mode)
     if norm == "none":
         group = K
     else:
         group = int(norm_group or (x2.shape[-1] if norm_src else K))
     s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated or w_up is not None)
     _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
+    b1, b2, norm_weight, norm_bias, b_up = _checks.dense(b1, b2, norm_weight, norm_bias, b_up)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
         y = torch.ops.fastvlm.mlp_projector(*tensors, rows, w_up, b_up, s.norm, s.norm_group, s.eps, s.act, s.act2,
                                             s.a_mode, s.norm_src, s.gated, needs_grad)[0]
     elif needs_grad:

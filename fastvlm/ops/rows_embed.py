@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm.ops import _checks
 
 OP_NAME = "fastvlm::rows_embed"
 
@@ -59,7 +60,11 @@ def pos_sum(pos, idx, w):
 def _forward(x, weight, bias, pos, pos_idx, pos_w, frames, chunk, backend=None):
     N = x.shape[0]
     D, k_eff = weight.shape
+    if backend is None and pos is not None:  # the taps' values (here: torch.compile's calls check them too)
+        _checks.check_indices("rows_embed", "pos_idx", pos_idx, pos.shape[0],
+                              "{op}: {name} holds rows {lo}..{hi} of a {n}-row table")
     reasons = _dispatch.dtype_device_reasons(x, (("weight", weight), ("bias", bias), ("position table", pos)), "rows")
+    reasons += _checks.autocast_reasons(x.device)
     detail = f"rows({N}, {x.shape[1]}) -> {D}" + (f" still x{frames}" if frames else "") + (
         f" +pos{pos_idx.shape[1]}" if pos is not None else "")
     if backend is None:
@@ -172,15 +177,9 @@ def rows_embed(x, weight, bias=None, *, pos=None, pos_idx=None, pos_weights=None
             raise ValueError(f"rows_embed: pos needs int64 pos_idx and pos_weights of one shape [{x.shape[0]}, taps]")
         if pos_idx.device != x.device or pos_weights.device != x.device:
             raise ValueError(f"rows_embed: pos_idx and pos_weights must be on {x.device}")
-        if not torch.compiler.is_compiling() and pos_idx.numel():
-            if x.device.type == "cpu":
-                lo, hi = int(pos_idx.min()), int(pos_idx.max())
-                if lo < 0 or hi >= pos.shape[0]:
-                    raise IndexError(f"rows_embed: pos_idx holds rows {lo}..{hi} of a {pos.shape[0]}-row table")
-            else:  # a device-side check, as an embedding lookup makes (no host synchronisation)
-                torch._assert_async(((pos_idx >= 0) & (pos_idx < pos.shape[0])).all(), "pos_idx out of range")
+    bias, pos = _checks.dense(bias, pos)
     args = (x, weight, bias, pos, pos_idx, pos_weights, int(frames), int(chunk) if frames else 0)
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _checks.is_meta(x):  # meta: shape tracing, answered by the fake
         return torch.ops.fastvlm.rows_embed(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
         return _RowsEmbedFunction.apply(*args)
