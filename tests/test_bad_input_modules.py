@@ -118,6 +118,8 @@ def test_zero_images_internvl_shuffle_projector(backend):
     with torch.no_grad():
         out = fastvlm.nn.InternVLShuffleProjector.from_projector(proj, 0.5)(torch.randn(0, 16, C))
     assert out.shape == (0, 4, proj.linear_2.out_features)
+    with pytest.raises(ValueError, match=r"vision_features must be \[batch, tokens, channels\]"):
+        fastvlm.nn.InternVLShuffleProjector.from_projector(proj, 0.5)(torch.randn(16, C))
 
 
 def test_deferred_input_the_original_accepts_is_reported(backend):
