@@ -118,6 +118,8 @@ def test_zero_images_internvl_shuffle_projector(backend):
     with torch.no_grad():
         out = fastvlm.nn.InternVLShuffleProjector.from_projector(proj, 0.5)(torch.randn(0, 16, C))
     assert out.shape == (0, 4, proj.linear_2.out_features)
+    with pytest.raises(ValueError, match=r"vision_features must be \[batch, tokens, channels\]"):
+        fastvlm.nn.InternVLShuffleProjector.from_projector(proj, 0.5)(torch.randn(16, C))
 
 
 def test_deferred_input_the_original_accepts_is_reported(backend):
@@ -132,3 +134,16 @@ def test_deferred_input_the_original_accepts_is_reported(backend):
         fused(torch.randn(4, 1))
     assert [r.backend for r in t.records] == ["torch"] and "norm's width" in t.records[0].reasons[0], str(t)
 
+
+
+@pytest.mark.parametrize("kind", ["cabs1", "cabs0", "ldp"])
+def test_feature_map_projectors_on_meta(kind, backend):
+    """The CNN-map projectors (C-Abstractor, LDPv2) on meta input: their autocast check raised for meta tensors."""
+    from fastvlm.reference.feature_map import CAbstractor, LDPv2Projector
+
+    ref = (CAbstractor(12, 16, 20, num_input_tokens=36, num_queries=9, depth=int(kind[-1])) if kind != "ldp"
+           else LDPv2Projector(12, 20, 9)).eval().to("meta")
+    x = torch.randn(2, 36, 12, device="meta")
+    with torch.no_grad():
+        assert _outcome(lambda: fastvlm.nn.from_module(ref)(x)) == _outcome(lambda: ref(x)) == \
+            ("ok", (2, 9, 20), torch.float32)

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.feature_map import feature_map_projector, tokens_as_map
 from fastvlm.ops.layout import pool_rows
 from fastvlm.ops.pool import pool_tokens
@@ -47,7 +48,7 @@ def _hook_reasons(module, names):
 
 def _autocast_reasons(x):
     return ["autocast is enabled (the reference forward reproduces autocast's casts)"] \
-        if torch.is_autocast_enabled(x.device.type) else []
+        if autocast_on(x.device) else []  # not torch.is_autocast_enabled: it raises for meta tensors
 
 
 def _mlp_plan(seq, what):

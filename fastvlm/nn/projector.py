@@ -464,6 +464,9 @@ class InternVLShuffleProjector(nn.Module):
         return cls(projector, downsample_ratio)
 
     def forward(self, vision_features):
+        if vision_features.dim() != 3:
+            raise ValueError(f"InternVLShuffleProjector: vision_features must be [batch, tokens, channels], got "
+                             f"{tuple(vision_features.shape)}")
         B, P, C = vision_features.shape
         s = self.scale
         side = math.isqrt(P)
