@@ -14,7 +14,7 @@
 # (no GPU run has confirmed them yet: replace them with the step times a session's summary.md reports).
 #
 #   step              budget s  est. s  what
-#   install              20       10    pip install --no-deps --no-build-isolation -e .   (dry run: import check)
+#   install              20       10    pip install --no-deps --no-build-isolation -e ., fastvlm info (dry run: import)
 #   env                  15        8    env.json: device, versions, commit; copy + matmul ceilings measured
 #   smoke               100       70    pytest -m gpu_smoke (tests/test_gpu_smoke.py, -n 8 where xdist is there):
 #                                       every kernel family once vs float64; CUDA extension built in the background
@@ -26,7 +26,7 @@
 #   patch-compile        30       25    issue 3: CLIP-L B=8 under torch.compile max-autotune
 #   qformer-compile      70       60    issue 4: Q-Former B=8 fp32 under torch.compile max-autotune
 #   train                30       20    fwd+bwd with gradient checks: LLaVA B=8, Gemma 3 B=64, Idefics2 729 x 8
-#   e2e                  25       20    issue 6: LLaVA and Qwen2-VL connector paths into inputs_embeds
+#   e2e                  25       20    issue 6: LLaVA-1.5 and Qwen2-VL: connector path and image features, eager vs patched
 #   ext                  15       10    CUDA extension: GPU tests of scatter + preprocessing, scatter benchmark
 #   overhead             10        8    fastvlm bench --overhead (host time per call), if it exists
 #   more-shapes        rest        -    other shapes: Qwen2-VL merger 16384, Mistral 3, SigLIP, Idefics2, Pixtral, Qwen rows, uint8
@@ -114,7 +114,11 @@ QF=("$PY" "${B[@]}".qformer --full --out "$WORK/qformer.jsonl")
 PERC=("$PY" "${B[@]}".perceiver --out "$WORK/perceiver.jsonl")
 ((DRY)) && QF=("$PY" "${B[@]}".qformer --quick --out "$WORK/qformer.jsonl")
 if ((DRY)); then INSTALL=("$PY" -c "import fastvlm; print('dry run: no install;', fastvlm.__file__)")
-else INSTALL=("$PY" -m pip install --no-deps --no-build-isolation -e .); fi
+else  # if pip fails, the steps still import this tree (PYTHONPATH, and fastvlm.kernels linked to kernels/)
+    INSTALL=(bash -c '"$0" -m pip install --no-deps --no-build-isolation -e . || { ln -sfn ../kernels fastvlm/kernels;
+        echo "pip install failed: running from the source tree"; }; "$0" -m fastvlm.cli info' "$PY")
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if ((DRY)); then EXT_BUILD=("$PY" -m fastvlm._cext status); else EXT_BUILD=("$PY" -m fastvlm._cext build); fi
 REST=(-m "not gpu_smoke and not slow" tests/test_gpu.py tests/test_patch_embed_gpu.py tests/test_scatter.py
       tests/test_qformer.py tests/test_kernels.py tests/test_attention.py tests/test_perceiver.py)
@@ -144,10 +148,10 @@ step qformer-compile 70 "${QF[@]}" --suites qformer --batches 8 --dtypes float32
 step train 30 bash -c '"${@:2}" --modes fwd+bwd --providers hf_eager fastvlm --shapes llava-1.5-7b@8 gemma3-4b@64 &&
     "$0" -m fastvlm.bench.perceiver --out "$1" --modes fwd+bwd --providers hf_sdpa fastvlm --shapes idefics2-8b@729x8' \
     "$PY" "$WORK/perceiver.jsonl" "${PROJ[@]}"
-# issue 6: the connector path into inputs_embeds (features -> connector -> scatter), and Qwen2-VL's image features
-step e2e 25 bash -c '"$0" -m fastvlm.bench.e2e --out "$1" --paths connector --providers hf_eager fastvlm &&
-    "$0" -m fastvlm.bench.e2e --out "$1" --models qwen2-vl-7b --paths full --providers hf_eager fastvlm fastvlm_still' \
-    "$PY" "$WORK/e2e.jsonl"
+# issue 6: the connector path into inputs_embeds (features -> connector -> scatter) and the image features (tower
+# included), LLaVA-1.5-7B and Qwen2-VL-7B (with the still-image patch GEMM)
+step e2e 25 "$PY" -m fastvlm.bench.e2e --out "$WORK/e2e.jsonl" --paths connector full \
+    --providers hf_eager fastvlm fastvlm_still
 # issue 7: the CUDA extension (built in the background since the smoke step)
 step ext 15 bash -c 'while [[ ! -f $1/ext-build.rc ]]; do sleep 1; done; cat "$1/ext-build.log";
     "${@:2}" tests/test_scatter.py tests/test_preprocess.py -k cuda --junitxml "$1/ext.junit.xml";

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import fastvlm
-from helpers import Guarded, assert_close
+from helpers import assert_close
 
 CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
@@ -81,9 +81,9 @@ def test_dense_gemm_norm_prologue_gelu_and_backward():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_gather_modes_shuffle_pool_max(dtype):
-    """Idefics3's pixel shuffle (concat rows) and Gemma 3's 4 x 4 mean pool with RMSNorm(1 + w), then max windows."""
-    from fastvlm.ops.layout import gather_ref, pool_rows, space_to_depth_rows
+def test_gather_concat_pixel_shuffle(dtype):
+    """Idefics3-8B's pixel shuffle (scale 2 of a 26 x 26 grid of 1152): the merged rows gathered in the A-load."""
+    from fastvlm.ops.layout import gather_ref, space_to_depth_rows
     from fastvlm.ops.projector import mlp_projector
 
     C, N, side = size((1152, 4096, 26), (24, 40, 6))
@@ -92,21 +92,46 @@ def test_gather_modes_shuffle_pool_max(dtype):
     w = _r(N, 4 * C, dtype=dtype, scale=0.01)
     with fastvlm.trace() as t:
         out = mlp_projector(x, w, act="none", rows=rows, a_mode="concat")
+    _only_triton(t)
     assert_close(out, gather_ref(x.double(), rows, "concat") @ w.double().T, dtype, 4 * C, roundings=2)
-    g, N2 = size((64, 2560), (8, 24))
+
+
+def _pool_case(dtype):
+    from fastvlm.ops.layout import pool_rows
+
+    C, N, g = size((1152, 2560, 64), (24, 24, 8))
     xg = _r(2 * g * g, C, dtype=dtype)
-    prow = pool_rows(2, g, g, 4, DEV)
+    return xg, pool_rows(2, g, g, 4, DEV), _r(N, C, dtype=dtype, scale=0.02), C
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gather_mean_pool_rmsnorm(dtype):
+    """Gemma 3's 4 x 4 average pool of a 64 x 64 grid read in the A-load, RMSNorm(1 + w) in fp32 (the pooled-rows
+    statistics pass), then the matmul."""
+    from fastvlm.ops.layout import gather_ref
+    from fastvlm.ops.projector import mlp_projector
+
+    xg, prow, wg, C = _pool_case(dtype)
     nw = _r(C, dtype=dtype, scale=0.1)
-    wg = _r(N2, C, dtype=dtype, scale=0.02)
-    with fastvlm.trace() as t2:
+    with fastvlm.trace() as t:
         out = mlp_projector(xg, wg, act="none", norm="rmsnorm_1p", norm_weight=nw, eps=1e-6, rows=prow, a_mode="mean")
-        mx = mlp_projector(xg, wg, act="gelu", rows=prow, a_mode="max")
+    _only_triton(t)
     pooled = gather_ref(xg.double(), prow, "mean")
     normed = pooled * torch.rsqrt(pooled.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + nw.double())
     assert_close(out, normed @ wg.double().T, dtype, C * 16, roundings=3)
-    assert_close(mx, F.gelu(gather_ref(xg.double(), prow, "max") @ wg.double().T), dtype, C, roundings=2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gather_max_pool_gelu(dtype):
+    """Max over 4 x 4 windows in the A-load, with a GELU epilogue."""
+    from fastvlm.ops.layout import gather_ref
+    from fastvlm.ops.projector import mlp_projector
+
+    xg, prow, wg, C = _pool_case(dtype)
+    with fastvlm.trace() as t:
+        mx = mlp_projector(xg, wg, act="gelu", rows=prow, a_mode="max")
     _only_triton(t)
-    _only_triton(t2)
+    assert_close(mx, F.gelu(gather_ref(xg.double(), prow, "max") @ wg.double().T), dtype, C, roundings=2)
 
 
 def test_patch_embed_class_token_positions_prenorm_and_uint8():
@@ -120,16 +145,14 @@ def test_patch_embed_class_token_positions_prenorm_and_uint8():
     w, b = _r(D, 3, p, p, dtype=dt, scale=0.02), _r(D, dtype=dt, scale=0.02)
     pos, cls = _r(T + 1, D, dtype=dt), _r(D, dtype=dt)
     lw, lb = 1 + _r(D, dtype=dt, scale=0.1), _r(D, dtype=dt, scale=0.1)
-    out = Guarded((B, T + 1, D), dt, DEV)
     with fastvlm.trace() as t:
-        out.tensor.copy_(patch_embed(x.to(dt), w, b, pos=pos, pos_rows=torch.arange(1, T + 1, device=DEV), cls=cls,
-                                     norm_weight=lw, norm_bias=lb))
+        out = patch_embed(x.to(dt), w, b, pos=pos, pos_rows=torch.arange(1, T + 1, device=DEV), cls=cls,
+                          norm_weight=lw, norm_bias=lb)
     _only_triton(t)
     y = (im2col_ref(x.to(dt).double(), p) @ w.double().reshape(D, -1).T + b.double()).view(B, T, D)
     y = torch.cat([(cls.double() + pos.double()[0]).expand(B, 1, D), y + pos.double()[1:]], 1)
     ref = F.layer_norm(y, (D,), lw.double(), lb.double(), 1e-5)
-    assert_close(out.tensor, ref, dt, 3 * p * p, roundings=4)
-    out.check("patch_embed output")
+    assert_close(out, ref, dt, 3 * p * p, roundings=4)
     # uint8 pixels, each image padded at the bottom/right: pixels outside read as 0 after normalising
     img8 = torch.randint(0, 256, (B, 3, img, img), dtype=torch.uint8, device=DEV)
     hw = torch.tensor([[img, img]] + [[img // 2 + 3, img - 5]] * (B - 1), device=DEV)

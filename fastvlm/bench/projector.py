@@ -62,7 +62,7 @@ MODES = ["fwd", "fwd+bwd"]
 
 
 def build(shape, device, dtype):
-    """(module, inputs (a tuple), flops_fwd, flops_fwd_bwd, min_bytes) for a shape id."""
+    """(module, inputs (a tuple), flops_fwd, flops_fwd_bwd, min_bytes) for a shape id (inputs drawn on ``device``)."""
     import transformers
 
     name, _, arg = shape.partition("@")
@@ -72,13 +72,13 @@ def build(shape, device, dtype):
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
         m = LlavaMultiModalProjector(transformers.LlavaConfig())
-        x = torch.randn(int(arg), 576, 1024)
+        x = torch.randn(int(arg), 576, 1024, device=device)
         M, K, I, O = int(arg) * 576, 1024, 4096, 4096
     elif name == "qwen2-vl-7b":
         from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
 
         m = PatchMerger(dim=3584, context_dim=1280)
-        x = torch.randn(int(arg), 1280)
+        x = torch.randn(int(arg), 1280, device=device)
         M, K, I, O = int(arg) // 4, 5120, 5120, 3584
     elif name == "internvl":
         from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
@@ -89,12 +89,12 @@ def build(shape, device, dtype):
                                                            num_key_value_heads=4, intermediate_size=18944))
         m = InternVLMultiModalProjector(cfg)
         b, t = (int(v) for v in arg.split("x"))
-        x = torch.randn(b, t, 4096)
+        x = torch.randn(b, t, 4096, device=device)
         M, K, I, O = b * t, 4096, 3584, 3584
     elif name == "internvl-shuffle":
-        m, _, *_ = build("internvl@1x256", "cpu", torch.float32)
+        m, _, *_ = build("internvl@1x256", device, torch.float32)
         m = InternVLShuffleEager(m)
-        x = torch.randn(int(arg), 1024, 1024)
+        x = torch.randn(int(arg), 1024, 1024, device=device)
         M, K, I, O = int(arg) * 256, 4096, 3584, 3584
     elif name == "gemma3-4b":
         from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
@@ -102,7 +102,7 @@ def build(shape, device, dtype):
         m = Gemma3MultiModalProjector(transformers.Gemma3Config(
             vision_config=dict(_SIGLIP_SO400M, image_size=896),
             text_config=_text("gemma3_text", 2560, 8, 4, head_dim=256), mm_tokens_per_image=256))
-        x = torch.randn(int(arg), 4096, 1152)
+        x = torch.randn(int(arg), 4096, 1152, device=device)
         gemms = [(int(arg) * 256, 1152, 2560)]
     elif name == "idefics3-8b":
         from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
@@ -110,7 +110,7 @@ def build(shape, device, dtype):
         m = Idefics3Connector(transformers.Idefics3Config(
             vision_config=dict(_SIGLIP_SO400M, model_type="idefics3_vision", image_size=364),
             text_config=_text("llama", 4096, 32, 8), scale_factor=2))
-        x = torch.randn(int(arg), 676, 1152)
+        x = torch.randn(int(arg), 676, 1152, device=device)
         gemms = [(int(arg) * 169, 4608, 4096)]
     elif name == "mistral-small-3.1":
         from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
@@ -120,7 +120,7 @@ def build(shape, device, dtype):
             vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=64, num_attention_heads=16,
                                num_hidden_layers=1, patch_size=14, image_size=14 * side, head_dim=64),
             text_config=_text("mistral", 5120, 32, 8, head_dim=128), spatial_merge_size=2))
-        x = torch.randn(side * side, 1024)
+        x = torch.randn(side * side, 1024, device=device)
         extra = (torch.tensor([[14 * side, 14 * side]]),)
         merged = (side // 2) ** 2
         gemms = [(merged, 4096, 1024), (merged, 1024, 5120), (merged, 5120, 5120)]

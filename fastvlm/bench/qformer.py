@@ -167,7 +167,10 @@ def run_attention(batches, providers, dtypes, quick, reps, device, env, rec):
                 try:
                     if prov in ("flash_attn", "xformers") and (device != "cuda" or dtype == torch.float32):
                         raise harness.Skipped("16-bit CUDA only")
-                    f = _attn_provider(prov)
+                    try:
+                        f = _attn_provider(prov)
+                    except ImportError as exc:
+                        raise harness.Skipped(f"not installed ({exc})") from exc
                     out = f(q, k, v)
                     if prov in ("flash_attn", "xformers"):
                         out = out.transpose(1, 2)  # [B, L, H, D] -> [B, H, L, D]
