@@ -136,7 +136,8 @@ def run(kinds, batches, providers, modes, dtype, reps, quick=False, out=None, cs
     if device == "cpu" and verbose:
         print("No CUDA device: timing the CPU path (PyTorch ops on the CPU). These numbers show the harness runs; "
               "they are not a measurement of fastvlm's kernels.")
-    rows = []
+    rec = harness.Recorder(out)
+    rows = rec.rows
     elem = torch.finfo(dtype).bits // 8
     for kind in kinds:
         for batch in batches:
@@ -172,12 +173,12 @@ def run(kinds, batches, providers, modes, dtype, reps, quick=False, out=None, cs
                     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
                     if prov == "eager":
                         eager_ms = med
-                    bound = harness.roofline_ms(flops, elem * n_elems * (1 if mode == "fwd" else 3))
-                    rows.append(dict(suite="feature_maps", shape=shape, mode=mode, provider=prov, dtype=str(dtype),
-                                     ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, roofline_ms=bound,
-                                     roofline_fraction=bound / med,
-                                     speedup_vs_eager=(eager_ms / med) if eager_ms else float("nan"), rel_err=err,
-                                     peak_mem_bytes=peak, quick=quick, **env))
+                    bound = harness.roofline_ms(flops, elem * n_elems * (1 if mode == "fwd" else 3), dtype)
+                    rec.add(dict(suite="feature_maps", shape=shape, mode=mode, provider=prov, dtype=str(dtype),
+                                 ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, roofline_ms=bound,
+                                 roofline_fraction=bound / med,
+                                 speedup_vs_eager=(eager_ms / med) if eager_ms else float("nan"), rel_err=err,
+                                 peak_mem_bytes=peak, quick=quick, **env))
                     for p in m.parameters():
                         p.grad = None
                         p.requires_grad_(False)
@@ -186,8 +187,6 @@ def run(kinds, batches, providers, modes, dtype, reps, quick=False, out=None, cs
     if verbose:
         print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
         print(harness.format_rows(rows))
-    if out:
-        harness.append_results(rows, out)
     if csv_path:
         new = not os.path.exists(csv_path)
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
@@ -213,7 +212,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore", module="fastvlm")
     cpu = not torch.cuda.is_available()
-    quick = args.quick
+    quick = args.quick or harness.tiny()
     dtype = getattr(torch, args.dtype)
     if cpu:
         dtype = torch.float32 if dtype == torch.bfloat16 else dtype

@@ -7,7 +7,8 @@ but only one decoder layer (it never runs here). Paths:
 Providers: transformers eager, ``fastvlm.patch``, ``torch.compile`` of the same, and on a GPU the patched path under
 CUDA graphs (``torch.compile(mode="reduce-overhead")``); for Qwen2-VL also ``fastvlm_still``
 (``fastvlm.patch(model, still_images=True)``: the patch GEMM reads one of the two frames the processor repeats).
-Qwen2-VL's pixel rows are built as the processor builds an image's: each frame twice.
+Qwen2-VL's pixel rows are built as the processor builds an image's: each frame twice. Rows are appended to ``--out`` as
+measured (a provider that fails records its error); ``--tiny`` or FASTVLM_BENCH_TINY=1: tiny configs.
     python -m fastvlm.bench.e2e --models llava-1.5-7b qwen2-vl-7b --out benchmarks/results/e2e.jsonl
 """
 from __future__ import annotations
@@ -39,7 +40,8 @@ def build(name, device, dtype, tiny=False):
             txt.update(hidden_size=128, intermediate_size=256, num_attention_heads=4, vocab_size=1000)
         cfg = transformers.LlavaConfig(vision_config=vis, text_config=txt, image_token_id=txt["vocab_size"] - 1,
                                        image_seq_length=(vis["image_size"] // 14) ** 2)
-        model = transformers.LlavaForConditionalGeneration(cfg)
+        with torch.device(device):  # initialised on the device: seconds, not a minute, at 7B sizes
+            model = transformers.LlavaForConditionalGeneration(cfg)
         n_img = (vis["image_size"] // 14) ** 2
         inputs = dict(pixel_values=torch.randn(1, 3, vis["image_size"], vis["image_size"]))
     elif name == "qwen2-vl-7b":
@@ -56,7 +58,8 @@ def build(name, device, dtype, tiny=False):
                                                              mrope_section=[4, 6, 6]))
             grid = (1, 4, 4)
         cfg = transformers.Qwen2VLConfig(vision_config=vis, text_config=txt, image_token_id=txt["vocab_size"] - 1)
-        model = transformers.Qwen2VLForConditionalGeneration(cfg)
+        with torch.device(device):
+            model = transformers.Qwen2VLForConditionalGeneration(cfg)
         patches = grid[0] * grid[1] * grid[2]
         n_img = patches // 4
         frame = torch.randn(patches, 3, 1, 14 * 14)  # an image: the processor repeats its frame (temporal patch 2)
@@ -118,7 +121,8 @@ def run(models=None, paths=None, providers=None, dtype=torch.bfloat16, reps=None
     models, paths = models or MODELS, paths or PATHS
     providers = [p for p in (providers or PROVIDERS) if device == "cuda" or p != "fastvlm_cudagraph"]
     env = harness.environment()
-    rows = []
+    tiny = tiny or harness.tiny()
+    rec = harness.Recorder(out)
     for name in models:
         model, inputs, n_img = build(name, device, dtype, tiny)
         with torch.no_grad():  # the connector's input, as the vision tower hands it over
@@ -128,36 +132,42 @@ def run(models=None, paths=None, providers=None, dtype=torch.bfloat16, reps=None
             model.model.get_image_features(**inputs)
             h.remove()
             features = captured["x"]
-        ref = None
         for path in paths:
-            base = None
+            base = ref = None
             for prov in providers:
                 if prov == "fastvlm_still" and (name != "qwen2-vl-7b" or path != "full"):
                     continue  # the halved patch GEMM exists for Qwen-VL's pixel rows only
-                m = copy.deepcopy(model) if prov.startswith("fastvlm") else model
-                if prov.startswith("fastvlm"):
-                    fastvlm.patch(m, still_images=prov == "fastvlm_still")
-                fn = _path_fn(m, inputs, n_img, path, features)
-                if prov.endswith("compile"):
-                    fn = torch.compile(fn)
-                elif prov.endswith("cudagraph"):
-                    fn = torch.compile(fn, mode="reduce-overhead")
-                with torch.no_grad():
-                    result = fn()
-                    if ref is None or prov == "hf_eager":
-                        ref = result.float()
-                    err = float((result.float() - ref).norm() / ref.norm())
-                    med, p20, p80 = harness.measure(fn, warmup=3, reps=reps or 20, device=device)
+                row = dict(env, suite="e2e", model=name, shape=f"{name} {path}", mode="fwd", path=path,
+                           provider=prov, dtype=str(dtype), tiny=tiny)
+                try:
+                    m = copy.deepcopy(model) if prov.startswith("fastvlm") else model
+                    if prov.startswith("fastvlm"):
+                        fastvlm.patch(m, still_images=prov == "fastvlm_still")
+                    fn = _path_fn(m, inputs, n_img, path, features)
+                    if prov.endswith("compile"):
+                        fn = harness.compile_module(fn)
+                    elif prov.endswith("cudagraph"):
+                        fn = harness.compile_module(fn, "reduce-overhead")
+                    with torch.no_grad():
+                        result = fn()
+                        if ref is None or prov == "hf_eager":
+                            ref = result.float()
+                        err = harness.rel_err(result, ref)
+                        med, p20, p80 = harness.measure(fn, warmup=3, reps=reps or 20, device=device)
+                except harness.Skipped as exc:
+                    rec.add(dict(row, ms=None, skipped=str(exc)))
+                    continue
+                except Exception as exc:  # recorded; the other providers still run
+                    rec.add(dict(row, ms=None, error=harness.error_text(exc)))
+                    print(f"{name:14} {path:10} {prov:18} FAILED: {rec.rows[-1]['error']}")
+                    continue
                 if prov == "hf_eager":
                     base = med
-                rows.append(dict(suite="e2e", model=name, path=path, provider=prov, dtype=str(dtype), ms=med,
-                                 p20_ms=p20, p80_ms=p80, speedup_vs_eager=base / med if base else float("nan"),
-                                 rel_err=err, tiny=tiny, **env))
+                rec.add(dict(row, **harness.timing_cols(med, p20, p80, base_ms=base), rel_err=err))
                 print(f"{name:14} {path:10} {prov:18} {med:10.3f} ms  (p20 {p20:.3f}, p80 {p80:.3f})  "
-                      f"vs eager {rows[-1]['speedup_vs_eager']:.2f}x  rel err {err:.1e}")
-    if out:
-        harness.append_results(rows, out)
-    return rows
+                      f"vs eager {rec.rows[-1]['speedup_vs_eager']:.2f}x  rel err {err:.1e}")
+        del model, features
+    return rec.rows
 
 
 def main(argv=None):

@@ -1,8 +1,17 @@
-"""Benchmark plumbing shared by every suite: timing, roofline, environment stamp, result files.
+"""Benchmark plumbing shared by every suite: timing, roofline, environment stamp, result files, checks.
 
 Timing: on CUDA, each repetition is bracketed by CUDA events after a warm-up, with the L2 cache left warm (connector
 weights are re-read by every call in a real model too); the median, 20th and 80th percentiles are reported. On CPU the
 same loop uses time.perf_counter; CPU numbers only show that the harness runs, never a speed claim.
+
+Rows are written as they are measured: ``Recorder.add`` appends each row to the JSON-lines file at once (and
+flushes), so a suite stopped by a time limit leaves every row it finished.
+
+Roofline: the ceilings of the device the row ran on (fastvlm/bench/devices.py: measured H100 and H200 ceilings;
+16-bit rows against the bf16 ceiling, fp32 rows against the tf32 one with the fp32-IEEE bound beside it).
+
+``FASTVLM_BENCH_TINY=1`` (the GPU session's ``--dry-run``): every suite swaps its shapes for tiny ones of the same
+structure and times 1 warm-up and 2 repetitions; rows carry ``tiny: true``. It only checks that the suites run.
 """
 from __future__ import annotations
 
@@ -15,13 +24,22 @@ import time
 
 import torch
 
-# H100 SXM ceilings used for the roofline columns (measured device copy bandwidth and dense bf16 tensor throughput).
-PEAK_TFLOPS_BF16 = 790.0
-PEAK_TBPS = 3.0
+from fastvlm.bench import devices
+
+# The H100 ceilings, kept for callers that read them (fastvlm/bench/devices.py holds every device's).
+PEAK_TFLOPS_BF16 = devices.PROFILES["H100"].bf16_tflops
+PEAK_TBPS = devices.PROFILES["H100"].copy_tbps
+
+
+def tiny() -> bool:
+    """True in a dry run: tiny shapes, few repetitions (FASTVLM_BENCH_TINY=1)."""
+    return os.environ.get("FASTVLM_BENCH_TINY", "0") == "1"
 
 
 def measure(fn, *, warmup=5, reps=30, device="cuda"):
     """Run ``fn`` and return (median, p20, p80) in milliseconds."""
+    if tiny():
+        warmup, reps = min(warmup, 1), min(reps, 2)
     for _ in range(warmup):
         fn()
     times = []
@@ -44,9 +62,65 @@ def measure(fn, *, warmup=5, reps=30, device="cuda"):
     return statistics.median(times), q(0.2), q(0.8)
 
 
-def roofline_ms(flops, min_bytes):
-    """Lower bound in ms: max(compute time at peak, minimum traffic at peak bandwidth)."""
-    return max(flops / (PEAK_TFLOPS_BF16 * 1e12), min_bytes / (PEAK_TBPS * 1e12)) * 1e3
+def roofline_ms(flops, min_bytes, dtype=torch.bfloat16):
+    """Lower bound in ms on this device: max(compute time at the dtype's ceiling, minimal traffic at the copy
+    ceiling)."""
+    c = devices.current()
+    return max(flops / (c.tflops(dtype) * 1e12), min_bytes / (c.copy_tbps * 1e12)) * 1e3
+
+
+def roofline(flops, min_bytes, dtype=torch.bfloat16):
+    """The roofline columns of a row: ``roofline_ms``, its profile, and for fp32 the fp32-IEEE bound."""
+    c = devices.current()
+    cols = dict(roofline_ms=roofline_ms(flops, min_bytes, dtype), roofline_profile=c.label())
+    if dtype == torch.float32 and c.fp32_tflops:
+        cols["roofline_ms_ieee"] = max(flops / (c.fp32_tflops * 1e12), min_bytes / (c.copy_tbps * 1e12)) * 1e3
+    return cols
+
+
+def timing_cols(med, p20, p80, flops=None, bound_ms=None, base_ms=None):
+    """ms, p20/p80, TFLOP/s, fraction of the roofline and speed-up over the suite's baseline."""
+    cols = dict(ms=med, p20_ms=p20, p80_ms=p80, speedup_vs_eager=(base_ms / med) if base_ms else float("nan"))
+    if flops is not None:
+        cols["tflops"] = flops / med / 1e9
+    if bound_ms is not None:
+        cols["roofline_fraction"] = bound_ms / med
+    return cols
+
+
+class Skipped(Exception):
+    """A provider that cannot run here; the row records the reason instead of a time."""
+
+
+def compile_module(m, mode=None):
+    """``torch.compile(m, mode=mode)``. On a CPU, torch.compile is not timed (it would measure the host's C++ build,
+    not a GPU baseline) unless FASTVLM_BENCH_COMPILE_CPU=1: Skipped with the reason."""
+    if not torch.cuda.is_available() and os.environ.get("FASTVLM_BENCH_COMPILE_CPU", "0") != "1":
+        raise Skipped("CPU: torch.compile baselines are timed on CUDA only (FASTVLM_BENCH_COMPILE_CPU=1 forces it)")
+    torch._dynamo.reset()  # each provider compiles afresh (no recompile limit carried over from the last one)
+    return torch.compile(m, mode=mode) if mode else torch.compile(m)
+
+
+def rel_err(out, ref):
+    out, ref = out.detach().double(), ref.detach().double()
+    den = ref.norm()
+    return float((out - ref).norm() / (den if den > 0 else 1.0))
+
+
+def grads_of(params):
+    """Copies of the gradients of ``params`` (None where a parameter got none)."""
+    return [None if p.grad is None else p.grad.detach().clone() for p in params]
+
+
+def grad_rel_err(got, ref):
+    """The worst relative error over parameters of gradients ``got`` against ``ref`` (lists from grads_of); inf
+    where a reference gradient is missing from ``got`` (a parameter that got no gradient)."""
+    worst = 0.0
+    for g, r in zip(got, ref):
+        if r is None:
+            continue
+        worst = max(worst, float("inf") if g is None else rel_err(g, r))
+    return worst
 
 
 def git_commit():
@@ -56,9 +130,9 @@ def git_commit():
                              timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
                                text=True, timeout=10).stdout.strip()
-        return (out.stdout.strip() + ("-dirty" if dirty else "")) or "unknown"
+        return (out.stdout.strip() + ("-dirty" if dirty else "")) or os.environ.get("FASTVLM_COMMIT", "unknown")
     except Exception:
-        return "unknown"
+        return os.environ.get("FASTVLM_COMMIT", "unknown")
 
 
 def environment():
@@ -72,18 +146,13 @@ def environment():
         "commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except Exception:
-        env["triton"] = None
-    try:
-        import transformers
-
-        env["transformers"] = transformers.__version__
-    except Exception:
-        env["transformers"] = None
+    for mod in ("triton", "transformers"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:
+            env[mod] = None
+    if tiny():
+        env["tiny"] = True
     return env
 
 
@@ -94,12 +163,40 @@ def append_results(rows, path):
             f.write(json.dumps(r) + "\n")
 
 
-def format_rows(rows):
+class Recorder:
+    """Collects a suite's rows and appends each one to ``path`` (JSON lines) the moment it is added."""
+
+    def __init__(self, path=None, echo=None):
+        self.path, self.rows, self.echo = path, [], echo
+
+    def add(self, row):
+        self.rows.append(row)
+        if self.path:
+            append_results([row], self.path)
+        if self.echo:
+            print(self.echo(row), flush=True)
+        return row
+
+
+def error_text(exc):
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+
+
+def format_row(r):
+    lead = f"{r['shape']:28} {r.get('mode', 'fwd'):8} {r['provider']:24}"
+    if r.get("ms") is None:
+        return f"{lead} {'skipped' if 'skipped' in r else 'FAILED'}: {r.get('skipped') or r.get('error')}"
+    g = r.get("grad_rel_err")
+    return (f"{lead} {r['ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} {r.get('tflops', float('nan')):8.1f} "
+            f"{100 * r.get('roofline_fraction', float('nan')):6.1f} {r.get('speedup_vs_eager', float('nan')):8.2f} "
+            f"{r['rel_err']:8.1e}" + (f" {g:8.1e}" if g is not None else ""))
+
+
+def header():
     head = (f"{'shape':28} {'mode':8} {'provider':24} {'median ms':>10} {'p20':>8} {'p80':>8} {'TFLOP/s':>8} "
-            f"{'%roof':>6} {'vs eager':>8} {'rel err':>8}")
-    out = [head, "-" * len(head)]
-    for r in rows:
-        out.append(f"{r['shape']:28} {r['mode']:8} {r['provider']:24} {r['ms']:10.4f} {r['p20_ms']:8.4f} "
-                   f"{r['p80_ms']:8.4f} {r['tflops']:8.1f} {100 * r['roofline_fraction']:6.1f} "
-                   f"{r['speedup_vs_eager']:8.2f} {r['rel_err']:8.1e}")
-    return "\n".join(out)
+            f"{'%roof':>6} {'vs eager':>8} {'rel err':>8} {'grad err':>8}")
+    return head + "\n" + "-" * len(head)
+
+
+def format_rows(rows):
+    return "\n".join([header()] + [format_row(r) for r in rows])

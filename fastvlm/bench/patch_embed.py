@@ -28,8 +28,9 @@ the processor's math, on the device, then Idefics2's zero padding), fastvlm fold
 (``image_hw``: pixels outside each image read as 0 after normalising).
 Timing: harness.measure (CUDA events, median / p20 / p80). TFLOP/s counts 2 * tokens * C*p*p * D; the roofline
 is max(FLOPs at bf16 peak, pixels + weight + output bytes at peak bandwidth). Each provider's output is compared with
-eager's in the same run (rel err). ``--quick``: one shape, three repetitions (checks that the suite runs; on a CPU
-the numbers say nothing about GPU kernels).
+eager's in the same run (rel err); rows are appended to ``--out`` as measured, a failing provider records its error.
+``--quick``: one shape, three repetitions; ``FASTVLM_BENCH_TINY=1``: 4 x 4 patch grids, 64 wide, batch <= 2 (both
+check that the suite runs; on a CPU the numbers say nothing about GPU kernels).
 """
 from __future__ import annotations
 
@@ -62,14 +63,20 @@ def parse_shape(shape):
     name, _, batch = shape.partition("@")
     if name not in MODELS:
         raise KeyError(f"unknown model {name!r}; choose from {list(MODELS)} (as name@batch)")
-    return name, int(batch or 1)
+    return name, min(int(batch or 1), 2) if harness.tiny() else int(batch or 1)
+
+
+def dims(name):
+    """(family, hidden, image, patch) of a model; with FASTVLM_BENCH_TINY a 4 x 4 patch grid, 64 wide."""
+    fam, hidden, image, patch = MODELS[name]
+    return (fam, 64, 4 * patch, patch) if harness.tiny() else (fam, hidden, image, patch)
 
 
 def build_module(name, prenorm, device, dtype):
     """The eager transformers module for ``name`` (random weights, std 0.02) and a call(x, mask) for it."""
     import transformers
 
-    fam, hidden, image, patch = MODELS[name]
+    fam, hidden, image, patch = dims(name)
     kw = dict(hidden_size=hidden, image_size=image, patch_size=patch, num_attention_heads=16)
     if fam == "clip":
         if prenorm:
@@ -118,7 +125,7 @@ def build_module(name, prenorm, device, dtype):
 
 
 def build_inputs(name, batch, device, dtype, uint8):
-    fam, hidden, image, patch = MODELS[name]
+    fam, hidden, image, patch = dims(name)
     g = torch.Generator().manual_seed(0)
     if fam in ("qwen2", "qwen3"):  # rows as the processor makes them for still images: each frame twice
         if uint8:
@@ -257,8 +264,33 @@ def _fastvlm(mod, call, name, prenorm, uint8):
     return fn
 
 
+def _provider_fn(prov, mod, call, name, pn, uint8, eager, normalise, device, compile_on_cpu):
+    """The timed callable (x, mask) of a provider; harness.Skipped when it does not apply here."""
+    fam = MODELS[name][0]
+    if prov == "eager":
+        return eager
+    if prov == "gemm":
+        if fam == "pixtral":
+            raise harness.Skipped("the crop and concatenation need the conv's NCHW map")
+        g = _gemm_formulation(mod, name, pn)
+        return (lambda x, mask: g(normalise(x), mask)) if uint8 else g
+    if prov == "compile":
+        if device == "cpu" and compile_on_cpu:
+            return torch.compile(eager)
+        return harness.compile_module(eager, "max-autotune")
+    if prov == "fastvlm":
+        return _fastvlm(mod, call, name, pn, uint8)
+    if prov == "fastvlm_still":
+        if fam not in ("qwen2", "qwen3"):
+            return None  # still-image mode exists for Qwen-VL's repeated frames only
+        return _fastvlm_rows(mod, name, still=True)
+    raise KeyError(f"unknown provider {prov!r}; choose from {PROVIDERS}")
+
+
 def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=False, reps=None, out=None,
         quick=False, compile_on_cpu=False, verbose=True):
+    from fastvlm import trace
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = harness.environment()
     if quick:
@@ -271,10 +303,12 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
             print("No CUDA device: fastvlm runs its PyTorch path and the numbers only show that the suite runs.")
     shapes = shapes or [f"{m}@{b}" for m in MODELS for b in BATCHES]
     providers, reps = providers or PROVIDERS, reps or 30
-    rows = []
+    rec = harness.Recorder(out, echo=format_row if verbose else None)
+    if verbose:
+        print(HEADER + "\n" + "-" * len(HEADER))
     for shape in shapes:
         name, batch = parse_shape(shape)
-        fam, hidden, image, patch = MODELS[name]
+        fam, hidden, image, patch = dims(name)
         if uint8 and fam in ("qwen2", "qwen3", "pixtral"):
             continue  # pre-patchified float rows, or a model without a uint8 entry: no uint8 form
         pn = prenorm and fam == "clip"
@@ -285,78 +319,61 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
         K = 3 * patch * patch * (2 if fam in ("qwen2", "qwen3") else 1)  # Qwen: two frames per row
         flops = 2 * batch * T * K * hidden
         min_bytes = x.numel() * x.element_size() + hidden * K * 2 + batch * (T + 1) * hidden * 2
-        bound = harness.roofline_ms(flops, min_bytes)
+        cols = harness.roofline(flops, min_bytes, dtype)
         with torch.no_grad():
             ref = eager(x, mask).float()
         base = None
         for prov in providers:
             row = dict(suite="patch_embed", shape=shape, provider=prov, mode="fwd", dtype=str(dtype), prenorm=pn,
-                       uint8=uint8, flops=flops, min_bytes=min_bytes, roofline_ms=bound, **env)
-            fn = None
-            if prov == "eager":
-                fn = eager
-            elif prov == "gemm":
-                if fam == "pixtral":
-                    rows.append(dict(row, ms=None, skipped="the crop and concatenation need the conv's NCHW map"))
+                       uint8=uint8, flops=flops, min_bytes=min_bytes, **cols, **env)
+            try:
+                fn = _provider_fn(prov, mod, call, name, pn, uint8, eager, normalise, device, compile_on_cpu)
+                if fn is None:
                     continue
-                g = _gemm_formulation(mod, name, pn)
-                fn = (lambda x, mask: g(normalise(x), mask)) if uint8 else g
-            elif prov == "compile":
-                if device == "cpu" and not compile_on_cpu:
-                    rows.append(dict(row, ms=None, skipped="CPU: torch.compile is timed on CUDA only "
-                                                           "(--compile-on-cpu to force, mode 'default')"))
-                    continue
-                c = torch.compile(eager, mode="max-autotune" if device == "cuda" else "default")
-                fn = c
-            elif prov == "fastvlm":
-                fn = _fastvlm(mod, call, name, pn, uint8)
-            elif prov == "fastvlm_still":
-                if fam not in ("qwen2", "qwen3"):
-                    continue  # still-image mode exists for Qwen-VL's repeated frames only
-                fn = _fastvlm_rows(mod, name, still=True)
-            else:
-                raise KeyError(f"unknown provider {prov!r}; choose from {PROVIDERS}")
-            with torch.no_grad(), warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                from fastvlm import trace
-
-                with trace() as t:
-                    got = fn(x, mask).float()
-                backends = sorted({r.backend for r in t.records})
-                err = ((got - ref).norm() / ref.norm()).item()
-                med, p20, p80 = harness.measure(lambda: fn(x, mask), warmup=1 if device == "cpu" else 5, reps=reps,
-                                                device=device)
+                with torch.no_grad(), warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    with trace() as t:
+                        got = fn(x, mask).float()
+                    backends = sorted({r.backend for r in t.records})
+                    err = harness.rel_err(got, ref)
+                    med, p20, p80 = harness.measure(lambda: fn(x, mask), warmup=1 if device == "cpu" else 5,
+                                                    reps=reps, device=device)
+            except harness.Skipped as exc:
+                rec.add(dict(row, ms=None, skipped=str(exc)))
+                continue
+            except Exception as exc:  # recorded; the other providers still run
+                rec.add(dict(row, ms=None, error=harness.error_text(exc)))
+                continue
             if prov == "eager":
                 base = med
-            rows.append(dict(row, ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9,
-                             roofline_fraction=bound / med, speedup_vs_eager=(base / med) if base else float("nan"),
-                             rel_err=err, backends=",".join(backends) or "-"))
+            rec.add(dict(row, **harness.timing_cols(med, p20, p80, flops, cols["roofline_ms"], base), rel_err=err,
+                         backends=",".join(backends) or "-"))
         mod = x = mask = eager = fn = None  # release the tensors before the next shape
         if device == "cuda":
             torch.cuda.empty_cache()
     if verbose:
         print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        print(format_rows(rows))
-    if out:
-        harness.append_results(rows, out)
-        if verbose:
-            print(f"appended {len(rows)} rows to {out}")
-    return rows
+        if out:
+            print(f"appended {len(rec.rows)} rows to {out}")
+    return rec.rows
+
+
+HEADER = (f"{'shape':24} {'pre':3} {'u8':2} {'provider':13} {'median ms':>10} {'p20':>8} {'p80':>8} {'TFLOP/s':>8} "
+          f"{'%roof':>6} {'vs eager':>8} {'rel err':>8} backend")
+
+
+def format_row(r):
+    flags = f"{'y' if r['prenorm'] else '-':3} {'y' if r['uint8'] else '-':2}"
+    if r["ms"] is None:
+        return f"{r['shape']:24} {flags} {r['provider']:13} {'skipped' if 'skipped' in r else 'FAILED'}: " \
+               f"{r.get('skipped') or r.get('error')}"
+    return (f"{r['shape']:24} {flags} {r['provider']:13} {r['ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} "
+            f"{r['tflops']:8.2f} {100 * r['roofline_fraction']:6.1f} {r['speedup_vs_eager']:8.2f} "
+            f"{r['rel_err']:8.1e} {r['backends']}")
 
 
 def format_rows(rows):
-    head = (f"{'shape':24} {'pre':3} {'u8':2} {'provider':13} {'median ms':>10} {'p20':>8} {'p80':>8} {'TFLOP/s':>8} "
-            f"{'%roof':>6} {'vs eager':>8} {'rel err':>8} backend")
-    out = [head, "-" * len(head)]
-    for r in rows:
-        flags = f"{'y' if r['prenorm'] else '-':3} {'y' if r['uint8'] else '-':2}"
-        if r["ms"] is None:
-            out.append(f"{r['shape']:24} {flags} {r['provider']:13} skipped: {r['skipped']}")
-            continue
-        out.append(f"{r['shape']:24} {flags} {r['provider']:13} {r['ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} "
-                   f"{r['tflops']:8.2f} {100 * r['roofline_fraction']:6.1f} {r['speedup_vs_eager']:8.2f} "
-                   f"{r['rel_err']:8.1e} {r['backends']}")
-    return "\n".join(out)
+    return "\n".join([HEADER, "-" * len(HEADER)] + [format_row(r) for r in rows])
 
 
 def main(argv=None):

@@ -8,7 +8,9 @@ Shapes (random weights at Idefics2-8B's sizes, built from config classes, no dow
     tiny@PxB          (``--quick``) a small config that runs on a CPU in seconds
 With B > 1 the last image's patches are a third padding (the patch mask), as in a batch of differently sized images.
 Modes: "fwd" (no_grad) and "fwd+bwd" (connector training: every connector parameter trains, the vision features do
-not). Each provider's output is compared, in the same run, with the module evaluated in fp32.
+not). Each provider's output is compared, in the same run, with the module evaluated in fp32 with eager attention
+(``rel_err``); in fwd+bwd every parameter's gradient too (``grad_rel_err``, the worst parameter). Rows are appended to
+``--out`` as measured; a provider that fails records its error. ``FASTVLM_BENCH_TINY=1``: tiny sizes, same names.
 """
 from __future__ import annotations
 
@@ -38,6 +40,8 @@ def build(shape, device, dtype):
         raise KeyError(f"unknown shape {shape!r}; choose from {SHAPES + QUICK_SHAPES}")
     c = _8B if name == "idefics2-8b" else _TINY
     P, B = (int(v) for v in arg.split("x"))
+    if harness.tiny():  # FASTVLM_BENCH_TINY: the shape keeps its name, the sizes are tiny's
+        c, P, B = _TINY, 49, min(B, 2)
     cfg = Idefics2Config(
         perceiver_config=dict(hidden_size=c["hidden"], resampler_n_latents=c["latents"],
                               resampler_depth=c["depth"], resampler_n_heads=c["heads"],
@@ -85,10 +89,47 @@ def _provider(name, m):
     if name == "hf_sdpa":
         return m
     if name == "hf_compile_max_autotune":
-        return torch.compile(m, mode="max-autotune")
+        return harness.compile_module(m, "max-autotune")
     if name == "fastvlm":
         return fastvlm.nn.from_module(m)
     raise KeyError(name)
+
+
+def _float_ref(m, x, mask, mode, gy):
+    """The connector in fp32 with eager attention (a copy): output, and for fwd+bwd every parameter's gradient."""
+    import copy
+
+    ref_m = copy.deepcopy(m).float()
+    _set_attn(ref_m, "eager")
+    if mode == "fwd":
+        with torch.no_grad():
+            return ref_m(x.float(), mask), None
+    for p in ref_m.parameters():
+        p.requires_grad_(True)
+    out = ref_m(x.float(), mask)
+    out.backward(gy.float())
+    return out.detach(), harness.grads_of(ref_m.parameters())
+
+
+def _one(prov, m, x, mask, mode, gy, ref, ref_grads):
+    """(timing fn, output rel err, gradient rel err or None) of one provider."""
+    mod = _provider(prov, m)
+    params = list(m.parameters())  # shared by the fused connector
+    for p in params:
+        p.requires_grad_(mode != "fwd")
+        p.grad = None
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return mod(x, mask)
+        return fn, harness.rel_err(fn(), ref), None
+
+    def fn():
+        mod(x, mask).backward(gy)
+    out = mod(x, mask)
+    err = harness.rel_err(out, ref)
+    out.backward(gy)
+    return fn, err, harness.grad_rel_err(harness.grads_of(params), ref_grads)
 
 
 def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None, out=None, quick=False,
@@ -108,59 +149,52 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
             print("No CUDA device: timing the CPU path (PyTorch ops on the CPU). These numbers show the harness runs; "
                   "they are not a measurement of fastvlm's kernels.")
     shapes, providers, modes, reps = shapes or SHAPES, providers or PROVIDERS, modes or MODES, reps or 20
-    rows = []
+    rec = harness.Recorder(out, echo=harness.format_row if verbose else None)
+    if verbose:
+        print(harness.header())
     for shape in shapes:
         m, x, mask, f_fwd, f_train, min_bytes = build(shape, device, dtype)
-        with torch.no_grad():
-            _set_attn(m, "eager")
-            ref = m.float()(x.float(), mask)
-            m.to(dtype)
         for mode in modes:
+            torch.manual_seed(0)
+            gy = None
+            if mode != "fwd":
+                with torch.no_grad():
+                    gy = torch.randn_like(m(x, mask)) * 0.01
+            ref, ref_grads = _float_ref(m, x, mask, mode, gy)
+            flops = f_fwd if mode == "fwd" else f_train
+            nbytes = min_bytes if mode == "fwd" else 3 * min_bytes
+            cols = harness.roofline(flops, nbytes, dtype)
             eager_ms = None
             for prov in providers:
-                mod = _provider(prov, m)
-                if mode == "fwd":
-                    def fn():
-                        with torch.no_grad():
-                            return mod(x, mask)
-                    flops = f_fwd
-                else:
+                row = dict(suite="perceiver", shape=shape, mode=mode, provider=prov, dtype=str(dtype), flops=flops,
+                           min_bytes=nbytes, **cols, **env)
+                try:
+                    fn, err, gerr = _one(prov, m, x, mask, mode, gy, ref, ref_grads)
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    med, p20, p80 = harness.measure(fn, warmup=2 if device == "cpu" else 5, reps=reps, device=device)
+                except harness.Skipped as exc:
+                    rec.add(dict(row, ms=None, skipped=str(exc)))
+                    continue
+                except Exception as exc:  # recorded; the other providers still run
+                    rec.add(dict(row, ms=None, error=harness.error_text(exc)))
+                    continue
+                finally:
                     for p in m.parameters():
-                        p.requires_grad_(True)
-                    gy = torch.randn_like(ref, dtype=dtype) * 0.01
-
-                    def fn():
-                        mod(x, mask).backward(gy)
-                    flops = f_train
-                with torch.no_grad():
-                    out_check = mod(x, mask)
-                err = float((out_check.float() - ref).norm() / ref.norm())
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                med, p20, p80 = harness.measure(fn, warmup=2 if device == "cpu" else 5, reps=reps, device=device)
+                        p.grad = None
+                        p.requires_grad_(False)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
                 peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-                if prov == "hf_eager":
-                    eager_ms = med
-                bound = harness.roofline_ms(flops, min_bytes if mode == "fwd" else 3 * min_bytes)
-                rows.append(dict(suite="perceiver", shape=shape, mode=mode, provider=prov, dtype=str(dtype), ms=med,
-                                 p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, roofline_ms=bound,
-                                 roofline_fraction=bound / med,
-                                 speedup_vs_eager=(eager_ms / med) if eager_ms else float("nan"),
-                                 rel_err=err, peak_mem_bytes=peak, **env))
-                for p in m.parameters():
-                    p.grad = None
-                    p.requires_grad_(False)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                eager_ms = med if prov == "hf_eager" else eager_ms
+                rec.add(dict(row, **harness.timing_cols(med, p20, p80, flops, cols["roofline_ms"], eager_ms),
+                             rel_err=err, grad_rel_err=gerr, peak_mem_bytes=peak))
         del m, x
     if verbose:
         print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        print(harness.format_rows(rows))
-    if out:
-        harness.append_results(rows, out)
-        if verbose:
-            print(f"appended {len(rows)} rows to {out}")
-    return rows
+        if out:
+            print(f"appended {len(rec.rows)} rows to {out}")
+    return rec.rows
 
 
 def write_csv(rows, path):

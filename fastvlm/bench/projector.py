@@ -11,8 +11,12 @@ Shapes are real checkpoints' sizes (random weights, built from config classes):
     idefics3-8b@17     Idefics3Connector: pixel shuffle 2 of 17 crops of 26 x 26 x 1152, Linear 4608 -> 4096
     mistral-small-3.1@12100  Mistral3MultiModalProjector: RMSNorm, 2x2 unfold merge of one 110 x 110 patch grid,
                        merging Linear 4096 -> 1024, then 1024 -> 5120 -> 5120
-Modes: "fwd" (inference, no_grad) and "fwd+bwd" (stage-1 alignment: every projector parameter trains, the vision
-features do not). Each provider's forward output is compared, in the same run, with the module evaluated in fp32.
+Providers (run in the order given): hf_eager (the transformers module), fastvlm, hf_compile (torch.compile default)
+and hf_compile_max_autotune (the baseline issue 2's target names). A provider that fails records its error and the
+others still run. Modes: "fwd" (inference, no_grad) and "fwd+bwd" (stage-1 alignment: every projector parameter
+trains, the vision features do not). Each provider's forward output is compared, in the same run, with the module
+evaluated in fp32 (``rel_err``); in fwd+bwd also every parameter's gradient (``grad_rel_err``, the worst parameter).
+Rows are appended to ``--out`` as they are measured. ``FASTVLM_BENCH_TINY=1``: each shape's family at tiny sizes.
 """
 from __future__ import annotations
 
@@ -53,12 +57,12 @@ def _text(model_type, hidden, heads, kv, **kw):
 
 _SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=1,
                       num_attention_heads=16, patch_size=14)
-PROVIDERS = ["hf_eager", "hf_compile", "hf_compile_max_autotune", "fastvlm"]
+PROVIDERS = ["hf_eager", "fastvlm", "hf_compile", "hf_compile_max_autotune"]
 MODES = ["fwd", "fwd+bwd"]
 
 
 def build(shape, device, dtype):
-    """(module, inputs (a tuple), flops_fwd, flops_fwd_bwd, min_bytes) for a shape id."""
+    """(module, inputs (a tuple), flops_fwd, flops_fwd_bwd, min_bytes) for a shape id (inputs drawn on ``device``)."""
     import transformers
 
     name, _, arg = shape.partition("@")
@@ -68,13 +72,13 @@ def build(shape, device, dtype):
         from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
         m = LlavaMultiModalProjector(transformers.LlavaConfig())
-        x = torch.randn(int(arg), 576, 1024)
+        x = torch.randn(int(arg), 576, 1024, device=device)
         M, K, I, O = int(arg) * 576, 1024, 4096, 4096
     elif name == "qwen2-vl-7b":
         from transformers.models.qwen2_vl.modeling_qwen2_vl import PatchMerger
 
         m = PatchMerger(dim=3584, context_dim=1280)
-        x = torch.randn(int(arg), 1280)
+        x = torch.randn(int(arg), 1280, device=device)
         M, K, I, O = int(arg) // 4, 5120, 5120, 3584
     elif name == "internvl":
         from transformers.models.internvl.modeling_internvl import InternVLMultiModalProjector
@@ -85,12 +89,12 @@ def build(shape, device, dtype):
                                                            num_key_value_heads=4, intermediate_size=18944))
         m = InternVLMultiModalProjector(cfg)
         b, t = (int(v) for v in arg.split("x"))
-        x = torch.randn(b, t, 4096)
+        x = torch.randn(b, t, 4096, device=device)
         M, K, I, O = b * t, 4096, 3584, 3584
     elif name == "internvl-shuffle":
-        m, _, *_ = build("internvl@1x256", "cpu", torch.float32)
+        m, _, *_ = build("internvl@1x256", device, torch.float32)
         m = InternVLShuffleEager(m)
-        x = torch.randn(int(arg), 1024, 1024)
+        x = torch.randn(int(arg), 1024, 1024, device=device)
         M, K, I, O = int(arg) * 256, 4096, 3584, 3584
     elif name == "gemma3-4b":
         from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
@@ -98,7 +102,7 @@ def build(shape, device, dtype):
         m = Gemma3MultiModalProjector(transformers.Gemma3Config(
             vision_config=dict(_SIGLIP_SO400M, image_size=896),
             text_config=_text("gemma3_text", 2560, 8, 4, head_dim=256), mm_tokens_per_image=256))
-        x = torch.randn(int(arg), 4096, 1152)
+        x = torch.randn(int(arg), 4096, 1152, device=device)
         gemms = [(int(arg) * 256, 1152, 2560)]
     elif name == "idefics3-8b":
         from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
@@ -106,7 +110,7 @@ def build(shape, device, dtype):
         m = Idefics3Connector(transformers.Idefics3Config(
             vision_config=dict(_SIGLIP_SO400M, model_type="idefics3_vision", image_size=364),
             text_config=_text("llama", 4096, 32, 8), scale_factor=2))
-        x = torch.randn(int(arg), 676, 1152)
+        x = torch.randn(int(arg), 676, 1152, device=device)
         gemms = [(int(arg) * 169, 4608, 4096)]
     elif name == "mistral-small-3.1":
         from transformers.models.mistral3.modeling_mistral3 import Mistral3MultiModalProjector
@@ -116,7 +120,7 @@ def build(shape, device, dtype):
             vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=64, num_attention_heads=16,
                                num_hidden_layers=1, patch_size=14, image_size=14 * side, head_dim=64),
             text_config=_text("mistral", 5120, 32, 8, head_dim=128), spatial_merge_size=2))
-        x = torch.randn(side * side, 1024)
+        x = torch.randn(side * side, 1024, device=device)
         extra = (torch.tensor([[14 * side, 14 * side]]),)
         merged = (side // 2) ** 2
         gemms = [(merged, 4096, 1024), (merged, 1024, 5120), (merged, 5120, 5120)]
@@ -144,14 +148,79 @@ def _provider(name, m):
     if name == "hf_eager":
         return m
     if name == "hf_compile":
-        return torch.compile(m)
+        return harness.compile_module(m)
     if name == "hf_compile_max_autotune":
-        return torch.compile(m, mode="max-autotune")
+        return harness.compile_module(m, "max-autotune")
     if name == "fastvlm":
         if isinstance(m, InternVLShuffleEager):
             return fastvlm.nn.InternVLShuffleProjector.from_projector(m.projector, 0.5)
         return fastvlm.nn.from_module(m)
     raise KeyError(name)
+
+
+# FASTVLM_BENCH_TINY: each shape's module family at fastvlm.testing's tiny sizes (same classes, same code paths)
+_TINY = {"llava-1.5-7b": "llava", "qwen2-vl-7b": "qwen2_vl", "internvl": "internvl", "internvl-shuffle": "internvl",
+         "gemma3-4b": "gemma3", "idefics3-8b": "idefics3", "mistral-small-3.1": "mistral3"}
+
+
+def build_tiny(shape, device, dtype):
+    """``build``'s tuple for the tiny instance of ``shape``'s family (FLOPs counted over its Linear layers)."""
+    from fastvlm import testing
+
+    name = shape.partition("@")[0]
+    if name not in _TINY:
+        raise KeyError(f"unknown shape {shape!r}; choose from {SHAPES}")
+    m = testing.build(_TINY[name])
+    xs = testing.args_for(_TINY[name], m)
+    if name == "internvl-shuffle":
+        m, xs = InternVLShuffleEager(m), (torch.randn(2, 16, m.linear_1.in_features // 4),)
+    with torch.no_grad():
+        out = m(*xs)
+    rows = out.numel() // out.shape[-1]
+    lin = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear)]
+    flops = sum(2 * rows * mod.in_features * mod.out_features for mod in lin)
+    elem = torch.finfo(dtype).bits // 8
+    min_bytes = elem * (sum(a.numel() for a in xs) + sum(p.numel() for p in m.parameters()) + out.numel())
+    xs = tuple(a.to(device=device, dtype=dtype) if a.is_floating_point() else a.to(device) for a in xs)
+    return m.to(device=device, dtype=dtype).eval(), xs, flops, 3 * flops - flops // max(1, len(lin)), min_bytes
+
+
+def _float_ref(m, xs, mode, gy):
+    """The module evaluated in fp32 (a copy): its output and, for fwd+bwd, its parameter gradients for ``gy``."""
+    import copy
+
+    ref_m = copy.deepcopy(m).float()
+    fx = [a.float() if a.is_floating_point() else a for a in xs]
+    if mode == "fwd":
+        with torch.no_grad():
+            return ref_m(*fx), None
+    for p in ref_m.parameters():
+        p.requires_grad_(True)
+    out = ref_m(*fx)
+    out.backward(gy.float())
+    return out.detach(), harness.grads_of(ref_m.parameters())
+
+
+def _one(prov, m, xs, mode, gy, ref, ref_grads, device):
+    """(timing fn, output rel err, gradient rel err or None) of one provider."""
+    mod = _provider(prov, m)
+    params = list(m.parameters())  # every provider trains m's parameters (shared by the fused module)
+    for p in params:
+        p.requires_grad_(mode != "fwd")
+        p.grad = None
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                return mod(*xs)
+        return fn, harness.rel_err(fn(), ref), None
+
+    def fn():
+        mod(*xs).backward(gy)
+    out = mod(*xs)
+    err = harness.rel_err(out, ref)
+    out.backward(gy)
+    gerr = harness.grad_rel_err(harness.grads_of(params), ref_grads)
+    return fn, err, gerr
 
 
 def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None, out=None, verbose=True):
@@ -167,56 +236,52 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
             print("No CUDA device: timing the CPU path (PyTorch ops on the CPU). These numbers show the harness runs; "
                   "they are not a measurement of fastvlm's kernels.")
     shapes, providers, modes, reps = shapes or SHAPES, providers or PROVIDERS, modes or MODES, reps or 30
-    rows = []
+    rec = harness.Recorder(out, echo=harness.format_row if verbose else None)
+    if verbose:
+        print(harness.header())
     for shape in shapes:
-        m, xs, f_fwd, f_train, min_bytes = build(shape, device, dtype)
-        with torch.no_grad():
-            ref = m.float()(*[a.float() if a.is_floating_point() else a for a in xs])
-            m.to(dtype)
+        m, xs, f_fwd, f_train, min_bytes = (build_tiny if harness.tiny() else build)(shape, device, dtype)
         for mode in modes:
+            torch.manual_seed(0)
+            gy = None
+            if mode != "fwd":
+                with torch.no_grad():
+                    gy = torch.randn_like(m(*xs)) * 0.01
+            ref, ref_grads = _float_ref(m, xs, mode, gy)
+            flops = f_fwd if mode == "fwd" else f_train
+            cols = harness.roofline(flops, min_bytes if mode == "fwd" else 3 * min_bytes, dtype)
             eager_ms = None
             for prov in providers:
-                mod = _provider(prov, m)
-                if mode == "fwd":
-                    def fn():
-                        with torch.no_grad():
-                            return mod(*xs)
-                    flops = f_fwd
-                else:
+                row = dict(suite="projector", shape=shape, mode=mode, provider=prov, dtype=str(dtype), flops=flops,
+                           min_bytes=min_bytes if mode == "fwd" else 3 * min_bytes, **cols, **env)
+                try:
+                    fn, err, gerr = _one(prov, m, xs, mode, gy, ref, ref_grads, device)
+                    if device == "cuda":
+                        torch.cuda.reset_peak_memory_stats()
+                    med, p20, p80 = harness.measure(fn, warmup=3 if device == "cpu" else 10, reps=reps,
+                                                    device=device)
+                except harness.Skipped as exc:
+                    rec.add(dict(row, ms=None, skipped=str(exc)))
+                    continue
+                except Exception as exc:  # a provider that fails here (compile error, OOM): recorded, the rest run
+                    rec.add(dict(row, ms=None, error=harness.error_text(exc)))
+                    continue
+                finally:
                     for p in m.parameters():
-                        p.requires_grad_(True)
-                    gy = torch.randn_like(ref, dtype=dtype) * 0.01
-
-                    def fn():
-                        mod(*xs).backward(gy)
-                    flops = f_train
-                with torch.no_grad():
-                    out_check = mod(*xs)
-                err = float((out_check.float() - ref).norm() / ref.norm())
-                if device == "cuda":
-                    torch.cuda.reset_peak_memory_stats()
-                med, p20, p80 = harness.measure(fn, warmup=3 if device == "cpu" else 10, reps=reps, device=device)
+                        p.grad = None
+                        p.requires_grad_(False)
+                    if device == "cuda":
+                        torch.cuda.empty_cache()
                 peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-                if prov == "hf_eager":
-                    eager_ms = med
-                bound = harness.roofline_ms(flops, min_bytes if mode == "fwd" else 3 * min_bytes)
-                rows.append(dict(suite="projector", shape=shape, mode=mode, provider=prov, dtype=str(dtype), ms=med,
-                                 p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, roofline_ms=bound,
-                                 roofline_fraction=bound / med, speedup_vs_eager=(eager_ms / med) if eager_ms else float("nan"),
-                                 rel_err=err, peak_mem_bytes=peak, **env))
-                for p in m.parameters():
-                    p.grad = None
-                    p.requires_grad_(False)
-                if device == "cuda":
-                    torch.cuda.empty_cache()
+                eager_ms = med if prov == "hf_eager" else eager_ms
+                rec.add(dict(row, **harness.timing_cols(med, p20, p80, flops, cols["roofline_ms"], eager_ms),
+                             rel_err=err, grad_rel_err=gerr, peak_mem_bytes=peak))
+        del m, xs
     if verbose:
         print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        print(harness.format_rows(rows))
-    if out:
-        harness.append_results(rows, out)
-        if verbose:
-            print(f"appended {len(rows)} rows to {out}")
-    return rows
+        if out:
+            print(f"appended {len(rec.rows)} rows to {out}")
+    return rec.rows
 
 
 def dispatch_overhead(reps=2000):

@@ -12,7 +12,8 @@ dtypes: fp32 (what transformers keeps the Q-Former in) and bf16 (the module cast
 compared in the same run with a float64 evaluation (``rel_err``).
 
 ``--quick``: a tiny Q-Former (64 wide, 2 layers, 16 queries x 50 keys), batch 1 and 2, 3 repetitions: checks that
-the harness runs (the CPU default). On CPU the numbers time PyTorch paths, never fastvlm's kernels.
+the harness runs (the CPU default, and FASTVLM_BENCH_TINY's). Rows are appended to ``--out`` as they are measured; a
+provider that cannot run records why (``skipped`` or ``error``). On CPU the numbers time PyTorch paths, never fastvlm's kernels.
 """
 from __future__ import annotations
 
@@ -65,7 +66,7 @@ def _qformer_provider(name, m_eager, m_sdpa):
     if name == "hf_sdpa":
         return m_sdpa
     if name == "hf_compile_max_autotune":
-        return torch.compile(m_sdpa, mode="max-autotune")
+        return harness.compile_module(m_sdpa, "max-autotune")
     fused = fastvlm.nn.from_module(m_sdpa)
     fused.fastvlm_compute_dtype = torch.bfloat16 if name == "fastvlm_bf16" else None
     return fused
@@ -93,16 +94,18 @@ def _attn_provider(name):
 
 
 def _row(suite, shape, prov, dtype, med, p20, p80, flops, min_bytes, eager_ms, err, env):
-    bound = harness.roofline_ms(flops, min_bytes)
-    return dict(suite=suite, shape=shape, mode="fwd", provider=prov, dtype=str(dtype).replace("torch.", ""), ms=med,
-                p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, roofline_ms=bound, roofline_fraction=bound / med,
-                speedup_vs_eager=(eager_ms / med) if eager_ms else float("nan"), rel_err=err, **env)
+    cols = harness.roofline(flops, min_bytes, dtype)
+    row = dict(suite=suite, shape=shape, mode="fwd", provider=prov, dtype=str(dtype).replace("torch.", ""),
+               flops=flops, min_bytes=min_bytes, **cols, **env)
+    if isinstance(med, Exception):  # a provider that cannot run here: the reason instead of a time
+        return dict(row, ms=None, **({"skipped": str(med)} if isinstance(med, harness.Skipped)
+                                     else {"error": harness.error_text(med)}))
+    return dict(row, **harness.timing_cols(med, p20, p80, flops, cols["roofline_ms"], eager_ms), rel_err=err)
 
 
-def run_qformer(batches, providers, dtypes, quick, reps, device, env, verbose):
+def run_qformer(batches, providers, dtypes, quick, reps, device, env, rec):
     cfg_kw = QUICK if quick else FULL
     nq, nk = (16, 50) if quick else (32, 257)
-    rows = []
     for dtype in dtypes:
         m_eager = build_qformer(cfg_kw, "eager", device, dtype)
         m_sdpa = build_qformer(cfg_kw, "sdpa", device, dtype)
@@ -133,13 +136,12 @@ def run_qformer(batches, providers, dtypes, quick, reps, device, env, verbose):
                     med, p20, p80 = harness.measure(fn, warmup=2 if device == "cpu" else 10, reps=reps,
                                                     device=device)
                 except Exception as exc:  # a provider that cannot run here (e.g. compile without a compiler)
-                    if verbose:
-                        print(f"  {shape} {prov} {dtype}: skipped ({type(exc).__name__}: {str(exc)[:120]})")
+                    rec.add(_row("qformer", shape, prov, dtype, exc, 0, 0, flops, min_bytes, None, None, env))
                     continue
                 if prov == "hf_eager":
                     eager_ms = med
-                rows.append(_row("qformer", shape, prov, dtype, med, p20, p80, flops, min_bytes, eager_ms, err, env))
-    return rows
+                rec.add(_row("qformer", shape, prov, dtype, med, p20, p80, flops, min_bytes, eager_ms, err, env))
+    return rec.rows
 
 
 def harness_rel_err(out, ref):
@@ -147,10 +149,9 @@ def harness_rel_err(out, ref):
     return float((out - ref).norm() / ref.norm())
 
 
-def run_attention(batches, providers, dtypes, quick, reps, device, env, verbose):
+def run_attention(batches, providers, dtypes, quick, reps, device, env, rec):
     H, D = (2, 32) if quick else (12, 64)
     nq, nk = (16, 50) if quick else (32, 257)
-    rows = []
     for dtype in dtypes:
         for B in batches:
             q = torch.randn(B, H, nq, D, device=device, dtype=dtype)
@@ -165,8 +166,11 @@ def run_attention(batches, providers, dtypes, quick, reps, device, env, verbose)
             for prov in providers:
                 try:
                     if prov in ("flash_attn", "xformers") and (device != "cuda" or dtype == torch.float32):
-                        raise RuntimeError("16-bit CUDA only")
-                    f = _attn_provider(prov)
+                        raise harness.Skipped("16-bit CUDA only")
+                    try:
+                        f = _attn_provider(prov)
+                    except ImportError as exc:
+                        raise harness.Skipped(f"not installed ({exc})") from exc
                     out = f(q, k, v)
                     if prov in ("flash_attn", "xformers"):
                         out = out.transpose(1, 2)  # [B, L, H, D] -> [B, H, L, D]
@@ -176,14 +180,12 @@ def run_attention(batches, providers, dtypes, quick, reps, device, env, verbose)
                     med, p20, p80 = harness.measure(lambda: f(q, k, v), warmup=2 if device == "cpu" else 10,
                                                     reps=reps, device=device)
                 except Exception as exc:
-                    if verbose:
-                        print(f"  {shape} {prov} {dtype}: skipped ({type(exc).__name__}: {str(exc)[:100]})")
+                    rec.add(_row("attention", shape, prov, dtype, exc, 0, 0, flops, min_bytes, None, None, env))
                     continue
                 if prov == "sdpa":
                     eager_ms = med
-                rows.append(_row("attention", shape, prov, dtype, med, p20, p80, flops, min_bytes, eager_ms, err,
-                                 env))
-    return rows
+                rec.add(_row("attention", shape, prov, dtype, med, p20, p80, flops, min_bytes, eager_ms, err, env))
+    return rec.rows
 
 
 def run(suites=("qformer", "attention"), batches=None, providers=None, dtypes=None, quick=None, reps=None, out=None,
@@ -191,32 +193,31 @@ def run(suites=("qformer", "attention"), batches=None, providers=None, dtypes=No
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = harness.environment()
     if quick is None:
-        quick = device == "cpu"
+        quick = device == "cpu" or harness.tiny()
     if device == "cpu" and verbose:
         print("No CUDA device: timing PyTorch paths on the CPU. These numbers show the harness runs; they are not a "
               "measurement of fastvlm's kernels.")
     batches = batches or ([1, 2] if quick else BATCHES)
     dtypes = dtypes or [torch.float32, torch.bfloat16]
     reps = reps or (3 if quick else 30)
-    rows = []
+    rec = harness.Recorder(out, echo=harness.format_row if verbose else None)
+    if verbose:
+        print(harness.header())
     if "qformer" in suites:
         provs = providers or [p for p in QF_PROVIDERS if not (device == "cpu" and p == "hf_compile_max_autotune")]
-        rows += run_qformer(batches, [p for p in provs if p in QF_PROVIDERS], dtypes, quick, reps, device, env,
-                            verbose)
+        run_qformer(batches, [p for p in provs if p in QF_PROVIDERS], dtypes, quick, reps, device, env, rec)
     if "attention" in suites:
         provs = providers or ATTN_PROVIDERS
-        rows += run_attention(batches, [p for p in provs if p in ATTN_PROVIDERS], dtypes, quick, reps, device, env,
-                              verbose)
+        run_attention(batches, [p for p in ATTN_PROVIDERS if p in provs], dtypes, quick, reps, device, env, rec)
+    rows = rec.rows
     if verbose:
         print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        print(harness.format_rows(rows))
-    if out:
-        harness.append_results(rows, out)
     if csv_path:
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
         new = not os.path.exists(csv_path)
         with open(csv_path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["suite"])
+            keys = list(dict.fromkeys(k for r in rows for k in r)) or ["suite"]
+            w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
             if new:
                 w.writeheader()
             w.writerows(rows)

@@ -118,38 +118,45 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, feat_dtype=None, reps
                   "implementation) with perf_counter; the Triton op is skipped. These numbers show the harness "
                   "runs; they say nothing about which GPU kernel is faster.")
     shapes, providers, reps = shapes or list(SHAPES), providers or PROVIDERS, reps or 50
-    rows = []
+    if harness.tiny():  # FASTVLM_BENCH_TINY: one small shape of the same structure
+        shapes = ["2x64x40:30"]
+    rec = harness.Recorder(out)
     for shape in shapes:
         embeds, mask, feats, min_bytes = build(shape, device, dtype, feat_dtype)
         ref = embeds.masked_scatter(mask[..., None].expand_as(embeds), feats.to(embeds.dtype))
         fns, skipped = _providers(providers, embeds, mask, feats)
         base_ms = None
-        bound = min_bytes / (harness.PEAK_TBPS * 1e12) * 1e3
+        cols = harness.roofline(0, min_bytes, dtype)
+        bound = cols["roofline_ms"]
         for prov in providers:
             row = dict(suite="scatter", shape=shape, provider=prov, dtype=str(dtype),
-                       feat_dtype=str(feats.dtype), min_bytes=min_bytes, roofline_ms=bound, **env)
+                       feat_dtype=str(feats.dtype), min_bytes=min_bytes, **cols, **env)
             if prov in skipped:
-                rows.append(dict(row, ms=None, skipped=skipped[prov]))
+                rec.add(dict(row, ms=None, skipped=skipped[prov]))
                 continue
             fn = fns[prov]
-            with torch.no_grad():
-                got = fn()
-                exact = bool(torch.equal(got.reshape(ref.shape), ref))
-                med, p20, p80 = harness.measure(fn, warmup=2 if device == "cpu" else 10, reps=reps, device=device)
+            try:
+                with torch.no_grad():
+                    got = fn()
+                    exact = bool(torch.equal(got.reshape(ref.shape), ref))
+                    med, p20, p80 = harness.measure(fn, warmup=2 if device == "cpu" else 10, reps=reps,
+                                                    device=device)
+            except Exception as exc:  # recorded; the other providers still run
+                rec.add(dict(row, ms=None, error=harness.error_text(exc)))
+                continue
             if prov == "masked_scatter":
                 base_ms = med
-            rows.append(dict(row, ms=med, p20_ms=p20, p80_ms=p80, gbps=min_bytes / med / 1e6,
-                             roofline_fraction=bound / med, exact=exact,
-                             speedup_vs_masked_scatter=(base_ms / med) if base_ms else float("nan")))
+            rec.add(dict(row, ms=med, p20_ms=p20, p80_ms=p80, gbps=min_bytes / med / 1e6,
+                         roofline_fraction=bound / med, exact=exact,
+                         speedup_vs_masked_scatter=(base_ms / med) if base_ms else float("nan")))
         del embeds, mask, feats, ref
         if device == "cuda":
             torch.cuda.empty_cache()
+    rows = rec.rows
     if verbose:
         print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
         print(format_rows(rows))
-    if out:
-        harness.append_results(rows, out)
-        if verbose:
+        if out:
             print(f"appended {len(rows)} rows to {out}")
     return rows
 
@@ -160,7 +167,8 @@ def format_rows(rows):
     out = [head, "-" * len(head)]
     for r in rows:
         if r["ms"] is None:
-            out.append(f"{r['shape']:20} {r['provider']:16} skipped: {r['skipped']}")
+            out.append(f"{r['shape']:20} {r['provider']:16} {'skipped' if 'skipped' in r else 'FAILED'}: "
+                       f"{r.get('skipped') or r.get('error')}")
             continue
         out.append(f"{r['shape']:20} {r['provider']:16} {r['ms']:10.4f} {r['p20_ms']:8.4f} {r['p80_ms']:8.4f} "
                    f"{r['gbps']:8.1f} {100 * r['roofline_fraction']:6.1f} {r['speedup_vs_masked_scatter']:9.2f} "

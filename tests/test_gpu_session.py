@@ -1,0 +1,90 @@
+"""benchmarks/gpu_session.sh cannot rot: its plan fits the lease on paper (budgets, documented table, files), and its
+``--dry-run`` (tiny shapes, PyTorch path, the same steps and output files) runs here.
+
+The default suite runs the plan check and a dry run of a few steps (env, install check, the training step with its
+two suites and gradient checks, then the packing into $OUT); the whole dry run (every step, about 3 minutes of two
+cores) is ``-m slow``: ``python -m pytest -m slow tests/test_gpu_session.py``.
+"""
+import json
+import os
+import re
+import subprocess
+import tarfile
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "benchmarks", "gpu_session.sh")
+LEASE_S = 510  # 8.5 minutes for every step, install included (the lease allows 10 per command, 15 in all)
+STEPS = ["install", "env", "smoke", "projector", "patch-embed", "qformer", "perceiver", "projector-compile",
+         "patch-compile", "qformer-compile", "train", "e2e", "ext", "overhead", "more-shapes", "gpu-tests"]
+
+
+def _run(args, out, timeout, env=None):
+    # generous step limits: a shared CI core can be slow, and the dry run checks the plumbing, not the timing
+    e = dict(os.environ, OUT=str(out), SESSION_SCALE="20", **(env or {}))
+    e.pop("FASTVLM_BACKEND", None)
+    return subprocess.run(["bash", SCRIPT, *args], capture_output=True, text=True, timeout=timeout, env=e, cwd=ROOT)
+
+
+def test_plan_fits_the_lease(tmp_path):
+    res = _run(["--list"], tmp_path / "out", 60)
+    assert res.returncode == 0, res.stderr
+    plan = re.findall(r"^  (\S+)\s+(\d+|rest) s$", res.stdout, re.M)
+    assert [name for name, _ in plan] == STEPS
+    budgets = {name: b for name, b in plan}
+    assert sum(int(b) for b in budgets.values() if b != "rest") <= LEASE_S
+    assert f"deadline {LEASE_S} s" in res.stdout
+    assert budgets["smoke"] != "rest" and int(budgets["smoke"]) <= 120  # the GPU test subset: two minutes at most
+    assert list(budgets)[:3] == ["install", "env", "smoke"]  # correctness before any benchmark
+    # the table at the top of the script documents the same budgets
+    text = open(SCRIPT).read()
+    documented = dict(re.findall(r"^#   ([a-z0-9-]+)\s+(\d+|rest)\s", text, re.M))
+    assert {k: v for k, v in documented.items() if k in budgets} == budgets
+    assert int(re.search(r"^#   sum of budgets\s+(\d+)", text, re.M).group(1)) == LEASE_S
+    assert not (tmp_path / "out").exists()  # --list runs nothing
+
+
+def _check_outputs(out, steps):
+    files = sorted(os.listdir(out))
+    assert files == ["env.json", "results.tar.gz", "summary.md"]  # <= 4 files come back from a lease
+    env = json.loads((out / "env.json").read_text())
+    assert env["dry_run"] is True and env["commit"] and env["torch"] and env["measured_ceilings"]["copy_tbps"] > 0
+    with tarfile.open(out / "results.tar.gz") as tar:
+        names = tar.getnames()
+        top = names[0].split("/")[0]
+        assert top.startswith("dry-run-cpu_") and all(n.split("/")[0] == top for n in names)
+        lines = tar.extractfile(f"{top}/steps.tsv").read().decode().splitlines()
+        assert {line.split("\t")[0]: line.split("\t")[3] for line in lines} == {s: "0" for s in steps}, lines
+        rows = [json.loads(line) for line in tar.extractfile(f"{top}/projector.jsonl").read().decode().splitlines()]
+    summary = (out / "summary.md").read_text()
+    assert "**Dry run**" in summary and "| 2 | LLaVA-1.5 projector, B=8 (4608 tokens) vs eager |" in summary
+    return rows, summary, names
+
+
+def test_dry_run_steps(tmp_path):
+    """A few steps of the dry run: each ran to the end (exit 0), rows carry the tiny flag, fwd+bwd rows checked
+    every gradient, the summary evaluates the targets from them, and $OUT holds the three files."""
+    out = tmp_path / "out"
+    res = _run(["--dry-run", "--only", "install,env,train"], out, 600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows, summary, _ = _check_outputs(out, ["install", "env", "train"])
+    train = [r for r in rows if r["mode"] == "fwd+bwd"]
+    assert {(r["shape"], r["provider"]) for r in train} == {
+        (s, p) for s in ("llava-1.5-7b@8", "gemma3-4b@64") for p in ("hf_eager", "fastvlm")}
+    assert all(r["tiny"] and r["grad_rel_err"] is not None and r["grad_rel_err"] < 1e-5 for r in train)
+    assert "| 2 | LLaVA-1.5 projector, B=8 fwd+bwd vs eager |" in summary and "dry run (no verdict)" in summary
+
+
+@pytest.mark.slow
+def test_full_dry_run(tmp_path):
+    """Every step of the session on the CPU: all exit 0 (none cut by its limit), the smoke subset passes in the
+    interpreter, every target's rows are there."""
+    out = tmp_path / "out"
+    res = _run(["--dry-run"], out, 1800)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _, summary, names = _check_outputs(out, STEPS)
+    assert any(n.endswith("/smoke.junit.xml") for n in names)
+    assert re.search(r"- smoke: (\d+) tests, \1 passed, 0 failed", summary), summary
+    measured = re.findall(r"^\| \d+ \| .* \| dry run \(no verdict\) \|", summary, re.M)
+    assert len(measured) >= 15, summary
