@@ -68,9 +68,19 @@ KNOWN = {
 }
 
 
+# Found by this fuzzing pass (not in issue 14's list): each has a failing regression test in
+# tests/property/test_found.py (no xfail mark: they are open). The property tests steer clear of each region while
+# its key is here; delete the key once the fix is merged.
+FOUND = {
+    "pool_backward_zero_rows": "pool_tokens backward with a 0-row table: internal reshape error",
+    "attention_masked_nan_key": "a NaN/Inf in a key (or its value) masked out by keep-flags: eager and SDPA give NaN "
+                                "rows, fastvlm.attention ignores the key",
+}
+
+
 def known(key):
     """True while the known bug ``key`` is unfixed (the property tests avoid its region)."""
-    return key in KNOWN
+    return key in KNOWN or key in FOUND
 
 
 def xfail_known(key):

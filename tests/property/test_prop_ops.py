@@ -244,6 +244,8 @@ def test_pool_tokens_gradients(path):
     @given(c=pool_case(path, grads=True), seed=st.integers(0, 2 ** 31 - 1))
     def run(c, seed):
         x, rows, mode = c["args"]
+        if known("pool_backward_zero_rows"):
+            assume(rows.shape[0] > 0)
         orig = _pool_original(c["grid"])
         if mode == "max":  # ties make the subgradient a choice: keep the values distinct
             assume(x.numel() == 0 or x.double().unique().numel() == x.numel())
