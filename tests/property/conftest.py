@@ -73,6 +73,9 @@ KNOWN = {
 # its key is here; delete the key once the fix is merged.
 FOUND = {
     "pool_backward_zero_rows": "pool_tokens backward with a 0-row table: internal reshape error",
+    "rows_embed_still_zero_rows": "rows_embed in still-frames mode with 0 rows: internal reshape error (PyTorch path)",
+    "rows_embed_still_inf": "rows_embed still-frames mode with an Inf pixel: x0 * (W0 + W1) is Inf where the original's "
+                            "x0 * W0 + x0 * W1 is NaN (Inf - Inf)",
     "attention_masked_nan_key": "a NaN/Inf in a key (or its value) masked out by keep-flags: eager and SDPA give NaN "
                                 "rows, fastvlm.attention ignores the key",
 }

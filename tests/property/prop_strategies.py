@@ -67,12 +67,12 @@ def laid_out(draw, t, allowed=LAYOUTS):
         return t.transpose(-1, -2).contiguous().transpose(-1, -2)
     if kind == "sliced":  # a window of a larger, poisoned buffer: offset start, padded rows
         pad = draw(st.integers(1, 5))
-        buf = torch.full((*t.shape[:-1], t.shape[-1] + pad + 1), math.nan, dtype=t.dtype)
+        buf = torch.full((*t.shape[:-1], t.shape[-1] + pad + 1), _poison(t), dtype=t.dtype)
         view = buf[..., 1:1 + t.shape[-1]]
         view.copy_(t)
         return view
     if kind == "strided_rows":  # every other row of a poisoned buffer
-        buf = torch.full((2 * t.shape[0], *t.shape[1:]), math.nan, dtype=t.dtype)
+        buf = torch.full((2 * t.shape[0], *t.shape[1:]), _poison(t), dtype=t.dtype)
         view = buf[::2]
         view.copy_(t)
         return view
@@ -82,6 +82,10 @@ def laid_out(draw, t, allowed=LAYOUTS):
     if kind == "channels_last":
         return t.contiguous(memory_format=torch.channels_last)
     return t
+
+
+def _poison(t):
+    return math.nan if t.is_floating_point() else (True if t.dtype == torch.bool else 123)
 
 
 def _fits(kind, t):
