@@ -17,7 +17,6 @@ Nothing in torch.nn or torch.nn.functional is modified, and no transformers forw
 from __future__ import annotations
 
 import importlib
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +24,8 @@ import torch.nn as nn
 
 from fastvlm._dispatch import text_table
 from fastvlm.integrations import handoff
+from fastvlm.integrations import structure as _structure
+from fastvlm.integrations import verify as _verify_mod
 from fastvlm.nn import all_recipes, is_fused, recipe_for
 from fastvlm.nn.projector import FusedLinear
 
@@ -89,69 +90,9 @@ def _set_submodule(root, path, module):
 
 
 def probe_args(recipe, fused):
-    """Random forward arguments shaped as the family's caller passes them, on the module's device and dtype."""
-    p = next(iter(fused.parameters()), None)
-    dev, dt = (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
-    rand = lambda *shape: torch.randn(*shape, device=dev, dtype=dt)  # noqa: E731
-    if getattr(recipe, "qformer", False):  # a Q-Former: positional (query_embeds, ..., encoder_hidden_states)
-        return fused._fastvlm_probe_args()
-    if recipe.fused_name == "FusedLlavaNextVideoPooler":
-        k = fused.pool.kernel_size if isinstance(fused.pool.kernel_size, int) else fused.pool.kernel_size[0]
-        width = fused.pool.in_channels if isinstance(fused.pool, torch.nn.Conv2d) else 16
-        return (rand(2, (2 * k) ** 2, width),)
-    if getattr(recipe, "role", None) in ("resampler", "connector"):  # Idefics2's Perceiver: (context, patch mask)
-        width = (fused.modality_projection.gate_proj.in_features if recipe.role == "connector"
-                 else fused.latents.shape[1])
-        mask = torch.ones(2, 6, dtype=torch.bool, device=dev)
-        mask[1, 4:] = False
-        return rand(2, 6, width), mask
-    if hasattr(recipe, "kind"):  # a patch embedding
-        conv = fused.get_submodule(recipe.conv)
-        if recipe.kind == "unfold":  # Llama 4: Unfold + Linear
-            k = fused.unfold.kernel_size
-            p = k if isinstance(k, int) else k[0]
-            return (rand(2, conv.in_features // (p * p), 2 * p, 3 * p),)
-        if recipe.kind == "rows":
-            return (rand(8, conv.weight[0].numel()),)
-        if recipe.kind == "navit":  # a padded batch: the second image covers 2 x 3 of the 3 x 4 patch grid
-            p = conv.kernel_size[0]
-            mask = torch.ones(2, 3, 4, dtype=torch.bool, device=dev)
-            mask[1, 2:] = False
-            mask[1, :, 3:] = False
-            return rand(2, conv.in_channels, 3 * p, 4 * p), mask
-        side = getattr(fused, "image_size", 2 * conv.kernel_size[0])
-        side = side[0] if isinstance(side, (tuple, list)) else side  # (InternVL keeps a pair)
-        if recipe.kind == "timm":
-            side = fused.img_size[0] if fused.img_size is not None else 2 * conv.kernel_size[0]
-        return (rand(2, conv.in_channels, side, side),)
-    if recipe.merged_width:
-        return (rand(16, getattr(fused, recipe.merged_width) // 4),)
-    if recipe.merge == "avg_pool":
-        side = fused.patches_per_image
-        return (rand(2, side * side, getattr(fused, recipe.weight_in_out).shape[0]),)
-    if recipe.merge in ("pixel_shuffle", "unfold"):
-        s = fused._fastvlm_scale()
-        first = fused.get_submodule(recipe.merger or recipe.linear_1)
-        width = first.in_features // (s * s)
-        if recipe.merge == "unfold":
-            side = 2 * s * fused.patch_merger.patch_size
-            return rand((2 * s) ** 2, width), torch.tensor([[side, side]], device=p.device)
-        return (rand(2, (2 * s) ** 2, width),)
-    return (rand(2, 5, fused.get_submodule(recipe.linear_1).in_features),)
-
-
-def _verify(original, fused, args):
-    from fastvlm.testing import rel_err, tolerance
-
-    with torch.no_grad():
-        ref = original(*args)
-        out = fused(*args)
-    if hasattr(ref, "last_hidden_state"):  # a ModelOutput (Q-Former)
-        ref, out = ref.last_hidden_state, out.last_hidden_state
-    x0 = next(a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point())
-    err = rel_err(out, ref)
-    bound = tolerance(x0.dtype, x0.shape[-1] * 4, roundings=3)
-    return err, bound
+    """Random forward arguments shaped as the family's caller passes them, on the module's device and dtype, every
+    size read off the module (fastvlm/integrations/verify.py); raises ``ProbeUnavailable`` saying why not."""
+    return _verify_mod.build_probe(recipe, fused)
 
 
 def _selected(ops, recipe=None, name=None):
@@ -161,21 +102,42 @@ def _selected(ops, recipe=None, name=None):
     return bool(keys & set(ops))
 
 
-def patch(model: nn.Module, *, ops=None, verify: bool = False, still_images: bool = False) -> PatchReport:
+def patch(model: nn.Module, *, ops=None, verify: bool = False, still_images: bool = False,
+          structure: bool = True) -> PatchReport:
     """Swap every supported connector module of ``model`` for its fused equivalent, in place.
 
     ``ops``: restrict to these families / class names (e.g. ``{"llava"}`` or ``{"PatchMerger"}``; ``"FusedLinear"``
-    selects BLIP-2's language_projection). ``verify``: run original and fused module on a random probe and record
-    the relative error against the fastvlm tolerance for the module's dtype. ``still_images`` (Qwen-VL): inside
-    ``get_image_features`` the patch embedding reads one of the frames the image processor repeated, against the
-    time-summed kernel (half the FLOPs; equal up to one rounding of the summed kernel). Only for image rows made by
-    the processor (which repeats every image's frame); videos go through ``get_video_features`` and keep the full
-    kernel. Returns a ``PatchReport``.
+    selects BLIP-2's language_projection; ``"structure"`` the modules recognised by structure). ``verify``: run
+    original and fused module on a random probe built from the module's own sizes and record the relative error
+    against the fastvlm tolerance for the module's dtype; a fused module that raises or mismatches on the probe is not
+    swapped, and a module no probe can be built for is reported "not verified: why". ``structure``: modules that no
+    class recipe names are recognised by what they compute (fastvlm/integrations/structure.py), each confirmed on a
+    probe before the swap. ``still_images`` (Qwen-VL): inside ``get_image_features`` the patch embedding reads one of
+    the frames the image processor repeated, against the time-summed kernel (half the FLOPs; equal up to one
+    rounding of the summed kernel). Only for image rows made by the processor (which repeats every image's frame);
+    videos go through ``get_video_features`` and keep the full kernel. Returns a ``PatchReport``.
+
+    Atomic: if anything inside raises, every swap, pairing and hand-off made by this call is undone before the
+    exception propagates.
     """
     report = PatchReport(type(model).__name__)
+    txn = _Transaction(model)
+    try:
+        _patch_into(model, report, ops, verify, still_images, structure)
+    except BaseException:
+        txn.rollback()
+        raise
+    return report
+
+
+def _patch_into(model, report, ops, verify, still_images, structure):
     originals = model.__dict__.setdefault(_ORIGINALS, {})
     owners = {name: type(mod).__name__ for name, mod in model.named_modules()}
+    eligible = _structure.eligible_paths(model) if structure else set()
+    swapped = []  # paths replaced in this walk: their old descendants are not visited
     for name, mod in list(model.named_modules()):
+        if any(name.startswith(p + ".") for p in swapped):
+            continue
         if is_fused(mod):
             report.entries.append(PatchEntry(name, "Linear" if isinstance(mod, FusedLinear)
                                              else type(mod)._fastvlm_base.__name__, type(mod).__name__,
@@ -195,8 +157,9 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False, still_images: boo
             if reasons:
                 report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "not swapped", "; ".join(reasons)))
                 continue
-            detail = _swap(model, originals, name, mod, fused, verify, probe_args(recipe, fused) if verify else None)
-            report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "patched", detail))
+            status, detail = _swap(model, originals, name, mod, fused, verify, recipe)
+            report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, status, detail))
+            swapped.append(name)
         elif type(mod) is nn.Linear and (owners.get(parent), attr) in LINEAR_SLOTS:
             if not _selected(ops, name="FusedLinear"):
                 report.entries.append(PatchEntry(name, "Linear", "FusedLinear", "skipped", "not in ops"))
@@ -205,14 +168,42 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False, still_images: boo
             probe = None
             if verify:
                 probe = (torch.randn(2, 5, mod.in_features, device=mod.weight.device, dtype=mod.weight.dtype),)
-            detail = _swap(model, originals, name, mod, fused, verify, probe)
-            report.entries.append(PatchEntry(name, "Linear", "FusedLinear", "patched", detail))
+            status, detail = _swap(model, originals, name, mod, fused, verify, None, probe)
+            report.entries.append(PatchEntry(name, "Linear", "FusedLinear", status, detail))
         elif type(mod).__name__ in NOT_YET:
             report.entries.append(PatchEntry(name, type(mod).__name__, "", "not swapped", NOT_YET[type(mod).__name__]))
+        elif name in eligible:
+            match = _structure.recognise(mod)
+            if match is None:
+                continue
+            if not _selected(ops, match.recipe, name="structure") and not _selected(ops, match.recipe):
+                report.entries.append(PatchEntry(name, type(mod).__name__, type(match.fused).__name__, "skipped",
+                                                 "not in ops"))
+                continue
+            if not match.ok:  # recognised, but the candidate did not reproduce the module on the probe
+                report.entries.append(PatchEntry(name, type(mod).__name__, type(match.fused).__name__,
+                                                 "not swapped", match.detail))
+                continue
+            _set_submodule(model, name, match.fused)
+            originals[name] = mod
+            swapped.append(name)
+            report.entries.append(PatchEntry(name, type(mod).__name__, type(match.fused).__name__, "patched",
+                                             match.detail))
     # pre-norms (CLIP pre_layrnorm, timm norm_pre) and timm's _pos_embed fused into the patch embedding
     from fastvlm.nn.embed_pairing import pair_embeddings
 
-    for row in pair_embeddings(model, originals, verify=verify, selected=lambda fam: _selected(ops, name=fam)):
+    selected = lambda fam: _selected(ops, name=fam)  # noqa: E731
+    inner = _Transaction(model)
+    try:
+        rows = pair_embeddings(model, originals, verify=verify, selected=selected)
+    except Exception as exc:  # a pairing's probe failed: pair without verifying, and say so
+        if not verify:
+            raise
+        inner.rollback()
+        why = f"not verified: {_verify_mod._describe(exc)}"
+        rows = [(*r[:4], f"{r[4]}; {why}" if r[3] == "patched" else r[4])
+                for r in pair_embeddings(model, originals, verify=False, selected=selected)]
+    for row in rows:
         report.entries.append(PatchEntry(*row))
     if still_images:
         from fastvlm.nn.embed_pairing import enable_still_images
@@ -222,21 +213,56 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False, still_images: boo
     # the image rows written straight into inputs_embeds (fastvlm/integrations/handoff.py), where that is exact
     for path, cls, status, detail in handoff.install(model, selected=lambda fam: _selected(ops, name=fam)):
         report.entries.append(PatchEntry(path, cls, "hand-off" if status != "not swapped" else "", status, detail))
-    return report
 
 
-def _swap(model, originals, name, original, fused, verify, probe):
+def _swap(model, originals, name, original, fused, verify, recipe, probe=None):
+    """(status, detail): swap ``fused`` in for ``original`` unless ``verify`` shows it raising or mismatching."""
     detail = ""
     if verify:
-        if probe[0].device.type == "meta":
-            detail = "verify skipped: parameters are on the meta device"
-        else:
-            err, bound = _verify(original, fused, probe)
-            ok = math.isfinite(err) and err <= bound
-            detail = f"verify: rel err {err:.2e} (bound {bound:.2e}) {'ok' if ok else 'MISMATCH'}"
+        ok, detail = _verify_mod.verify(original, fused, recipe, probe)
+        if ok is False:
+            return "not swapped", detail + " (the original is kept)"
     _set_submodule(model, name, fused)
     originals[name] = original
-    return detail
+    return "patched", detail
+
+
+class _Transaction:
+    """What ``patch`` may change on ``model``, recorded before it starts, so that a failure undoes all of it: the
+    swapped modules (``originals``), the pairing and still-image instance attributes (the undo list) and the hand-off
+    forwards."""
+
+    def __init__(self, model):
+        from fastvlm.nn.embed_pairing import _UNDO
+
+        self.model, self.undo_key = model, _UNDO
+        self.had_originals = _ORIGINALS in model.__dict__
+        self.originals = dict(model.__dict__.get(_ORIGINALS, {}))
+        self.had_undo = _UNDO in model.__dict__
+        self.undo_len = len(model.__dict__.get(_UNDO, ()))
+        self.handoffs = {id(m) for m in model.modules() if handoff.is_installed(m)}
+
+    def rollback(self):
+        model, d = self.model, self.model.__dict__
+        undo = d.get(self.undo_key, [])
+        for obj, name, had, prev in reversed(undo[self.undo_len:]):
+            if had:
+                obj.__dict__[name] = prev
+            else:
+                obj.__dict__.pop(name, None)
+        del undo[self.undo_len:]
+        if not self.had_undo:
+            d.pop(self.undo_key, None)
+        for m in model.modules():
+            if handoff.is_installed(m) and id(m) not in self.handoffs:
+                m.__dict__.pop(handoff._MARK, None)
+                m.__dict__.pop("forward", None)
+        originals = d.get(_ORIGINALS, {})
+        for name in reversed([n for n in originals if n not in self.originals or originals[n] is not self.originals[n]]):
+            _set_submodule(model, name, originals.pop(name))
+        originals.update(self.originals)
+        if not self.had_originals:
+            d.pop(_ORIGINALS, None)
 
 
 def unpatch(model: nn.Module) -> int:

@@ -329,10 +329,15 @@ class _FusedEmbedMixin(_FusedBase):
             if not reasons and torch.is_autocast_enabled(pixel_values.device.type):
                 reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
             if not reasons and not self._fastvlm_timm_original_raises(pixel_values):
-                out = _timm_vit_tokens(self, pixel_values)
+                x = pixel_values
+                H, W = x.shape[-2:]
+                p = self.patch_size[0]
+                if not self.dynamic_img_pad and (H % p or W % p):  # the conv floors the grid (strict img_size 20
+                    x = x[:, :, :H // p * p, :W // p * p]  # with patch 14 is one patch): a cropped view, no copy
+                out = _timm_vit_tokens(self, x)
                 if out is not None:
                     return out
-                out, reasons = self._fastvlm_timm_forward(pixel_values)
+                out, reasons = self._fastvlm_timm_forward(x)
                 if not reasons:
                     return out
             if reasons:

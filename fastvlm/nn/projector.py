@@ -143,7 +143,15 @@ def _norm_plan(mod):
         return "rmsnorm", mod.weight, None, float(eps)
     if name in _RMSNORM_1P_CLASSES:
         return "rmsnorm_1p", mod.weight, None, float(mod.eps)
+    kind = NORMS_BY_BEHAVIOUR.get(type(mod))  # (kind, eps attribute), confirmed on a probe
+    if kind is not None and isinstance(getattr(mod, "weight", None), torch.Tensor):
+        return kind[0], mod.weight, None, float(getattr(mod, kind[1]))
     return f"norm {name} has no fused kernel"
+
+
+# RMSNorm classes whose behaviour (math and cast points) was compared with the kernel's on a probe, by
+# fastvlm/integrations/structure.py: {class: (kind, eps attribute)}
+NORMS_BY_BEHAVIOUR: dict = {}
 
 
 def _optional_child(module, path):

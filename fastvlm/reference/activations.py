@@ -77,4 +77,8 @@ def activation_name(module):
         "QuickGELUActivation": "quick_gelu",
         "SiLUActivation": "silu",
         "LinearActivation": "none",
-    }.get(name)
+    }.get(name) or BY_BEHAVIOUR.get(type(module))
+
+
+# activation classes whose behaviour was compared with act_ref on a probe (fastvlm/integrations/structure.py)
+BY_BEHAVIOUR: dict = {}

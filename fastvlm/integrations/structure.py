@@ -1,0 +1,419 @@
+"""Recognition by structure: modules that no class recipe names, recognised by what they compute.
+
+Class recipes (fastvlm/nn/*.py) match exact classes: the fast path. transformers' modular converter copies a class
+into every family that reuses it (``Qwen2_5OmniPatchMerger`` is Qwen2.5-VL's merger under another name), and new
+families write the same few connectors again (``VideoLlama3Projector``, ``DeepseekVLAligner``: Linear-GELU-Linear).
+``recognise(module)`` reads a module's parameters and leaf modules, proposes the fused computations they allow and
+keeps the first one that reproduces the module's own forward on random probes:
+
+* MLP connectors: leaves that are Linear, one known activation and at most one norm, the module owning no tensor of
+  its own: Linear, Linear-act-Linear (either order of definition), gate/up/down SwiGLU-style pairs, with the norm
+  before the first Linear, or over each patch of a Qwen-style merged row (width = norm width x s^2), or after the
+  merge's view; the result's shape tells a per-token MLP from a merged one.
+* patch embeddings: a Conv3d with stride == kernel and no padding over pre-patchified rows (Qwen-VL "rows"); a
+  Conv2d with stride == kernel and no padding, with an optional class token and a position table (CLIP / SigLIP /
+  BLIP-2 style), confirmed at the size it was built for, at a smaller size (does the original take it? then the table
+  is sliced, else it must be whole) and, where the forward takes ``interpolate_pos_encoding``, at a larger size with
+  it.
+* norms and activations by behaviour, not name: an RMSNorm-like class is compared with the kernel's RMSNorm
+  (``w * norm(x)`` and Gemma's ``norm(x) * (1 + w)``) in fp32 and, bit for bit, in bf16 (so its cast points are the
+  kernel's); an unknown activation class with each fused activation in fp32.
+
+A candidate is confirmed only when the fused module's own kernel path ran (no fallback to the original forward) and
+matched within fastvlm's tolerance. ``fastvlm.patch`` reports such a swap as "matched by structure" with the class
+found. ``eligible_paths(model)`` keeps recognition to the vision-to-LLM path: nothing inside the language model or
+inside a transformer block (a module with an attention child), where Linear-act-Linear is the block's own MLP.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from fastvlm import _dispatch
+from fastvlm.integrations import verify as _verify
+from fastvlm.nn.patch_embed import EmbedRecipe, _FusedEmbedMixin
+from fastvlm.nn.projector import NORMS_BY_BEHAVIOUR, ProjectorRecipe, _FusedProjectorMixin, _norm_plan
+from fastvlm.reference.activations import ACTIVATIONS, BY_BEHAVIOUR, act_ref, activation_name
+
+_QKV = {"q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k",
+        "to_v", "q_lin", "k_lin", "v_lin"}
+_QKV_FUSED = {"qkv", "qkv_proj", "in_proj", "c_attn", "Wqkv", "query_key_value", "qkv_linear"}
+
+
+@dataclass
+class Match:
+    fused: nn.Module
+    recipe: object
+    what: str
+    ok: bool  # confirmed on the probes: swap it
+    detail: str  # the report's text
+
+
+# ------------------------------------------------------------------------------------------------ where to look
+
+def _attention_like(m):
+    if isinstance(m, nn.MultiheadAttention):
+        return True
+    names = {n for n, c in m.named_children() if isinstance(c, nn.Linear)}
+    return bool(names & _QKV_FUSED) or len(names & _QKV) >= 2
+
+
+def eligible_paths(model):
+    """Paths of the modules outside the language model and outside every transformer block."""
+    roots = []
+    try:
+        text = model.get_decoder() if hasattr(model, "get_decoder") else None
+    except Exception:
+        text = None
+    for name, m in model.named_modules():
+        if text is not None and m is text and m is not model:
+            roots.append(name)
+        elif any(_attention_like(c) for c in m.children()):
+            roots.append(name)
+    out = set()
+    for name, _ in model.named_modules():
+        if name and not any(name == r or name.startswith(r + ".") for r in roots):
+            out.add(name)
+    return out
+
+
+# ------------------------------------------------------------------------------------ norms and activations
+
+def _rms_ref(x, w, eps, one_plus):
+    xf = x.float()
+    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    if one_plus:
+        return (n * (1.0 + w.float())).to(x.dtype)
+    return w * n.to(x.dtype)
+
+
+def _eps_attr(m):
+    for a in ("variance_epsilon", "eps", "epsilon"):
+        if isinstance(getattr(m, a, None), float):
+            return a
+    return None
+
+
+def norm_kind(m):
+    """'layernorm', 'rmsnorm' or 'rmsnorm_1p' when the fused kernels compute exactly what ``m`` does, else None."""
+    if not isinstance(_norm_plan(m), str):
+        return _norm_plan(m)[0]
+    if type(m) in NORMS_BY_BEHAVIOUR:
+        return NORMS_BY_BEHAVIOUR[type(m)][0]
+    w, eps = getattr(m, "weight", None), _eps_attr(m)
+    if (not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None or w.device.type == "meta"
+            or set(dict(m.named_parameters())) != {"weight"} or list(m.children())):
+        return None
+    for kind in ("rmsnorm", "rmsnorm_1p"):
+        if _behaves_as_rms(m, eps, kind == "rmsnorm_1p"):
+            NORMS_BY_BEHAVIOUR[type(m)] = (kind, eps)
+            return kind
+    return None
+
+
+def _behaves_as_rms(m, eps_attr, one_plus):
+    g = torch.Generator().manual_seed(0)
+    try:
+        probe = copy.deepcopy(m).cpu()
+        eps = float(getattr(probe, eps_attr))
+        with torch.no_grad():
+            probe.weight.copy_(1 + 0.3 * torch.randn(probe.weight.shape, generator=g))
+            for dt in (torch.float32, torch.bfloat16):
+                probe.to(dt)
+                x = (torch.randn(3, 5, probe.weight.shape[0], generator=g) * 3).to(dt)
+                got, ref = probe(x), _rms_ref(x, probe.weight, eps, one_plus)
+                if got.dtype != ref.dtype or got.shape != ref.shape:
+                    return False
+                if dt == torch.bfloat16 and not torch.equal(got, ref):
+                    return False  # other cast points than the kernel's
+                if dt == torch.float32 and not torch.allclose(got, ref, rtol=1e-5, atol=1e-6):
+                    return False
+    except Exception:
+        return False
+    return True
+
+
+def act_kind(m):
+    """The fused activation computing what ``m`` does (by class, else by behaviour on a probe), or None."""
+    name = activation_name(m)
+    if name is not None or list(m.parameters()) or list(m.children()):
+        return name
+    x = torch.linspace(-8, 8, 1001)
+    try:
+        with torch.no_grad():
+            got = m(x.clone())
+    except Exception:
+        return None
+    for cand in ACTIVATIONS:
+        if cand != "none" and isinstance(got, torch.Tensor) and got.shape == x.shape and torch.allclose(
+                got, act_ref(x, cand), rtol=1e-6, atol=1e-7):
+            BY_BEHAVIOUR[type(m)] = cand
+            return cand
+    return None
+
+
+# ------------------------------------------------------------------------------------------- fused classes
+
+def _single_input_forward(param, signature):
+    def forward(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs:
+            return self._fastvlm_forward(args[0])
+        if not args and list(kwargs) == [param]:
+            return self._fastvlm_forward(kwargs[param])
+        return self._fastvlm_base.forward(self, *args, **kwargs)
+
+    forward.__signature__ = signature
+    return forward
+
+
+def _pixels_forward(signature):
+    def forward(self, pixel_values, interpolate_pos_encoding=False):
+        return self._fastvlm_forward(pixel_values, interpolate_pos_encoding)
+
+    forward.__signature__ = signature
+    return forward
+
+
+class _StructuralMixin:
+    """Dropout leaves that would act in training send the call to the original forward (the kernels have none)."""
+
+    def _fastvlm_structure(self):
+        out = super()._fastvlm_structure()
+        active = self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+        if not active:
+            return out
+        why = "dropout is active (module in training mode with p > 0)"
+        return (None, list(out[1]) + [why]) if isinstance(out, tuple) else list(out) + [why]
+
+
+@functools.lru_cache(maxsize=None)
+def fused_structural_class(base, recipe):
+    """``Fused<base>``: a subclass of the recognised class running ``recipe``'s fused computation."""
+    sig = inspect.signature(base.forward)
+    params = [p for p in sig.parameters.values() if p.name != "self"]
+    attrs = {"_fastvlm_recipe": recipe, "_fastvlm_base": base, "__module__": "fastvlm.nn",
+             "__doc__": f"Fused {base.__name__}, recognised by structure ({recipe.family})."}
+    if isinstance(recipe, EmbedRecipe):
+        mixin = _FusedEmbedMixin
+        attrs["forward"] = (_single_input_forward(params[0].name, sig) if recipe.kind == "rows"
+                            else _pixels_forward(sig))
+    else:
+        mixin = _FusedProjectorMixin
+        attrs["forward"] = _single_input_forward(params[0].name, sig)
+        first = recipe.linear_1
+        attrs["_fastvlm_struct_width"] = property(lambda self: self.get_submodule(first).in_features)
+    return type(recipe.fused_name, (_StructuralMixin, mixin, base), attrs)
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+
+def _width(norm):
+    return _verify._width_of_norm(norm)
+
+
+def _mlp_candidates(mod):
+    """(recipe, description) candidates for an MLP-like module, most specific first; [] when it is not one."""
+    if mod._parameters or mod._buffers:
+        return []
+    lin, norms, acts, others = [], [], [], []
+    for path, m in mod.named_modules():
+        if not path or m._modules:
+            continue
+        if type(m) in (nn.Identity, nn.Dropout):
+            continue
+        if type(m) is nn.Linear:
+            lin.append(path)
+        elif norm_kind(m) is not None:
+            norms.append(path)
+        elif act_kind(m) is not None:
+            acts.append(path)
+        else:
+            others.append(path)
+    if others or len(norms) > 1 or len(acts) > 1 or not lin:
+        return []
+    get = mod.get_submodule
+    norm = norms[0] if norms else None
+    act = acts[0] if acts else None
+    name = type(mod).__name__
+    cands = []
+
+    def add(l1, l2=None, up=None, act2=None):
+        layers = "Linear" if l2 is None else f"Linear-{type(get(act)).__name__}-Linear"
+        if up:
+            layers = f"gated {type(get(act)).__name__} pair-Linear"
+        if act2:
+            layers += f"-{type(get(act)).__name__}"
+        a_in = get(l1).in_features
+        base = dict(family="structure", module=type(mod).__module__, cls=name, fused_name=f"Fused{name}",
+                    input_name="", linear_1=l1, linear_2=l2, act=act if l2 else None, up=up, act2=act2)
+        if norm is None:
+            cands.append((ProjectorRecipe(**base), layers))
+            cands.append((ProjectorRecipe(**base, merged_width="_fastvlm_struct_width"), layers + " on merged rows"))
+            return
+        nw = _width(get(norm))
+        nk = type(get(norm)).__name__
+        if nw == a_in:
+            cands.append((ProjectorRecipe(**base, norm=norm), f"{nk} + {layers}"))
+            cands.append((ProjectorRecipe(**base, norm=norm, merged_width="_fastvlm_struct_width"),
+                          f"merge, {nk} + {layers}"))
+        elif nw and a_in % nw == 0 and math.isqrt(a_in // nw) ** 2 == a_in // nw:
+            s = math.isqrt(a_in // nw)
+            cands.append((ProjectorRecipe(**base, norm=norm, merged_width="_fastvlm_struct_width"),
+                          f"{nk} per patch, {s}x{s} merge, {layers}"))
+
+    if len(lin) == 1 and act is None:
+        add(lin[0])
+    elif len(lin) == 2 and act is not None:
+        for a, b in ((lin[0], lin[1]), (lin[1], lin[0])):
+            if get(a).out_features == get(b).in_features:
+                add(a, b)
+                add(a, b, act2=act)
+    elif len(lin) == 3 and act is not None and norm is None:
+        for g, u, d in ((0, 1, 2), (1, 0, 2), (0, 2, 1), (2, 0, 1), (1, 2, 0), (2, 1, 0)):
+            g, u, d = lin[g], lin[u], lin[d]
+            if (get(g).in_features == get(u).in_features and get(g).out_features == get(u).out_features
+                    == get(d).in_features):
+                add(g, d, up=u)
+    return cands
+
+
+def _conv_children(mod, cls):
+    return [(p, m) for p, m in mod.named_children() if type(m) is cls]
+
+
+def _patch_conv_ok(conv):
+    pad = conv.padding
+    no_pad = pad == "valid" or (isinstance(pad, tuple) and not any(pad))
+    return (conv.stride == conv.kernel_size and no_pad and conv.groups == 1
+            and all(d == 1 for d in conv.dilation) and conv.padding_mode == "zeros")
+
+
+def _embed_candidates(mod):
+    name = type(mod).__name__
+    base = dict(module=type(mod).__module__, cls=name, fused_name=f"Fused{name}")
+    params = [p for p in inspect.signature(type(mod).forward).parameters.values() if p.name != "self"]
+    conv3 = _conv_children(mod, nn.Conv3d)
+    leaves = [m for p, m in mod.named_modules() if p]
+    if len(conv3) == 1 and len(leaves) == 1 and _patch_conv_ok(conv3[0][1]) and not mod._parameters:
+        return [(EmbedRecipe(family="structure", kind="rows", conv=conv3[0][0], **base),
+                 "Conv3d patch embedding of pre-patchified rows")]
+    conv2 = _conv_children(mod, nn.Conv2d)
+    if (len(conv2) != 1 or not _patch_conv_ok(conv2[0][1])
+            or [p.name for p in params] != ["pixel_values", "interpolate_pos_encoding"]):
+        return []
+    conv_name, conv = conv2[0]
+    D = conv.out_channels
+    tables = [n for n, m in mod.named_children() if type(m) is nn.Embedding and m.embedding_dim == D]
+    tables += [n for n, p in mod._parameters.items() if p is not None and p.dim() == 3 and p.shape[-1] == D]
+    tokens = [n for n, p in mod._parameters.items() if p is not None and p.numel() == D]
+    extra = set(dict(mod.named_children())) - {conv_name, *tables}
+    if len(tables) > 1 or len(tokens) > 1 or any(type(mod.get_submodule(e)) is not nn.Dropout for e in extra):
+        return []
+    cands = []
+    pos = tables[0] if tables else None
+    for cls_token in (tokens[0] if tokens else None,):
+        for family, kind in (("clip", "whole position table"), ("blip_2", "position table sliced to the grid")):
+            what = "Conv2d patch embedding" + (" + class token" if cls_token else "") + (f" + {kind}" if pos else "")
+            cands.append((EmbedRecipe(family=family, kind="conv_pos", conv=conv_name, cls_token=cls_token, pos=pos,
+                                      **base), what))
+            if pos is None:
+                break
+    return cands
+
+
+# ------------------------------------------------------------------------------------------------ confirming
+
+def _confirm(original, fused, probe):
+    """(ok, detail): the fused module's kernel path ran on ``probe`` and matched the original."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", _dispatch.FastVLMFallbackWarning)
+        with _dispatch.trace() as t:
+            ok, detail = _verify.compare(original, fused, probe)
+    if ok and (any(r.op == type(fused).__name__ for r in t.records) or not any("::" in r.op for r in t.records)):
+        return False, "the fused module took the original's path on the probe"
+    return ok, detail
+
+
+def _embed_probes(recipe, fused):
+    """The native-size probe, then a size one patch smaller (taken by a sliced table, rejected by a whole one), then
+    a larger one with interpolate_pos_encoding=True."""
+    first = _verify.build_probe(recipe, fused)
+    yield first, None
+    if recipe.kind != "conv_pos" or recipe.pos is None:
+        return
+    x = first[0]
+    p = fused.get_submodule(recipe.conv).kernel_size[0]
+    H, W = x.shape[-2:]
+    if H > p and W > p:
+        yield (x[..., :H - p, :W - p].contiguous(),), "smaller"
+    yield (torch.randn(*x.shape[:2], H + p, W + 2 * p, device=x.device, dtype=x.dtype), True), "interpolate"
+
+
+def _try(mod, recipe, what):
+    cls = fused_structural_class(type(mod), recipe)
+    fused = cls.from_module(mod)
+    reasons = fused._fastvlm_structure()
+    reasons = reasons[1] if isinstance(reasons, tuple) else reasons
+    label = f"matched by structure: {type(mod).__name__} as {what}"
+    if reasons:
+        return Match(fused, recipe, what, False, f"{label}; not swapped: " + "; ".join(reasons))
+    if any(p.device.type == "meta" for p in mod.parameters()):
+        return Match(fused, recipe, what, False, f"{label}; not swapped: not confirmed (parameters on the meta device)")
+    detail = None
+    for probe, stage in (_embed_probes(recipe, fused) if isinstance(recipe, EmbedRecipe)
+                         else [(_verify.build_probe(recipe, fused), None)]):
+        if stage == "smaller":  # the original decides: a whole table rejects it, a sliced one takes it
+            try:
+                with torch.no_grad():
+                    mod(*probe)
+                takes = True
+            except Exception:
+                takes = False
+            if takes != (recipe.family == "blip_2"):
+                return None
+            if not takes:
+                continue
+        ok, d = _confirm(mod, fused, probe)
+        if ok is None and stage == "interpolate":
+            continue  # the original does not interpolate this table: nothing to compare
+        if not ok:
+            return None
+        detail = detail or d
+    return Match(fused, recipe, what, True, f"{label}; {detail}")
+
+
+def recognise(mod) -> Optional[Match]:
+    """The first fused candidate confirmed for ``mod`` (``Match.ok``), a recognised structure that cannot be swapped
+    (``Match.ok`` False, with why), or None."""
+    cls = type(mod)
+    if cls.__module__.startswith(("torch.", "fastvlm.")) or mod._forward_hooks or mod._forward_pre_hooks:
+        return None
+    try:
+        params = [p for p in inspect.signature(cls.forward).parameters.values() if p.name != "self"]
+    except (TypeError, ValueError):
+        return None
+    if not params:
+        return None
+    cands = _embed_candidates(mod)
+    if not cands and len(params) == 1 and params[0].kind in (params[0].POSITIONAL_ONLY,
+                                                             params[0].POSITIONAL_OR_KEYWORD):
+        cands = _mlp_candidates(mod)
+    unswappable = None
+    for recipe, what in cands:
+        try:
+            match = _try(mod, recipe, what)
+        except Exception:
+            continue  # this candidate does not fit the module: try the next
+        if match is not None and match.ok:
+            return match
+        if match is not None and unswappable is None:
+            unswappable = match
+    return unswappable
