@@ -107,15 +107,23 @@ def bench(argv=None):
     return bench_main(argv)
 
 
-COMMANDS = {"info": info, "check": check, "audit": audit, "bench": bench}
-USAGE = """usage: fastvlm {info,check,audit,bench} [options]
+def model(argv=None):
+    """The performance model at the canonical shapes (an estimate, no GPU needed)."""
+    from fastvlm.perfmodel import main as model_main
+
+    return model_main(argv or [])
+
+
+COMMANDS = {"info": info, "check": check, "audit": audit, "bench": bench, "model": model}
+USAGE = """usage: fastvlm {info,check,audit,bench,model} [options]
 
   info   versions, device, which backends are available and why not
   check  fused modules vs their transformers originals on built-in random-weight models (no download);
          `fastvlm check --help` lists the families
   audit  compile every kernel for sm_90a (no GPU needed): registers, spills, shared memory, wgmma
   bench  projector microbenchmark vs transformers eager and torch.compile (GPU; CPU path otherwise);
-         `fastvlm bench qformer` for the Q-Former and its attention core"""
+         `fastvlm bench qformer` for the Q-Former and its attention core
+  model  performance model at the canonical shapes: FLOPs, bytes, SM fill, H100/H200 bounds (an estimate)"""
 
 
 class _NeedsHF(Exception):

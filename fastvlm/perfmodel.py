@@ -18,9 +18,9 @@ passes), with or without a GPU:
   a pooled A-load that re-reads its raw input once per N tile (Gemma 3: 16x); where l2_x is large the time is
   underestimated.
 
-Ceilings (``DEVICES``) are measured ones where we have them: ≈790 TFLOP/s dense bf16 on H100 and H200 (the same
-SMs and clocks), device copies at ≈3.0 TB/s (H100) and ≈4.3 TB/s (H200). TF32 is taken as half the bf16 ceiling
-(the datasheet ratio), and fp32 dots computed as tf32x3 as a third of that. The model assumes the first autotune
+Ceilings come from fastvlm/bench/devices.py (the benchmarks' profiles): ≈790 TFLOP/s dense bf16 on H100 and H200
+(measured; the same SMs and clocks), device copies at ≈3.0 TB/s (H100) and ≈4.3 TB/s (H200), TF32 at half the bf16
+ceiling (derived); fp32 dots computed as tf32x3 are taken at a third of TF32. Both have 132 SMs. The model assumes the first autotune
 config (128×128×64 tiles; 128×64 for gated pairs) because it cannot know the autotuner's pick, and it runs every
 GEMM at the ceiling times its SM fill: the GEMM core's own efficiency (pipelining, TMA, tile shape) is not a term,
 so the model's time is a bound the design could reach, not a prediction; GPU measurements are owed.
@@ -40,18 +40,21 @@ class Device:
     name: str
     sms: int
     bf16_tflops: float  # dense, measured ceiling
+    tf32_tflops: float
     hbm_tbps: float  # device-to-device copy, measured ceiling
-
-    @property
-    def tf32_tflops(self):  # datasheet ratio TF32 : bf16 = 1 : 2, applied to the measured bf16 ceiling
-        return self.bf16_tflops / 2
 
     def peak(self, dtype):
         return {"bf16": self.bf16_tflops, "fp16": self.bf16_tflops, "tf32": self.tf32_tflops,
                 "fp32": self.tf32_tflops / 3}[dtype] * 1e12  # fp32 = tf32x3: three TF32 dots
 
 
-DEVICES = {"H100": Device("H100 SXM", 132, 790.0, 3.0), "H200": Device("H200", 132, 790.0, 4.3)}
+def _devices():
+    from fastvlm.bench.devices import PROFILES  # the ceilings the benchmarks score against, in one place
+
+    return {key: Device(c.name, 132, c.bf16_tflops, c.tf32_tflops, c.copy_tbps) for key, c in PROFILES.items()}
+
+
+DEVICES = _devices()
 
 # targets of issue 12 checked by the model
 BYTES_RATIO_MAX = 1.3

@@ -59,3 +59,11 @@ def test_cli_prints_both_devices(capsys):
     assert perfmodel.main([]) == 0
     out = capsys.readouterr().out
     assert "H100" in out and "H200" in out and "a model, not a measurement" in out
+
+
+def test_fastvlm_model_command(capsys):
+    from fastvlm.cli import main
+
+    assert main(["model", "--device", "H200", "--markdown"]) == 0
+    out = capsys.readouterr().out
+    assert "| Gemma 3-4B B=64 |" in out
