@@ -127,7 +127,7 @@ USAGE = """usage: fastvlm {info,check,audit,bench,model} [options]
 
 
 class _NeedsHF(Exception):
-    """A command needs transformers (or timm), which is not installed: the message says how to install it."""
+    """A command needs transformers, which is not installed: the message says how to install it."""
 
 
 def _missing_hf(names=("transformers",)):

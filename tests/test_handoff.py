@@ -109,7 +109,9 @@ def test_mm_encoder_outputs_forward(torch_backend):
     ran = [r for r in t.records if r.op == "fastvlm.handoff" and r.backend == "fastvlm"]
     assert len(ran) == 1 and ran[0].detail.endswith("from mm_encoder_outputs"), str(t)
     assert torch.equal(out.logits, ref.logits) and list(out.keys()) == list(ref.keys())
-    assert out.image_outputs is encoded["image"]
+    assert torch.equal(_image_rows(out), _image_rows(ref))
+    if "image_outputs" in out.__dataclass_fields__:  # 5.24: the encoder output itself, as the original returns it
+        assert out.image_outputs is encoded["image"]
     with fastvlm.trace() as t, torch.no_grad(), pytest.raises(ValueError, match="pixel_values and mm_encoder_outputs"):
         model(**inputs, pixel_values=pixels, mm_encoder_outputs=encoded)
     assert [r.reasons for r in t.records if r.op == "fastvlm.handoff"] == [
