@@ -1,4 +1,5 @@
-"""Activations chosen by a constexpr name, evaluated in fp32 (portable math only: erf, sigmoid)."""
+"""Activations chosen by a constexpr name, evaluated in fp32 (portable math only: erf, sigmoid). NaN and +-Inf map as
+the PyTorch ops map them (relu keeps NaN; checked value by value in tests/test_nonfinite.py)."""
 import triton
 import triton.language as tl
 
@@ -18,7 +19,7 @@ def apply_act(x, ACT: tl.constexpr):
     elif ACT == "silu":
         y = x * tl.sigmoid(x)
     elif ACT == "relu":
-        y = tl.maximum(x, 0.0)
+        y = tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # relu(NaN) = NaN, as torch's
     else:
         y = x
     return y

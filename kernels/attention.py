@@ -17,10 +17,13 @@ Scores ``S = scale * Q K^T + masks``; masks (both optional, combined):
                         "additive" a float bias added to the scores (0 / large negative)
     attn_mask  [B|1, H|1, Lq|1, Lk]  a full mask, broadcast by stride 0 (InstructBLIP's self-attention over
                         queries + instruction tokens; transformers' 4-D masks); ATTN_MASK "bool" or "additive"
-Boolean-masked and out-of-range keys get -inf. Each additive bias is clamped at -1e30 so that a row masked entirely
-by transformers' finite ``finfo.min`` bias still averages over its keys, as eager attention does. A row whose every
-key is -inf (boolean mask, or Lk == 0) produces O = 0 and LSE = -inf (SDPA would give NaN). The full mask enters as
-the accumulator of the Q K^T dot, which keeps the softmax in the MMA layout (see docs/design-attention.md).
+Boolean-masked and out-of-range keys get -inf. Special values give what eager attention gives (details in
+kernels/attention_tile.py, which holds the kernel's body): a finite additive bias at or below the masking value
+(transformers' ``finfo.min``) absorbs the score, so a row masked entirely by it averages its values; -inf and NaN
+biases are kept; a row whose kept keys all score -inf, or that meets a NaN, is NaN; a row whose keep-flags keep no key
+(or Lk + Lk2 == 0) gives O = 0 and LSE = -inf, as SDPA does. A NaN/Inf key of one packed head never reaches the other
+heads' rows (see the head isolation in ``_attn_fwd_kernel``). The full mask enters as the accumulator of the Q K^T
+dot, which keeps the softmax in the MMA layout (see docs/design-attention.md).
 
 Head packing (the M tile): one program owns ``HEADS`` consecutive heads x ``BLOCK_Q`` queries of one batch row, so
 the tile has ``BLOCK_M = HEADS * BLOCK_Q`` rows: 2 x 32 = 64 for BLIP-2's 32 queries, which reaches wgmma on sm_90
@@ -45,18 +48,13 @@ torch.backends.cuda.matmul.allow_tf32); "ieee" FMA dots spill on sm_90. All offs
 import triton
 import triton.language as tl
 
-from ._interp import autotune_configs, dot_operand
+from ._interp import autotune_configs
+from .attention_tile import attend_tile
 
 MASK_MODES = ("none", "bool", "additive")
 # fp32 dots: "tf32x3" (three TF32 MMAs, about fp32-accurate; the default) or "tf32" (when TF32 is allowed). "ieee"
 # runs the dots on FMA units and spills tens of KB per thread on sm_90 (audit), so it is not offered.
 FP32_PRECISIONS = ("tf32", "tf32x3")
-_LOG2E = tl.constexpr(1.4426950408889634)
-_LN2 = tl.constexpr(0.6931471805599453)
-# Additive biases are clamped here (natural units) so that finfo(float32).min does not overflow to -inf once it is
-# scaled to log2 units (or divided by the softmax scale): a row masked entirely by finite biases then averages over its
-# keys, as eager attention does, and two such biases added together stay finite.
-_BIAS_FLOOR = tl.constexpr(-1.0e30)
 HEAD_DIMS = (16, 128)  # supported D range (inclusive); BLOCK_D = next_power_of_2(D)
 
 # (BLOCK_N, num_warps, num_stages); the first one is what the interpreter runs. BLOCK_Q / HEADS come from the
@@ -99,58 +97,6 @@ def _prune_configs(configs, named_args, **kwargs):
     return kept or configs[:1]
 
 
-@triton.jit
-def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, col_ok, km_base, stride_kmn,
-                   am_base, stride_amn, AM_OFF, qk_scale, inv_scale,
-                   KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) over the LKS keys of one key/value source. ``k_base``/``v_base``
-    [BLOCK_C] point at key 0 of each packed column (its kv head and channel); ``km_base`` at this source's key mask
-    (KEY_MASK "none" for a source without one); the full mask's key index is ``AM_OFF + n`` (the second source's keys
-    follow the first's in the mask, as in the concatenation it stands for)."""
-    for n0 in range(0, LKS, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        n_ok = n < LKS
-        n64 = n.to(tl.int64)
-        kv_mask = col_ok[:, None] & n_ok[None, :]
-        kt = tl.load(k_base[:, None] + n64[None, :] * stride_kn, mask=kv_mask, other=0.0)  # [BLOCK_C, BLOCK_N]
-        if ATTN_MASK == "none":
-            s = tl.dot(q, dot_operand(kt), input_precision=PRECISION)
-        else:
-            # the full mask enters as the dot's accumulator (in units of q.k, i.e. divided by the scale): the tile
-            # is converted to the MMA layout once and the softmax below stays in that layout (added to s after the
-            # dot, the compiler duplicated the softmax in the load's layout and spilled)
-            am_n = (AM_OFF + n).to(tl.int64)
-            if ATTN_MASK == "additive":
-                am = tl.load(am_base[:, None] + am_n[None, :] * stride_amn, mask=n_ok[None, :], other=0.0)
-                bias = tl.maximum(am.to(tl.float32), _BIAS_FLOOR) * inv_scale
-            else:
-                ak = tl.load(am_base[:, None] + am_n[None, :] * stride_amn, mask=n_ok[None, :], other=0)
-                bias = tl.where(ak != 0, 0.0, float("-inf"))
-            s = tl.dot(q, dot_operand(kt), bias, input_precision=PRECISION)
-        s = s * qk_scale  # log2 units
-        # per-key bias [BLOCK_N] (log2 units): -inf past LKS and for padded keys, or the clamped additive bias
-        kbias = tl.where(n_ok, 0.0, float("-inf"))
-        if KEY_MASK == "additive":
-            km = tl.load(km_base + n64 * stride_kmn, mask=n_ok, other=0.0).to(tl.float32)
-            kbias += tl.maximum(km, _BIAS_FLOOR) * _LOG2E
-        elif KEY_MASK == "bool":
-            kk = tl.load(km_base + n64 * stride_kmn, mask=n_ok, other=0)
-            kbias = tl.where(kk != 0, kbias, float("-inf"))
-        s += kbias[None, :]
-
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf) = 0, no NaN
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
-                     other=0.0)  # [BLOCK_N, BLOCK_C]
-        acc = acc * alpha[:, None]
-        acc = tl.dot(dot_operand(p.to(vt.dtype)), dot_operand(vt), acc, input_precision=PRECISION)
-        m_i = m_new
-    return acc, m_i, l_i
-
-
 @triton.autotune(configs=autotune_configs(_triton_configs()),
                  key=["LK_BUCKET", "BLOCK_Q", "HEADS", "BLOCK_D", "KEY_MASK", "ATTN_MASK", "HAS_K2", "PRECISION"],
                  prune_configs_by={"early_config_prune": _prune_configs})
@@ -159,7 +105,7 @@ def _attn_fwd_kernel(
     q_ptr,  # [B, H, LQ, D]
     k_ptr,  # [B, HKV, LK, D]   first key/value source (HKV = H / GROUP kv heads)
     v_ptr,  # [B, HKV, LK, D]
-    k2_ptr,  # [B, HKV, LK2, D]  second source (HAS_K2): its keys follow the first's (Idefics2's concat[context, latents])
+    k2_ptr,  # [B, HKV, LK2, D]  second source (HAS_K2): its keys follow the first's (Idefics2's concat[ctx, lat])
     v2_ptr,  # [B, HKV, LK2, D]
     km_ptr,  # [B, LK] key mask of the first source (KEY_MASK != "none"): int8 keep-flags or a float bias
     am_ptr,  # [B|1, H|1, LQ|1, LK + LK2] full mask (ATTN_MASK != "none"), broadcast dims have stride 0
@@ -180,64 +126,35 @@ def _attn_fwd_kernel(
     KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, HAS_K2: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    BLOCK_M: tl.constexpr = BLOCK_Q * HEADS
-    BLOCK_C: tl.constexpr = HEADS * BLOCK_D
-
     pid_bh = tl.program_id(0)
     pid_q = tl.program_id(1)
     n_groups = tl.cdiv(H, HEADS)
     b = (pid_bh // n_groups).to(tl.int64)
     h0 = (pid_bh % n_groups) * HEADS
-
-    # rows: (packed head, query); columns: (packed head, channel)
-    r = tl.arange(0, BLOCK_M)
-    c = tl.arange(0, BLOCK_C)
-    row_head = h0 + r // BLOCK_Q
-    row_q = pid_q * BLOCK_Q + r % BLOCK_Q
-    col_head = h0 + c // BLOCK_D
-    col_d = c % BLOCK_D
-    row_ok = (row_head < H) & (row_q < LQ)
-    col_ok = (col_head < H) & (col_d < D)  # col_d < D: BLOCK_D pads a head dim that is not a power of 2 (96 -> 128)
-    diag = (r // BLOCK_Q)[:, None] == (c // BLOCK_D)[None, :]
-    rh64 = row_head.to(tl.int64)
-    rq64 = row_q.to(tl.int64)
-    ch64 = col_head.to(tl.int64)
-    ckv64 = (col_head // GROUP).to(tl.int64)  # grouped-query attention: query head h reads kv head h // GROUP
-    cd64 = col_d.to(tl.int64)
-
-    # block-diagonal Q: row (h, q) holds Q[b, h, q, :] in its own head's column block, zeros elsewhere
-    qmask = row_ok[:, None] & col_ok[None, :] & diag
-    q = tl.load(q_ptr + b * stride_qb + rh64[:, None] * stride_qh + rq64[:, None] * stride_qm
-                + cd64[None, :] * stride_qd, mask=qmask, other=0.0)
-    q = dot_operand(q)
-
-    # padded rows read a real row of the mask (clamped indices): the mask tile needs only the key predicate
-    am_base = (am_ptr + b * stride_amb + tl.minimum(row_head, H - 1).to(tl.int64) * stride_amh
-               + tl.minimum(row_q, LQ - 1).to(tl.int64) * stride_amm)  # [BLOCK_M]
-
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
-    acc, m_i, l_i = _attend_source(
-        acc, m_i, l_i, q, k_ptr + b * stride_kb + ckv64 * stride_kh + cd64 * stride_kd,
-        v_ptr + b * stride_vb + ckv64 * stride_vh + cd64 * stride_vd, stride_kn, stride_vn, LK, col_ok,
-        km_ptr + b * stride_kmb, stride_kmn, am_base, stride_amn, 0, qk_scale, inv_scale,
-        KEY_MASK, ATTN_MASK, PRECISION, BLOCK_N)
-    if HAS_K2:  # the second source, read in place: the concatenation is never materialised
-        acc, m_i, l_i = _attend_source(
-            acc, m_i, l_i, q, k2_ptr + b * stride_k2b + ckv64 * stride_k2h + cd64 * stride_k2d,
-            v2_ptr + b * stride_v2b + ckv64 * stride_v2h + cd64 * stride_v2d, stride_k2n, stride_v2n, LK2, col_ok,
-            km_ptr, 0, am_base, stride_amn, LK, qk_scale, inv_scale,
-            "none", ATTN_MASK, PRECISION, BLOCK_N)
-
-    empty = l_i == 0.0  # every key masked (or no key): O = 0, LSE = -inf
-    o = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
-    # only the diagonal block of each row is its head's output (there col_head == row_head)
-    omask = row_ok[:, None] & col_ok[None, :] & diag
-    tl.store(o_ptr + b * stride_ob + rq64[:, None] * stride_om + ch64[None, :] * stride_oh + cd64[None, :] * stride_od,
-             o.to(o_ptr.dtype.element_ty), mask=omask)
-    tl.store(lse_ptr + b * stride_lb + rh64 * stride_lh + rq64 * stride_lm, lse, mask=row_ok)
+    nan_rows = attend_tile(
+        b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK, LK2, D, GROUP,
+        qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+        stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n,
+        stride_k2d, stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amb,
+        stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb,
+        stride_lh, stride_lm, KEY_MASK, ATTN_MASK, HAS_K2, PRECISION,
+        BLOCK_Q, HEADS, BLOCK_D, BLOCK_N, False)
+    if HEADS > 1:
+        # Head isolation: the block-diagonal product multiplies every packed head's key columns (by zeros outside
+        # a row's own head), so a NaN/Inf key of one head would make every row of the tile NaN (0 * inf). A tile
+        # that came out with a NaN row is recomputed one head at a time (plain [BLOCK_Q, BLOCK_D] tiles, an
+        # unpipelined loop whose invariants are not hoisted: the packed loop keeps its registers) and those rows
+        # are stored again. Never taken on finite inputs.
+        if nan_rows:
+            for hh in tl.range(0, HEADS, disable_licm=True):
+                attend_tile(
+                    b, h0 + hh, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ,
+                    LK, LK2, D, GROUP, qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,
+                    stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b,
+                    stride_k2h, stride_k2n, stride_k2d, stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb,
+                    stride_kmn, stride_amb, stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh,
+                    stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, HAS_K2, PRECISION,
+                    BLOCK_Q, 1, BLOCK_D, BLOCK_N, True)
 
 
 # ------------------------------------------------------------------------------------------------ launcher

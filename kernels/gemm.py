@@ -129,7 +129,7 @@ def _load_a_tile(a_ptr, rows_ptr, cols_ptr, rm64, rk, mask_m, mask_k, stride_am,
         for q in range(0, Q):
             tok = tl.load(rows_ptr + rm64 * Q + q, mask=mask_m, other=0)
             v = tl.load(a_ptr + tok[:, None] * stride_am + rk64[None, :] * stride_ak, mask=mask, other=0.0)
-            best = tl.maximum(best, v.to(tl.float32))
+            best = tl.maximum(best, v.to(tl.float32), propagate_nan=tl.PropagateNan.ALL)  # NaN wins, as in torch
         a = tl.where(mask, best, 0.0).to(a_ptr.dtype.element_ty)
         src = rm64[:, None] + 0 * rk64[None, :]
     else:

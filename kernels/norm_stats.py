@@ -8,6 +8,8 @@ kept for the backward pass (8 bytes per row instead of the normalised tensor).
 import triton
 import triton.language as tl
 
+MODES = ("strided", "concat", "concat_cm", "mean")
+
 
 @triton.jit
 def _load_chunk(x_ptr, rows_ptr, rows64, mask_r, cols, mask_c, q, Q, stride_r, MODE: tl.constexpr):
@@ -18,7 +20,7 @@ def _load_chunk(x_ptr, rows_ptr, rows64, mask_r, cols, mask_c, q, Q, stride_r, M
     elif MODE == "concat":
         tok = tl.load(rows_ptr + rows64 * Q + q, mask=mask_r, other=0)
         x = tl.load(x_ptr + tok[:, None] * stride_r + cols[None, :], mask=m, other=0.0).to(tl.float32)
-    else:  # "mean": the pooled row, rounded to the input dtype as PyTorch's AvgPool does
+    else:  # "mean" (the launcher admits no other mode): the pooled row, rounded to the input dtype as PyTorch's AvgPool does
         x = tl.zeros(m.shape, dtype=tl.float32)
         for qq in range(0, Q):
             tok = tl.load(rows_ptr + rows64 * Q + qq, mask=mask_r, other=0)
@@ -75,10 +77,16 @@ def _row_stats_kernel(
 def row_stats(x, eps, rms, *, rows=None, mode="strided", block_r=None, block_c=None):
     """fp32 (mean, rstd) of logical rows of the 2-D tensor ``x`` [T, C] (mean is None for RMS).
 
-    mode "strided": the rows of x; "concat": row r is the concatenation of x[rows[r, q]] over q (a space-to-depth
-    merged row); "mean": row r is the average of x[rows[r, q]] over q (a pooled row). ``rows``: int64 [R, Q].
+    mode "strided": the rows of x; "concat" / "concat_cm": row r is the concatenation of x[rows[r, q]] over q (a
+    space-to-depth merged row, patch-major or channel-major: the same elements in another order, so the same
+    statistics); "mean": row r is the average of x[rows[r, q]] over q (a pooled row). ``rows``: int64 [R, Q].
     """
     import torch
+
+    if mode not in MODES:
+        raise ValueError(f"row_stats: mode must be one of {MODES}, got {mode!r}")
+    if mode == "concat_cm":  # a permutation of the "concat" row: mean and variance do not depend on the order
+        mode = "concat"
 
     if x.dim() != 2 or x.stride(1) != 1:
         raise ValueError(f"row_stats: x must be 2-D with unit column stride, got shape {tuple(x.shape)} strides {x.stride()}")

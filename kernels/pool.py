@@ -29,8 +29,8 @@ def _pool_rows_kernel(
     for q in range(0, Q):
         tok = tl.load(rows_ptr + rm * Q + q, mask=rm < M, other=0)
         v = tl.load(x_ptr + tok[:, None] * stride_x + rd[None, :], mask=mask, other=0.0).to(tl.float32)
-        if MODE == "max":
-            acc = tl.maximum(acc, v)
+        if MODE == "max":  # NaN wins, as in PyTorch's max pooling (max.NaN.f32: no extra instruction)
+            acc = tl.maximum(acc, v, propagate_nan=tl.PropagateNan.ALL)
         else:
             acc += v
     if MODE == "mean":

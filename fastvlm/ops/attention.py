@@ -136,7 +136,8 @@ def _split_kv_grad(g, k, k2):
 
 
 def _backward(saved, go, scale, needs):
-    """Gradients of (q, k, v, key_mask, attn_mask, k2, v2) from dL/dO; the softmax is recomputed from the saved LSE.
+    """Gradients of (q, k, v, key_mask, attn_mask, k2, v2) from dL/dO; the softmax is recomputed from the scores
+    (rows whose saved LSE is -inf, without a key, get zero probabilities).
     GQA and the second source are handled on the full key set (``full_kv``: torch ops, kv heads repeated for the
     recomputation only); key and value gradients are summed back over each kv head's group."""
     q, k, v, key_mask, attn_mask, lse, k2, v2 = saved
@@ -238,7 +239,9 @@ def attention(q, k, v, *, key_mask=None, attn_mask=None, scale=None, k2=None, v2
     attend, as a tokenizer's attention_mask / transformers' 2-D encoder_attention_mask) or a float additive bias.
     ``attn_mask`` [B|1, H|1, Lq|1, Lk]: bool keep-flags or a float additive bias (transformers' 4-D masks, e.g.
     InstructBLIP's self-attention over queries + instruction tokens). ``scale`` defaults to ``D ** -0.5``.
-    A row whose every key is masked by keep-flags gives zeros. Eager calls skip the torch.library dispatcher; under
+    Special rows as eager attention gives them: a row masked entirely by transformers' finite ``finfo.min`` bias
+    averages its values; a row whose kept keys all score -inf, or that meets a NaN, is NaN. A row whose every key
+    is masked by keep-flags gives zeros (as SDPA does). Eager calls skip the torch.library dispatcher; under
     torch.compile the call is the registered custom op.
     """
     _validate(q, k, v, key_mask, attn_mask, k2, v2)

@@ -39,14 +39,14 @@ def act_grad_ref(h, grad, act):
         u = k * (x + 0.044715 * x ** 3)
         t = torch.tanh(u)
         d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3 * 0.044715 * x * x)
-    elif act == "quick_gelu":
+    elif act == "quick_gelu":  # in autograd's order: x * (1 - s) * s stays finite where 1.702 * x overflows
         s = torch.sigmoid(1.702 * x)
-        d = s + 1.702 * x * s * (1.0 - s)
+        d = s + x * (1.0 - s) * s * 1.702
     elif act == "silu":
         s = torch.sigmoid(x)
         d = s * (1.0 + x * (1.0 - s))
-    elif act == "relu":
-        d = (x > 0).to(x.dtype)
+    elif act == "relu":  # torch's threshold_backward: the gradient passes unless x <= 0 (so it passes at NaN)
+        d = (~(x <= 0)).to(x.dtype)
     else:
         raise ValueError(f"unknown activation {act!r}")
     return (g * d).to(grad.dtype)

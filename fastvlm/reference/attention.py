@@ -22,15 +22,16 @@ Masks (both optional):
 * ``sdpa_attention_ref`` reproduces ``sdpa_attention_forward``: ``F.scaled_dot_product_attention`` with a boolean mask
   (keep-flags) or an additive one in q's dtype. Rows with every key masked give NaN there.
 * ``attention_ref`` is what the fused op computes, returning ``(O, LSE)``: scores and softmax in fp32 (fp64 for fp64
-  inputs), natural-log LSE [B, H, Lq]. Additive biases are clamped at ``BIAS_FLOOR`` (as the kernel does) so that a
-  row masked entirely by finite ``finfo.min`` biases averages over its keys like eager attention; a row whose every key
-  is boolean-masked gives O = 0 and LSE = -inf (eager with a float mask gives a uniform average, SDPA gives NaN).
+  inputs), natural-log LSE [B, H, Lq]. Rows are handled as the kernel handles them (``mask_bias``, ``keyless_rows``):
+  a row masked entirely by transformers' finite ``finfo.min`` bias averages its values like eager attention; a row
+  whose keep-flags keep no key gives O = 0 and LSE = -inf (as SDPA does); a row whose kept keys all score -inf (a -inf
+  bias, or -inf products) gives NaN, as eager's softmax does; NaN anywhere in a row's scores makes the row NaN.
 """
 
 import torch
 import torch.nn.functional as F
 
-# The kernel clamps each additive bias at -1e30 (kernels/attention.py, _BIAS_FLOOR):
+# Additive biases at or below the masking value become -1e30 (kernels/attention.py, _BIAS_FLOOR, ``mask_bias``):
 BIAS_FLOOR = -1.0e30
 
 
@@ -106,9 +107,19 @@ def sdpa_attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None, k2=No
     return out.transpose(1, 2).contiguous()
 
 
+def mask_bias(m, dtype):
+    """An additive mask as the kernel applies it, in ``dtype``: a finite bias at or below the masking value
+    (``finfo(float16).min`` for an fp16 mask, else BIAS_FLOOR) becomes BIAS_FLOOR, which absorbs any real score as
+    adding ``finfo.min`` does in eager attention (in fp16, eager's rounding absorbs scores below 16 in magnitude);
+    -inf and NaN are kept."""
+    limit = torch.finfo(torch.float16).min if m.dtype == torch.float16 else BIAS_FLOOR
+    b = m.to(dtype)
+    return torch.where((b <= limit) & (b > float("-inf")), torch.full((), BIAS_FLOOR, dtype=dtype, device=b.device), b)
+
+
 def scores_ref(q, k, key_mask=None, attn_mask=None, scale=None, dtype=None):
     """``scale * q k^T + masks`` [B, H, Lq, Lk] in ``dtype`` (default: fp32, fp64 for fp64 inputs), masks applied as
-    the kernel applies them: keep-flags give -inf, additive biases are clamped at BIAS_FLOOR."""
+    the kernel applies them: keep-flags give -inf, additive biases go through ``mask_bias``."""
     ct = dtype or torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
@@ -118,13 +129,25 @@ def scores_ref(q, k, key_mask=None, attn_mask=None, scale=None, dtype=None):
         if m.dtype == torch.bool:
             s = s.masked_fill(~m, float("-inf"))
         else:
-            s = s + m.to(ct).clamp_min(BIAS_FLOOR)
+            s = s + mask_bias(m, ct)
     return s
 
 
+def keyless_rows(key_mask, attn_mask, lk, device=None):
+    """[B|1, H|1, Lq|1] bool: rows whose keep-flag masks keep no key (every row when ``lk`` is 0). Additive biases
+    keep every key: a -inf bias is a score, not a mask."""
+    kept = torch.ones((1, 1, 1, lk), dtype=torch.bool, device=device)
+    for m in (_as_4d(keep_flags(key_mask)), keep_flags(attn_mask)):
+        if m is not None and m.dtype == torch.bool:
+            kept = kept & m
+    return ~kept.any(dim=-1)
+
+
 def probs_from_lse(s, lse):
-    """softmax probabilities from the scores and their LSE; 0 on rows with no attended key (LSE = -inf)."""
-    p = torch.exp(s - lse[..., None])
+    """softmax probabilities of the scores ``s``; 0 on rows without a key (LSE = -inf), NaN on NaN rows. The softmax
+    is taken from ``s`` itself (max-subtracted), not as ``exp(s - lse)``: in a row masked entirely by finite biases
+    the LSE absorbs ``log(Lk)`` in fp32 and ``exp(s - lse)`` would be 1 for every key."""
+    p = torch.softmax(s, dim=-1)
     return torch.where(torch.isneginf(lse)[..., None], torch.zeros((), dtype=p.dtype, device=p.device), p)
 
 
@@ -134,6 +157,10 @@ def attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None, k2=None, v
     k, v, key_mask = full_kv(q, k, v, key_mask, k2, v2)
     s = scores_ref(q, k, key_mask, attn_mask, scale)
     lse = torch.logsumexp(s, dim=-1)
+    keyless = keyless_rows(key_mask, attn_mask, k.shape[2], s.device).expand(lse.shape)
+    # -inf: no key at all (O = 0); a row whose kept keys all score -inf is NaN, as softmax makes it
+    lse = torch.where(torch.isneginf(lse) & ~keyless, torch.full((), float("nan"), dtype=lse.dtype,
+                                                                   device=lse.device), lse)
     p = probs_from_lse(s, lse)
     o = torch.matmul(p, v.to(s.dtype))
     return o.transpose(1, 2).to(q.dtype).contiguous(), lse
