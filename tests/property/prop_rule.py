@@ -252,8 +252,14 @@ def check_grads(fused, original, leaves, *, dtype, k, roundings, gy_seed=0):
     A gradient that cancels to (near) zero is judged against its magnitude: the float64 gradient of the original at
     the absolute values of the inputs and of the output gradient (the sum of the absolute terms, the scale of the
     rounding errors of any summation order)."""
+    try:
+        orig = _grads_of(original, leaves, gy_seed, contiguous=True)
+    except Exception as exc:  # noqa: BLE001 - inputs the original rejects are the value tests' business
+        from hypothesis import reject
+
+        STATS["grads: rejected by the original"] += 1
+        reject()
     got = _grads_of(fused, leaves, gy_seed)
-    orig = _grads_of(original, leaves, gy_seed, contiguous=True)
     ref = _grads_of(original, leaves, gy_seed, cast=lambda t: t.double(), contiguous=True)
     mag = None
     for n in leaves:
@@ -274,5 +280,13 @@ def check_grads(fused, original, leaves, *, dtype, k, roundings, gy_seed=0):
             den = max(float(r[fin].norm()), float(m[fin].norm()) if m is not None else 0.0)
             err = float((g[fin].double() - r[fin]).norm()) / den if den > 0 else math.inf
             same_masks = all(torch.equal(a, b) for a, b in zip(_masks(g), _masks(o)))
-            if not (same_masks and err <= tolerance(dtype, max(int(k), 1), roundings)):
-                raise
+            bound = tolerance(dtype, max(int(k), 1), roundings)
+            if same_masks and err <= bound:
+                continue
+            # a gradient that is zero at the rounding level of the problem (a structural zero: softmax over one key,
+            # a shift-invariant direction) may hold rounding noise of that level
+            scale = math.sqrt(sum(float(t[torch.isfinite(t)].norm()) ** 2 for t in ref.values() if t is not None))
+            if same_masks and float(r[fin].norm()) <= bound * scale and \
+                    float((g[fin].double() - r[fin]).norm()) <= bound * scale:
+                continue
+            raise
