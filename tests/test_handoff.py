@@ -67,7 +67,7 @@ def test_handoff_is_exact(family, torch_backend):
     assert list(out.keys()) == list(ref.keys())
     assert torch.equal(_image_rows(out), _image_rows(ref))
     assert fastvlm.unpatch(model) == 1
-    assert not handoff.is_installed(inner) and "forward" not in inner.__dict__
+    assert not handoff.is_installed(inner) and "forward" not in inner.__dict__ and handoff._KWARGS not in inner.__dict__
 
 
 def test_handoff_with_fused_modules_on_the_interpreter(triton_backend):

@@ -41,6 +41,7 @@ from fastvlm.ops.scatter import scatter_image_features
 
 OP = "fastvlm.handoff"
 _MARK = "_fastvlm_handoff"
+_KWARGS = "_fastvlm_handoff_passes_kwargs"  # read from the forward's source at install, not while traced
 _IMAGE_KWARGS = ("vision_feature_layer", "vision_feature_select_strategy")
 _VIP_LAYERS = ("vision_feature_layer", "vision_feature_layers")
 
@@ -198,7 +199,7 @@ def _handoff_forward(self, *args, **kwargs):
     encoded = kwargs.get("mm_encoder_outputs") if "mm_encoder_outputs" in known else None
     token_id = _image_token_id(self.config)
     why = _reason(self.config, recipe, kwargs, token_id, encoded)
-    pass_kwargs = _passes_kwargs(type(self))
+    pass_kwargs = self.__dict__.get(_KWARGS)
     if why is None and pass_kwargs is None:
         why = "the forward's source cannot be read (how it calls get_image_features)"
     if why is not None:
@@ -272,6 +273,7 @@ def install(model: nn.Module, selected=lambda family: True):
             rows.append((name, cls, "skipped", "not in ops"))
             continue
         mod.__dict__[_MARK] = recipe
+        mod.__dict__[_KWARGS] = _passes_kwargs(type(mod))
         mod.forward = _handoff_forward.__get__(mod)
         rows.append((name, cls, "patched", "hand-off: features scattered into inputs_embeds by fastvlm"))
     return rows
@@ -281,6 +283,7 @@ def remove(model: nn.Module) -> int:
     """Delete the hand-off forward from every inner model of ``model``; returns how many were removed."""
     n = 0
     for mod in model.modules():
+        mod.__dict__.pop(_KWARGS, None)
         if mod.__dict__.pop(_MARK, None) is not None:
             mod.__dict__.pop("forward", None)
             n += 1
