@@ -90,8 +90,9 @@ def attention_case(draw, path, grads=False):
     if draw(st.booleans()):
         kw["scale"] = draw(st.floats(0.01, 2.0))
     keepers = [m for m in (kw.get("key_mask"), kw.get("attn_mask")) if m is not None and not m.is_floating_point()]
-    if known("attention_masked_nan_key") and keepers and not all(bool(keep_flags(m).all()) for m in keepers):
-        for name, t in (("k", k), ("v", v), ("k2", kw.get("k2")), ("v2", kw.get("v2"))):
+    if path == "torch" and known("attention_masked_nan_key") and keepers and \
+            not all(bool(keep_flags(m).all()) for m in keepers):
+        for t in (k, kw.get("k2")):
             if t is not None and not torch.isfinite(t).all():
                 t.copy_(torch.nan_to_num(t, nan=0.5, posinf=1.0, neginf=-1.0))
     if grads or known("attention_nan") or known("attention_finite_min"):
