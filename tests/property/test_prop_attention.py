@@ -3,7 +3,8 @@
 4-D masks (bool, float, broadcast), head-split views, NaN/Inf, gradients.
 
 The one documented difference from eager: a row whose every key is masked by keep-flags gives zeros (eager with its
-finfo.min float mask averages V; SDPA gives NaN)."""
+finfo.min float mask averages V; SDPA gives NaN) - zero times V, so a NaN or Inf among those values gives NaN, as
+eager's average does."""
 import math
 
 import torch
@@ -131,7 +132,7 @@ def _original(q, k, v, key_mask=None, attn_mask=None, scale=None, k2=None, v2=No
     B, H, Lq = q.shape[:3]
     Lk, Lk2 = k.shape[2], 0 if k2 is None else k2.shape[2]
     dead = ~_keep(key_mask, attn_mask, B, H, Lq, Lk, Lk2).any(-1)  # [B, H, Lq]
-    return out.masked_fill(dead.transpose(1, 2)[..., None], 0)
+    return torch.where(dead.transpose(1, 2)[..., None], out * 0, out)  # 0 * V: a NaN/Inf value stays NaN
 
 
 def test_attention_matches_eager(path):
