@@ -76,8 +76,10 @@ FOUND = {
     "rows_embed_still_zero_rows": "rows_embed in still-frames mode with 0 rows: internal reshape error (PyTorch path)",
     "rows_embed_still_inf": "rows_embed still-frames mode with an Inf pixel: x0 * (W0 + W1) is Inf where the original's "
                             "x0 * W0 + x0 * W1 is NaN (Inf - Inf)",
-    "attention_masked_nan_key": "a NaN/Inf in a key (or its value) masked out by keep-flags: eager and SDPA give NaN "
-                                "rows, fastvlm.attention ignores the key",
+    "attention_masked_nan_key": "a NaN/Inf in a key masked out by keep-flags: eager and SDPA give NaN rows, and so does "
+                                "the kernel; the PyTorch path of fastvlm.attention ignores the key",
+    "linear_norm_zero_rows_warning": "linear_residual_layernorm backward with 0 rows warns 'var(): degrees of "
+                                     "freedom is <= 0'",
 }
 
 

@@ -21,12 +21,18 @@ PIX_LAYOUTS = LAYOUTS + ("channels_last",)
 V = dict(hidden_size=48, intermediate_size=64, num_attention_heads=4, num_hidden_layers=1, image_size=42, patch_size=14)
 
 
-def _kinds(grads):
-    return ("normal",) if grads else ("normal", "normal", "specials", "large")
+def _kinds(grads, dtype, softmax):
+    if grads:
+        return ("normal",)
+    if softmax and dtype != torch.float16:
+        # near-overflow fp32/fp64 inputs make attention scores ~1e30: softmax is then ill-conditioned (score rounding
+        # of O(1) picks the key), a property of the input, not of a path; fp16's x^2 overflow stays in
+        return ("normal", "normal", "specials")
+    return ("normal", "normal", "specials", "large")
 
 
-def _x(draw, shape, dtype, grads, layouts=LAYOUTS, **kw):
-    return draw(laid_out(draw(values(shape, dtype, kinds=_kinds(grads), **kw)), layouts))
+def _x(draw, shape, dtype, grads, layouts=LAYOUTS, softmax=False, **kw):
+    return draw(laid_out(draw(values(shape, dtype, kinds=_kinds(grads, dtype, softmax), **kw)), layouts))
 
 
 # ------------------------------------------------------------------------------------- builders and their inputs
@@ -63,8 +69,8 @@ def _qformer():
 
 def _qformer_in(draw, m, dtype, path, grads):
     B, nq, nk = draw(st.integers(1, 2)), draw(st.integers(1, 9)), draw(st.integers(1, 20))
-    kw = dict(query_embeds=_x(draw, (B, nq, 32), dtype, grads), encoder_hidden_states=_x(draw, (B, nk, 40), dtype,
-                                                                                        grads))
+    kw = dict(query_embeds=_x(draw, (B, nq, 32), dtype, grads, softmax=True),
+              encoder_hidden_states=_x(draw, (B, nk, 40), dtype, grads, softmax=True))
     if draw(st.booleans()):
         g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
         mask = (torch.rand(B, nk, generator=g) < 0.7).long()
@@ -94,7 +100,7 @@ def _idefics2_in(width):
         B, P = draw(st.integers(1, 2)), draw(st.integers(1, 20))
         g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
         mask = torch.rand(B, P, generator=g) < 0.8
-        x = _x(draw, (B, P, width), dtype, grads)
+        x = _x(draw, (B, P, width), dtype, grads, softmax=True)
         if known("attention_masked_nan_key"):
             x = torch.nan_to_num(x, nan=1.0, posinf=2.0, neginf=-2.0)
         return (x, mask), {}

@@ -118,6 +118,7 @@ def test_linear_residual_layernorm_gradients(path):
     @given(c=linear_norm_case(path, grads=True), seed=st.integers(0, 2 ** 31 - 1))
     def run(c, seed):
         x, w, b, res, lw, lb, eps = c["args"]
+        assume(w.shape[0] > 1)  # a LayerNorm over one element: constant output, gradients are rounding noise
         leaves = {n: t for n, t in (("x", x), ("w", w), ("b", b), ("res", res), ("lw", lw), ("lb", lb))
                   if t is not None}
 
