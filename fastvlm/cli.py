@@ -86,18 +86,25 @@ def bench(argv=None):
     return bench_main(argv)
 
 
-COMMANDS = {"info": info, "check": check, "audit": audit, "bench": bench}
+def coverage(argv=None):
+    from fastvlm.coverage import main as coverage_main
+
+    return coverage_main(argv or [])
+
+
+COMMANDS = {"info": info, "check": check, "audit": audit, "bench": bench, "coverage": coverage}
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        print("usage: fastvlm {info,check,audit,bench} [options]\n\n"
+        print("usage: fastvlm {info,check,audit,bench,coverage} [options]\n\n"
               "  info   versions, device, which backends are available and why not\n"
               "  check  fused modules vs their transformers originals on built-in random-weight models (no download)\n"
               "  audit  compile every kernel for sm_90a (no GPU needed): registers, spills, shared memory, wgmma\n"
               "  bench  projector microbenchmark vs transformers eager and torch.compile (GPU; CPU path otherwise);\n"
-              "         `fastvlm bench qformer` for the Q-Former and its attention core")
+              "         `fastvlm bench qformer` for the Q-Former and its attention core\n"
+              "  coverage  every family of the installed transformers' image-text-to-text mapping: fused, or why not")
         return 0 if argv and argv[0] in ("-h", "--help") else (2 if argv else 0)
     return COMMANDS[argv[0]](argv[1:])
 
