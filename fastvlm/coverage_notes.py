@@ -74,7 +74,7 @@ NOTES = {
     "kimi_k25": ("unsupported", "Kimi_K25MultimodalProjection: Qwen2-VL's merger viewed per batch ([B, N/4, D], not "
                                 "rows), not recognised yet; Kimi_K25VisionPatchEmbed adds its position module inside "
                                 "the module (two inputs)"),
-    "kosmos-2": ("partly", "Kosmos2VisionEmbeddings (CLIP-like) | Kosmos2ImageToTextProjection: latent-query "
+    "kosmos-2": ("partly", " | Kosmos2ImageToTextProjection: latent-query "
                            "cross-attention, not fused"),
     "kosmos-2.5": ("unsupported", "a latent-query cross-attention resampler (the attention kernel's territory)"),
     "lfm3_vl": ("structure", "Lfm3VlMultiModalProjector (LayerNorm per patch, 2x2 merge, MLP)"),

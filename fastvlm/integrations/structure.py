@@ -264,7 +264,7 @@ def _embed_candidates(mod):
     cands = []
     pos = tables[0] if tables else None
     for cls_token in (tokens[0] if tokens else None,):
-        for family, kind in (("clip", "whole position table"), ("blip_2", "position table sliced to the grid")):
+        for family, kind in (("blip_2", "position table sliced to the grid"), ("clip", "whole position table")):
             what = "Conv2d patch embedding" + (" + class token" if cls_token else "") + (f" + {kind}" if pos else "")
             cands.append((EmbedRecipe(family=family, kind="conv_pos", conv=conv_name, cls_token=cls_token, pos=pos,
                                       **base), what))
@@ -296,8 +296,8 @@ def _embed_probes(recipe, fused):
     x = first[0]
     p = fused.get_submodule(recipe.conv).kernel_size[0]
     H, W = x.shape[-2:]
-    if H > p and W > p:
-        yield (x[..., :H - p, :W - p].contiguous(),), "smaller"
+    if W > p:  # one patch column fewer (a grid of g x (g - 1) never broadcasts against g x g rows)
+        yield (x[..., :W - p].contiguous(),), "smaller"
     yield (torch.randn(*x.shape[:2], H + p, W + 2 * p, device=x.device, dtype=x.dtype), True), "interpolate"
 
 
@@ -331,16 +331,8 @@ def _try(mod, recipe, what, factory=None):
     detail = None
     for probe, stage in (_embed_probes(recipe, fused) if isinstance(recipe, EmbedRecipe)
                          else [(_verify.build_probe(recipe, fused), None)]):
-        if stage == "smaller":  # the original decides: a whole table rejects it, a sliced one takes it
-            try:
-                with torch.no_grad():
-                    mod(*probe)
-                takes = True
-            except Exception:
-                takes = False
-            if takes != (recipe.family == "blip_2"):
-                return None
-            if not takes:
+        if stage == "smaller":  # a sliced table (BLIP-2) must take it and match; a whole one (CLIP) defers to the
+            if recipe.family != "blip_2":  # original on every size but its own, whatever the original does there
                 continue
         ok, d = _confirm(mod, fused, probe)
         if ok is None and stage == "interpolate":
