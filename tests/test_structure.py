@@ -163,6 +163,29 @@ def test_mlp_by_structure_with_dropout_and_known_act(backend, monkeypatch):
     _patch_and_compare(mod, torch.randn(2, 5, 16), "as Linear-SiLU-Linear")
 
 
+def test_structural_module_is_drop_in(torch_backend):
+    """Same signature (keyword calls too), torch.compile(fullgraph=True), the original's gradients."""
+    import inspect
+
+    mod = _randomise(MergerWithOwnNorm(8, 12)).eval()
+    ref = copy.deepcopy(mod)
+    holder = Holder(m=mod)
+    fastvlm.patch(holder)
+    fused = holder.m
+    assert inspect.signature(fused.forward) == inspect.signature(ref.forward)
+    x = torch.randn(16, 8)
+    bound = tolerance(torch.float32, 4 * 32, roundings=3)
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert rel_err(fused(x=x), ref(x)) <= bound and rel_err(compiled(x), ref(x)) <= bound
+    xf, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    fused(xf).square().sum().backward()
+    ref(xr).square().sum().backward()
+    assert rel_err(xf.grad, xr.grad) <= bound
+    for (n, p), (_, q) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert rel_err(p.grad, q.grad) <= bound, n
+
+
 def test_activation_and_rmsnorm_known_by_behaviour(torch_backend):
     mod = _randomise(MergerWithOwnNorm(8, 12)).eval()
     assert behaviour.act_kind(ErfGelu()) == "gelu" and behaviour.norm_kind(mod.ln) == "rmsnorm"
