@@ -2,7 +2,6 @@
 fused patch embeddings floor the grid as the original convolution does (issue 15, deliverable 3)."""
 import pytest
 import torch
-import torch.nn as nn
 
 import fastvlm
 from fastvlm.integrations import handoff, verify

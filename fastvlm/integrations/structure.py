@@ -68,15 +68,14 @@ def _attention_like(m):
     return bool(names & _QKV_FUSED) or len(names & _QKV) >= 2
 
 
+_ATTN_NAMES = ("attn", "attention", "mixer", "token_mixer")
+
+
 def _block_like(m):
-    """A transformer block: an attention child (q/k/v projections, or a child named as attention), or an element
-    of a stack of repeated layers."""
+    """A transformer block: a child with q/k/v projections, or a (non-container) child named as attention."""
     return any(_attention_like(c) or (any(w in n.lower() for w in _ATTN_NAMES)
                                       and not isinstance(c, (nn.ModuleList, nn.ModuleDict, nn.Sequential)))
                for n, c in m.named_children())
-
-
-_ATTN_NAMES = ("attn", "attention", "mixer", "token_mixer")
 
 
 def eligible_paths(model):
@@ -156,10 +155,6 @@ def fused_structural_class(base, recipe):
 
 # ---------------------------------------------------------------------------------------------- candidates
 
-def _width(norm):
-    return _verify._width_of_norm(norm)
-
-
 def _mlp_candidates(mod):
     """(recipe, description) candidates for an MLP-like module, most specific first; [] when it is not one."""
     if mod._parameters or mod._buffers:
@@ -199,7 +194,7 @@ def _mlp_candidates(mod):
             cands.append((ProjectorRecipe(**base), layers))
             cands.append((ProjectorRecipe(**base, merged_width="_fastvlm_struct_width"), layers + " on merged rows"))
             return
-        nw = _width(get(norm))
+        nw = _verify._width_of_norm(get(norm))
         nk = type(get(norm)).__name__
         if nw == a_in:
             cands.append((ProjectorRecipe(**base, norm=norm), f"{nk} + {layers}"))
