@@ -114,8 +114,16 @@ def model(argv=None):
     return model_main(argv or [])
 
 
-COMMANDS = {"info": info, "check": check, "audit": audit, "bench": bench, "model": model}
-USAGE = """usage: fastvlm {info,check,audit,bench,model} [options]
+def coverage(argv=None):
+    """Every family of the installed transformers' image-text-to-text mapping: fused, or why not."""
+    _require_hf("coverage")
+    from fastvlm.coverage import main as coverage_main
+
+    return coverage_main(argv or [])
+
+
+COMMANDS = {"info": info, "check": check, "audit": audit, "bench": bench, "model": model, "coverage": coverage}
+USAGE = """usage: fastvlm {info,check,audit,bench,model,coverage} [options]
 
   info   versions, device, which backends are available and why not
   check  fused modules vs their transformers originals on built-in random-weight models (no download);
@@ -123,7 +131,8 @@ USAGE = """usage: fastvlm {info,check,audit,bench,model} [options]
   audit  compile every kernel for sm_90a (no GPU needed): registers, spills, shared memory, wgmma
   bench  projector microbenchmark vs transformers eager and torch.compile (GPU; CPU path otherwise);
          `fastvlm bench qformer` for the Q-Former and its attention core
-  model  performance model at the canonical shapes: FLOPs, bytes, SM fill, H100/H200 bounds (an estimate)"""
+  model  performance model at the canonical shapes: FLOPs, bytes, SM fill, H100/H200 bounds (an estimate)
+  coverage  every family of the installed transformers' image-text-to-text mapping: fused, or why not"""
 
 
 class _NeedsHF(Exception):

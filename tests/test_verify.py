@@ -2,7 +2,6 @@
 fused patch embeddings floor the grid as the original convolution does (issue 15, deliverable 3)."""
 import pytest
 import torch
-import torch.nn as nn
 
 import fastvlm
 from fastvlm.integrations import handoff, verify
@@ -37,6 +36,19 @@ def test_transformers_tester_configs_patch_and_verify(name, torch_backend):
     assert rel_err(out, ref) <= tolerance(torch.float32, 4 * 32, roundings=3)
     fastvlm.unpatch(model)
     assert torch.equal(_logits(model, inputs), ref)
+
+
+@pytest.mark.parametrize("name", ["qwen2_vl_merge1", "lfm2_vl"])
+def test_tester_configs_on_the_kernels(name, triton_backend):
+    """The same with the Triton kernels (the interpreter on CPU): verify clean, logits unchanged."""
+    model, inputs = tester_configs.build(name)
+    ref = _logits(model, inputs)
+    report = fastvlm.patch(model, verify=True)
+    assert all(e.detail.endswith("ok") for e in report.patched if e.fused != "hand-off"), str(report)
+    with fastvlm.trace() as t:
+        out = _logits(model, inputs)
+    assert "triton" in t.backends(), str(t)
+    assert rel_err(out, ref) <= tolerance(torch.float32, 4 * 32, roundings=3)
 
 
 @pytest.mark.parametrize("merge", [1, 2, 3])

@@ -6,6 +6,8 @@ families write the same few connectors again (``VideoLlama3Projector``, ``Deepse
 ``recognise(module)`` reads a module's parameters and leaf modules, proposes the fused computations they allow and
 keeps the first one that reproduces the module's own forward on random probes:
 
+* copies: a class whose code is a recipe class's code under other names (``behaviour.copy_of``: transformers'
+  modular converter makes one per family that reuses a class) runs that recipe, as its own ``Fused<Class>``.
 * MLP connectors: leaves that are Linear, one known activation and at most one norm, the module owning no tensor of
   its own: Linear, Linear-act-Linear (either order of definition), gate/up/down SwiGLU-style pairs, with the norm
   before the first Linear, or over each patch of a Qwen-style merged row (width = norm width x s^2), or after the
@@ -15,18 +17,18 @@ keeps the first one that reproduces the module's own forward on random probes:
   BLIP-2 style), confirmed at the size it was built for, at a smaller size (does the original take it? then the table
   is sliced, else it must be whole) and, where the forward takes ``interpolate_pos_encoding``, at a larger size with
   it.
-* norms and activations by behaviour, not name: an RMSNorm-like class is compared with the kernel's RMSNorm
-  (``w * norm(x)`` and Gemma's ``norm(x) * (1 + w)``) in fp32 and, bit for bit, in bf16 (so its cast points are the
-  kernel's); an unknown activation class with each fused activation in fp32.
+* norms and activations by behaviour, not name (fastvlm/integrations/behaviour.py): an RMSNorm-like class is
+  compared with the kernel's RMSNorm in fp32 and, bit for bit, in bf16; an unknown activation class with each fused
+  activation.
 
 A candidate is confirmed only when the fused module's own kernel path ran (no fallback to the original forward) and
 matched within fastvlm's tolerance. ``fastvlm.patch`` reports such a swap as "matched by structure" with the class
-found. ``eligible_paths(model)`` keeps recognition to the vision-to-LLM path: nothing inside the language model or
-inside a transformer block (a module with an attention child), where Linear-act-Linear is the block's own MLP.
+found. ``eligible_paths(model)`` keeps recognition out of transformer blocks (a module with an attention child, or
+the inside of an element of a stack of repeated layers), where Linear-act-Linear is the block's own MLP.
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import functools
 import inspect
 import math
@@ -39,9 +41,9 @@ import torch.nn as nn
 
 from fastvlm import _dispatch
 from fastvlm.integrations import verify as _verify
+from fastvlm.integrations.behaviour import act_kind, copy_of, norm_kind
 from fastvlm.nn.patch_embed import EmbedRecipe, _FusedEmbedMixin
-from fastvlm.nn.projector import NORMS_BY_BEHAVIOUR, ProjectorRecipe, _FusedProjectorMixin, _norm_plan
-from fastvlm.reference.activations import ACTIVATIONS, BY_BEHAVIOUR, act_ref, activation_name
+from fastvlm.nn.projector import ProjectorRecipe, _FusedProjectorMixin
 
 _QKV = {"q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k",
         "to_v", "q_lin", "k_lin", "v_lin"}
@@ -66,98 +68,36 @@ def _attention_like(m):
     return bool(names & _QKV_FUSED) or len(names & _QKV) >= 2
 
 
+_ATTN_NAMES = ("attn", "attention", "mixer", "token_mixer")
+
+
+def _block_like(m):
+    """A transformer block: a child with q/k/v projections, or a (non-container) child named as attention."""
+    return any(_attention_like(c) or (any(w in n.lower() for w in _ATTN_NAMES)
+                                      and not isinstance(c, (nn.ModuleList, nn.ModuleDict, nn.Sequential)))
+               for n, c in m.named_children())
+
+
 def eligible_paths(model):
-    """Paths of the modules outside the language model and outside every transformer block."""
-    roots = []
-    try:
-        text = model.get_decoder() if hasattr(model, "get_decoder") else None
-    except Exception:
-        text = None
+    """Paths of the modules outside every transformer block (a module with an attention child, or an element of a
+    ModuleList / Sequential of two or more modules of one class that have children of their own: its MLP is the
+    block's own; the element itself stays eligible, as Qwen3-VL's deepstack mergers). The language model is not
+    excluded as a whole: in decoder-only families (GIT, Fuyu) it holds the image encoder; its own modules outside
+    the blocks (embeddings, final norm, head) match no structure."""
+    roots, inside = [], []
     for name, m in model.named_modules():
-        if text is not None and m is text and m is not model:
+        if _block_like(m):
             roots.append(name)
-        elif any(_attention_like(c) for c in m.children()):
-            roots.append(name)
+        if isinstance(m, (nn.ModuleList, nn.Sequential)) and len(m) > 1:
+            kinds = {type(c) for c in m}
+            if len(kinds) == 1 and all(len(c._modules) > 0 for c in m):
+                inside += [f"{name}.{i}" if name else str(i) for i in range(len(m))]
     out = set()
     for name, _ in model.named_modules():
-        if name and not any(name == r or name.startswith(r + ".") for r in roots):
+        if (name and not any(name == r or name.startswith(r + ".") for r in roots)
+                and not any(name.startswith(r + ".") for r in inside)):
             out.add(name)
     return out
-
-
-# ------------------------------------------------------------------------------------ norms and activations
-
-def _rms_ref(x, w, eps, one_plus):
-    xf = x.float()
-    n = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if one_plus:
-        return (n * (1.0 + w.float())).to(x.dtype)
-    return w * n.to(x.dtype)
-
-
-def _eps_attr(m):
-    for a in ("variance_epsilon", "eps", "epsilon"):
-        if isinstance(getattr(m, a, None), float):
-            return a
-    return None
-
-
-def norm_kind(m):
-    """'layernorm', 'rmsnorm' or 'rmsnorm_1p' when the fused kernels compute exactly what ``m`` does, else None."""
-    if not isinstance(_norm_plan(m), str):
-        return _norm_plan(m)[0]
-    if type(m) in NORMS_BY_BEHAVIOUR:
-        return NORMS_BY_BEHAVIOUR[type(m)][0]
-    w, eps = getattr(m, "weight", None), _eps_attr(m)
-    if (not isinstance(w, nn.Parameter) or w.dim() != 1 or eps is None or w.device.type == "meta"
-            or set(dict(m.named_parameters())) != {"weight"} or list(m.children())):
-        return None
-    for kind in ("rmsnorm", "rmsnorm_1p"):
-        if _behaves_as_rms(m, eps, kind == "rmsnorm_1p"):
-            NORMS_BY_BEHAVIOUR[type(m)] = (kind, eps)
-            return kind
-    return None
-
-
-def _behaves_as_rms(m, eps_attr, one_plus):
-    g = torch.Generator().manual_seed(0)
-    try:
-        probe = copy.deepcopy(m).cpu()
-        eps = float(getattr(probe, eps_attr))
-        with torch.no_grad():
-            probe.weight.copy_(1 + 0.3 * torch.randn(probe.weight.shape, generator=g))
-            for dt in (torch.float32, torch.bfloat16):
-                probe.to(dt)
-                x = (torch.randn(3, 5, probe.weight.shape[0], generator=g) * 3).to(dt)
-                got, ref = probe(x), _rms_ref(x, probe.weight, eps, one_plus)
-                if got.dtype != ref.dtype or got.shape != ref.shape:
-                    return False
-                if dt == torch.bfloat16 and not torch.equal(got, ref):
-                    return False  # other cast points than the kernel's
-                if dt == torch.float32 and not torch.allclose(got, ref, rtol=1e-5, atol=1e-6):
-                    return False
-    except Exception:
-        return False
-    return True
-
-
-def act_kind(m):
-    """The fused activation computing what ``m`` does (by class, else by behaviour on a probe), or None."""
-    name = activation_name(m)
-    if name is not None or list(m.parameters()) or list(m.children()):
-        return name
-    x = torch.linspace(-8, 8, 1001)
-    try:
-        with torch.no_grad():
-            got = m(x.clone())
-    except Exception:
-        return None
-    for cand in ACTIVATIONS:
-        if cand != "none" and isinstance(got, torch.Tensor) and got.shape == x.shape and torch.allclose(
-                got, act_ref(x, cand), rtol=1e-6, atol=1e-7):
-            BY_BEHAVIOUR[type(m)] = cand
-            return cand
-    return None
 
 
 # ------------------------------------------------------------------------------------------- fused classes
@@ -215,10 +155,6 @@ def fused_structural_class(base, recipe):
 
 # ---------------------------------------------------------------------------------------------- candidates
 
-def _width(norm):
-    return _verify._width_of_norm(norm)
-
-
 def _mlp_candidates(mod):
     """(recipe, description) candidates for an MLP-like module, most specific first; [] when it is not one."""
     if mod._parameters or mod._buffers:
@@ -258,7 +194,7 @@ def _mlp_candidates(mod):
             cands.append((ProjectorRecipe(**base), layers))
             cands.append((ProjectorRecipe(**base, merged_width="_fastvlm_struct_width"), layers + " on merged rows"))
             return
-        nw = _width(get(norm))
+        nw = _verify._width_of_norm(get(norm))
         nk = type(get(norm)).__name__
         if nw == a_in:
             cands.append((ProjectorRecipe(**base, norm=norm), f"{nk} + {layers}"))
@@ -312,15 +248,18 @@ def _embed_candidates(mod):
     conv_name, conv = conv2[0]
     D = conv.out_channels
     tables = [n for n, m in mod.named_children() if type(m) is nn.Embedding and m.embedding_dim == D]
-    tables += [n for n, p in mod._parameters.items() if p is not None and p.dim() == 3 and p.shape[-1] == D]
+    tables += [n for n, p in mod._parameters.items() if p is not None and p.dim() == 3 and p.shape[-1] == D
+               and p.shape[0] == 1 and p.shape[1] > 1]
     tokens = [n for n, p in mod._parameters.items() if p is not None and p.numel() == D]
+    if set(mod._parameters) - set(tables) - set(tokens):
+        return []  # a tensor of its own that the candidate would not use
     extra = set(dict(mod.named_children())) - {conv_name, *tables}
     if len(tables) > 1 or len(tokens) > 1 or any(type(mod.get_submodule(e)) is not nn.Dropout for e in extra):
         return []
     cands = []
     pos = tables[0] if tables else None
     for cls_token in (tokens[0] if tokens else None,):
-        for family, kind in (("clip", "whole position table"), ("blip_2", "position table sliced to the grid")):
+        for family, kind in (("blip_2", "position table sliced to the grid"), ("clip", "whole position table")):
             what = "Conv2d patch embedding" + (" + class token" if cls_token else "") + (f" + {kind}" if pos else "")
             cands.append((EmbedRecipe(family=family, kind="conv_pos", conv=conv_name, cls_token=cls_token, pos=pos,
                                       **base), what))
@@ -352,13 +291,30 @@ def _embed_probes(recipe, fused):
     x = first[0]
     p = fused.get_submodule(recipe.conv).kernel_size[0]
     H, W = x.shape[-2:]
-    if H > p and W > p:
-        yield (x[..., :H - p, :W - p].contiguous(),), "smaller"
+    if W > p:  # one patch column fewer (a grid of g x (g - 1) never broadcasts against g x g rows)
+        yield (x[..., :W - p].contiguous(),), "smaller"
     yield (torch.randn(*x.shape[:2], H + p, W + 2 * p, device=x.device, dtype=x.dtype), True), "interpolate"
 
 
-def _try(mod, recipe, what):
-    cls = fused_structural_class(type(mod), recipe)
+def _copy_candidate(mod):
+    """The recipe of the class ``type(mod)`` copies, pointed at ``type(mod)``, with its factory; or None."""
+    found = copy_of(type(mod))
+    if found is None:
+        return None
+    recipe, factory = found
+    name = type(mod).__name__
+    recipe = dataclasses.replace(recipe, module=type(mod).__module__, cls=name, fused_name=f"Fused{name}")
+    for attr in ("norm", "act", "act2"):  # children whose class fastvlm knows by behaviour only
+        path = getattr(recipe, attr, None)
+        child = getattr(mod.get_submodule(path.rpartition(".")[0]) if "." in path else mod,
+                        path.rpartition(".")[2], None) if path else None
+        if isinstance(child, nn.Module):
+            (norm_kind if attr == "norm" else act_kind)(child)
+    return recipe, factory
+
+
+def _try(mod, recipe, what, factory=None):
+    cls = factory(recipe) if factory is not None else fused_structural_class(type(mod), recipe)
     fused = cls.from_module(mod)
     reasons = fused._fastvlm_structure()
     reasons = reasons[1] if isinstance(reasons, tuple) else reasons
@@ -370,16 +326,8 @@ def _try(mod, recipe, what):
     detail = None
     for probe, stage in (_embed_probes(recipe, fused) if isinstance(recipe, EmbedRecipe)
                          else [(_verify.build_probe(recipe, fused), None)]):
-        if stage == "smaller":  # the original decides: a whole table rejects it, a sliced one takes it
-            try:
-                with torch.no_grad():
-                    mod(*probe)
-                takes = True
-            except Exception:
-                takes = False
-            if takes != (recipe.family == "blip_2"):
-                return None
-            if not takes:
+        if stage == "smaller":  # a sliced table (BLIP-2) must take it and match; a whole one (CLIP) defers to the
+            if recipe.family != "blip_2":  # original on every size but its own, whatever the original does there
                 continue
         ok, d = _confirm(mod, fused, probe)
         if ok is None and stage == "interpolate":
@@ -402,6 +350,15 @@ def recognise(mod) -> Optional[Match]:
         return None
     if not params:
         return None
+    found = _copy_candidate(mod)
+    if found is not None:
+        recipe, factory = found
+        try:
+            match = _try(mod, recipe, f"a copy of {found[0].family}'s {copy_of(cls)[0].cls}", factory)
+        except Exception:
+            match = None
+        if match is not None and match.ok:
+            return match
     cands = _embed_candidates(mod)
     if not cands and len(params) == 1 and params[0].kind in (params[0].POSITIONAL_ONLY,
                                                              params[0].POSITIONAL_OR_KEYWORD):
@@ -417,3 +374,26 @@ def recognise(mod) -> Optional[Match]:
         if match is not None and unswappable is None:
             unswappable = match
     return unswappable
+
+
+def plausible(mod):
+    """A cheap look at types and shapes only (meta parameters are fine): could ``recognise`` match this module?"""
+    cls = type(mod)
+    if cls.__module__.startswith(("torch.", "fastvlm.")):
+        return False
+    if copy_of(cls) is not None:
+        return True
+    leaves = [m for p, m in mod.named_modules() if p and not m._modules]
+    convs = [c for c in mod.children() if type(c) in (nn.Conv2d, nn.Conv3d) and _patch_conv_ok(c)]
+    if len(convs) == 1:
+        return len(leaves) <= 3
+    if mod._parameters or mod._buffers or not leaves:
+        return False
+    n_lin = 0
+    for m in leaves:
+        if type(m) is nn.Linear:
+            n_lin += 1
+        elif list(m.parameters()) and not (set(dict(m.named_parameters())) <= {"weight", "bias"}
+                                           and m.weight is not None and m.weight.dim() == 1):
+            return False
+    return 1 <= n_lin <= 3

@@ -29,11 +29,14 @@ from fastvlm.integrations import verify as _verify_mod
 from fastvlm.nn import all_recipes, is_fused, recipe_for
 from fastvlm.nn.projector import FusedLinear
 
-# bare nn.Linear connectors, by (owner class name, attribute): BLIP-2's projection into the LLM
+# bare nn.Linear connectors, by (owner class name, attribute): BLIP-2's projection into the LLM, Fuyu's patch
+# projection (pre-patchified pixels into the decoder), Mllama's projection of the vision features
 LINEAR_SLOTS = {
     ("Blip2ForConditionalGeneration", "language_projection"),
     ("InstructBlipForConditionalGeneration", "language_projection"),
     ("InstructBlipVideoForConditionalGeneration", "language_projection"),
+    ("FuyuModel", "vision_embed_tokens"),
+    ("MllamaModel", "multi_modal_projector"),
 }
 
 # recognised connector / embedding classes whose kernels do not exist yet: reported, never swapped
