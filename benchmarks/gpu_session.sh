@@ -77,6 +77,8 @@ PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout 60)
 
 selected() { [[ -z $ONLY || $ONLY == *",$1,"* ]]; }
+cpu_mark() { times > "$ROOT/times"; }  # in this shell (not a subshell): its finished children's CPU times
+cpu_read() { awk 'NR == 2 { gsub(/[ms]/, " "); print int($1 * 60 + $2 + $3 * 60 + $4) }' "$ROOT/times"; }
 
 pack() {  # summary.md, env.json and results.tar.gz into $OUT (atomic renames)
     "$PY" fastvlm/bench/session.py summary --work "$WORK" --out "$OUT/summary.md.tmp" >> "$WORK/session.log" 2>&1 &&
@@ -98,11 +100,14 @@ step() {  # step NAME BUDGET|rest CMD...: CMD under min(BUDGET, time left), outp
         echo "== $name: not run, ${left} s left of ${DEADLINE}"
         return 0
     fi
-    local t0=$SECONDS
+    local t0=$SECONDS c0
+    cpu_mark
+    c0=$(cpu_read)
     echo "== [${SECONDS}s] $name (limit ${budget}s): $*" | tee -a "$WORK/session.log"
     timeout -s INT -k 10 "$budget" "$@" > "$WORK/$name.log" 2>&1
     local rc=$?
-    printf '%s\t%s\t%s\t%s\n' "$name" "$budget" "$((SECONDS - t0))" "$rc" >> "$WORK/steps.tsv"
+    cpu_mark
+    printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$budget" "$((SECONDS - t0))" "$rc" "$(($(cpu_read) - c0))" >> "$WORK/steps.tsv"
     tail -n 4 "$WORK/$name.log" | cut -c1-160
     pack
 }

@@ -7,7 +7,7 @@ whose error or gradient looks wrong, rows slower than eager, failures), written 
 
 ``env`` imports torch (once, early in the session); ``summary`` does not (run it as ``python
 fastvlm/bench/session.py summary ...``): it only reads DIR's ``*.jsonl`` rows, ``steps.tsv`` (step, budget s, seconds,
-exit code) and ``*.junit.xml`` (pytest reports), so it can run after every step.
+exit code, CPU seconds) and ``*.junit.xml`` (pytest reports), so it can run after every step.
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ def read_steps(work):
             for line in f:
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) >= 4:
-                    steps.append(dict(step=parts[0], budget=parts[1], seconds=parts[2], rc=parts[3]))
+                    steps.append(dict(step=parts[0], budget=parts[1], seconds=parts[2], rc=parts[3],
+                                      cpu=parts[4] if len(parts) > 4 else "-"))
     return steps
 
 
@@ -177,10 +178,10 @@ def summary(work):
         bms = f"{base['ms']:.4g} ({t.baseline})" if base and base.get("ms") else (t.baseline or "")
         lines.append(f"| {t.issue} | {t.what} | {_fmt(ev['value'], t.measure)} | {_thr(t)} | {ev['status']} | "
                      f"{fms} | {bms} | {ev['note']} |")
-    lines += ["", "## Steps", "", "| step | budget s | took s | exit |", "|---|---|---|---|"]
+    lines += ["", "## Steps", "", "| step | budget s | took s | host CPU s | exit |", "|---|---|---|---|---|"]
     for s in read_steps(work):
         rc = {"124": "124 (time limit)", "137": "137 (killed)", "0": "0"}.get(s["rc"], s["rc"])
-        lines.append(f"| {s['step']} | {s['budget']} | {s['seconds']} | {rc} |")
+        lines.append(f"| {s['step']} | {s['budget']} | {s['seconds']} | {s['cpu']} | {rc} |")
     tests = read_tests(work)
     if tests:
         lines += ["", "## GPU tests", ""]
