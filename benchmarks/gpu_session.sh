@@ -3,7 +3,8 @@
 # network): install, correctness first (every kernel family once on the device), then the benchmarks in order of
 # value (each issue's target first), every step under its own time limit. Results come back as <= 4 files in $OUT.
 #
-#   OUT=<dir> FASTVLM_COMMIT=<sha> bash benchmarks/gpu_session.sh   # on the GPU (about 9 minutes at most)
+#   OUT=<dir> FASTVLM_COMMIT=<sha> bash benchmarks/gpu_session.sh   # on the GPU (9 minutes at most; the sha
+#                                                                   # written out: the copy may lack .git)
 #   OUT=<dir> bash benchmarks/gpu_session.sh --dry-run              # on a CPU: tiny shapes, PyTorch path (CI)
 #   bash benchmarks/gpu_session.sh --list                           # the plan, nothing run
 #   ... --only smoke,projector                                      # a subset of the steps (comma list)
@@ -73,8 +74,9 @@ mkdir -p "$WORK"
 export FASTVLM_CEILINGS="$WORK/ceilings.json"
 # pytest: 8 workers and a per-test limit where the plugins are installed (the GPU image has both)
 PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
-"$PY" -c "import xdist" 2> /dev/null && ((!DRY)) && PYTEST+=(-n 8)
 "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout 60)
+PYTEST_N=("${PYTEST[@]}")  # for the long test steps: kernels compile in 8 processes at once
+"$PY" -c "import xdist" 2> /dev/null && ((!DRY)) && PYTEST_N+=(-n 8)
 
 selected() { [[ -z $ONLY || $ONLY == *",$1,"* ]]; }
 cpu_mark() { times > "$ROOT/times"; }  # in this shell (not a subshell): its finished children's CPU times
@@ -135,7 +137,7 @@ step env 15 "$PY" -m fastvlm.bench.session env --measure --work "$WORK" --out "$
 if ((!LIST)) && selected ext; then  # the CUDA extension builds (nvcc) while the smoke tests compile Triton kernels
     (timeout -s INT $((150 * SCALE)) "${EXT_BUILD[@]}" > "$WORK/ext-build.log" 2>&1; echo $? > "$WORK/ext-build.rc") &
 fi
-step smoke 100 "${PYTEST[@]}" -m gpu_smoke tests/test_gpu_smoke.py --junitxml "$WORK/smoke.junit.xml"
+step smoke 100 "${PYTEST_N[@]}" -m gpu_smoke tests/test_gpu_smoke.py --junitxml "$WORK/smoke.junit.xml"
 # issue 2 (LLaVA-1.5 projector B=8 and 1, >= 65% of the bf16 ceiling at B >= 8) and issue 5 (Gemma 3 B=64, shuffles)
 step projector 45 "${PROJ[@]}" --modes fwd --providers hf_eager fastvlm --shapes llava-1.5-7b@8 gemma3-4b@64 \
     llava-1.5-7b@1 llava-1.5-7b@64 internvl-shuffle@7 idefics3-8b@17
@@ -170,7 +172,7 @@ step more-shapes rest bash -c '"${@:2}" --modes fwd --providers hf_eager fastvlm
     siglip-so400m-384@8 idefics2-980@8 pixtral-1024@8 qwen2-vl-rows@8 qwen3-vl-rows@8 &&
     "$0" -m fastvlm.bench.patch_embed --out "$1" --uint8 --providers eager fastvlm --shapes clip-l-336@8 idefics2-980@8' \
     "$PY" "$WORK/patch_embed.jsonl" "${PROJ[@]}"
-step gpu-tests rest "${PYTEST[@]}" "${REST[@]}" --junitxml "$WORK/gpu-tests.junit.xml"
+step gpu-tests rest "${PYTEST_N[@]}" "${REST[@]}" --junitxml "$WORK/gpu-tests.junit.xml"
 ((LIST)) && { rm -rf "$ROOT"; exit 0; }
 wait  # the background extension build (bounded by its own timeout)
 pack

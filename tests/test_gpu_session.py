@@ -1,9 +1,10 @@
 """benchmarks/gpu_session.sh cannot rot: its plan fits the lease on paper (budgets, documented table, files), and its
 ``--dry-run`` (tiny shapes, PyTorch path, the same steps and output files) runs here.
 
-The default suite runs the plan check and a dry run of a few steps (env, install check, the training step with its
-two suites and gradient checks, then the packing into $OUT); the whole dry run (every step, about 3 minutes of two
-cores) is ``-m slow``: ``python -m pytest -m slow tests/test_gpu_session.py``.
+The default suite runs the plan check and a dry run of four steps (the install check, env, the GPU smoke subset in the
+Triton interpreter, the training step with its two suites and gradient checks, then the packing into $OUT); the whole
+dry run (every step, about 3.5 minutes of CPU time) is ``-m slow``: ``python -m pytest -m slow
+tests/test_gpu_session.py``.
 """
 import json
 import os
@@ -67,12 +68,15 @@ def _check_outputs(out, steps):
 
 
 def test_dry_run_steps(tmp_path):
-    """A few steps of the dry run: each ran to the end (exit 0), rows carry the tiny flag, fwd+bwd rows checked
-    every gradient, the summary evaluates the targets from them, and $OUT holds the three files."""
+    """Four steps of the dry run: each ran to the end (exit 0); the GPU smoke subset passes in the interpreter (so it
+    cannot rot between GPU sessions); rows carry the tiny flag, fwd+bwd rows checked every gradient, the summary
+    evaluates the targets from them, and $OUT holds the three files."""
     out = tmp_path / "out"
-    res = _run(["--dry-run", "--only", "install,env,train"], out, 600)
+    steps = ["install", "env", "smoke", "train"]
+    res = _run(["--dry-run", "--only", ",".join(steps)], out, 900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows, summary, _ = _check_outputs(out, ["install", "env", "train"])
+    rows, summary, _ = _check_outputs(out, steps)
+    assert re.search(r"- smoke: (\d+) tests, \1 passed, 0 failed", summary), summary
     train = [r for r in rows if r["mode"] == "fwd+bwd"]
     assert {(r["shape"], r["provider"]) for r in train} == {
         (s, p) for s in ("llava-1.5-7b@8", "gemma3-4b@64") for p in ("hf_eager", "fastvlm")}

@@ -56,10 +56,12 @@ def environment(measure=False, ceilings_out=None):
 
     env = dict(harness.environment(), python=platform.python_version(), host_cpus=os.cpu_count(),
                dry_run=os.environ.get("FASTVLM_BENCH_TINY") == "1")
-    for mod in ("timm", "pytest"):
+    from importlib import metadata
+
+    for mod in ("timm", "pytest", "pytest-xdist", "pytest-timeout"):  # versions without importing them
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
+            env[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             env[mod] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
