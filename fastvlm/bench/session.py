@@ -123,8 +123,8 @@ def read_tests(work):
                 if child.tag in ("failure", "error"):
                     f += child.tag == "failure"
                     e += child.tag == "error"
-                    failed.append(f"{case.get('classname')}::{case.get('name')}: "
-                                  f"{(child.get('message') or '').splitlines()[0][:160] if child.get('message') else ''}")
+                    msg = (child.get("message") or "").strip().splitlines()
+                    failed.append(f"{case.get('classname')}::{case.get('name')}: {msg[0][:160] if msg else ''}")
                 elif child.tag == "skipped":
                     s += 1
         out[os.path.basename(path)[:-10]] = (n, f, e, s, failed)
