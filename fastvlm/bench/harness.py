@@ -102,7 +102,8 @@ def compile_module(m, mode=None):
 
 
 def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
+    ref = ref.detach().double()
+    out = out.detach().to(ref.device, torch.float64)
     den = ref.norm()
     return float((out - ref).norm() / (den if den > 0 else 1.0))
 
