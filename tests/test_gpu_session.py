@@ -2,7 +2,7 @@
 ``--dry-run`` (tiny shapes, PyTorch path, the same steps and output files) runs here.
 
 The default suite runs the plan check and a dry run of four steps (the install check, env, the GPU smoke subset in the
-Triton interpreter, the training step with its two suites and gradient checks, then the packing into $OUT); the whole
+Triton interpreter, the training step with its gradient checks, then the packing into $OUT); the whole
 dry run (every step, about 3.5 minutes of CPU time) is ``-m slow``: ``python -m pytest -m slow
 tests/test_gpu_session.py``.
 """

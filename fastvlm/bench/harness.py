@@ -160,10 +160,12 @@ def environment():
         "commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    for mod in ("triton", "transformers"):
+    from importlib import metadata
+
+    for mod in ("triton", "transformers"):  # from the installed metadata: importing transformers costs seconds
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
+            env[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             env[mod] = None
     if tiny():
         env["tiny"] = True
