@@ -14,12 +14,14 @@ reference module), ``compile`` (torch.compile default), ``compile_max_autotune``
     python benchmarks/bench_feature_maps.py --out benchmarks/results/feature_maps_<device>.jsonl --csv x.csv
     python benchmarks/bench_feature_maps.py --quick    # CPU smoke run: tiny shapes, eager vs fastvlm, 3 reps
 
-Each row's output is compared in the same run with the fp32 eager result (rel err column). On a CPU the PyTorch
+Each row's output is compared in the same run with the fp32 eager result (rel err column); in fwd+bwd every
+parameter's gradient with the fp32 module's (grad err). Rows are appended to ``--out`` as they are measured. On a CPU the PyTorch
 paths are timed: the numbers show the harness works, not kernel speed.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import os
 import sys
@@ -142,15 +144,23 @@ def run(kinds, batches, providers, modes, dtype, reps, quick=False, out=None, cs
     for kind in kinds:
         for batch in batches:
             m, fast, x, f_fwd, f_train, n_elems = build(kind, batch, quick)
+            ref_m, x32 = copy.deepcopy(m), x  # the fp32 CPU module: output and gradient reference
             with torch.no_grad():
                 ref = m(x)
             m.to(device=device, dtype=dtype)  # fast shares m's parameters (from_module / from_projector)
             x = x.to(device=device, dtype=dtype)
             shape = f"{kind}@{batch}"
             for mode in modes:
-                eager_ms = None
+                eager_ms = ref_grads = None
+                if mode != "fwd":
+                    gy = torch.randn(ref.shape, device=device, dtype=dtype) * 0.01
+                    for p in ref_m.parameters():
+                        p.grad = None
+                    ref_m(x32).backward(gy.float().cpu())
+                    ref_grads = harness.grads_of(ref_m.parameters())
                 for prov in providers:
                     mod = _provider(prov, m, fast)
+                    gerr = None
                     if mode == "fwd":
                         def fn():
                             with torch.no_grad():
@@ -159,14 +169,16 @@ def run(kinds, batches, providers, modes, dtype, reps, quick=False, out=None, cs
                     else:
                         for p in m.parameters():
                             p.requires_grad_(True)
-                        gy = torch.randn(ref.shape, device=device, dtype=dtype) * 0.01
+                            p.grad = None
+                        mod(x).backward(gy)  # every parameter's gradient against the fp32 module's
+                        gerr = harness.grad_rel_err(harness.grads_of(m.parameters()), ref_grads)
 
                         def fn():
                             mod(x).backward(gy)
                         flops = f_train
                     with torch.no_grad():
                         got = mod(x)
-                    err = float((got.float().cpu() - ref).norm() / ref.norm())
+                    err = harness.rel_err(got, ref)
                     if device == "cuda":
                         torch.cuda.reset_peak_memory_stats()
                     med, p20, p80 = harness.measure(fn, warmup=2 if device == "cpu" else 10, reps=reps, device=device)
@@ -178,7 +190,7 @@ def run(kinds, batches, providers, modes, dtype, reps, quick=False, out=None, cs
                                  ms=med, p20_ms=p20, p80_ms=p80, tflops=flops / med / 1e9, roofline_ms=bound,
                                  roofline_fraction=bound / med,
                                  speedup_vs_eager=(eager_ms / med) if eager_ms else float("nan"), rel_err=err,
-                                 peak_mem_bytes=peak, quick=quick, **env))
+                                 grad_rel_err=gerr, peak_mem_bytes=peak, quick=quick, **env))
                     for p in m.parameters():
                         p.grad = None
                         p.requires_grad_(False)

@@ -92,17 +92,31 @@ class Skipped(Exception):
     """A provider that cannot run here; the row records the reason instead of a time."""
 
 
+COMPILE_ON_CPU = "CPU: torch.compile baselines are timed on CUDA only (FASTVLM_BENCH_COMPILE_CPU=1 forces it)"
+
+
+def _compile_skipped():
+    return not torch.cuda.is_available() and os.environ.get("FASTVLM_BENCH_COMPILE_CPU", "0") != "1"
+
+
 def compile_module(m, mode=None):
     """``torch.compile(m, mode=mode)``. On a CPU, torch.compile is not timed (it would measure the host's C++ build,
     not a GPU baseline) unless FASTVLM_BENCH_COMPILE_CPU=1: Skipped with the reason."""
-    if not torch.cuda.is_available() and os.environ.get("FASTVLM_BENCH_COMPILE_CPU", "0") != "1":
-        raise Skipped("CPU: torch.compile baselines are timed on CUDA only (FASTVLM_BENCH_COMPILE_CPU=1 forces it)")
+    if _compile_skipped():
+        raise Skipped(COMPILE_ON_CPU)
     torch._dynamo.reset()  # each provider compiles afresh (no recompile limit carried over from the last one)
     return torch.compile(m, mode=mode) if mode else torch.compile(m)
 
 
+def only_skipped_compiles(providers, compile_names):
+    """True when every provider asked for is a torch.compile baseline that this (CPU) run does not time: the suite
+    then records the skipped rows without building its models."""
+    return bool(providers) and _compile_skipped() and all(p in compile_names for p in providers)
+
+
 def rel_err(out, ref):
-    out, ref = out.detach().double(), ref.detach().double()
+    ref = ref.detach().double()
+    out = out.detach().to(ref.device, torch.float64)
     den = ref.norm()
     return float((out - ref).norm() / (den if den > 0 else 1.0))
 
@@ -146,10 +160,12 @@ def environment():
         "commit": git_commit(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    for mod in ("triton", "transformers"):
+    from importlib import metadata
+
+    for mod in ("triton", "transformers"):  # from the installed metadata: importing transformers costs seconds
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
+            env[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             env[mod] = None
     if tiny():
         env["tiny"] = True

@@ -26,11 +26,9 @@ Providers:
 ``--uint8``: the input is the processor's uint8 image; eager/gemm/compile normalise it first ((x / 255 - mean) / std,
 the processor's math, on the device, then Idefics2's zero padding), fastvlm folds both into the GEMM's loads
 (``image_hw``: pixels outside each image read as 0 after normalising).
-Timing: harness.measure (CUDA events, median / p20 / p80). TFLOP/s counts 2 * tokens * C*p*p * D; the roofline
-is max(FLOPs at bf16 peak, pixels + weight + output bytes at peak bandwidth). Each provider's output is compared with
-eager's in the same run (rel err); rows are appended to ``--out`` as measured, a failing provider records its error.
-``--quick``: one shape, three repetitions; ``FASTVLM_BENCH_TINY=1``: 4 x 4 patch grids, 64 wide, batch <= 2 (both
-check that the suite runs; on a CPU the numbers say nothing about GPU kernels).
+Timing: harness.measure. TFLOP/s counts 2 * tokens * C*p*p * D; the roofline is max(FLOPs at the bf16 ceiling, pixel
++ weight + output bytes at the copy ceiling). Outputs are compared with eager's (rel err); rows are appended to
+``--out`` as measured. ``--quick``: one shape, 3 repetitions; FASTVLM_BENCH_TINY=1: 4 x 4 patch grids, 64 wide.
 """
 from __future__ import annotations
 
@@ -306,6 +304,10 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
     rec = harness.Recorder(out, echo=format_row if verbose else None)
     if verbose:
         print(HEADER + "\n" + "-" * len(HEADER))
+    if not compile_on_cpu and harness.only_skipped_compiles(providers, ("compile",)):
+        return [rec.add(dict(suite="patch_embed", shape=sh, provider="compile", mode="fwd", dtype=str(dtype),
+                             prenorm=prenorm, uint8=uint8, ms=None, skipped=harness.COMPILE_ON_CPU, **env))
+                for sh in shapes]  # nothing to time here: no model is built
     for shape in shapes:
         name, batch = parse_shape(shape)
         fam, hidden, image, patch = dims(name)

@@ -239,6 +239,11 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
     rec = harness.Recorder(out, echo=harness.format_row if verbose else None)
     if verbose:
         print(harness.header())
+    if harness.only_skipped_compiles(providers, ("hf_compile", "hf_compile_max_autotune")):
+        for shape, mode, prov in ((s, md, p) for s in shapes for md in modes for p in providers):
+            rec.add(dict(suite="projector", shape=shape, mode=mode, provider=prov, dtype=str(dtype), ms=None,
+                         skipped=harness.COMPILE_ON_CPU, **env))
+        return rec.rows  # nothing to time here: no model is built
     for shape in shapes:
         m, xs, f_fwd, f_train, min_bytes = (build_tiny if harness.tiny() else build)(shape, device, dtype)
         for mode in modes:

@@ -7,7 +7,7 @@ whose error or gradient looks wrong, rows slower than eager, failures), written 
 
 ``env`` imports torch (once, early in the session); ``summary`` does not (run it as ``python
 fastvlm/bench/session.py summary ...``): it only reads DIR's ``*.jsonl`` rows, ``steps.tsv`` (step, budget s, seconds,
-exit code) and ``*.junit.xml`` (pytest reports), so it can run after every step.
+exit code, CPU seconds) and ``*.junit.xml`` (pytest reports), so it can run after every step.
 """
 from __future__ import annotations
 
@@ -56,10 +56,12 @@ def environment(measure=False, ceilings_out=None):
 
     env = dict(harness.environment(), python=platform.python_version(), host_cpus=os.cpu_count(),
                dry_run=os.environ.get("FASTVLM_BENCH_TINY") == "1")
-    for mod in ("timm", "pytest"):
+    from importlib import metadata
+
+    for mod in ("timm", "pytest", "pytest-xdist", "pytest-timeout"):  # versions without importing them
         try:
-            env[mod] = __import__(mod).__version__
-        except Exception:
+            env[mod] = metadata.version(mod)
+        except metadata.PackageNotFoundError:
             env[mod] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
@@ -99,7 +101,8 @@ def read_steps(work):
             for line in f:
                 parts = line.rstrip("\n").split("\t")
                 if len(parts) >= 4:
-                    steps.append(dict(step=parts[0], budget=parts[1], seconds=parts[2], rc=parts[3]))
+                    steps.append(dict(step=parts[0], budget=parts[1], seconds=parts[2], rc=parts[3],
+                                      cpu=parts[4] if len(parts) > 4 else "-"))
     return steps
 
 
@@ -120,8 +123,8 @@ def read_tests(work):
                 if child.tag in ("failure", "error"):
                     f += child.tag == "failure"
                     e += child.tag == "error"
-                    failed.append(f"{case.get('classname')}::{case.get('name')}: "
-                                  f"{(child.get('message') or '').splitlines()[0][:160] if child.get('message') else ''}")
+                    msg = (child.get("message") or "").strip().splitlines()
+                    failed.append(f"{case.get('classname')}::{case.get('name')}: {msg[0][:160] if msg else ''}")
                 elif child.tag == "skipped":
                     s += 1
         out[os.path.basename(path)[:-10]] = (n, f, e, s, failed)
@@ -177,10 +180,10 @@ def summary(work):
         bms = f"{base['ms']:.4g} ({t.baseline})" if base and base.get("ms") else (t.baseline or "")
         lines.append(f"| {t.issue} | {t.what} | {_fmt(ev['value'], t.measure)} | {_thr(t)} | {ev['status']} | "
                      f"{fms} | {bms} | {ev['note']} |")
-    lines += ["", "## Steps", "", "| step | budget s | took s | exit |", "|---|---|---|---|"]
+    lines += ["", "## Steps", "", "| step | budget s | took s | host CPU s | exit |", "|---|---|---|---|---|"]
     for s in read_steps(work):
         rc = {"124": "124 (time limit)", "137": "137 (killed)", "0": "0"}.get(s["rc"], s["rc"])
-        lines.append(f"| {s['step']} | {s['budget']} | {s['seconds']} | {rc} |")
+        lines.append(f"| {s['step']} | {s['budget']} | {s['seconds']} | {s['cpu']} | {rc} |")
     tests = read_tests(work)
     if tests:
         lines += ["", "## GPU tests", ""]
