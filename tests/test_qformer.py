@@ -202,7 +202,7 @@ def test_full_size_blip2_qformer(torch_backend):
     e = torch.randn(1, 257, 1408)
     with torch.no_grad():
         out = fused(query_embeds=q, encoder_hidden_states=e).last_hidden_state
-        assert fused._fastvlm_cache[1]["kv"][0].shape == (6 * 2 * 768, 1408)  # one K/V GEMM for all 6 layers
+        assert fused._fastvlm_weights(torch.float32)["kv"][0].shape == (6 * 2 * 768, 1408)  # one K/V GEMM for all 6 layers
         ref64 = m.double()(query_embeds=q.double(), encoder_hidden_states=e.double()).last_hidden_state
     assert_close(out, ref64, torch.float32, 3072, roundings=4)  # transformers' module evaluated in float64
 

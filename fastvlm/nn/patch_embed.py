@@ -123,13 +123,16 @@ class _FusedEmbedMixin(_FusedBase):
         """The original module's interpolated table for this image size, as [L, D], cached per size and version."""
         table = self._fastvlm_table()
         n = (height // self.patch_size) * (width // self.patch_size) + (1 if self._fastvlm_recipe.cls_token else 0)
-        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
-            # training the table: recompute, with its autograd (compiled: part of the graph)
+
+        def interpolated():
             return self.interpolate_pos_encoding(torch.empty(1, n, dim, device="meta"), height, width).reshape(n, dim)
+
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
+            return interpolated()  # training the table: recompute, with its autograd (compiled: part of the graph)
 
         def compute():
             with torch.no_grad():
-                return self.interpolate_pos_encoding(torch.empty(1, n, dim, device="meta"), height, width).reshape(n, dim)
+                return interpolated()
 
         return slot(self.__dict__, "_fastvlm_pos_cache", (table.data_ptr(), table._version, table.dtype, table.device),
                     (height, width), compute)
