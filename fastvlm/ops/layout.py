@@ -10,9 +10,10 @@ movement: only M * Q indices (a few KB) are written.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
+
+from fastvlm._cache import shared_cache
 
 
 def _window_rows(batch, grid_h, grid_w, s, device):
@@ -25,7 +26,7 @@ def _window_rows(batch, grid_h, grid_w, s, device):
     return (img + bh + bw + di + dj).reshape(batch * hb * wb, s * s)
 
 
-@functools.lru_cache(maxsize=64)
+@shared_cache(64)  # device tables: safe across threads and CUDA streams
 def _cached(batch, grid_h, grid_w, s, device):
     return _window_rows(batch, grid_h, grid_w, s, torch.device(device))
 
