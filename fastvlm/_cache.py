@@ -64,20 +64,31 @@ def take(entry):
     return value
 
 
+class _Slot:
+    """What ``slot`` keeps in a module's ``__dict__``: the source and its last (key, entry) pairs (never changed
+    once stored: a new one replaces it)."""
+
+    def __init__(self, source, entries):
+        self.source, self.entries = source, entries
+
+
 def slot(store, name, source, key, compute, keep=4):
     """A per-module cache in ``store[name]`` (a module's ``__dict__``): the value for ``key`` computed from the
     current ``source`` (e.g. the table's data pointer and version), else ``compute()``, published. Keeps the last
-    ``keep`` keys of one source; a new source drops the others."""
+    ``keep`` keys of one source; a new source drops the others. (Anything else found under ``name``, e.g. a cache
+    of an older fastvlm in an unpickled model, is replaced.)"""
     held = store.get(name)
-    if held is not None and held[0] == source:
-        for k, entry in held[1]:
+    if type(held) is not _Slot or held.source != source:
+        held = None
+    if held is not None:
+        for k, entry in held.entries:
             if k == key:
                 return take(entry)
     value = compute()
     entry = publishable(value)
     if entry is not None:
-        kept = held[1][:keep - 1] if held is not None and held[0] == source else ()
-        store[name] = (source, ((key, entry),) + tuple(kept))
+        kept = held.entries[:keep - 1] if held is not None else ()
+        store[name] = _Slot(source, ((key, entry),) + kept)
     return value
 
 

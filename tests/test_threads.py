@@ -398,4 +398,4 @@ def test_shared_caches_fill_from_threads():
         th.join()
     assert not wrong, wrong[:5]
     copied = copy.deepcopy(store)
-    assert copied["cache"][0] == store["cache"][0]
+    assert copied["cache"].source == store["cache"].source
