@@ -102,7 +102,8 @@ class OpRecord:
 
 @dataclass
 class Trace:
-    """Records of the fastvlm ops called inside a ``fastvlm.trace()`` block. ``print(trace)`` gives a table."""
+    """Records of the fastvlm ops called inside a ``fastvlm.trace()`` block by the thread that opened it.
+    ``print(trace)`` gives a table."""
 
     records: list[OpRecord] = field(default_factory=list)
 
@@ -126,7 +127,11 @@ _warn_lock = threading.Lock()
 
 @contextmanager
 def trace():
-    """Record every fastvlm op called inside the block: op name, backend that ran, fallback reasons."""
+    """Record every fastvlm op called inside the block by this thread: op name, backend that ran, fallback reasons.
+
+    Per thread: calls made by other threads at the same time (a server's thread pool sharing the model, workers
+    started inside the block) are not recorded here; each thread opens its own trace. Traces nest: an op is recorded
+    in every trace its thread has open."""
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []

@@ -405,9 +405,9 @@ def test_clip_unexpected_consumer_input_raises(torch_backend):
     pair = m.pre_layrnorm.__dict__["_fastvlm_pair"]
     x = torch.randn(1, 3, 42, 42)
     with torch.no_grad():
-        with pair.arm():
+        with pair.arm() as call:
             out = m.embeddings(x)
-            assert pair.out is out
+            assert call.out is out
             with pytest.raises(RuntimeError, match="expected the pre-norm to receive"):
                 m.pre_layrnorm(out.clone())
 

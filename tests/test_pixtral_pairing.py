@@ -187,9 +187,9 @@ def test_unexpected_ln_pre_call_raises(torch_backend):
     pair = m.ln_pre.__dict__["_fastvlm_pair"]
     x = torch.randn(1, 3, 28, 28)
     with torch.no_grad():
-        with pair.arm():
+        with pair.arm() as call:
             m.patch_conv(x)  # armed: normalised rows handed over
-            assert pair.out is not None
+            assert call.out is not None
             with pytest.raises(RuntimeError, match="PixtralVisionModel.forward differs"):
                 m.ln_pre(torch.randn(2, 4, 48))
         ref = m.ln_pre(torch.ones(1, 4, 48))  # unarmed: the original RMSNorm

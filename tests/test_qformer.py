@@ -202,7 +202,7 @@ def test_full_size_blip2_qformer(torch_backend):
     e = torch.randn(1, 257, 1408)
     with torch.no_grad():
         out = fused(query_embeds=q, encoder_hidden_states=e).last_hidden_state
-        assert fused._fastvlm_cache[1]["kv"][0].shape == (6 * 2 * 768, 1408)  # one K/V GEMM for all 6 layers
+        assert fused._fastvlm_weights(torch.float32)["kv"][0].shape == (6 * 2 * 768, 1408)  # one K/V GEMM for all 6 layers
         ref64 = m.double()(query_embeds=q.double(), encoder_hidden_states=e.double()).last_hidden_state
     assert_close(out, ref64, torch.float32, 3072, roundings=4)  # transformers' module evaluated in float64
 
@@ -215,12 +215,12 @@ def test_state_dict_shared_and_cache_invalidated(torch_backend):
     q, e = torch.randn(2, 16, 32), torch.randn(2, 20, 40)
     with torch.no_grad():
         fused(query_embeds=q, encoder_hidden_states=e)
-        key0 = fused._fastvlm_cache[0]
+        key0 = fused._fastvlm_cache.source
         fused(query_embeds=q, encoder_hidden_states=e)
-        assert fused._fastvlm_cache[0] == key0  # reused
+        assert fused._fastvlm_cache.source == key0  # reused
         m.encoder.layer[2].crossattention.attention.value.weight.mul_(2)  # in place: _version changes
         out = fused(query_embeds=q, encoder_hidden_states=e).last_hidden_state
-        assert fused._fastvlm_cache[0] != key0
+        assert fused._fastvlm_cache.source != key0
         assert rel_err(out, m(query_embeds=q, encoder_hidden_states=e).last_hidden_state) < 1e-5
     loaded = _blip2()
     loaded.load_state_dict(fastvlm.nn.from_module(_blip2()).state_dict(), strict=True)
@@ -249,15 +249,15 @@ def test_gradients_match_transformers(backend, monkeypatch):
         assert p.grad is not None, n
         assert (p.grad - ref[n]).norm() <= 1e-4 * ref[n].norm() + 1e-6 * scale, n
     # a second pass reuses the cached (autograd-recording) concatenations: gradients accumulate correctly
-    key = fused._fastvlm_cache[0]
+    key = fused._fastvlm_cache.source
     fused(query_embeds=q, encoder_hidden_states=e, encoder_attention_mask=em).last_hidden_state.backward(gy)
-    assert fused._fastvlm_cache[0] == key
+    assert fused._fastvlm_cache.source == key
     for n, p in m.named_parameters():
         assert (p.grad - 2 * ref[n]).norm() <= 2e-4 * ref[n].norm() + 2e-6 * scale, n
     with torch.no_grad():  # an optimizer-like in-place update invalidates the cache
         m.encoder.layer[0].attention.attention.key.weight.add_(0.01)
     fused(query_embeds=q, encoder_hidden_states=e, encoder_attention_mask=em)
-    assert fused._fastvlm_cache[0] != key
+    assert fused._fastvlm_cache.source != key
     import copy  # the cache (non-leaf tensors) is not part of a copy or a pickle
     assert "_fastvlm_cache" not in copy.deepcopy(fused).__dict__
 

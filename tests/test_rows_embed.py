@@ -216,9 +216,9 @@ def test_qwen3_unexpected_lookup_raises(monkeypatch, quiet_fallbacks):
     idx, w = torch.zeros(4, 4, dtype=torch.long), torch.full((4, 4), 0.25)
     x = torch.randn(4, visual.patch_embed.proj.weight[0].numel())
     with torch.no_grad():
-        with pair.arm((idx, w)):
+        with pair.arm((idx, w)) as call:
             visual.patch_embed(x)
-            assert pair.out is not None
+            assert call.out is not None
             with pytest.raises(RuntimeError, match="computes them differently"):
                 visual.pos_embed(idx.clone())
         assert torch.equal(visual.pos_embed(idx), visual.pos_embed.weight[idx])

@@ -10,7 +10,8 @@ Each kind of module has its recipes (data) and a class factory; ``REGISTRY`` lis
 import torch.nn as nn
 
 from .patch_embed import EMBED_RECIPES, EmbedRecipe, fused_embed_class
-from .embed_pairing import FusedPairedPositionEmbedding, FusedPixtralPatchConv
+from .pair_pixtral import FusedPixtralPatchConv
+from .pair_qwen3 import FusedPairedPositionEmbedding
 from .perceiver import PERCEIVER_RECIPES, PerceiverRecipe, fused_perceiver_class
 from .pool import POOL_RECIPES, LlavaNextVideoPoolProjector, PoolRecipe, fused_pool_class
 from .qformer import QFORMER_RECIPES, QFormerRecipe, fused_qformer_class
@@ -84,14 +85,14 @@ def __getattr__(name):
     for r, factory in all_recipes():
         if r.fused_name == name:
             return factory(r)
-    from .embed_pairing import PAIRED_NORMS, paired_norm_class  # pre-norms paired with a fused patch embedding
+    from .pair_prenorm import PAIRED_NORMS, paired_norm_class  # pre-norms paired with a fused patch embedding
 
     if name in PAIRED_NORMS:
         return paired_norm_class(name)
     if name == "FusedPairedPixtralRMSNorm":  # Pixtral's ln_pre paired with its fused patch conv
         from transformers.models.pixtral.modeling_pixtral import PixtralRMSNorm
 
-        from .embed_pairing import _paired_rms_class
+        from .pair_pixtral import _paired_rms_class
 
         return _paired_rms_class(PixtralRMSNorm)
     raise AttributeError(f"module 'fastvlm.nn' has no attribute {name!r}")

@@ -27,6 +27,10 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
+from fastvlm._cache import cached_arange as _arange, slot
+from fastvlm.nn.pair_prenorm import _take_norm, _timm_vit_tokens
+from fastvlm.nn.pair_qwen3 import _take_qwen3_positions
+from fastvlm.nn.pair_state import call_mode, hand_off
 from fastvlm.nn.projector import _FusedBase
 from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
 from fastvlm.ops.rows_embed import rows_embed
@@ -119,17 +123,19 @@ class _FusedEmbedMixin(_FusedBase):
         """The original module's interpolated table for this image size, as [L, D], cached per size and version."""
         table = self._fastvlm_table()
         n = (height // self.patch_size) * (width // self.patch_size) + (1 if self._fastvlm_recipe.cls_token else 0)
-        if torch.is_grad_enabled() and table.requires_grad:  # training the table: recompute, with its autograd
+
+        def interpolated():
             return self.interpolate_pos_encoding(torch.empty(1, n, dim, device="meta"), height, width).reshape(n, dim)
-        key = (height, width, table.data_ptr(), table._version, table.dtype, table.device)
-        cache = self.__dict__.setdefault("_fastvlm_pos_cache", {})
-        if key not in cache:
-            cache.clear()
-            n = (height // self.patch_size) * (width // self.patch_size) + (1 if self._fastvlm_recipe.cls_token else 0)
-            shape_only = torch.empty(1, n, dim, device="meta")
+
+        if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
+            return interpolated()  # training the table: recompute, with its autograd (compiled: part of the graph)
+
+        def compute():
             with torch.no_grad():
-                cache[key] = self.interpolate_pos_encoding(shape_only, height, width).reshape(n, dim)
-        return cache[key]
+                return interpolated()
+
+        return slot(self.__dict__, "_fastvlm_pos_cache", (table.data_ptr(), table._version, table.dtype, table.device),
+                    (height, width), compute)
 
     def _fastvlm_original_raises(self, pixel_values, interpolate):
         """Inputs the original rejects (wrong rank or channels, sizes it cannot embed): it raises its own error."""
@@ -163,11 +169,11 @@ class _FusedEmbedMixin(_FusedBase):
             table = self._fastvlm_table()
         cls = getattr(self, r.cls_token).reshape(-1) if has_cls else None
         rows = _arange(has_cls, T + has_cls, table.device)
-        norm = _take_norm(self, conv.weight.dtype)
+        call, norm = _take_norm(self, conv.weight.dtype)
         out = patch_embed(pixel_values, conv.weight, conv.bias, pos=table, pos_rows=rows, cls=cls, cls_pos=0,
                           **(norm or {}))
-        if norm:
-            _hand_off(self, out)
+        if call is not None:
+            hand_off(call, out)
         return out, []
 
     def _fastvlm_timm_forward(self, x):
@@ -268,16 +274,15 @@ class _FusedEmbedMixin(_FusedBase):
         def compute():
             return self.interpolate_pos_encoding(torch.empty(1, T + 1, D, device="meta"), H, W).reshape(-1, D)
 
+        def compute_no_grad():
+            with torch.no_grad():
+                return compute()
+
         table = self.position_embeddings
         if (torch.is_grad_enabled() and table.requires_grad) or torch.compiler.is_compiling():
             return compute()
-        key = (H, W, table.data_ptr(), table._version, table.dtype, table.device)
-        cache = self.__dict__.setdefault("_fastvlm_pos_cache", {})
-        if key not in cache:
-            cache.clear()
-            with torch.no_grad():
-                cache[key] = compute()
-        return cache[key]
+        return slot(self.__dict__, "_fastvlm_pos_cache", (table.data_ptr(), table._version, table.dtype, table.device),
+                    (H, W), compute_no_grad)
 
     def _fastvlm_navit_forward(self, pixel_values, patch_attention_mask):
         """Idefics2/3, SmolVLM: the conv as the GEMM (a cropped view when the size is not a multiple of the patch,
@@ -367,9 +372,8 @@ class _FusedEmbedMixin(_FusedBase):
 
     def _fastvlm_still(self, x, conv):
         T = conv.kernel_size[0]
-        state = self.__dict__
-        if T < 2 or state.get("_fastvlm_video_call") or not (self.fastvlm_still_images
-                                                             or state.get("_fastvlm_still_call")):
+        mode = call_mode(self) if T >= 2 else None  # this thread's open image / video call (fastvlm/nn/still_images.py)
+        if T < 2 or mode == "video" or not (self.fastvlm_still_images or mode == "still"):
             return None
         if x.requires_grad:  # the pixels' gradient of the halved GEMM is not the original's
             import warnings
@@ -381,13 +385,12 @@ class _FusedEmbedMixin(_FusedBase):
         w = conv.weight
         if torch.is_grad_enabled() and w.requires_grad or torch.compiler.is_compiling():
             return (w.float().sum(2).to(w.dtype)).reshape(w.shape[0], -1)
-        key = (w.data_ptr(), w._version, w.dtype, w.device)
-        cache = self.__dict__.get("_fastvlm_still_cache")
-        if cache is None or cache[0] != key:
+
+        def compute():
             with torch.no_grad():
-                cache = (key, (w.float().sum(2).to(w.dtype)).reshape(w.shape[0], -1))
-            self.__dict__["_fastvlm_still_cache"] = cache
-        return cache[1]
+                return (w.float().sum(2).to(w.dtype)).reshape(w.shape[0], -1)
+
+        return slot(self.__dict__, "_fastvlm_still_cache", (w.data_ptr(), w._version, w.dtype, w.device), None, compute)
 
     def _fastvlm_rows_forward(self, pixel_values):
         """Pre-patchified rows [patches, C * T * p * p] (Qwen2-VL, Qwen2.5-VL, Qwen3-VL) through ``rows_embed``; an
@@ -396,27 +399,16 @@ class _FusedEmbedMixin(_FusedBase):
         w = conv.weight
         D = w.shape[0]
         x = pixel_values.reshape(-1, w[0].numel()).to(w.dtype)
-        pos = _take_qwen3_positions(self, x)
+        call, pos = _take_qwen3_positions(self, x)
         still = self._fastvlm_still(x, conv)
         kw = dict(pos=pos[0], pos_idx=pos[1], pos_weights=pos[2]) if pos else {}
         if still is not None:
             out = rows_embed(x, still, conv.bias, frames=conv.kernel_size[0], chunk=w[0, 0, 0].numel(), **kw)
         else:
             out = rows_embed(x, w.view(D, -1), conv.bias, **kw)
-        if pos:
-            _hand_off(self, out)
+        if call is not None:
+            hand_off(call, out)
         return out
-
-
-@functools.lru_cache(maxsize=64)
-def _arange_cached(start, stop, device):
-    return torch.arange(start, stop, device=torch.device(device))
-
-
-def _arange(start, stop, device):
-    if torch.compiler.is_compiling():
-        return torch.arange(start, stop, device=device)
-    return _arange_cached(start, stop, str(device))
 
 
 def _fwd_pixels(self, pixel_values: torch.Tensor, interpolate_pos_encoding: bool = False) -> torch.Tensor:
@@ -457,6 +449,3 @@ def fused_embed_class(recipe: EmbedRecipe):
                               "unfold": _fwd_unfold}.get(recipe.kind, _fwd_pixels), "_fastvlm_recipe": recipe,
                  "_fastvlm_base": base, "__doc__": doc, "__module__": "fastvlm.nn"})
 
-
-# the pairing helpers the fused classes call (fastvlm/nn/embed_pairing.py; imported below the classes, which it uses)
-from fastvlm.nn.embed_pairing import _hand_off, _take_norm, _take_qwen3_positions, _timm_vit_tokens  # noqa: E402

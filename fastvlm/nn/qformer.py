@@ -45,6 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
+from fastvlm._cache import slot
 from fastvlm.ops.attention import attention
 from fastvlm.ops.linear_norm import linear_residual_layernorm
 from fastvlm.ops.projector import mlp_projector
@@ -212,13 +213,13 @@ class _FusedQFormerMixin(_FusedBase):
             return self._fastvlm_build(dt)
         sources = self._fastvlm_sources()
         track = torch.is_grad_enabled() and any(p.requires_grad for p in sources)
-        key = (dt, track, _version_key(sources))
-        cache = self.__dict__.get("_fastvlm_cache")
-        if cache is None or cache[0] != key:
+
+        def build():
             with torch.set_grad_enabled(track):
-                cache = (key, self._fastvlm_build(dt))
-            self.__dict__["_fastvlm_cache"] = cache
-        return cache[1]
+                return self._fastvlm_build(dt)
+
+        # one entry (a second dtype would hold a second copy of the weights); safe to fill from several threads
+        return slot(self.__dict__, "_fastvlm_cache", _version_key(sources), (dt, track), build, keep=1)
 
     def fastvlm_clear_cache(self):
         self.__dict__.pop("_fastvlm_cache", None)

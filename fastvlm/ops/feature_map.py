@@ -24,7 +24,6 @@ shape.
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 from fastvlm import _dispatch
 from fastvlm.ops import _checks
+from fastvlm._cache import shared_cache
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 
 OP_NAME = "fastvlm::feature_map_projector"
@@ -74,7 +74,7 @@ def _tables_impl(shape, strides, pool_h, pool_w, device):
     return (corner[:, None] + win[None, :]).contiguous(), cols
 
 
-@functools.lru_cache(maxsize=64)
+@shared_cache(64)  # device tables: safe across threads and CUDA streams
 def _tables_cached(shape, strides, pool_h, pool_w, device):
     return _tables_impl(shape, strides, pool_h, pool_w, device)
 

@@ -10,11 +10,11 @@ movement: only M * Q indices (a few KB) are written.
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 
 from fastvlm.ops._checks import trust_table
+from fastvlm._cache import shared_cache
 
 
 def _window_rows(batch, grid_h, grid_w, s, device):
@@ -27,7 +27,7 @@ def _window_rows(batch, grid_h, grid_w, s, device):
     return (img + bh + bw + di + dj).reshape(batch * hb * wb, s * s)
 
 
-@functools.lru_cache(maxsize=64)
+@shared_cache(64)  # device tables: safe across threads and CUDA streams
 def _cached(batch, grid_h, grid_w, s, device):
     # trusted by the ops (no range check per call): its indices are exactly 0 .. batch * grid_h * grid_w - 1
     return trust_table(_window_rows(batch, grid_h, grid_w, s, torch.device(device)), batch * grid_h * grid_w)

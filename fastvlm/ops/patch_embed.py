@@ -17,7 +17,6 @@ dtype before the convolution). Backward: PyTorch ops (weight, bias, position tab
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 
 from fastvlm import _dispatch
 from fastvlm.ops import _checks
+from fastvlm._cache import shared_cache
 
 OP_NAME = "fastvlm::patch_embed"
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -37,7 +37,7 @@ def _grid(pixels, patch):
     return B, C, H // patch, W // patch
 
 
-@functools.lru_cache(maxsize=64)
+@shared_cache(64)  # device tables: safe across threads and CUDA streams
 def _tables(shape, strides, patch, device):
     """(rows [B*T], cols [K]) int64 element offsets of each patch's corner and of each pixel inside a patch."""
     (B, C, H, W), (sn, sc, sh, sw) = shape, strides
@@ -201,7 +201,7 @@ def _kept(keep_rows, n):
     return mask
 
 
-@functools.lru_cache(maxsize=64)
+@shared_cache(64)  # device tables: safe across threads and CUDA streams
 def _out_rows_cached(B, T, prefix, first, device):
     b = torch.arange(B, device=torch.device(device)).view(B, 1) * (T + prefix)
     return (b + first + torch.arange(T, device=torch.device(device)).view(1, T)).reshape(-1)
@@ -385,7 +385,7 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
 
 # ------------------------------------------------------------------------------------- NaViT bucketed positions
 
-@functools.lru_cache(maxsize=16)
+@shared_cache(16)  # device tables: safe across threads and CUDA streams
 def _bucket_edges_cached(side, device, dtype):
     return torch.arange(1 / side, 1.0, 1 / side, device=torch.device(device), dtype=dtype)
 

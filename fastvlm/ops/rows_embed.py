@@ -19,7 +19,6 @@ ops (x, weight, bias and the position table; the tap indices and weights are dat
 """
 from __future__ import annotations
 
-import functools
 from typing import Optional
 
 import torch
@@ -27,6 +26,7 @@ import torch.nn.functional as F
 
 from fastvlm import _dispatch
 from fastvlm.ops import _checks
+from fastvlm._cache import shared_cache
 
 OP_NAME = "fastvlm::rows_embed"
 
@@ -37,7 +37,7 @@ def first_frame(x, frames, chunk):
     return x.reshape(N, -1, frames, chunk)[:, :, 0].reshape(N, -1)
 
 
-@functools.lru_cache(maxsize=32)
+@shared_cache(32)  # device tables: safe across threads and CUDA streams
 def _frame_cols(k_eff, frames, chunk, stride, device):
     k = torch.arange(k_eff, device=torch.device(device))
     return ((k // chunk) * (frames * chunk) + k % chunk) * stride
