@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
+from fastvlm.nn import _plan
 from fastvlm.ops.layout import pool_rows, ragged_space_to_depth_rows, space_to_depth_rows
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
@@ -126,22 +127,27 @@ _RMSNORM_CLASSES = ("Qwen2_5_VLRMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm", "Mistra
 _RMSNORM_1P_CLASSES = ("Gemma3RMSNorm",)
 
 
-def _norm_plan(mod):
-    """(kind, weight, bias, eps) of a supported norm module, or a reason string."""
+def _norm_plan(mod, fp=None):
+    """(kind, weight, bias, eps) of a supported norm module, or a reason string. With a fingerprint ``fp``
+    (fastvlm.nn._plan) the parameters and eps are read through it."""
+    fp = fp or _plan.Fingerprint()
     if type(mod) is nn.LayerNorm:
-        if len(mod.normalized_shape) != 1:
+        if len(fp.attr(mod, "normalized_shape")) != 1:
             return f"LayerNorm over {mod.normalized_shape} (only the last dimension is fused)"
-        if mod.weight is None:
+        weight = fp.param(mod, "weight")
+        if weight is None:
             return "LayerNorm without elementwise_affine has no fused kernel"
-        return "layernorm", mod.weight, mod.bias, mod.eps
+        return "layernorm", weight, fp.param(mod, "bias"), fp.attr(mod, "eps")
     name = type(mod).__name__
     if name in _RMSNORM_CLASSES:
-        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
-        if eps is None or getattr(mod, "weight", None) is None:
+        eps = fp.attr(mod, "variance_epsilon", None)
+        eps = fp.attr(mod, "eps", None) if eps is None else eps
+        weight = fp.param(mod, "weight") if "weight" in mod._parameters else fp.attr(mod, "weight", None)
+        if eps is None or weight is None:
             return f"{name} lacks weight/eps attributes"
-        return "rmsnorm", mod.weight, None, float(eps)
+        return "rmsnorm", weight, None, float(eps)
     if name in _RMSNORM_1P_CLASSES:
-        return "rmsnorm_1p", mod.weight, None, float(mod.eps)
+        return "rmsnorm_1p", fp.param(mod, "weight"), None, float(fp.attr(mod, "eps"))
     return f"norm {name} has no fused kernel"
 
 
@@ -178,64 +184,79 @@ class _FusedProjectorMixin(_FusedBase):
     _fastvlm_recipe: ProjectorRecipe
     _fastvlm_base: type
 
-    def _fastvlm_linears(self):
+    def __getstate__(self):  # pickle / deepcopy: the plan (live references) is rebuilt on demand
+        return _plan.state_without_plan(super().__getstate__())
+
+    def _fastvlm_linears(self, fp=None):
         r = self._fastvlm_recipe
+        fp = fp or _plan.Fingerprint()
         names = [n for n in (r.merger, r.linear_1 or None, r.up, r.linear_2) if n]
-        return [(n, self.get_submodule(n)) for n in names]
+        return [(n, fp.child(self, n)) for n in names]
 
     def _fastvlm_structure(self):
-        """(plan, reasons) from the module's structure alone: child types, activations, norm, dropout."""
+        """(plan, reasons) from the module's structure alone: child types, activations, norm, dropout. Read once and
+        kept until a child, parameter or setting it was read from changes (fastvlm.nn._plan); the plan is shared
+        between calls: never modify it."""
+        return _plan.cached_plan(self, self._fastvlm_read_structure)[:2]
+
+    def _fastvlm_read_structure(self, fp):
+        """(plan, reasons, children whose hooks every call checks), read through the fingerprint ``fp``."""
         r = self._fastvlm_recipe
+        hooked = tuple((name, fp.child(self, name, optional=True))
+                       for name in (r.merger, r.linear_1, r.up, r.linear_2, r.norm) if name)
         reasons = []
-        for name, lin in self._fastvlm_linears():
+        for name, lin in self._fastvlm_linears(fp):
             if type(lin) is not nn.Linear and not isinstance(lin, FusedLinear):
                 reasons.append(f"{name} is {type(lin).__name__}, not torch.nn.Linear")
         plan = {}
         for key, path in (("act", r.act), ("act2", r.act2)):
             plan[key] = "none"
             if path:
-                act_mod = self.get_submodule(path)
+                act_mod = fp.child(self, path)
+                fp.attr(act_mod, "approximate", None), fp.attr(act_mod, "inplace", None)
                 plan[key] = activation_name(act_mod)
                 if plan[key] is None:
                     reasons.append(f"activation {type(act_mod).__name__} has no fused kernel")
-        if r.norm and _optional_child(self, r.norm) is not None:
-            np_ = _norm_plan(self.get_submodule(r.norm))
+        norm_mod = fp.child(self, r.norm, optional=True) if r.norm else None
+        if norm_mod is not None:
+            np_ = _norm_plan(norm_mod, fp)
             if isinstance(np_, str):
                 reasons.append(np_)
             else:
                 kind, w, b, eps = np_
                 plan.update(norm=kind, norm_weight=w, norm_bias=b, eps=eps, norm_group=w.shape[0])
-        if self.training and any(getattr(m, "dropout", 0) for m in (self, *self.children())
-                                 if isinstance(getattr(m, "dropout", 0), float)):
+        if self.training and any(isinstance(fp.attr(m, "dropout", 0), float) and m.dropout
+                                 for m in (self, *self.children())):
             reasons.append("dropout is active (module in training mode with p > 0)")
         if reasons:
-            return None, reasons
-        if r.weight_in_out:
-            plan.update(w1=getattr(self, r.weight_in_out).t(), b1=None)
+            return None, reasons, hooked
+        if r.weight_in_out:  # a Parameter [in, out]: transposed per call (a view, never kept)
+            plan.update(w1_in_out=fp.param(self, r.weight_in_out), b1=None)
         else:
-            lin1 = self.get_submodule(r.linear_1)
-            plan.update(w1=lin1.weight, b1=lin1.bias)
-        lin2 = self.get_submodule(r.linear_2) if r.linear_2 else None
-        plan.update(w2=lin2.weight if lin2 is not None else None, b2=lin2.bias if lin2 is not None else None)
+            lin1 = fp.child(self, r.linear_1)
+            plan.update(w1=fp.param(lin1, "weight"), b1=fp.param(lin1, "bias"))
+        lin2 = fp.child(self, r.linear_2) if r.linear_2 else None
+        plan.update(w2=fp.param(lin2, "weight") if lin2 is not None else None,
+                    b2=fp.param(lin2, "bias") if lin2 is not None else None)
         if r.up:
-            up = self.get_submodule(r.up)
-            plan.update(w_up=up.weight, b_up=up.bias)
-        return plan, []
+            up = fp.child(self, r.up)
+            plan.update(w_up=fp.param(up, "weight"), b_up=fp.param(up, "bias"))
+        return plan, [], hooked
 
     def _fastvlm_plan(self, x):
-        """The structure's plan plus the per-call conditions (hooks on children, autocast)."""
-        plan, reasons = self._fastvlm_structure()
-        r = self._fastvlm_recipe
-        for name in (r.merger, r.linear_1, r.up, r.linear_2, r.norm):
-            if name and _optional_child(self, name) is not None:
-                reasons += _child_reasons(name, self.get_submodule(name))
+        """The structure's plan plus the per-call conditions (hooks on children, autocast). The plan is shared:
+        read it, never modify it."""
+        plan, reasons, hooked = _plan.cached_plan(self, self._fastvlm_read_structure)
+        reasons = list(reasons) + [f"{name} has forward hooks, which the fused path would not call"
+                                   for name, mod in hooked if mod is not None and _child_reasons(name, mod)]
         if torch.is_autocast_enabled(x.device.type):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         return (None, reasons) if reasons else (plan, [])
 
-    def _fastvlm_scale(self):
+    def _fastvlm_scale(self, fp=None):
+        fp = fp or _plan.Fingerprint()
         owner, _, attr = self._fastvlm_recipe.scale.rpartition(".")
-        v = getattr(self.get_submodule(owner) if owner else self, attr)
+        v = fp.attr(fp.child(self, owner), attr)
         return int(round(1 / v)) if v < 1 else int(v)
 
     def _fastvlm_layout(self, x, extra):
@@ -290,7 +311,9 @@ class _FusedProjectorMixin(_FusedBase):
         if reasons:
             _dispatch.report_fallback(r.fused_name, reasons, f"x{tuple(x.shape)}")
             return self._fastvlm_base.forward(self, x, *extra)
-        w1, b1, w2, b2 = plan.pop("w1"), plan.pop("b1"), plan.pop("w2"), plan.pop("b2")
+        plan = dict(plan)  # (the cached plan is shared)
+        w1 = plan.pop("w1_in_out").t() if r.weight_in_out else plan.pop("w1")
+        b1, w2, b2 = plan.pop("b1"), plan.pop("w2"), plan.pop("b2")
         mode = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}.get(r.merge, "strided")
         if r.merger:  # merge (+ norm before it) -> merging linear, then the MLP on the merged rows
             merging = self.get_submodule(r.merger)
@@ -304,7 +327,7 @@ class _FusedProjectorMixin(_FusedBase):
 
 # instance attributes that accelerate's device hooks put on a module: never copied (they are bound to the
 # original); the hook itself is re-attached to the fused module instead
-_ACCELERATE_ATTRS = ("forward", "_old_forward", "_hf_hook")
+_ACCELERATE_ATTRS = ("forward", "_old_forward", "_hf_hook", _plan.PLAN_ATTR)  # (and the original's plan)
 
 
 def _adopt(cls, original):

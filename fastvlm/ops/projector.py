@@ -27,13 +27,14 @@ backward is future work.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastvlm import _dispatch
+from fastvlm import _dispatch, _hot
 from fastvlm.ops.layout import gather_ref, scatter_back
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 from fastvlm.reference.projector import norm_ref, norm_stats_ref
@@ -199,14 +200,25 @@ def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_
     return (y, h if save and _saves_h(w2, s) else None, z if save and s.act2 != "none" else None, mean, rstd)
 
 
-def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
-    """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved."""
+def _detail(x, w1, w2, rows, s):
     detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {(w2 if w2 is not None else w1).shape[0]}"
     if s.a_mode != "strided":
         detail += f" ({s.a_mode} of {rows.shape[1]})"
+    return detail
+
+
+def _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up):
     named = (("linear_1.weight", w1), ("linear_1.bias", b1), ("linear_2.weight", w2), ("linear_2.bias", b2),
              ("norm.weight", nw), ("norm.bias", nb), ("up_proj.weight", w_up), ("up_proj.bias", b_up))
-    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
+    return tuple(_kernel_reasons(x, named))
+
+
+def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None, reasons=None):
+    """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved. ``reasons``: the kernel's reasons for these
+    inputs when the caller has them from its checked key."""
+    if reasons is None:
+        reasons = _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up)
+    backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w1, w2, rows, s))
     impl = _forward_triton if backend == "triton" else _forward_torch
     return impl(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
 
@@ -330,6 +342,7 @@ def _pack(x, out, save):
             mean if mean is not None else e(f), rstd if rstd is not None else e(f))
 
 
+@functools.lru_cache(maxsize=1024)
 def _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated=False):
     return Spec(norm, int(norm_group), float(eps), act, act2, a_mode, bool(norm_src), bool(gated))
 
@@ -439,7 +452,12 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     else:
         group = int(norm_group or (x2.shape[-1] if norm_src else K))
     s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated or w_up is not None)
-    _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
+    key = (s, _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
+    reasons = _CHECKED.get(key)
+    if reasons is None:  # a new shape key: the checks (they read shapes, dtypes and devices only) and the reasons
+        _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
+        reasons = _reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)
+        _hot.remember(_CHECKED, key, reasons)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
     if torch.compiler.is_compiling():
@@ -448,5 +466,8 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     elif needs_grad:
         y = _MLPProjectorFunction.apply(*tensors, rows, s, w_up, b_up)
     else:
-        y = _forward(*tensors, rows, s, False, w_up, b_up)[0]
+        y = _forward(*tensors, rows, s, False, w_up, b_up, reasons)[0]
     return y if lead is None else y.reshape(*lead, y.shape[-1])
+
+
+_CHECKED = {}  # (spec, tensors' metadata) -> the Triton kernel's reasons (the checks passed for this key)

@@ -1,0 +1,163 @@
+"""Launch plans: a repeat call makes no decision again, it looks its plan up and launches.
+
+A launcher (the Python function beside each kernel) keys its plans on what decides the launch: the op's shape key,
+dtypes, layout class and flags. A ``Plan`` holds everything those decide once:
+
+* the constexprs (flags, the autotuned block sizes and warps resolved *once per key*, the heuristics' values) and
+  the compile options, so the ``@triton.autotune`` / ``@triton.heuristics`` wrappers never run on a repeat call;
+* the compiled kernel per argument specialisation (Triton specialises on each pointer's 16-byte alignment and each
+  integer's ``== 1`` / ``% 16 == 0`` / 32-bit range; ``spec_key`` computes a key at least that fine), launched
+  directly: ``CompiledKernel.run(grid, stream, function, metadata, ..., *args, *constexprs)``, the call Triton's own
+  ``JITFunction.run`` ends with, without re-binding ~60 arguments or rebuilding its cache key.
+
+Kernels get ``None`` for the pointers and strides their variant does not read (a constexpr ``None``: not
+specialised, not passed to the GPU).
+
+The first call of a key (and of a new specialisation) goes through ``JITFunction.run``, which compiles and launches
+and returns the compiled kernel. Launch hooks (a profiler's ``knobs.runtime.launch_enter_hook``) and the Triton
+interpreter always take that path, so they see every launch as before.
+
+Thread safety: plans and kernels are stored only once complete (a dict assignment), so a reader never sees a
+half-built entry; two threads missing the same key both build it and one result wins. Autotuning runs under one
+lock (the autotuner object keeps per-call state of its own).
+"""
+from __future__ import annotations
+
+import threading
+
+import triton
+
+from fastvlm._hot import MAX_ENTRIES, remember, tensors_key  # noqa: F401  (launchers key their calls with these)
+
+from ._interp import INTERPRETING
+
+_tune_lock = threading.Lock()
+_I32_LO, _I32_HI = -(2 ** 31), 2 ** 31
+
+
+def cdiv(a, b):
+    """``triton.cdiv`` for Python ints without its constexpr wrapper (a launch computes a few per call)."""
+    return -(-a // b)
+
+
+def next_pow2(n):
+    """``triton.next_power_of_2`` for Python ints (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def spec_key(args):
+    """A key that changes whenever Triton's specialisation of ``args`` could: pointer alignment, integer value 1,
+    divisibility by 16 and width. Anything but ints and None is treated as a tensor-like with ``data_ptr``."""
+    key = []
+    for a in args:
+        if a is None:
+            key.append(None)
+        elif type(a) is int:
+            if a == 1:
+                key.append(1)
+            elif _I32_LO <= a < _I32_HI:
+                key.append(2 if a & 15 else 3)
+            else:
+                key.append(4 if a & 15 else 5)
+        elif type(a) is float or type(a) is bool:
+            key.append(type(a))
+        else:
+            key.append(a.data_ptr() & 15 == 0)
+    return tuple(key)
+
+
+def align_key(tensors):
+    """16-byte alignment of each tensor's data pointer (None entries skipped): the per-call part of ``spec_key``
+    when the integers are fixed by the caller's own key. True when all are aligned (the usual case)."""
+    ptrs = [t.data_ptr() for t in tensors if t is not None]
+    acc = 0
+    for p in ptrs:
+        acc |= p
+    return True if acc & 15 == 0 else tuple(p & 15 == 0 for p in ptrs)
+
+
+def _hooks_active():
+    """Whether a launch hook is installed (a HookChain with calls on triton >= 3.8, a callable before)."""
+    rt = triton.knobs.runtime
+    hook = rt.launch_enter_hook
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return True if calls is None else bool(calls)
+
+
+def _driver():
+    return triton.runtime.driver.active
+
+
+class Plan:
+    """One launch configuration of a ``@triton.jit`` function: its constexprs and options, and its compiled kernels
+    per argument specialisation. ``launch(grid, args)`` takes the runtime arguments in parameter order; the
+    constexprs follow them in the kernel's signature."""
+
+    __slots__ = ("fn", "consts", "tail", "kernels", "meta", "n_ptr")
+
+    def __init__(self, fn, consts, n_args, meta=None, n_ptr=None):
+        self.fn = fn  # the JITFunction (or, under the interpreter, the InterpretedFunction)
+        self.consts = dict(consts)  # constexprs and options (num_warps, num_stages, ...)
+        names = fn.arg_names
+        missing = [n for n in names[n_args:] if n not in self.consts]
+        if missing:
+            raise TypeError(f"{fn.__name__}: a plan needs values for {missing}")
+        self.tail = tuple(self.consts[n] for n in names[n_args:])
+        self.kernels = {}
+        self.meta = meta  # the launcher's own data (block sizes for the grid, ...)
+        self.n_ptr = n_ptr  # with int_spec: the first n_ptr arguments are tensors or None, the rest fixed by the key
+
+    def launch(self, grid, args, int_spec=None):
+        """Launch on ``grid``. ``int_spec``: ``spec_key`` of the arguments after the first ``n_ptr`` when the caller
+        has it from its own key (then only the tensors' alignment is read here)."""
+        if INTERPRETING:
+            self.fn[grid](*args, **self.consts)
+            return
+        drv = _driver()
+        device = drv.get_current_device()
+        if int_spec is None:
+            spec = (device, spec_key(args))
+        else:
+            spec = (device, int_spec, align_key(args[:self.n_ptr]))
+        kern = self.kernels.get(spec)
+        if kern is None or _hooks_active():
+            kern = self.fn.run(*args, grid=grid, warmup=False, **self.consts)
+            if getattr(kern, "function", None) is not None and hasattr(kern, "packed_metadata"):
+                self.kernels[spec] = kern
+            return
+        stream = drv.get_current_stream(device)
+        kern.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kern.function,
+                 kern.packed_metadata, None, None, None, *args, *self.tail)
+
+
+def _is_wrapper(fn):
+    return isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics))
+
+
+def heuristic_values(fn, named):
+    """The values the ``@triton.heuristics`` wrappers around ``fn`` would add, given the named arguments."""
+    out = {}
+    while _is_wrapper(fn):
+        if isinstance(fn, triton.runtime.Heuristics):
+            for name, heur in fn.values.items():
+                out[name] = heur({**named, **out})
+        fn = fn.fn
+    return out
+
+
+def jit_function(fn):
+    """The ``@triton.jit`` function (or the interpreter's function) under autotune / heuristics wrappers."""
+    while _is_wrapper(fn):
+        fn = fn.fn
+    return fn
+
+
+def autotuned_config(tuner, grid, args, kwargs):
+    """Launch ``tuner`` once through its own path (it benchmarks on a new key) and return the config it chose
+    (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...)."""
+    with _tune_lock:
+        tuner[grid](*args, **kwargs)
+        config = tuner.best_config
+    return dict(config.all_kwargs())
