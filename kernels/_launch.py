@@ -136,6 +136,62 @@ def _is_wrapper(fn):
     return isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics))
 
 
+class Call:
+    """What a launcher's checks established for one call key: its launch plan, grid and integer arguments (the
+    arguments after the tensors), and anything else the launcher keeps (``info``)."""
+
+    __slots__ = ("plan", "grid", "ints", "int_spec", "info")
+
+    def __init__(self, plan=None, grid=None, ints=(), info=None):
+        self.plan, self.grid, self.ints, self.info = plan, grid, ints, info
+        self.int_spec = spec_key(ints)
+
+    def launch(self, tensors):
+        """Launch with the tensors (or None) that precede the integer arguments in the kernel's signature."""
+        self.plan.launch(self.grid, (*tensors, *self.ints), self.int_spec)
+
+
+def simple_plan(kernel, n_args, n_ptr, consts, cache, key):
+    """The plan for constexprs ``consts`` (a dict incl. num_warps / num_stages) of an un-tuned kernel, kept in
+    ``cache`` under ``key``."""
+    plan = cache.get(key)
+    if plan is None:
+        plan = Plan(jit_function(kernel), consts, n_args, n_ptr=n_ptr)
+        remember(cache, key, plan)
+    return plan
+
+
+_SIMPLE = {}
+
+
+def run(kernel, grid, args, **consts):
+    """``kernel[grid](*args, **consts)`` for an un-tuned kernel through a cached plan: the constexprs and options
+    (``consts``) select the plan; the arguments' specialisation its compiled kernel."""
+    key = (kernel, *consts.items())
+    plan = _SIMPLE.get(key)
+    if plan is None:
+        plan = Plan(jit_function(kernel), consts, len(args))
+        remember(_SIMPLE, key, plan)
+    plan.launch(grid, args)
+
+
+def tuned_plan(kernel, grid_of, make_args, kw, config_kw, n_ptr, cache, key):
+    """The plan of an autotuned ``kernel`` for ``key`` in ``cache``: ``config_kw`` (explicit block sizes and
+    options), or the autotuner's choice for the arguments ``make_args()`` gives (it runs once, through its own path,
+    launching on them: give scratch outputs). ``grid_of(meta)`` gives the grid for a config; the heuristics' values
+    are added."""
+    plan = cache.get(key)
+    if plan is None:
+        args = make_args()
+        chosen = config_kw if config_kw is not None else autotuned_config(kernel, grid_of, args, kw)
+        fn = jit_function(kernel)
+        consts = {**kw, **chosen}
+        consts.update(heuristic_values(kernel, {**dict(zip(fn.arg_names, args)), **consts}))
+        plan = Plan(fn, consts, len(args), meta=chosen, n_ptr=n_ptr)
+        remember(cache, key, plan)
+    return plan
+
+
 def heuristic_values(fn, named):
     """The values the ``@triton.heuristics`` wrappers around ``fn`` would add, given the named arguments."""
     out = {}
