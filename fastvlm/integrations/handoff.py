@@ -176,7 +176,7 @@ def _handoff_forward(self, *args, **kwargs):
         _dispatch._record(_dispatch.OpRecord(OP, "fastvlm", (), f"{type(self).__name__} rows{tuple(features.shape)}"))
     out = forward(input_ids=None, inputs_embeds=inputs_embeds, pixel_values=None, **rest)
     if not _no_host_reads():
-        check_token_count(n_tokens, features.shape[0])
+        check_token_count(n_tokens, features.numel() // max(features.shape[-1], 1))  # feature rows
     out.image_outputs = image_outputs
     return out
 
