@@ -19,6 +19,8 @@ race builds twice. ``fastvlm_clear_plan(module)`` drops it by hand; pickling and
 """
 from __future__ import annotations
 
+import torch
+
 PLAN_ATTR = "_fastvlm_module_plan"
 _MISSING = object()
 
@@ -62,6 +64,29 @@ class Fingerprint:
                 return found
         return self.attr(module, name)
 
+    def subtree(self, module, prefix=""):
+        """Record every child, parameter and buffer link below ``module`` and each module's ``training`` flag, for
+        plans read with plain attribute access; returns the (name, module) pairs of the subtree (for the per-call
+        hook checks)."""
+        out = []
+        stack = [(prefix, module)]
+        seen = set()
+        while stack:
+            name, mod = stack.pop()
+            if id(mod) in seen:
+                continue
+            seen.add(id(mod))
+            out.append((name, mod))
+            self.attrs.append((mod, "training", mod.training, _MISSING))
+            for kind in ("_parameters", "_buffers"):
+                for key, value in mod.__dict__[kind].items():
+                    self.links.append((mod, kind, key, value))
+            for key, child in mod.__dict__["_modules"].items():
+                self.links.append((mod, "_modules", key, child))
+                if child is not None:
+                    stack.append((f"{name}.{key}" if name else key, child))
+        return tuple(out)
+
     def attr(self, obj, name, default=_MISSING):
         """A plain attribute, recorded by value."""
         value = getattr(obj, name) if default is _MISSING else getattr(obj, name, default)
@@ -81,25 +106,36 @@ class Fingerprint:
         return True
 
 
-def cached_plan(module, build):
+def cached_plan(module, build, attr=PLAN_ATTR):
     """The module's plan, rebuilt by ``build(fingerprint)`` when anything it was read from changed (or the
-    module's training flag). ``build`` returns the plan (any object); it reads the module through the fingerprint."""
-    held = module.__dict__.get(PLAN_ATTR)
+    module's training flag). ``build`` returns the plan (any object); it reads the module through the fingerprint.
+    ``attr``: the name it is kept under in ``module.__dict__`` (a module keeping plans of several parts)."""
+    if torch.compiler.is_compiling():  # traced once per graph (guards cover the module): nothing kept
+        return build(Fingerprint())
+    held = module.__dict__.get(attr)
     training = module.training
     if held is not None and held[0] == training and held[1].valid():
         return held[2]
     fp = Fingerprint()
     plan = build(fp)
-    module.__dict__[PLAN_ATTR] = (training, fp, plan)
+    module.__dict__[attr] = (training, fp, plan)
     return plan
 
 
+def hooked(named_modules, prefix=""):
+    """Reasons for the modules among ``named_modules`` (name, module) that carry forward hooks."""
+    return [f"{prefix}{name} has forward hooks, which the fused path would not call" for name, m in named_modules
+            if name and (m._forward_hooks or m._forward_pre_hooks)]
+
+
 def fastvlm_clear_plan(module):
-    """Forget ``module``'s plan (the next call reads its structure again)."""
-    module.__dict__.pop(PLAN_ATTR, None)
+    """Forget ``module``'s plans (the next call reads its structure again)."""
+    for key in [k for k in module.__dict__ if k.startswith(PLAN_ATTR)]:
+        del module.__dict__[key]
 
 
 def state_without_plan(state):
-    """A module's ``__getstate__`` result minus the plan (a plan refers to live objects: rebuilt after a copy)."""
-    state.pop(PLAN_ATTR, None)
+    """A module's ``__getstate__`` result minus its plans (they refer to live objects: rebuilt after a copy)."""
+    for key in [k for k in state if k.startswith(PLAN_ATTR)]:
+        del state[key]
     return state

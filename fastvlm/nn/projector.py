@@ -169,6 +169,9 @@ class _FusedBase:
 
     _fastvlm_base: type
 
+    def __getstate__(self):  # pickle / deepcopy: plans (live references) are rebuilt on demand
+        return _plan.state_without_plan(super().__getstate__())
+
     @classmethod
     def from_module(cls, original):
         """Wrap ``original`` (an instance of the original class) without copying: same children, same tensors."""
@@ -183,9 +186,6 @@ class _FusedProjectorMixin(_FusedBase):
 
     _fastvlm_recipe: ProjectorRecipe
     _fastvlm_base: type
-
-    def __getstate__(self):  # pickle / deepcopy: the plan (live references) is rebuilt on demand
-        return _plan.state_without_plan(super().__getstate__())
 
     def _fastvlm_linears(self, fp=None):
         r = self._fastvlm_recipe
@@ -327,7 +327,7 @@ class _FusedProjectorMixin(_FusedBase):
 
 # instance attributes that accelerate's device hooks put on a module: never copied (they are bound to the
 # original); the hook itself is re-attached to the fused module instead
-_ACCELERATE_ATTRS = ("forward", "_old_forward", "_hf_hook", _plan.PLAN_ATTR)  # (and the original's plan)
+_ACCELERATE_ATTRS = ("forward", "_old_forward", "_hf_hook")
 
 
 def _adopt(cls, original):
@@ -336,7 +336,7 @@ def _adopt(cls, original):
     nn.Module.__init__(fused)
     module_state = set(fused.__dict__)
     for key, value in original.__dict__.items():
-        if key not in module_state and key not in _ACCELERATE_ATTRS:
+        if key not in module_state and key not in _ACCELERATE_ATTRS and not key.startswith(_plan.PLAN_ATTR):
             fused.__dict__[key] = value
     fused._parameters = dict(original._parameters)
     fused._buffers = dict(original._buffers)

@@ -13,12 +13,13 @@ backward (eager keeps h, its statistics and the LayerNorm input).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastvlm import _dispatch
+from fastvlm import _dispatch, _hot
 from fastvlm.reference.linear_norm import linear_norm_eager
 
 OP_NAME = "fastvlm::linear_residual_layernorm"
@@ -47,14 +48,26 @@ def _kernel_reasons(x, named):
     return _dispatch.dtype_device_reasons(x, named)
 
 
-def _forward(x, w, b, residual, ln_w, ln_b, eps, precision):
-    detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}"
+def _reasons(x, w, b, residual, ln_w, ln_b):
     named = (("weight", w), ("bias", b), ("residual", residual), ("ln_weight", ln_w), ("ln_bias", ln_b))
-    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
-    if backend == "triton":
-        from fastvlm.kernels.linear_norm import linear_norm
+    return tuple(_kernel_reasons(x, named))
 
-        return linear_norm(x, w, b, residual, ln_w, ln_b, eps, precision=precision or None)
+
+@functools.lru_cache(maxsize=None)
+def _launcher():
+    from fastvlm.kernels.linear_norm import linear_norm  # (imports triton: on first use)
+
+    return linear_norm
+
+
+def _forward(x, w, b, residual, ln_w, ln_b, eps, precision, reasons=None):
+    """``reasons``: the kernel's reasons for these inputs when the caller has them from its checked key."""
+    if reasons is None:
+        reasons = _reasons(x, w, b, residual, ln_w, ln_b)
+    backend = _dispatch.choose_backend(
+        OP_NAME, x.device, reasons, lambda: f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}")
+    if backend == "triton":
+        return _launcher()(x, w, b, residual, ln_w, ln_b, eps, precision=precision or None)
     return linear_norm_eager(x, w, b, residual, ln_w, ln_b, eps)
 
 
@@ -135,13 +148,22 @@ def linear_residual_layernorm(x, weight, bias=None, residual=None, ln_weight=Non
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     r2 = None if residual is None else residual.reshape(-1, residual.shape[-1])
-    _validate(x2, weight, bias, r2, ln_weight, ln_bias, precision)
     tensors = (x2, weight, bias, r2, ln_weight, ln_bias)
+    key = None if torch.compiler.is_compiling() else (precision, _hot.devices_key(tensors))
+    reasons = _CHECKED.get(key) if key is not None else None
+    if reasons is None:  # a new shape key: the checks (shapes, dtypes, devices only) and the kernel's reasons
+        _validate(x2, weight, bias, r2, ln_weight, ln_bias, precision)
+        reasons = _reasons(*tensors)
+        if key is not None:
+            _hot.remember(_CHECKED, key, reasons)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling():
         y = torch.ops.fastvlm.linear_residual_layernorm(*tensors, float(eps), precision)
     elif needs_grad:
         y = _LinearNormFunction.apply(*tensors, float(eps), precision)
     else:
-        y = _forward(*tensors, float(eps), precision)
+        y = _forward(*tensors, float(eps), precision, reasons)
     return y.reshape(*lead, weight.shape[0])
+
+
+_CHECKED = {}  # (precision, tensors' metadata) -> the kernel's reasons (the checks passed for this key)

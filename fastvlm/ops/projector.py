@@ -130,9 +130,17 @@ def _saves_h(w2, s: Spec):
 # ------------------------------------------------------------------------------------------------ forward paths
 
 
-def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The launchers (imported on first use: fastvlm.kernels imports triton)."""
     from fastvlm.kernels.gemm import fused_linear
     from fastvlm.kernels.norm_stats import row_stats
+
+    return fused_linear, row_stats
+
+
+def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
+    fused_linear, row_stats = _kernels()
 
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -342,7 +350,6 @@ def _pack(x, out, save):
             mean if mean is not None else e(f), rstd if rstd is not None else e(f))
 
 
-@functools.lru_cache(maxsize=1024)
 def _spec(norm, norm_group, eps, act, act2, a_mode, norm_src, gated=False):
     return Spec(norm, int(norm_group), float(eps), act, act2, a_mode, bool(norm_src), bool(gated))
 
@@ -451,13 +458,19 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         group = K
     else:
         group = int(norm_group or (x2.shape[-1] if norm_src else K))
-    s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated or w_up is not None)
-    key = (s, _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
-    reasons = _CHECKED.get(key)
-    if reasons is None:  # a new shape key: the checks (they read shapes, dtypes and devices only) and the reasons
+    gated = gated or w_up is not None
+    if torch.compiler.is_compiling():  # traced once per graph: no per-call caches
+        s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
         _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
-        reasons = _reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)
-        _hot.remember(_CHECKED, key, reasons)
+        reasons = None
+    else:
+        s = _cached_spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
+        key = (s, _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
+        reasons = _CHECKED.get(key)
+        if reasons is None:  # a new shape key: the checks (shapes, dtypes and devices only) and the kernel's reasons
+            _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
+            reasons = _reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)
+            _hot.remember(_CHECKED, key, reasons)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
     if torch.compiler.is_compiling():
@@ -471,3 +484,4 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
 
 
 _CHECKED = {}  # (spec, tensors' metadata) -> the Triton kernel's reasons (the checks passed for this key)
+_cached_spec = functools.lru_cache(maxsize=1024)(_spec)  # eager calls share Spec objects
