@@ -408,9 +408,9 @@ def _prepare(q, k, v, key_mask, attn_mask, scale, precision, config, out, lse, k
         config_kw = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
     grid = (B * _launch.cdiv(H, heads), _launch.cdiv(LQ, block_q))
 
-    def make_args():  # for the autotuner's one run (on a GPU it times each config): scratch outputs
-        o = torch.empty((B, LQ, H, D), device=q.device, dtype=q.dtype)
-        ls = torch.empty((B, H, LQ), device=q.device, dtype=torch.float32)
+    def make_args():  # for the autotuner's one run (on a GPU it times each config): the outputs, or scratch ones
+        o = out if out is not None else torch.empty((B, LQ, H, D), device=q.device, dtype=q.dtype)
+        ls = lse if lse is not None else torch.empty((B, H, LQ), device=q.device, dtype=torch.float32)
         return (q, k, v, k2, v2, km if km is not None else o, am if am is not None else o, o, ls, *ints)
 
     plan = _launch.tuned_plan(_attn_fwd_kernel, grid, make_args, flags, config_kw, 9, _PLANS,

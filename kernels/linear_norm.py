@@ -211,8 +211,8 @@ def _prepare(a, weight, bias, residual, ln_weight, ln_bias, eps, precision, conf
         bm, bn, bk, warps, stages = config
         config_kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
 
-    def make_args():  # for the autotuner's one run (on a GPU it times each config): a scratch output
-        scratch = torch.empty((M, N), device=a.device, dtype=a.dtype)
+    def make_args():  # for the autotuner's one run (on a GPU it times each config): out, or a scratch output
+        scratch = out if out is not None else torch.empty((M, N), device=a.device, dtype=a.dtype)
         return (a, weight, bias, residual, scratch, ln_weight, ln_bias, *ints)
 
     plan = _launch.tuned_plan(_linear_norm_kernel, lambda meta: (_launch.cdiv(M, meta["BLOCK_M"]),), make_args, flags,
