@@ -114,13 +114,16 @@ def _read_args(annotations, args):
 class _Benchmarker:
     """The autotuner's timer: each config is compiled and launched once (a config that does not fit the device
     raises here and the autotuner drops it, as on a GPU), and timed by the order it was offered in, so the first
-    config that fits wins, deterministically."""
+    config that fits wins, deterministically. With ``run_configs=False`` nothing is compiled here (the first config
+    wins; tests that use configs known to fit save the compile time)."""
 
-    def __init__(self):
+    def __init__(self, run_configs=True):
         self._n = itertools.count()
+        self.run_configs = run_configs
 
     def __call__(self, fn, quantiles=None, **kwargs):
-        fn()
+        if self.run_configs:
+            fn()
         t = float(next(self._n))
         return [t, t, t] if quantiles else t
 
@@ -128,14 +131,14 @@ class _Benchmarker:
 class HostOnlyDriver:
     """``triton.runtime.driver.active`` for a pretend sm_90 device whose tensors live on the CPU."""
 
-    def __init__(self):
+    def __init__(self, run_configs=True):
         from triton.backends.compiler import GPUTarget
         from triton.backends.nvidia.driver import CudaLauncher
 
         self.utils = _HostUtils()
         self.launcher_cls = CudaLauncher
         self._target = GPUTarget("cuda", 90, 32)
-        self._bench = _Benchmarker()
+        self._bench = _Benchmarker(run_configs)
 
     @property
     def launches(self):
@@ -193,9 +196,10 @@ def _check_version():
                            f"lacks {missing or ['ARG_KERNEL']} in triton.backends.nvidia.driver")
 
 
-def install() -> HostOnlyDriver:
+def install(run_configs=True) -> HostOnlyDriver:
     """Make Triton launch on a pretend sm_90 device (see the module docstring). Returns the driver (its
-    ``launches`` counts the launches)."""
+    ``launches`` counts the launches). ``run_configs=False``: the autotuner takes the first config without
+    compiling the others (see ``_Benchmarker``)."""
     import os
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
@@ -211,7 +215,7 @@ def install() -> HostOnlyDriver:
     _saved["nv"] = (nv.PyKernelArg, nv.ARG_CONSTEXPR, nv.ARG_KERNEL, nv.ARG_TUPLE)
     _saved["environment_reasons"] = _dispatch.environment_reasons
     nv.PyKernelArg, nv.ARG_CONSTEXPR, nv.ARG_KERNEL, nv.ARG_TUPLE = _Annotation, _CONSTEXPR, _KERNEL_ARG, _TUPLE
-    drv = HostOnlyDriver()
+    drv = HostOnlyDriver(run_configs)
     triton.runtime.driver.set_active(drv)
     _dispatch.environment_reasons = _host_environment_reasons
     return drv

@@ -157,6 +157,14 @@ def _optional_child(module, path):
     return getattr(module.get_submodule(owner) if owner else module, attr, None)
 
 
+def _autocast(device_type):
+    """Whether autocast is on for ``device_type`` (False for devices autocast does not know, e.g. meta)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _child_reasons(name, mod):
     reasons = []
     if mod._forward_hooks or mod._forward_pre_hooks:
@@ -249,7 +257,7 @@ class _FusedProjectorMixin(_FusedBase):
         plan, reasons, hooked = _plan.cached_plan(self, self._fastvlm_read_structure)
         reasons = list(reasons) + [f"{name} has forward hooks, which the fused path would not call"
                                    for name, mod in hooked if mod is not None and _child_reasons(name, mod)]
-        if torch.is_autocast_enabled(x.device.type):
+        if _autocast(x.device.type):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         return (None, reasons) if reasons else (plan, [])
 
@@ -403,7 +411,7 @@ class FusedLinear(nn.Linear):
 
     def forward(self, input):
         reasons = []
-        if torch.is_autocast_enabled(input.device.type):
+        if _autocast(input.device.type):
             reasons.append("autocast is enabled (nn.Linear's forward reproduces autocast's casts)")
         if reasons:
             _dispatch.report_fallback("FusedLinear", reasons, f"x{tuple(input.shape)}")
