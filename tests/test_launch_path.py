@@ -1,0 +1,49 @@
+"""The launch path itself, on the host-only Triton driver (kernels compiled for sm_90, Triton's real Python launch
+path, no GPU): a repeat call launches its plan directly (no JITFunction.run, autotuner or heuristics wrapper), makes
+no host synchronisation (no aten op or tensor conversion that reads a value), launches the expected number of kernels,
+survives plans built from several threads at once, and steps aside for launch hooks.
+
+Runs tests/launch_path_check.py in a child process without TRITON_INTERPRET (conftest turns the interpreter on for
+this process; compiling for sm_90 needs it off). About 30 s on 2 cores the first time (compiles), less after.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("triton.backends.nvidia.driver")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVLM_BACKEND", "FASTVLM_STRICT")}
+    script = os.path.join(os.path.dirname(__file__), "launch_path_check.py")
+    res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+CASES = {"llava": 2, "qwen2_vl": 3, "handoff": 1, "attention": 1, "linear_residual_layernorm": 1}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_repeat_call_is_one_direct_launch_per_kernel(report, case):
+    r = report[case]
+    assert r["launches"] == CASES[case], r
+    assert r["slow_path"] == {}, f"{case}: a repeat call went through {r['slow_path']}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_repeat_call_does_not_synchronise(report, case):
+    assert report[case]["syncs"] == [], f"{case}: {report[case]['syncs']}"
+
+
+def test_plans_built_from_threads(report):
+    r = report["threads"]
+    assert r["errors"] == [], r["errors"]
+    assert r["launches"] >= 4 * 3 * 2, r  # 4 threads x 3 calls x 2 GEMMs (+ the autotuner's first runs)
+
+
+def test_launch_hooks_see_every_launch(report):
+    assert report["hooked_launches"] == 2
