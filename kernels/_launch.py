@@ -78,16 +78,15 @@ def align_key(tensors):
 
 def _hooks_active():
     """Whether a launch hook is installed (a HookChain with calls on triton >= 3.8, a callable before)."""
-    rt = triton.knobs.runtime
-    hook = rt.launch_enter_hook
+    hook = getattr(_RUNTIME, "launch_enter_hook", None)
     if hook is None:
         return False
     calls = getattr(hook, "calls", None)
     return True if calls is None else bool(calls)
 
 
-def _driver():
-    return triton.runtime.driver.active
+_DRIVER = triton.runtime.driver  # its ``active`` is the current driver (tests and benchmarks may swap it)
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # launch hooks live here (triton >= 3.4)
 
 
 class Plan:
@@ -109,18 +108,20 @@ class Plan:
         self.meta = meta  # the launcher's own data (block sizes for the grid, ...)
         self.n_ptr = n_ptr  # with int_spec: the first n_ptr arguments are tensors or None, the rest fixed by the key
 
-    def launch(self, grid, args, int_spec=None):
+    def launch(self, grid, args, int_spec=None, spec=None):
         """Launch on ``grid``. ``int_spec``: ``spec_key`` of the arguments after the first ``n_ptr`` when the caller
-        has it from its own key (then only the tensors' alignment is read here)."""
+        has it from its own key (then only the tensors' alignment is read here); ``spec``: the whole key, when the
+        caller has computed it (``Call.launch``)."""
         if INTERPRETING:
             self.fn[grid](*args, **self.consts)
             return
-        drv = _driver()
+        drv = _DRIVER.active
         device = drv.get_current_device()
-        if int_spec is None:
-            spec = (device, spec_key(args))
-        else:
-            spec = (device, int_spec, align_key(args[:self.n_ptr]))
+        if spec is None:
+            if int_spec is None:
+                spec = (device, spec_key(args))
+            else:
+                spec = (device, int_spec, align_key(args[:self.n_ptr]))
         kern = self.kernels.get(spec)
         if kern is None or _hooks_active():
             kern = self.fn.run(*args, grid=grid, warmup=False, **self.consts)
@@ -138,17 +139,40 @@ def _is_wrapper(fn):
 
 class Call:
     """What a launcher's checks established for one call key: its launch plan, grid and integer arguments (the
-    arguments after the tensors), and anything else the launcher keeps (``info``)."""
+    arguments after the tensors), and anything else the launcher keeps (``info``). ``launch(tensors)`` is the
+    repeat path: the tensors' alignment, one dictionary lookup, the compiled kernel's launch."""
 
-    __slots__ = ("plan", "grid", "ints", "int_spec", "info")
+    __slots__ = ("plan", "grid", "ints", "int_spec", "info", "tail", "ptr_pos")
 
     def __init__(self, plan=None, grid=None, ints=(), info=None):
-        self.plan, self.grid, self.ints, self.info = plan, grid, ints, info
+        self.plan, self.ints, self.info = plan, ints, info
+        self.grid = None if grid is None else (tuple(grid) + (1, 1))[:3]
         self.int_spec = spec_key(ints)
+        self.tail = (*ints, *plan.tail) if plan is not None else ()
+        self.ptr_pos = None  # positions of the tensors among the pointer arguments (fixed by the call key)
 
     def launch(self, tensors):
         """Launch with the tensors (or None) that precede the integer arguments in the kernel's signature."""
-        self.plan.launch(self.grid, (*tensors, *self.ints), self.int_spec)
+        plan = self.plan
+        if INTERPRETING:
+            plan.launch(self.grid, (*tensors, *self.ints))
+            return
+        pos = self.ptr_pos
+        if pos is None:
+            pos = self.ptr_pos = tuple(i for i, t in enumerate(tensors) if t is not None)
+        acc = 0
+        for i in pos:
+            acc |= tensors[i].data_ptr()
+        drv = _DRIVER.active
+        device = drv.get_current_device()
+        spec = (device, self.int_spec, True if acc & 15 == 0 else tuple(tensors[i].data_ptr() & 15 == 0 for i in pos))
+        kern = plan.kernels.get(spec)
+        if kern is None or _hooks_active():
+            plan.launch(self.grid, (*tensors, *self.ints), spec=spec)
+            return
+        g = self.grid
+        kern.run(g[0], g[1], g[2], drv.get_current_stream(device), kern.function, kern.packed_metadata, None, None,
+                 None, *tensors, *self.tail)
 
 
 def simple_plan(kernel, n_args, n_ptr, consts, cache, key):

@@ -69,20 +69,18 @@ class _HostUtils:
                enter_hook, exit_hook, global_scratch, profile_scratch, annotations, signature, args):
         if enter_hook is not None:
             enter_hook(launch_metadata)
-        # the C launcher converts each kernel argument in C: a tensor costs a data_ptr() call, an int nothing
-        # measurable, so only tensors are touched here (the positions are computed once per launcher)
+        # the C launcher converts each kernel argument in C: a pointer argument costs a data_ptr() call, an int
+        # nothing measurable, so only pointers are touched here (their positions are found once per launcher)
         entry = self._positions.get(id(annotations))
         if entry is None or entry[0] is not annotations:
-            entry = self._positions[id(annotations)] = (annotations, _kernel_arg_positions(annotations))
+            entry = self._positions[id(annotations)] = (annotations, _kernel_arg_positions(annotations, signature))
         positions = entry[1]
         if positions is None:
             n = _read_args(annotations, args)
         else:
-            n = len(positions)
-            for i in positions:
-                value = args[i]
-                if isinstance(value, torch.Tensor):
-                    value.data_ptr()
+            n, pointers = positions
+            for i in pointers:
+                args[i].data_ptr()
         self.launches += 1
         self.last_grid = (grid_x, grid_y, grid_z)
         self.last_args = n
@@ -90,11 +88,14 @@ class _HostUtils:
             exit_hook(launch_metadata)
 
 
-def _kernel_arg_positions(annotations):
-    """Positions of the arguments the kernel receives (constexprs dropped); None when an argument is a tuple."""
+def _kernel_arg_positions(annotations, signature):
+    """(number of kernel arguments, positions of the pointer arguments among ``args``); None when an argument is a
+    tuple (then ``_read_args`` walks them)."""
     if any(ann.kind is _TUPLE for ann in annotations):
         return None
-    return tuple(i for i, ann in enumerate(annotations) if ann.kind is _KERNEL_ARG)
+    kernel = [i for i, ann in enumerate(annotations) if ann.kind is _KERNEL_ARG]
+    pointers = tuple(i for i, ty in zip(kernel, signature) if str(ty).startswith("*"))
+    return len(kernel), pointers
 
 
 def _read_args(annotations, args):
@@ -217,13 +218,16 @@ def install(run_configs=True) -> HostOnlyDriver:
     nv.PyKernelArg, nv.ARG_CONSTEXPR, nv.ARG_KERNEL, nv.ARG_TUPLE = _Annotation, _CONSTEXPR, _KERNEL_ARG, _TUPLE
     drv = HostOnlyDriver(run_configs)
     triton.runtime.driver.set_active(drv)
-    _dispatch.environment_reasons = _host_environment_reasons
+    _dispatch.environment_reasons = _host_environment_reasons(_dispatch.triton_status)
     return drv
 
 
-def _host_environment_reasons(device):
-    ok, why = __import__("fastvlm._dispatch", fromlist=["triton_status"]).triton_status()
-    return [] if ok else [why]
+def _host_environment_reasons(status):
+    """fastvlm's environment check with every device taking the Triton path (when triton imports)."""
+    def reasons(device):
+        ok, why = status()
+        return [] if ok else [why]
+    return reasons
 
 
 def uninstall() -> None:

@@ -319,18 +319,34 @@ class _FusedProjectorMixin(_FusedBase):
         if reasons:
             _dispatch.report_fallback(r.fused_name, reasons, f"x{tuple(x.shape)}")
             return self._fastvlm_base.forward(self, x, *extra)
-        plan = dict(plan)  # (the cached plan is shared)
-        w1 = plan.pop("w1_in_out").t() if r.weight_in_out else plan.pop("w1")
-        b1, w2, b2 = plan.pop("b1"), plan.pop("w2"), plan.pop("b2")
-        mode = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}.get(r.merge, "strided")
+        call = plan.get("_call")
+        if call is None:  # the call's arguments, derived once per plan (the plan is shared: only this key is added)
+            call = plan["_call"] = _call_args(plan, r)
+        w1, b1, w2, b2, kw, merger_norm = call
+        if r.weight_in_out:  # a Parameter [in, out]: its transposed view, taken per call
+            w1 = w1.t()
+        mode = _A_MODES.get(r.merge, "strided")
         if r.merger:  # merge (+ norm before it) -> merging linear, then the MLP on the merged rows
             merging = self.get_submodule(r.merger)
-            norm = {k: plan.pop(k) for k in ("norm", "norm_weight", "norm_bias", "eps", "norm_group")}
             x2 = mlp_projector(x2, merging.weight, merging.bias, act="none", rows=rows, a_mode=mode, norm_src=True,
-                               **norm)
+                               **merger_norm)
             rows, mode = None, "strided"
-        y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **plan)
+        y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **kw)
         return y if shape is None else y.reshape(*shape, y.shape[-1])
+
+
+_A_MODES = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}
+_NORM_KEYS = ("norm", "norm_weight", "norm_bias", "eps", "norm_group")
+
+
+def _call_args(plan, r):
+    """(w1 or the [in, out] weight, b1, w2, b2, mlp_projector keywords, the merger's norm keywords) of a plan."""
+    kw = {k: v for k, v in plan.items() if k not in ("w1", "w1_in_out", "b1", "w2", "b2") and not k.startswith("_")}
+    merger_norm = {}
+    if r.merger:  # the norm runs before the merge, in the merging linear's call
+        merger_norm = {k: kw.pop(k) for k in _NORM_KEYS}
+    w1 = plan["w1_in_out"] if r.weight_in_out else plan["w1"]
+    return w1, plan["b1"], plan["w2"], plan["b2"], kw, merger_norm
 
 
 # instance attributes that accelerate's device hooks put on a module: never copied (they are bound to the

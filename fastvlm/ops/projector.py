@@ -139,8 +139,14 @@ def _kernels():
     return fused_linear, row_stats
 
 
-def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
+def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None, memo=None):
+    """``memo``: a dict kept by the caller under its checked key (see ``fused_linear``'s ``memo``)."""
     fused_linear, row_stats = _kernels()
+    m1 = m2 = None
+    if memo is not None:
+        m1, m2 = memo.get((1, save)), memo.get((2, save))
+        if m1 is None:
+            m1, m2 = memo[(1, save)], memo[(2, save)] = [None], [None]
 
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -165,12 +171,12 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b
         w1, b1 = w1[half:], None if b1 is None else b1[half:]
     first = fused_linear(x, w1, b1, act=s.act, norm=s.norm, norm_group=s.norm_group, mean=mean, rstd=rstd,
                          norm_weight=nw, norm_bias=nb, norm_src=s.norm_src, a_rows=rows, a_mode=s.a_mode,
-                         store_pre=save and _saves_h(w2, s), **gate)
+                         store_pre=save and _saves_h(w2, s), memo=m1, **gate)
     a, h = first if isinstance(first, tuple) else (first, None)
     z = None
     y = a
     if w2 is not None:
-        second = fused_linear(a, w2, b2, act=s.act2, store_pre=save and s.act2 != "none")
+        second = fused_linear(a, w2, b2, act=s.act2, store_pre=save and s.act2 != "none", memo=m2)
         y, z = second if isinstance(second, tuple) else (second, None)
     return y, h, z, mean, rstd
 
@@ -221,14 +227,15 @@ def _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up):
     return tuple(_kernel_reasons(x, named))
 
 
-def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None, reasons=None):
-    """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved. ``reasons``: the kernel's reasons for these
-    inputs when the caller has them from its checked key."""
+def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None, reasons=None, memo=None):
+    """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved. ``reasons`` / ``memo``: the kernel's reasons for
+    these inputs and the launchers' memo, when the caller has them from its checked key."""
     if reasons is None:
         reasons = _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up)
     backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w1, w2, rows, s))
-    impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
+    if backend == "triton":
+        return _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up, memo)
+    return _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -462,15 +469,17 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     if torch.compiler.is_compiling():  # traced once per graph: no per-call caches
         s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
         _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
-        reasons = None
+        reasons = memo = None
     else:
         s = _cached_spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
-        key = (s, _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
-        reasons = _CHECKED.get(key)
-        if reasons is None:  # a new shape key: the checks (shapes, dtypes and devices only) and the kernel's reasons
+        key = (s, torch.backends.cuda.matmul.allow_tf32,
+               _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
+        checked = _CHECKED.get(key)
+        if checked is None:  # a new shape key: the checks (shapes, dtypes and devices only) and the kernel's reasons
             _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
-            reasons = _reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)
-            _hot.remember(_CHECKED, key, reasons)
+            checked = (_reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up), {})
+            _hot.remember(_CHECKED, key, checked)
+        reasons, memo = checked
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
     if torch.compiler.is_compiling():
@@ -479,9 +488,10 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     elif needs_grad:
         y = _MLPProjectorFunction.apply(*tensors, rows, s, w_up, b_up)
     else:
-        y = _forward(*tensors, rows, s, False, w_up, b_up, reasons)[0]
+        y = _forward(*tensors, rows, s, False, w_up, b_up, reasons, memo)[0]
     return y if lead is None else y.reshape(*lead, y.shape[-1])
 
 
-_CHECKED = {}  # (spec, tensors' metadata) -> the Triton kernel's reasons (the checks passed for this key)
+# (spec, allow_tf32, tensors' metadata) -> (the Triton kernel's reasons, the launchers' memo): the checks passed
+_CHECKED = {}
 _cached_spec = functools.lru_cache(maxsize=1024)(_spec)  # eager calls share Spec objects
