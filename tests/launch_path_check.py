@@ -100,6 +100,12 @@ def cases():
     x, w, b, g = (torch.randn(6, 32, dtype=torch.float16), torch.randn(32, 32, dtype=torch.float16),
                   torch.randn(32, dtype=torch.float16), torch.randn(32, dtype=torch.float16))
     out["linear_residual_layernorm"] = lambda: fastvlm.linear_residual_layernorm(x, w, b, x, g, b)
+    from fastvlm.bench.overhead import qformer_case
+
+    qf = qformer_case(layers=2)  # BLIP-2 layout: cross-attention in layer 0
+    qf.fused.half()
+    kw = {k: v.half() for k, v in qf.kwargs.items()}
+    out["qformer"] = lambda: qf.fused(**kw)
     return out
 
 

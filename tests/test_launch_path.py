@@ -24,7 +24,9 @@ def report():
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-CASES = {"llava": 2, "qwen2_vl": 3, "handoff": 1, "attention": 1, "linear_residual_layernorm": 1}
+# launches per call: projector 2 GEMMs; merger stats + 2 GEMMs; Q-Former (2 layers, cross-attention in the first):
+# the image K/V GEMM, then per layer QKV GEMM, attention, dense+LN [, query GEMM, attention, dense+LN], FFN, out+LN
+CASES = {"llava": 2, "qwen2_vl": 3, "handoff": 1, "attention": 1, "linear_residual_layernorm": 1, "qformer": 14}
 
 
 @pytest.mark.parametrize("case", list(CASES))
