@@ -45,9 +45,13 @@ def next_pow2(n):
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+_U64 = 2 ** 63
+
+
 def spec_key(args):
-    """A key that changes whenever Triton's specialisation of ``args`` could: pointer alignment, integer value 1,
-    divisibility by 16 and width. Anything but ints and None is treated as a tensor-like with ``data_ptr``."""
+    """A key that changes whenever Triton's specialisation of ``args`` could: a tensor's dtype and its pointer's
+    16-byte alignment, an integer's value 1, divisibility by 16 and width (i32 / i64 / u64). Anything but ints,
+    floats, bools and None is treated as a tensor."""
     key = []
     for a in args:
         if a is None:
@@ -57,12 +61,14 @@ def spec_key(args):
                 key.append(1)
             elif _I32_LO <= a < _I32_HI:
                 key.append(2 if a & 15 else 3)
-            else:
+            elif a < _U64:
                 key.append(4 if a & 15 else 5)
+            else:
+                key.append(6 if a & 15 else 7)
         elif type(a) is float or type(a) is bool:
             key.append(type(a))
         else:
-            key.append(a.data_ptr() & 15 == 0)
+            key.append((a.dtype, a.data_ptr() & 15 == 0))
     return tuple(key)
 
 
@@ -121,7 +127,8 @@ class Plan:
             if int_spec is None:
                 spec = (device, spec_key(args))
             else:
-                spec = (device, int_spec, align_key(args[:self.n_ptr]))
+                ptrs = args[:self.n_ptr]
+                spec = (device, int_spec, tuple(t.dtype for t in ptrs if t is not None), align_key(ptrs))
         kern = self.kernels.get(spec)
         if kern is None or _hooks_active():
             kern = self.fn.run(*args, grid=grid, warmup=False, **self.consts)
@@ -142,7 +149,7 @@ class Call:
     arguments after the tensors), and anything else the launcher keeps (``info``). ``launch(tensors)`` is the
     repeat path: the tensors' alignment, one dictionary lookup, the compiled kernel's launch."""
 
-    __slots__ = ("plan", "grid", "ints", "int_spec", "info", "tail", "ptr_pos")
+    __slots__ = ("plan", "grid", "ints", "int_spec", "info", "tail", "ptr_pos", "dtypes")
 
     def __init__(self, plan=None, grid=None, ints=(), info=None):
         self.plan, self.ints, self.info = plan, ints, info
@@ -150,6 +157,7 @@ class Call:
         self.int_spec = spec_key(ints)
         self.tail = (*ints, *plan.tail) if plan is not None else ()
         self.ptr_pos = None  # positions of the tensors among the pointer arguments (fixed by the call key)
+        self.dtypes = None  # their dtypes (fixed by the call key too; the plan's kernels are shared between keys)
 
     def launch(self, tensors):
         """Launch with the tensors (or None) that precede the integer arguments in the kernel's signature."""
@@ -159,13 +167,15 @@ class Call:
             return
         pos = self.ptr_pos
         if pos is None:
+            self.dtypes = tuple(t.dtype for t in tensors if t is not None)
             pos = self.ptr_pos = tuple(i for i, t in enumerate(tensors) if t is not None)
         acc = 0
         for i in pos:
             acc |= tensors[i].data_ptr()
         drv = _DRIVER.active
         device = drv.get_current_device()
-        spec = (device, self.int_spec, True if acc & 15 == 0 else tuple(tensors[i].data_ptr() & 15 == 0 for i in pos))
+        spec = (device, self.int_spec, self.dtypes,
+                True if acc & 15 == 0 else tuple(tensors[i].data_ptr() & 15 == 0 for i in pos))
         kern = plan.kernels.get(spec)
         if kern is None or _hooks_active():
             plan.launch(self.grid, (*tensors, *self.ints), spec=spec)

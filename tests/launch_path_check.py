@@ -156,6 +156,15 @@ def main():
         finally:
             triton.knobs.runtime.launch_enter_hook.remove(hook)
         report["hooked_launches"] = len(hooked)
+        # one plan (same constexprs) for two dtypes: each launch gets the kernel compiled for its own dtype
+        from fastvlm.kernels import _launch
+        from fastvlm.kernels.norm_stats import row_stats
+
+        x = torch.randn(6, 40)
+        for t in (x, x.half(), x):
+            row_stats(t, 1e-5, False)
+        plans = [p for p in _launch._SIMPLE.values() if p.fn.__name__ == "_row_stats_kernel"]
+        report["row_stats_x_types"] = sorted({str(k.src.signature["x_ptr"]) for p in plans for k in p.kernels.values()})
     print(json.dumps(report))
 
 

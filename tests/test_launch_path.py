@@ -49,3 +49,7 @@ def test_plans_built_from_threads(report):
 
 def test_launch_hooks_see_every_launch(report):
     assert report["hooked_launches"] == 2
+
+
+def test_a_shared_plan_compiles_per_dtype(report):
+    assert report["row_stats_x_types"] == ["*fp16", "*fp32"], report["row_stats_x_types"]

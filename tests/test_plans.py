@@ -228,3 +228,28 @@ def test_trace_details_are_built_only_while_tracing(triton_backend):
     with fastvlm.trace() as t:
         _dispatch.choose_backend("fastvlm::test", torch.device("cpu"), (), detail)
     assert calls == [1] and t.records[0].detail == "detail"
+
+
+def test_specialisation_key_separates_what_triton_specialises_on():
+    """Two launches share a compiled kernel only when Triton would specialise them alike: tensor dtype and 16-byte
+    alignment, integers equal to 1, divisible by 16, and their width."""
+    from fastvlm.kernels._launch import spec_key
+
+    x = torch.zeros(64)
+    keys = [spec_key((x,)), spec_key((x.half(),)), spec_key((x[1:],)), spec_key((None,)),
+            spec_key((1,)), spec_key((2,)), spec_key((32,)), spec_key((2 ** 40,)), spec_key((2 ** 63 + 16,)),
+            spec_key((1.0,)), spec_key((True,))]
+    assert len(set(keys)) == len(keys), keys
+    assert spec_key((x, 48)) == spec_key((torch.ones(64), 64))  # same dtype, aligned, both divisible by 16
+
+
+def test_shared_plans_keep_dtypes_apart(triton_backend):
+    """One launch plan (same constexprs) serves calls of several dtypes; each gets its own result."""
+    from fastvlm.kernels.norm_stats import row_stats
+
+    x = torch.randn(6, 40)
+    for t in (x, x.to(torch.bfloat16), x.double().float()):
+        mean, rstd = row_stats(t, 1e-5, False)
+        ref = t.float()
+        assert torch.allclose(mean, ref.mean(-1), atol=1e-5)
+        assert torch.allclose(rstd, torch.rsqrt(ref.var(-1, unbiased=False) + 1e-5), rtol=1e-4)
