@@ -53,3 +53,18 @@ def test_launch_hooks_see_every_launch(report):
 
 def test_a_shared_plan_compiles_per_dtype(report):
     assert report["row_stats_x_types"] == ["*fp16", "*fp32"], report["row_stats_x_types"]
+
+
+@pytest.mark.slow  # ~40 s: it times its rows
+def test_bench_overhead_runs_on_cpu(tmp_path):
+    """``fastvlm bench --overhead`` (it crashed with stale arguments once): the hand-off and GEMM rows, one round."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVLM_BACKEND", "FASTVLM_STRICT")}
+    out = tmp_path / "rows.jsonl"
+    res = subprocess.run([sys.executable, "-m", "fastvlm.cli", "bench", "--overhead", "--families", "none",
+                          "--qformer-layers", "0", "--rounds", "1", "--json", str(out)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["case"].split(":")[0].split(" (")[0] for r in rows] == [
+        "hand-off", "one fused GEMM launch", "one fused GEMM launch, an op's repeat call"]
+    assert all(r["launches"] == 1 and r["fused_min_us"] > 0 and r["eager_min_us"] > 0 for r in rows), rows

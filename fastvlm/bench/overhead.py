@@ -169,17 +169,32 @@ class _GemmFused(torch.nn.Module):
         return fused_linear(x, w, b)
 
 
-def gemm_case(device="cpu"):
+class _GemmFusedMemo(torch.nn.Module):
+    """fused_linear as an op calls it on a repeat call: its checks kept under the op's own key (``memo``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.memo = [None]
+
+    def forward(self, x, w, b):
+        from fastvlm.kernels.gemm import fused_linear
+
+        return fused_linear(x, w, b, memo=self.memo)
+
+
+def gemm_cases(device="cpu"):
     x, w, b = torch.randn(16, 32, device=device), torch.randn(64, 32, device=device), torch.randn(64, device=device)
-    return Case("one fused GEMM launch (kernels.gemm.fused_linear)", _GemmEager(), _GemmFused(), (x, w, b),
-                note="eager: F.linear")
+    return [Case("one fused GEMM launch (kernels.gemm.fused_linear)", _GemmEager(), _GemmFused(), (x, w, b),
+                 note="eager: F.linear"),
+            Case("one fused GEMM launch, an op's repeat call (memo)", _GemmEager(), _GemmFusedMemo(), (x, w, b),
+                 note="eager: F.linear")]
 
 
 def all_cases(families=None, device="cpu", qformer_layers=12):
     from fastvlm.tiny_models import FAMILIES
 
     cases, seen = [], set()
-    for fam in families or FAMILIES:
+    for fam in (families or FAMILIES) if families != ["none"] else ():
         try:
             fam_cases = family_cases(fam, device)
         except Exception as exc:  # a family whose tiny model cannot be built here: reported, not fatal
@@ -190,9 +205,10 @@ def all_cases(families=None, device="cpu", qformer_layers=12):
             if cls not in seen:  # one case per original class
                 seen.add(cls)
                 cases.append(c)
-    cases.append(qformer_case(qformer_layers, device))
+    if qformer_layers:
+        cases.append(qformer_case(qformer_layers, device))
     cases.append(handoff_case(device))
-    cases.append(gemm_case(device))
+    cases += gemm_cases(device)
     return cases
 
 
@@ -263,9 +279,10 @@ def main(argv=None):
     ap = argparse.ArgumentParser(prog="fastvlm bench --overhead", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--overhead", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--families", nargs="*", help="tiny-model families (default: all)")
+    ap.add_argument("--families", nargs="*", help="tiny-model families (default: all; 'none': only the Q-Former, "
+                                                  "hand-off and GEMM cases)")
     ap.add_argument("--rounds", type=int, default=ROUNDS)
-    ap.add_argument("--qformer-layers", type=int, default=12)
+    ap.add_argument("--qformer-layers", type=int, default=12, help="0: no Q-Former case")
     ap.add_argument("--json", help="append result rows (JSON lines) to this file")
     ap.add_argument("--markdown", action="store_true", help="also print the table as markdown")
     args = ap.parse_args(argv)
