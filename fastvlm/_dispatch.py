@@ -148,10 +148,22 @@ def _record(rec: OpRecord) -> None:
         t.records.append(rec)
 
 
-def report_fallback(op: str, reasons, detail: str = "", explicit: bool = False) -> None:
+def tracing() -> bool:
+    """Whether this thread has a ``trace()`` open (a call builds its record only then)."""
+    return bool(getattr(_local, "stack", None))
+
+
+def _detail(detail) -> str:
+    """``detail`` may be a string or a callable making one (built only when a trace records it or a fallback
+    reports it)."""
+    return detail() if callable(detail) else detail
+
+
+def report_fallback(op: str, reasons, detail="", explicit: bool = False) -> None:
     """Record a PyTorch-path call and warn (once per op and reasons) or raise under FASTVLM_STRICT=1."""
     reasons = tuple(reasons)
-    _record(OpRecord(op, "torch", reasons, detail))
+    if tracing():
+        _record(OpRecord(op, "torch", reasons, _detail(detail)))
     if explicit:
         return
     if strict():
@@ -165,16 +177,19 @@ def report_fallback(op: str, reasons, detail: str = "", explicit: bool = False) 
     warnings.warn(f"fastvlm: {op} ran its PyTorch path: " + "; ".join(reasons), FastVLMFallbackWarning, stacklevel=3)
 
 
-def choose_backend(op: str, device, reasons=(), detail: str = "") -> str:
-    """Pick "triton" or "torch" for one call of ``op`` (see the module docstring for the rules)."""
+def choose_backend(op: str, device, reasons=(), detail="") -> str:
+    """Pick "triton" or "torch" for one call of ``op`` (see the module docstring for the rules). ``detail``: a string
+    or a callable making one, for trace() and fallback messages (called only when one is made)."""
     req = requested_backend()
     if req == "torch":
         report_fallback(op, ("FASTVLM_BACKEND=torch",), detail, explicit=True)
         return "torch"
-    all_reasons = list(reasons) + environment_reasons(device)
-    if not all_reasons:
-        _record(OpRecord(op, "triton", (), detail))
+    env = environment_reasons(device)
+    if not reasons and not env:
+        if tracing():
+            _record(OpRecord(op, "triton", (), _detail(detail)))
         return "triton"
+    all_reasons = list(reasons) + env
     if req == "triton":
         raise FastVLMFallbackError(f"FASTVLM_BACKEND=triton but {op} cannot run its Triton kernel:\n"
                                    + "\n".join(f"  - {r}" for r in all_reasons))

@@ -48,6 +48,9 @@ torch.backends.cuda.matmul.allow_tf32); "ieee" FMA dots spill on sm_90. All offs
 import triton
 import triton.language as tl
 
+from fastvlm import _hot
+
+from . import _launch
 from ._interp import autotune_configs
 from .attention_tile import attend_tile
 
@@ -210,6 +213,39 @@ def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precisi
     """
     import torch
 
+    if config is not None:
+        config = tuple(config)
+    try:
+        key = (scale, precision, torch.backends.cuda.matmul.allow_tf32, config,
+               _hot.devices_key((q, k, v, k2, v2, key_mask, attn_mask, out, lse)))
+    except AttributeError:  # not tensors: the checks name the argument
+        key = None
+    call = _CALLS.get(key)
+    if call is None:  # a new shape key: the checks (the same ones pass for the same key) and the launch plan
+        call = _prepare(q, k, v, key_mask, attn_mask, scale, precision, config, out, lse, k2, v2)
+        if key is not None:
+            _launch.remember(_CALLS, key, call)
+    B, LQ, H, D = call.info
+    if out is None:
+        out = torch.empty((B, LQ, H, D), device=q.device, dtype=q.dtype)
+    if lse is None:
+        lse = torch.empty((B, H, LQ), device=q.device, dtype=torch.float32)
+    if call.plan is not None:  # (None: nothing to compute)
+        km = key_mask.view(torch.int8) if key_mask is not None and key_mask.dtype == torch.bool else key_mask
+        am = attn_mask.view(torch.int8) if attn_mask is not None and attn_mask.dtype == torch.bool else attn_mask
+        # the kernel always forms the mask pointers: an absent mask is a dummy (out) with zero strides
+        call.launch((q, k, v, k2, v2, km if km is not None else out, am if am is not None else out, out, lse))
+    return out, lse
+
+
+_CALLS = {}
+_PLANS = {}
+
+
+def _prepare(q, k, v, key_mask, attn_mask, scale, precision, config, out, lse, k2, v2):
+    """Check a new shape key of ``attention_fwd`` (ValueError naming the argument at fault) and plan its launch."""
+    import torch
+
     for name, t in (("q", q), ("k", k), ("v", v)) + ((("k2", k2), ("v2", v2)) if k2 is not None or v2 is not None
                                                     else ()):
         _check(isinstance(t, torch.Tensor) and t.dim() == 4,
@@ -245,16 +281,12 @@ def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precisi
                f"attention_fwd: attn_mask must be [{B} or 1, {H} or 1, {LQ} or 1, {LK + LK2}], got "
                f"{tuple(am.shape)}")
         _check(am.device == q.device, f"attention_fwd: attn_mask is on {am.device} but q is on {q.device}")
-    if out is None:
-        out = torch.empty((B, LQ, H, D), device=q.device, dtype=q.dtype)
-    _check(out.shape == (B, LQ, H, D) and out.dtype == q.dtype and out.device == q.device,
+    _check(out is None or (out.shape == (B, LQ, H, D) and out.dtype == q.dtype and out.device == q.device),
            f"attention_fwd: out must be a {q.dtype} [{B}, {LQ}, {H}, {D}] tensor on {q.device}")
-    if lse is None:
-        lse = torch.empty((B, H, LQ), device=q.device, dtype=torch.float32)
-    _check(lse.shape == (B, H, LQ) and lse.dtype == torch.float32 and lse.device == q.device,
+    _check(lse is None or (lse.shape == (B, H, LQ) and lse.dtype == torch.float32 and lse.device == q.device),
            f"attention_fwd: lse must be a float32 [{B}, {H}, {LQ}] tensor on {q.device}")
     if B == 0 or H == 0 or LQ == 0:
-        return out, lse
+        return _launch.Call(info=(B, LQ, H, D))
     if scale is None:
         scale = D ** -0.5
     _check(0.0 < float(scale) < float("inf"), f"attention_fwd: scale must be positive and finite, got {scale}")
@@ -270,29 +302,38 @@ def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precisi
             return (0,) * n
         return tuple(0 if size == 1 else st for size, st in zip(t.shape, t.stride()))
 
-    dummy = out
     has_k2 = k2 is not None
-    args = (q, k, v, k2 if has_k2 else k, v2 if has_k2 else v, km if km is not None else dummy,
-            am if am is not None else dummy, out, lse,
-            H, LQ, LK, LK2, D, H // HKV, triton.next_power_of_2(max(LK + LK2, 1)),
+    out_strides = out.stride() if out is not None else (LQ * H * D, H * D, D, 1)
+    lse_strides = lse.stride() if lse is not None else (H * LQ, LQ, 1)
+    # integer and float arguments; the second source's strides are None without it (not specialised, not launched)
+    ints = (H, LQ, LK, LK2, D, H // HKV, _launch.next_pow2(max(LK + LK2, 1)),
             float(scale) * 1.4426950408889634, 1.0 / float(scale),
-            *q.stride(), *k.stride(), *v.stride(), *(k2.stride() if has_k2 else (0,) * 4),
-            *(v2.stride() if has_k2 else (0,) * 4), *strides(km, 2), *strides(am, 4), *out.stride(), *lse.stride())
-    block_d = triton.next_power_of_2(D)
+            *q.stride(), *k.stride(), *v.stride(), *(k2.stride() if has_k2 else (None,) * 4),
+            *(v2.stride() if has_k2 else (None,) * 4), *strides(km, 2), *strides(am, 4), *out_strides, *lse_strides)
+    block_d = _launch.next_pow2(D)
     flags = dict(KEY_MASK=km_mode, ATTN_MASK=am_mode, HAS_K2=has_k2, PRECISION=precision, BLOCK_D=block_d)
     if config is None:
         block_q, heads = default_tile(LQ, H, D, q.dtype == torch.float32)
-        grid = (B * triton.cdiv(H, heads), triton.cdiv(LQ, block_q))
-        _attn_fwd_kernel[grid](*args, **flags, BLOCK_Q=block_q, HEADS=heads)
+        flags.update(BLOCK_Q=block_q, HEADS=heads)
+        config_kw = None
     else:
         block_q, heads, block_n, warps, stages = config
         _check(heads * block_d <= 256 and block_q * heads >= 16 and block_n >= 16,
                f"attention_fwd: config {config} is invalid for D={D} (HEADS*BLOCK_D <= 256, BLOCK_Q*HEADS >= 16, "
                "BLOCK_N >= 16)")
-        grid = (B * triton.cdiv(H, heads), triton.cdiv(LQ, block_q))
-        _attn_fwd_kernel.fn[grid](*args, **flags, BLOCK_Q=block_q, HEADS=heads, BLOCK_N=block_n,
-                                  num_warps=warps, num_stages=stages)
-    return out, lse
+        flags.update(BLOCK_Q=block_q, HEADS=heads)
+        config_kw = dict(BLOCK_N=block_n, num_warps=warps, num_stages=stages)
+    grid = (B * _launch.cdiv(H, heads), _launch.cdiv(LQ, block_q))
+
+    def make_args():  # for the autotuner's one run (on a GPU it times each config): the outputs, or scratch ones
+        o = out if out is not None else torch.empty((B, LQ, H, D), device=q.device, dtype=q.dtype)
+        ls = lse if lse is not None else torch.empty((B, H, LQ), device=q.device, dtype=torch.float32)
+        return (q, k, v, k2, v2, km if km is not None else o, am if am is not None else o, o, ls, *ints)
+
+    plan = _launch.tuned_plan(_attn_fwd_kernel, grid, make_args, flags, config_kw, 9, _PLANS,
+                              (tuple(flags.values()), ints[6], q.dtype, km.dtype if km is not None else None,
+                               am.dtype if am is not None else None, config))
+    return _launch.Call(plan, grid, ints, info=(B, LQ, H, D))
 
 
 # ------------------------------------------------------------------------------------------------ audit

@@ -26,6 +26,7 @@ torch.backends.cuda.matmul.allow_tf32). All offsets are int64.
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._interp import autotune_configs, dot_operand
 from .activations import ACTIVATIONS, apply_act
 
@@ -332,7 +333,7 @@ def logical_k(a, a_rows, a_mode, a_cols=None):
 def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
                  norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None, norm_src=False,
                  a_rows=None, a_mode="strided", a_cols=None, col_scale=None, col_shift=None, pix_limits=None,
-                 pix_cols=None, pos=None, pos_rows=None, pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None):
+                 pix_cols=None, pos=None, pos_rows=None, pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None, memo=None):
     """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
 
     ``a_mode``/``a_rows``: how the logical A [M, K] is read from ``a`` (see ``_load_a_tile``); with a row table,
@@ -349,7 +350,75 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     (up, gate) halves, as Aya Vision's SwiGLU does: ``pre[:, :N]`` = up pre-activation, ``pre[:, N:]`` = gate.
     ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuple that bypasses the autotuner
     (tests use it to cover every tile shape under the interpreter).
+    ``memo``: a one-element list an op keeps for this call site under its own checked key (which fixes every
+    argument's shape, strides, dtype and device, and torch.backends.cuda.matmul.allow_tf32): the checks of the
+    first call are kept there and trusted on the next ones, without keying them again here.
     """
+    import torch
+
+    call = memo[0] if memo is not None else None
+    if call is not None:
+        return _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias,
+                    a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows,
+                    store_pre)
+    if precision is None:
+        precision = "tf32" if (a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+    if config is not None:
+        config = tuple(config)
+    key = (act, norm, norm_group, norm_src, a_mode, store_pre, out_dtype, precision, config, _launch.tensors_key(a.device, (
+        a, weight, up_weight, bias, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias, a_rows, a_cols,
+        col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows)))
+    call = _CALLS.get(key)
+    if call is None:  # a new shape key: full validation and a launch plan (the same checks pass for the same key)
+        call = _prepare(a, weight, bias, act=act, up_weight=up_weight, up_bias=up_bias, residual=residual,
+                        norm=norm, norm_group=norm_group, mean=mean, rstd=rstd, norm_weight=norm_weight,
+                        norm_bias=norm_bias, norm_src=norm_src, a_rows=a_rows, a_mode=a_mode, a_cols=a_cols,
+                        col_scale=col_scale, col_shift=col_shift, pix_limits=pix_limits, pix_cols=pix_cols, pos=pos,
+                        pos_rows=pos_rows, pos_weights=pos_weights, out_rows=out_rows, store_pre=store_pre,
+                        out_dtype=out_dtype, precision=precision, config=config, out=out, pre=pre)
+        _launch.remember(_CALLS, key, call)
+    if memo is not None:
+        memo[0] = call
+    return _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias,
+                a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows,
+                store_pre)
+
+
+def _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias, a_rows,
+         a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows, store_pre):
+    """Allocate the outputs and launch ``call`` (the checks of these arguments' key have passed)."""
+    import torch
+
+    M, N, out_dtype, gated = call.info
+    if out is None:
+        out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+    elif out.device != a.device:  # (the key holds a's device only)
+        raise ValueError(f"fused_linear: out must be on {a.device}, got {out.device}")
+    pre_gate = pre_up = None
+    if store_pre:
+        if pre is None:
+            pre = torch.empty((M, 2 * N if gated else N), device=a.device, dtype=out_dtype)
+        pre_gate, pre_up = (pre[:, N:], pre[:, :N]) if gated else (pre, None)
+    if call.plan is not None:  # (None: nothing to compute, M or N is 0)
+        # pointers the variant does not read are None (constexpr: not specialised, not launched)
+        call.launch((a, weight, up_weight, bias, up_bias, residual, out, pre_gate, pre_up, mean, rstd, norm_weight,
+                     norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
+                     pos_weights if pos is not None else None, out_rows))
+    return (out, pre) if store_pre else out
+
+
+def _Call(M, N, out_dtype, gated, ints=(), plan=None, grid=None):
+    """What the checks of one shape key established: sizes, output dtype, the integer arguments and the plan."""
+    return _launch.Call(plan, grid, ints, info=(M, N, out_dtype, gated))
+
+
+_CALLS = {}
+
+
+def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_group, mean, rstd, norm_weight,
+             norm_bias, norm_src, a_rows, a_mode, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
+             pos_weights, out_rows, store_pre, out_dtype, precision, config, out, pre):
+    """Validate a new shape key of ``fused_linear`` (ValueError naming the argument at fault) and plan its launch."""
     import torch
 
     _check(a.dim() == 2 or a_mode in ("separable", "separable_mean"),
@@ -411,10 +480,8 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     if out_rows is not None:
         _check(out is not None and out.dim() == 2 and out.shape[1] == N and out_rows.shape == (M,),
                "fused_linear: out_rows needs a preallocated 2-D out with N columns and out_rows [M]")
-    elif out is None:
-        out = torch.empty((M, N), device=a.device, dtype=out_dtype)
-    _check((out_rows is not None or out.shape == (M, N)) and out.device == a.device,
-           f"fused_linear: out must be [{M}, {N}] on {a.device}")
+    elif out is not None:
+        _check(out.shape == (M, N) and out.device == a.device, f"fused_linear: out must be [{M}, {N}] on {a.device}")
     taps = 1
     if pos is not None and pos_weights is not None:
         taps = pos_weights.shape[-1]
@@ -429,49 +496,63 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         _check(pos.dim() == 2 and pos.shape[1] == N and pos.stride(1) == 1,
                f"fused_linear: pos must be [L, {N}] with unit column stride, got {tuple(pos.shape)}")
     pre_width = 2 * N if gated else N
-    if store_pre and pre is None:
-        pre = torch.empty((M, pre_width), device=a.device, dtype=out_dtype)
     _check(pre is None or pre.shape == (M, pre_width), f"fused_linear: pre must be [{M}, {pre_width}]")
-    pre_gate, pre_up = (pre[:, N:], pre[:, :N]) if (gated and store_pre) else (pre, None)
+    if out_rows is not None:
+        _check(out.device == a.device, f"fused_linear: out must be on {a.device}")
     if M == 0 or N == 0:
-        return (out, pre) if store_pre else out
-    if precision is None:
-        precision = "tf32" if (a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
-    dummy = out
-    args = (
-        a, weight, up_weight if gated else dummy, bias if bias is not None else dummy,
-        up_bias if up_bias is not None else dummy, residual if residual is not None else dummy, out,
-        pre_gate if store_pre else dummy, pre_up if pre_up is not None else dummy,
-        mean if mean is not None else dummy, rstd if rstd is not None else dummy,
-        norm_weight if norm_weight is not None else dummy, norm_bias if norm_bias is not None else dummy,
-        a_rows if a_rows is not None else dummy, a_cols if a_cols is not None else dummy,
-        col_scale if col_scale is not None else dummy, col_shift if col_shift is not None else dummy,
-        pix_limits if pix_limits is not None else dummy, pix_cols if pix_cols is not None else dummy,
-        pos if pos is not None else dummy, pos_rows if pos_rows is not None else dummy,
-        pos_weights if pos_weights is not None and pos is not None else dummy,
-        out_rows if out_rows is not None else dummy,
-        M, N, K, triton.next_power_of_2(M), a_rows.shape[1] if a_rows is not None and a_rows.dim() == 2 else 1,
-        a.shape[1] if a.dim() == 2 else 1,
-        a.stride(0), a.stride(1) if a.dim() > 1 else 1, weight.stride(0), weight.stride(1),
-        up_weight.stride(0) if gated else 0, up_weight.stride(1) if gated else 0,
-        residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-        out.stride(0), out.stride(1), pre_gate.stride(0) if store_pre else 0, pre_gate.stride(1) if store_pre else 0,
-        pos.stride(0) if pos is not None else 0,
-        norm_group if norm != "none" else K,
-    )
-    flags = dict(HAS_AFFINE=col_scale is not None, PIX_MASK=pix_limits is not None, HAS_POS=pos is not None, POS_TAPS=taps, OUT_REMAP=out_rows is not None,
-                 A_MODE=a_mode, NORM=norm, HAS_NORM_BIAS=norm_bias is not None, NORM_SRC=bool(norm_src),
-                 HAS_BIAS=bias is not None, ACT=act,
-                 GATED=gated, HAS_RES=residual is not None, STORE_PRE=bool(store_pre), PRECISION=precision)
+        return _Call(M, N, out_dtype, gated)
+    out_strides = out.stride() if out is not None else (N, 1)
+    pre_strides = (pre.stride() if pre is not None else (pre_width, 1)) if store_pre else (None, None)
+    uses_q = a_mode in ("concat", "concat_cm", "mean", "max", "separable_mean")
+    # integer arguments; strides the variant does not read are None
+    ints = (M, N, K, _launch.next_pow2(M), a_rows.shape[1] if uses_q else None, a.shape[1] if a_mode == "concat" else None,
+            a.stride(0), a.stride(1) if a.dim() > 1 else 1, weight.stride(0), weight.stride(1),
+            up_weight.stride(0) if gated else None, up_weight.stride(1) if gated else None,
+            residual.stride(0) if residual is not None else None, residual.stride(1) if residual is not None else None,
+            out_strides[0], out_strides[1], pre_strides[0], pre_strides[1], pos.stride(0) if pos is not None else None,
+            norm_group if norm != "none" else K)
+    flags = (col_scale is not None, pix_limits is not None, pos is not None, taps, out_rows is not None, a_mode, norm,
+             norm_bias is not None, bool(norm_src), bias is not None, act, gated, residual is not None,
+             bool(store_pre), precision)
+    key = (flags, ints[3], N, K, ints[-1], ints[5], a.dtype, weight.dtype, out_dtype, config)
+    plan = _PLANS.get(key)
+    if plan is None:
+        if config is None:  # the autotuner chooses (on a GPU it times each config): it launches into scratch outputs
+            out = out if out is not None else torch.empty((M, N), device=a.device, dtype=out_dtype)
+            if store_pre and pre is None:
+                pre = torch.empty((M, pre_width), device=a.device, dtype=out_dtype)
+        pre_gate, pre_up = ((pre[:, N:], pre[:, :N]) if gated else (pre, None)) if store_pre else (None, None)
+        args = (a, weight, up_weight, bias, up_bias, residual, out, pre_gate, pre_up, mean, rstd, norm_weight,
+                norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
+                pos_weights if pos is not None else None, out_rows, *ints)
+        plan = _gemm_plan(args, flags, config)
+        _PLANS[key] = plan
+    bm, bn = plan.meta
+    return _Call(M, N, out_dtype, gated, ints, plan, (_launch.cdiv(M, bm) * _launch.cdiv(N, bn),))
+
+
+_PLANS = {}
+_FLAG_NAMES = ("HAS_AFFINE", "PIX_MASK", "HAS_POS", "POS_TAPS", "OUT_REMAP", "A_MODE", "NORM", "HAS_NORM_BIAS",
+               "NORM_SRC", "HAS_BIAS", "ACT", "GATED", "HAS_RES", "STORE_PRE", "PRECISION")
+
+
+def _gemm_plan(args, flags, config):
+    """The plan of a new key: ``config``, or the autotuner's choice (it runs once, through its own path, on
+    ``args``), with the heuristics' values."""
+    kw = dict(zip(_FLAG_NAMES, flags))
+    M, N = args[23], args[24]
+    assert len(_PTR_ARGS) == 23 and _launch.jit_function(_fused_linear_kernel).arg_names[23] == "M"
     if config is None:
         grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        _fused_linear_kernel[grid](*args, **flags)
+        chosen = _launch.autotuned_config(_fused_linear_kernel, grid, args, kw)
     else:
         bm, bn, bk, warps, stages = config
-        grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _fused_linear_kernel.fn[grid](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                                      num_warps=warps, num_stages=stages)
-    return (out, pre) if store_pre else out
+        chosen = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, num_warps=warps, num_stages=stages)
+    fn = _launch.jit_function(_fused_linear_kernel)
+    named = {**dict(zip(fn.arg_names, args)), **kw, **chosen}
+    kw.update(chosen)
+    kw.update(_launch.heuristic_values(_fused_linear_kernel, named))
+    return _launch.Plan(fn, kw, len(args), meta=(chosen["BLOCK_M"], chosen["BLOCK_N"]), n_ptr=23)
 
 
 _PTR_ARGS = ("a_ptr", "w_ptr", "wu_ptr", "bias_ptr", "bu_ptr", "res_ptr", "out_ptr", "pre_ptr", "preu_ptr", "mean_ptr",

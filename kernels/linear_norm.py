@@ -27,6 +27,7 @@ reference; slow). 16-bit inputs go to the tensor cores as they are. All offsets 
 import triton
 import triton.language as tl
 
+from . import _launch
 from ._interp import autotune_configs, dot_operand
 
 FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
@@ -157,6 +158,33 @@ def linear_norm(a, weight, bias=None, residual=None, ln_weight=None, ln_bias=Non
     """
     import torch
 
+    if a.dtype != torch.float32:
+        precision = "ieee"  # ignored by 16-bit dots
+    elif precision is None:
+        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+    if config is not None:
+        config = tuple(config)
+    key = (eps, precision, config, _launch.tensors_key(a.device, (a, weight, bias, residual, ln_weight, ln_bias, out)))
+    call = _CALLS.get(key)
+    if call is None:  # a new shape key: the checks (the same ones pass for the same key) and the launch plan
+        call = _prepare(a, weight, bias, residual, ln_weight, ln_bias, eps, precision, config, out)
+        _launch.remember(_CALLS, key, call)
+    if out is None:
+        out = torch.empty(call.info, device=a.device, dtype=a.dtype)
+    elif out.device != a.device:
+        raise ValueError(f"linear_norm: out must be on {a.device}, got {out.device}")
+    if call.plan is not None:  # (None: nothing to compute)
+        call.launch((a, weight, bias, residual, out, ln_weight, ln_bias))
+    return out
+
+
+_CALLS = {}
+_PLANS = {}
+
+
+def _prepare(a, weight, bias, residual, ln_weight, ln_bias, eps, precision, config, out):
+    import torch
+
     _check(a.dim() == 2, f"linear_norm: a must be 2-D [M, K], got shape {tuple(a.shape)}")
     M, K = a.shape
     _check(weight.dim() == 2 and weight.shape[1] == K,
@@ -166,33 +194,30 @@ def linear_norm(a, weight, bias=None, residual=None, ln_weight=None, ln_bias=Non
     _check(residual is None or residual.shape == (M, N), f"linear_norm: residual must be [{M}, {N}]")
     _check(ln_weight is not None and ln_weight.shape == (N,), f"linear_norm: ln_weight must be [{N}]")
     _check(ln_bias is None or ln_bias.shape == (N,), f"linear_norm: ln_bias must be [{N}]")
-    if out is None:
-        out = torch.empty((M, N), device=a.device, dtype=a.dtype)
-    _check(out.shape == (M, N), f"linear_norm: out must be [{M}, {N}]")
+    _check(out is None or out.shape == (M, N), f"linear_norm: out must be [{M}, {N}]")
     if M == 0 or N == 0:
-        return out
-    if a.dtype == torch.float32:
-        if precision is None:
-            precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
-        _check(precision in FP32_PRECISIONS, f"linear_norm: precision must be one of {FP32_PRECISIONS}")
-    else:
-        precision = "ieee"  # ignored by 16-bit dots
-    dummy = out
-    args = (a, weight, bias if bias is not None else dummy, residual if residual is not None else dummy, out,
-            ln_weight, ln_bias if ln_bias is not None else dummy, M, N, K, triton.next_power_of_2(M), float(eps),
-            a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
-            residual.stride(0) if residual is not None else 0, residual.stride(1) if residual is not None else 0,
-            out.stride(0), out.stride(1))
+        return _launch.Call(info=(M, N))
+    _check(precision in FP32_PRECISIONS or a.dtype != torch.float32,
+           f"linear_norm: precision must be one of {FP32_PRECISIONS}")
+    out_strides = out.stride() if out is not None else (N, 1)
+    # the integer arguments; pointers and strides of absent operands are None (not specialised, not launched)
+    ints = (M, N, K, _launch.next_pow2(M), float(eps), a.stride(0), a.stride(1), weight.stride(0), weight.stride(1),
+            residual.stride(0) if residual is not None else None, residual.stride(1) if residual is not None else None,
+            out_strides[0], out_strides[1])
     flags = dict(HAS_BIAS=bias is not None, HAS_RES=residual is not None, HAS_LN_BIAS=ln_bias is not None,
                  PRECISION=precision)
-    if config is None:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]),)  # noqa: E731
-        _linear_norm_kernel[grid](*args, **flags)
-    else:
+    config_kw = None
+    if config is not None:
         bm, bn, bk, warps, stages = config
-        _linear_norm_kernel.fn[(triton.cdiv(M, bm),)](*args, **flags, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
-                                                      num_warps=warps, num_stages=stages)
-    return out
+        config_kw = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages)
+
+    def make_args():  # for the autotuner's one run (on a GPU it times each config): out, or a scratch output
+        scratch = out if out is not None else torch.empty((M, N), device=a.device, dtype=a.dtype)
+        return (a, weight, bias, residual, scratch, ln_weight, ln_bias, *ints)
+
+    plan = _launch.tuned_plan(_linear_norm_kernel, lambda meta: (_launch.cdiv(M, meta["BLOCK_M"]),), make_args, flags,
+                              config_kw, 7, _PLANS, (tuple(flags.values()), ints[3], N, K, a.dtype, config))
+    return _launch.Call(plan, (_launch.cdiv(M, plan.meta["BLOCK_M"]),), ints, info=(M, N))
 
 
 _PTR_ARGS = ("a_ptr", "w_ptr", "bias_ptr", "res_ptr", "out_ptr", "lnw_ptr", "lnb_ptr")

@@ -8,6 +8,8 @@ kept for the backward pass (8 bytes per row instead of the normalised tensor).
 import triton
 import triton.language as tl
 
+from . import _launch
+
 MODES = ("strided", "concat", "concat_cm", "mean")
 
 
@@ -98,14 +100,12 @@ def row_stats(x, eps, rms, *, rows=None, mode="strided", block_r=None, block_c=N
     mean = None if rms else torch.empty(R, device=x.device, dtype=torch.float32)
     if R == 0:
         return mean, rstd
-    block_c = block_c or min(triton.next_power_of_2(C), 1024)
+    block_c = block_c or min(_launch.next_pow2(C), 1024)
     block_r = block_r or max(1, min(16, 4096 // block_c))
-    grid = (triton.cdiv(R, block_r),)
-    _row_stats_kernel[grid](
+    _launch.run(_row_stats_kernel, (_launch.cdiv(R, block_r),), (
         x, rows if rows is not None else rstd, mean if mean is not None else rstd, rstd, R, C,
-        rows.shape[1] if rows is not None else 1, x.stride(0), float(eps),
-        RMS=bool(rms), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4,
-    )
+        rows.shape[1] if rows is not None else 1, x.stride(0), float(eps)),
+        RMS=bool(rms), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
     return mean, rstd
 
 

@@ -7,6 +7,8 @@ rows per program, fp32 accumulation, the result cast to the input dtype (where P
 import triton
 import triton.language as tl
 
+from . import _launch
+
 
 @triton.jit
 def _pool_rows_kernel(
@@ -51,11 +53,11 @@ def pool_rows(x, rows, mode):
     out = torch.empty(M, D, device=x.device, dtype=x.dtype)
     if M == 0:
         return out
-    block_d = min(triton.next_power_of_2(D), 256)
+    block_d = min(_launch.next_pow2(D), 256)
     block_m = 16
-    grid = (triton.cdiv(M, block_m), triton.cdiv(D, block_d))
-    _pool_rows_kernel[grid](x, rows, out, M, D, Q, x.stride(0), out.stride(0), MODE=mode, BLOCK_M=block_m,
-                            BLOCK_D=block_d, num_warps=4)
+    _launch.run(_pool_rows_kernel, (_launch.cdiv(M, block_m), _launch.cdiv(D, block_d)),
+                (x, rows, out, M, D, Q, x.stride(0), out.stride(0)), MODE=mode, BLOCK_M=block_m, BLOCK_D=block_d,
+                num_warps=4)
     return out
 
 

@@ -14,6 +14,8 @@ embedding before its LayerNorm.
 import triton
 import triton.language as tl
 
+from . import _launch
+
 
 @triton.jit
 def _row_norm_kernel(
@@ -53,7 +55,7 @@ def _row_norm_kernel(
 
 
 def _blocks(C):
-    block_c = triton.next_power_of_2(C)
+    block_c = _launch.next_pow2(C)
     block_r = max(1, min(16, 4096 // block_c))
     return block_r, block_c
 
@@ -72,9 +74,9 @@ def row_norm_(x, weight, bias, eps, *, rms=False, block_r=None):
     br = block_r or br
     if R == 0:
         return x
-    _row_norm_kernel[(triton.cdiv(R, br),)](x, weight, bias if bias is not None else weight, R, C, x.stride(0),
-                                             float(eps), HAS_BIAS=bias is not None, RMS=bool(rms), BLOCK_R=br, BLOCK_C=bc,
-                                             num_warps=4 if bc * br <= 4096 else 8)
+    _launch.run(_row_norm_kernel, (_launch.cdiv(R, br),),
+                (x, weight, bias if bias is not None else weight, R, C, x.stride(0), float(eps)),
+                HAS_BIAS=bias is not None, RMS=bool(rms), BLOCK_R=br, BLOCK_C=bc, num_warps=4 if bc * br <= 4096 else 8)
     return x
 
 

@@ -155,18 +155,27 @@ def test_extension_unavailable_is_an_error(monkeypatch):
         fastvlm.scatter_image_features(embeds, mask, feats)
 
 
-@pytest.mark.parametrize("backend", ["auto", "cuda"])
-def test_lazy_check(backend, request):
-    """check="lazy" returns the device count unread; check_token_count raises transformers' error later."""
+@pytest.mark.parametrize("backend", ["auto", "triton", "cuda"])
+def test_lazy_check(backend, request, monkeypatch):
+    """check="lazy" returns the device count unread; check_token_count raises transformers' error later. The kernels
+    (Triton: "triton"; the extension: "cuda") never read past the feature rows: the rows without one are NaN."""
     if backend == "cuda":
         request.getfixturevalue("ext")
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
     embeds, mask, feats = _case()
-    out, n = fastvlm.scatter_image_features(embeds, mask, feats, backend=backend, check="lazy")
+    which = "auto" if backend == "triton" else backend
+    out, n = fastvlm.scatter_image_features(embeds, mask, feats, backend=which, check="lazy")
     assert isinstance(n, torch.Tensor) and int(n) == 8 and torch.equal(out, _hf(embeds, mask, feats))
     S.check_token_count(n, feats.shape[0])
-    if backend == "cuda":  # the auto path checks before its launch (its kernel trusts the count)
-        out, n = fastvlm.scatter_image_features(embeds, mask, feats[:-1], backend=backend, check="lazy")
-        assert out[mask].isnan().all()
+    if backend != "auto":  # (the PyTorch path checks before masked_scatter, which needs the count right)
+        # 7 rows viewed from 8 finite ones: a read past the 7th would find a number where NaN is expected
+        out, n = fastvlm.scatter_image_features(embeds, mask, feats[:-1], backend=which, check="lazy")
+        if backend == "cuda":  # the extension marks every image row of a mismatched call
+            assert out[mask].isnan().all()
+        else:  # the Triton kernel marks the image tokens without a feature row (here the 8th)
+            assert out[mask].isnan().all(dim=-1).tolist() == [False] * 7 + [True]
+        assert torch.equal(out[~mask], embeds[~mask])
         with pytest.raises(ValueError, match="tokens: 8, features: 7"):
             S.check_token_count(n, feats.shape[0] - 1)
     with pytest.raises(ValueError, match="check must be"):

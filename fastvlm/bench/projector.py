@@ -21,7 +21,6 @@ Rows are appended to ``--out`` as they are measured. ``FASTVLM_BENCH_TINY=1``: e
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
@@ -289,38 +288,6 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
     return rec.rows
 
 
-def dispatch_overhead(reps=2000):
-    """Host cost per call of the custom-op boundary vs the eager bypass, on tiny inputs (microseconds)."""
-    import time
-
-    from fastvlm.ops import projector as P
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    x = torch.randn(4, 16, device=device)
-    w1, b1, w2, b2 = (torch.randn(16, 16, device=device), torch.randn(16, device=device),
-                      torch.randn(8, 16, device=device), torch.randn(8, device=device))
-    args = (x, w1, b1, w2, b2, None, None, "none", 16, 1e-5, "gelu")
-    os.environ.setdefault("FASTVLM_BACKEND", "torch" if device == "cpu" else "auto")
-    calls = {
-        "direct implementation": lambda: P._forward(*args, False),
-        "eager bypass (fastvlm.mlp_projector)": lambda: P.mlp_projector(x, w1, b1, w2, b2, act="gelu"),
-        "torch.ops.fastvlm.mlp_projector": lambda: torch.ops.fastvlm.mlp_projector(*args, False),
-    }
-    res = {}
-    for name, fn in calls.items():
-        for _ in range(50):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        res[name] = (time.perf_counter() - t0) / reps * 1e6
-    return device, res
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="fastvlm bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", help=f"default: all on GPU, llava-1.5-7b@1 on CPU. Choices: {SHAPES}")
@@ -329,14 +296,14 @@ def main(argv=None):
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int)
     ap.add_argument("--out", help="append result rows (JSON lines) to this file")
-    ap.add_argument("--overhead", action="store_true", help="only measure the custom-op dispatch overhead")
+    ap.add_argument("--overhead", action="store_true",
+                    help="host time per call of every fused module vs its original (fastvlm.bench.overhead; "
+                         "`fastvlm bench --overhead --help` for its options)")
+    if argv and "--overhead" in argv:
+        from fastvlm.bench.overhead import main as overhead_main
+
+        return overhead_main([a for a in argv if a != "--overhead"])
     args = ap.parse_args(argv)
-    if args.overhead:
-        device, res = dispatch_overhead()
-        print(f"per-call host time on {device} (tiny 4x16 inputs; the op's own work is identical in each row):")
-        for k, v in res.items():
-            print(f"  {k:40} {v:8.1f} us")
-        return 0
     import warnings
 
     warnings.filterwarnings("ignore", module="fastvlm")

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
-from fastvlm.ops.scatter import scatter_image_features
+from fastvlm.ops.scatter import check_token_count, scatter_image_features
 
 OP = "fastvlm.handoff"
 _MARK = "_fastvlm_handoff"
@@ -234,11 +234,17 @@ def _handoff_forward(self, *args, **kwargs):
     if recipe.concat or isinstance(features, (list, tuple)):  # 5.17's FastVLM returns a list and concatenates it
         features = torch.cat(features, dim=0)
     features = features.to(inputs_embeds.device, inputs_embeds.dtype)
-    inputs_embeds = scatter_image_features(inputs_embeds, input_ids == token_id, features)
-    source = "mm_encoder_outputs" if encoded is not None else "pixel_values"
-    _dispatch._record(_dispatch.OpRecord(OP, "fastvlm", (),
-                                         f"{type(self).__name__} rows{tuple(features.shape)} from {source}"))
+    # the image-token count is checked after the language model's launches are queued (no synchronisation in the
+    # connector path); a mismatch meanwhile gives NaN rows, never a read past the features, and then the same
+    # ValueError as transformers. Not read while a CUDA graph is captured or under torch.compile.
+    inputs_embeds, n_tokens = scatter_image_features(inputs_embeds, input_ids == token_id, features, check="lazy")
+    if _dispatch.tracing():
+        source = "mm_encoder_outputs" if encoded is not None else "pixel_values"
+        _dispatch._record(_dispatch.OpRecord(OP, "fastvlm", (),
+                                             f"{type(self).__name__} rows{tuple(features.shape)} from {source}"))
     out = forward(input_ids=None, inputs_embeds=inputs_embeds, pixel_values=None, **rest)
+    if not _no_host_reads():
+        check_token_count(n_tokens, features.numel() // max(features.shape[-1], 1))  # feature rows
     fields = getattr(out, "__dataclass_fields__", {})
     if "image_outputs" in fields or "image_hidden_states" not in fields:  # transformers 5.24
         _set_field(out, "image_outputs", image_outputs)
@@ -253,6 +259,13 @@ def _set_field(out, name, value):
         out[name] = value
     else:
         setattr(out, name, value)
+
+
+def _no_host_reads():
+    """True while a CUDA graph is being captured or torch.compile traces (a host read is not allowed there)."""
+    if torch.compiler.is_compiling():
+        return True
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def install(model: nn.Module, selected=lambda family: True):

@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
+from fastvlm.nn import _plan
 from fastvlm.nn.projector import _FusedBase
 from fastvlm.ops.perceiver import perceiver_resampler
 from fastvlm.ops.projector import mlp_projector
@@ -115,12 +116,12 @@ def resampler_structure(res):
     return plan, []
 
 
-def _hook_reasons(root, prefix=""):
-    reasons = []
-    for name, m in root.named_modules():
-        if name and (m._forward_hooks or m._forward_pre_hooks):
-            reasons.append(f"{prefix}{name} has forward hooks, which the fused path would not call")
-    return reasons
+def _plan_params(plan, res):
+    """The parameters the fused path reads (the latents and every layer's weights)."""
+    out = [res.latents, plan["norm_weight"]]
+    for ly in plan["layers"]:
+        out += [v for v in ly.values() if isinstance(v, torch.Tensor)]
+    return out
 
 
 def _call_reasons(root, x, params):
@@ -143,19 +144,37 @@ def _mask_plan(mask, context):
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def fused_resampler_forward(res, context, attention_mask, base_forward, name, prefix="", **kwargs):
+def _resampler_plan(res, holder, prefix=""):
+    """(plan, reasons, named modules) of ``res``, kept in ``holder`` (the fused module calling it) until a link in
+    the resampler's tree or a module's training flag changes (fastvlm.nn._plan)."""
+    def build(fp):
+        named = fp.subtree(res)
+        for layer in res.layers:  # the settings the plan reads
+            for part in ("input_latents_norm", "input_context_norm", "post_attention_layernorm"):
+                fp.attr(getattr(layer, part), "variance_epsilon", None)
+            for attr in ("num_heads", "num_key_value_heads", "head_dim", "scaling", "is_causal", "attention_dropout"):
+                fp.attr(layer.self_attn, attr, None)
+        fp.attr(res.norm, "variance_epsilon", None)
+        plan, reasons = resampler_structure(res)
+        return plan, reasons, tuple((prefix + n if n else n, m) for n, m in named)
+
+    attr = _plan.PLAN_ATTR if holder is res else _plan.PLAN_ATTR + "_resampler"
+    return _plan.cached_plan(holder, build, attr)
+
+
+def fused_resampler_forward(res, context, attention_mask, base_forward, name, prefix="", holder=None, **kwargs):
     """The fused forward of ``res`` (an Idefics2PerceiverResampler, fused or not), or ``base_forward`` with the
-    reasons reported."""
-    plan, reasons = resampler_structure(res)
-    reasons = reasons + _hook_reasons(res, prefix)
+    reasons reported. ``holder``: the fused module that keeps the resampler's plan (``res`` itself by default)."""
+    plan, reasons, named = _resampler_plan(res, holder if holder is not None else res, prefix)
+    reasons = list(reasons) + _plan.hooked(named)
     mask = None
     if not reasons:
-        reasons += _call_reasons(res, context, res.parameters())
+        reasons += _call_reasons(res, context, _plan_params(plan, res))
         mask = _mask_plan(attention_mask, context)
         if isinstance(mask, str):
             reasons.append(mask)
     if reasons:
-        _dispatch.report_fallback(name, reasons, f"context{tuple(context.shape)}")
+        _dispatch.report_fallback(name, reasons, lambda: f"context{tuple(context.shape)}")
         return base_forward(res, context=context, attention_mask=attention_mask, **kwargs)
     return perceiver_resampler(context, mask, res.latents, plan["layers"], plan["norm_weight"], eps=plan["eps"],
                                heads=plan["heads"], kv_heads=plan["kv_heads"], head_dim=plan["head_dim"],
@@ -187,22 +206,37 @@ class _FusedConnectorMixin(_FusedBase):
         return mlp_projector(x, mlp.gate_proj.weight, None, mlp.down_proj.weight, None, act=act,
                              w_up=mlp.up_proj.weight)
 
+    def _fastvlm_connector_plan(self):
+        """(reasons, the projection's (gate, up, down) weights and activation, named modules), kept until the
+        connector's tree changes (fastvlm.nn._plan)."""
+        def build(fp):
+            named = fp.subtree(self)
+            mlp = self.modality_projection
+            fp.attr(getattr(mlp, "act_fn", None), "approximate", None)
+            reasons = []
+            _mlp_reasons("modality_projection", mlp, reasons)
+            weights = None if reasons else (mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight,
+                                            activation_name(mlp.act_fn))
+            return reasons, weights, named
+
+        return _plan.cached_plan(self, build)
+
     def forward(self, image_hidden_states, attention_mask):
         name = self._fastvlm_recipe.fused_name
         # the resampler's own structure is checked by fused_resampler_forward (its fallback is the resampler's
         # original forward); hooks anywhere below the connector are checked here, since the fused path calls
         # neither child module
-        reasons = []
-        _mlp_reasons("modality_projection", self.modality_projection, reasons)
-        reasons += _hook_reasons(self)
+        reasons, weights, named = self._fastvlm_connector_plan()
+        reasons = list(reasons) + _plan.hooked(named)
         if not reasons:
-            reasons = _call_reasons(self, image_hidden_states, self.modality_projection.parameters())
+            reasons = _call_reasons(self, image_hidden_states, weights[:3])
         if reasons:
-            _dispatch.report_fallback(name, reasons, f"x{tuple(image_hidden_states.shape)}")
+            _dispatch.report_fallback(name, reasons, lambda: f"x{tuple(image_hidden_states.shape)}")
             return self._fastvlm_base.forward(self, image_hidden_states, attention_mask)
-        ctx = self._project(image_hidden_states)
+        gate, up, down, act = weights
+        ctx = mlp_projector(image_hidden_states, gate, None, down, None, act=act, w_up=up)
         return fused_resampler_forward(self.perceiver_resampler, ctx, attention_mask, self._fastvlm_resampler_base.forward,
-                                       name, prefix="perceiver_resampler.")
+                                       name, prefix="perceiver_resampler.", holder=self)
 
 
 _MIXINS = {"resampler": _FusedResamplerMixin, "connector": _FusedConnectorMixin}

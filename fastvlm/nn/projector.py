@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
+from fastvlm.nn import _plan
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import pool_rows, ragged_space_to_depth_rows, space_to_depth_rows
 from fastvlm.ops.projector import mlp_projector
@@ -127,25 +128,32 @@ _RMSNORM_CLASSES = ("Qwen2_5_VLRMSNorm", "Qwen2RMSNorm", "LlamaRMSNorm", "Mistra
 _RMSNORM_1P_CLASSES = ("Gemma3RMSNorm",)
 
 
-def _norm_plan(mod):
-    """(kind, weight, bias, eps) of a supported norm module, or a reason string."""
+def _norm_plan(mod, fp=None):
+    """(kind, weight, bias, eps) of a supported norm module, or a reason string. With a fingerprint ``fp``
+    (fastvlm.nn._plan) the parameters and eps are read through it."""
+    fp = fp or _plan.Fingerprint()
     if type(mod) is nn.LayerNorm:
-        if len(mod.normalized_shape) != 1:
+        if len(fp.attr(mod, "normalized_shape")) != 1:
             return f"LayerNorm over {mod.normalized_shape} (only the last dimension is fused)"
-        if mod.weight is None:
+        weight = fp.param(mod, "weight")
+        if weight is None:
             return "LayerNorm without elementwise_affine has no fused kernel"
-        return "layernorm", mod.weight, mod.bias, mod.eps
+        return "layernorm", weight, fp.param(mod, "bias"), fp.attr(mod, "eps")
     name = type(mod).__name__
     if name in _RMSNORM_CLASSES:
-        eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
-        if eps is None or getattr(mod, "weight", None) is None:
+        eps = fp.attr(mod, "variance_epsilon", None)
+        eps = fp.attr(mod, "eps", None) if eps is None else eps
+        weight = fp.param(mod, "weight") if "weight" in mod._parameters else fp.attr(mod, "weight", None)
+        if eps is None or weight is None:
             return f"{name} lacks weight/eps attributes"
-        return "rmsnorm", mod.weight, None, float(eps)
+        return "rmsnorm", weight, None, float(eps)
     if name in _RMSNORM_1P_CLASSES:
-        return "rmsnorm_1p", mod.weight, None, float(mod.eps)
+        return "rmsnorm_1p", fp.param(mod, "weight"), None, float(fp.attr(mod, "eps"))
     kind = NORMS_BY_BEHAVIOUR.get(type(mod))  # (kind, eps attribute), confirmed on a probe
-    if kind is not None and isinstance(getattr(mod, "weight", None), torch.Tensor):
-        return kind[0], mod.weight, None, float(getattr(mod, kind[1]))
+    if kind is not None:
+        weight = fp.param(mod, "weight") if "weight" in mod._parameters else fp.attr(mod, "weight", None)
+        if isinstance(weight, torch.Tensor):
+            return kind[0], weight, None, float(fp.attr(mod, kind[1]))
     return f"norm {name} has no fused kernel"
 
 
@@ -172,6 +180,9 @@ class _FusedBase:
 
     _fastvlm_base: type
 
+    def __getstate__(self):  # pickle / deepcopy: plans (live references) are rebuilt on demand
+        return _plan.state_without_plan(super().__getstate__())
+
     @classmethod
     def from_module(cls, original):
         """Wrap ``original`` (an instance of the original class) without copying: same children, same tensors."""
@@ -187,64 +198,76 @@ class _FusedProjectorMixin(_FusedBase):
     _fastvlm_recipe: ProjectorRecipe
     _fastvlm_base: type
 
-    def _fastvlm_linears(self):
+    def _fastvlm_linears(self, fp=None):
         r = self._fastvlm_recipe
+        fp = fp or _plan.Fingerprint()
         names = [n for n in (r.merger, r.linear_1 or None, r.up, r.linear_2) if n]
-        return [(n, self.get_submodule(n)) for n in names]
+        return [(n, fp.child(self, n)) for n in names]
 
     def _fastvlm_structure(self):
-        """(plan, reasons) from the module's structure alone: child types, activations, norm, dropout."""
+        """(plan, reasons) from the module's structure alone: child types, activations, norm, dropout. Read once and
+        kept until a child, parameter or setting it was read from changes (fastvlm.nn._plan); the plan is shared
+        between calls: never modify it."""
+        return _plan.cached_plan(self, self._fastvlm_read_structure)[:2]
+
+    def _fastvlm_read_structure(self, fp):
+        """(plan, reasons, children whose hooks every call checks), read through the fingerprint ``fp``."""
         r = self._fastvlm_recipe
+        hooked = tuple((name, fp.child(self, name, optional=True))
+                       for name in (r.merger, r.linear_1, r.up, r.linear_2, r.norm) if name)
         reasons = []
-        for name, lin in self._fastvlm_linears():
+        for name, lin in self._fastvlm_linears(fp):
             if type(lin) is not nn.Linear and not isinstance(lin, FusedLinear):
                 reasons.append(f"{name} is {type(lin).__name__}, not torch.nn.Linear")
         plan = {}
         for key, path in (("act", r.act), ("act2", r.act2)):
             plan[key] = "none"
             if path:
-                act_mod = self.get_submodule(path)
+                act_mod = fp.child(self, path)
+                fp.attr(act_mod, "approximate", None), fp.attr(act_mod, "inplace", None)
                 plan[key] = activation_name(act_mod)
                 if plan[key] is None:
                     reasons.append(f"activation {type(act_mod).__name__} has no fused kernel")
-        if r.norm and _optional_child(self, r.norm) is not None:
-            np_ = _norm_plan(self.get_submodule(r.norm))
+        norm_mod = fp.child(self, r.norm, optional=True) if r.norm else None
+        if norm_mod is not None:
+            np_ = _norm_plan(norm_mod, fp)
             if isinstance(np_, str):
                 reasons.append(np_)
             else:
                 kind, w, b, eps = np_
                 plan.update(norm=kind, norm_weight=w, norm_bias=b, eps=eps, norm_group=w.shape[0])
-        if self.training and any(getattr(m, "dropout", 0) for m in (self, *self.children())
-                                 if isinstance(getattr(m, "dropout", 0), float)):
+        if self.training and any(isinstance(fp.attr(m, "dropout", 0), float) and m.dropout
+                                 for m in (self, *self.children())):
             reasons.append("dropout is active (module in training mode with p > 0)")
         if reasons:
-            return None, reasons
-        if r.weight_in_out:
-            plan.update(w1=getattr(self, r.weight_in_out).t(), b1=None)
+            return None, reasons, hooked
+        if r.weight_in_out:  # a Parameter [in, out]: transposed per call (a view, never kept)
+            plan.update(w1_in_out=fp.param(self, r.weight_in_out), b1=None)
         else:
-            lin1 = self.get_submodule(r.linear_1)
-            plan.update(w1=lin1.weight, b1=lin1.bias)
-        lin2 = self.get_submodule(r.linear_2) if r.linear_2 else None
-        plan.update(w2=lin2.weight if lin2 is not None else None, b2=lin2.bias if lin2 is not None else None)
+            lin1 = fp.child(self, r.linear_1)
+            plan.update(w1=fp.param(lin1, "weight"), b1=fp.param(lin1, "bias"))
+        lin2 = fp.child(self, r.linear_2) if r.linear_2 else None
+        plan.update(w2=fp.param(lin2, "weight") if lin2 is not None else None,
+                    b2=fp.param(lin2, "bias") if lin2 is not None else None)
         if r.up:
-            up = self.get_submodule(r.up)
-            plan.update(w_up=up.weight, b_up=up.bias)
-        return plan, []
+            up = fp.child(self, r.up)
+            plan.update(w_up=fp.param(up, "weight"), b_up=fp.param(up, "bias"))
+        return plan, [], hooked
 
     def _fastvlm_plan(self, x):
-        """The structure's plan plus the per-call conditions (hooks on children, autocast)."""
-        plan, reasons = self._fastvlm_structure()
-        r = self._fastvlm_recipe
-        for name in (r.merger, r.linear_1, r.up, r.linear_2, r.norm):
-            if name and _optional_child(self, name) is not None:
-                reasons += _child_reasons(name, self.get_submodule(name))
+        """The structure's plan plus the per-call conditions (hooks on children, autocast). The plan is shared:
+        read it, never modify it."""
+        plan, reasons, hooked = _plan.cached_plan(self, self._fastvlm_read_structure)
+        reasons = list(reasons) + [f"{name} has forward hooks, which the fused path would not call"
+                                   for name, mod in hooked if mod is not None and _child_reasons(name, mod)]
         if autocast_on(x.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         return (None, reasons) if reasons else (plan, [])
 
-    def _fastvlm_scale(self):
+    def _fastvlm_scale(self, fp=None):
+        fp = fp or _plan.Fingerprint()
         owner, _, attr = self._fastvlm_recipe.scale.rpartition(".")
-        v = getattr(self.get_submodule(owner) if owner else self, attr)
+        v = fp.attr(fp.child(self, owner), attr)
         return int(round(1 / v)) if v < 1 else int(v)
 
     def _fastvlm_layout(self, x, extra):
@@ -323,15 +346,19 @@ class _FusedProjectorMixin(_FusedBase):
         if reasons:
             _dispatch.report_fallback(r.fused_name, reasons, f"x{tuple(x.shape)}")
             return self._fastvlm_base.forward(self, x, *extra)
-        w1, b1, w2, b2 = plan.pop("w1"), plan.pop("b1"), plan.pop("w2"), plan.pop("b2")
-        mode = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}.get(r.merge, "strided")
+        call = plan.get("_call")
+        if call is None:  # the call's arguments, derived once per plan (the plan is shared: only this key is added)
+            call = plan["_call"] = _call_args(plan, r)
+        w1, b1, w2, b2, kw, merger_norm = call
+        if r.weight_in_out:  # a Parameter [in, out]: its transposed view, taken per call
+            w1 = w1.t()
+        mode = _A_MODES.get(r.merge, "strided")
         if r.merger:  # merge (+ norm before it) -> merging linear, then the MLP on the merged rows
             merging = self.get_submodule(r.merger)
-            norm = {k: plan.pop(k) for k in ("norm", "norm_weight", "norm_bias", "eps", "norm_group")}
             x2 = mlp_projector(x2, merging.weight, merging.bias, act="none", rows=rows, a_mode=mode, norm_src=True,
-                               **norm)
+                               **merger_norm)
             rows, mode = None, "strided"
-        y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **plan)
+        y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **kw)
         return y if shape is None else y.reshape(*shape, y.shape[-1])
 
 
@@ -349,6 +376,20 @@ def _run_original(module, why, *args, quiet=False):
     return out
 
 
+_A_MODES = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}
+_NORM_KEYS = ("norm", "norm_weight", "norm_bias", "eps", "norm_group")
+
+
+def _call_args(plan, r):
+    """(w1 or the [in, out] weight, b1, w2, b2, mlp_projector keywords, the merger's norm keywords) of a plan."""
+    kw = {k: v for k, v in plan.items() if k not in ("w1", "w1_in_out", "b1", "w2", "b2") and not k.startswith("_")}
+    merger_norm = {}
+    if r.merger:  # the norm runs before the merge, in the merging linear's call
+        merger_norm = {k: kw.pop(k) for k in _NORM_KEYS}
+    w1 = plan["w1_in_out"] if r.weight_in_out else plan["w1"]
+    return w1, plan["b1"], plan["w2"], plan["b2"], kw, merger_norm
+
+
 # instance attributes that accelerate's device hooks put on a module: never copied (they are bound to the
 # original); the hook itself is re-attached to the fused module instead
 _ACCELERATE_ATTRS = ("forward", "_old_forward", "_hf_hook")
@@ -360,7 +401,7 @@ def _adopt(cls, original):
     nn.Module.__init__(fused)
     module_state = set(fused.__dict__)
     for key, value in original.__dict__.items():
-        if key not in module_state and key not in _ACCELERATE_ATTRS:
+        if key not in module_state and key not in _ACCELERATE_ATTRS and not key.startswith(_plan.PLAN_ATTR):
             fused.__dict__[key] = value
     fused._parameters = dict(original._parameters)
     fused._buffers = dict(original._buffers)

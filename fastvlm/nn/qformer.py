@@ -51,6 +51,7 @@ from fastvlm.ops.linear_norm import linear_residual_layernorm
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
 
+from . import _plan
 from .projector import _FusedBase
 
 
@@ -107,13 +108,24 @@ class _FusedQFormerMixin(_FusedBase):
 
     def _fastvlm_structure(self, hooks=False):
         """Reasons (a list, empty when fusable) from the module's structure alone; with ``hooks``, also the children
-        that carry user forward hooks (one pass over the module tree: this runs on every call)."""
+        that carry user forward hooks. The structure is read once and kept until a link in the module tree or a
+        training flag changes (fastvlm.nn._plan); the hooks are looked at on every call."""
         reasons = []
+        for name, mod, own in _plan.cached_plan(self, self._fastvlm_read_structure):
+            if hooks and (mod._forward_hooks or mod._forward_pre_hooks) and _user_hooks(mod):
+                reasons.append(f"{name} has forward hooks, which the fused path would not call")
+            reasons += own
+        return reasons
+
+    def _fastvlm_read_structure(self, fp):
+        """(name, module, its structure reasons) for every module below this one, in named_modules order."""
+        fp.subtree(self)
+        out = []
         for name, mod in self.named_modules():
             if not name:
                 continue
-            if hooks and (mod._forward_hooks or mod._forward_pre_hooks) and _user_hooks(mod):
-                reasons.append(f"{name} has forward hooks, which the fused path would not call")
+            reasons = []
+            out.append((name, mod, reasons))
             leaf = name.rsplit(".", 1)[-1]
             if leaf in ("query", "key", "value", "dense") and type(mod) is not nn.Linear:
                 reasons.append(f"{name} is {type(mod).__name__}, not torch.nn.Linear")
@@ -121,7 +133,7 @@ class _FusedQFormerMixin(_FusedBase):
                 reasons.append(f"{name} is {type(mod).__name__}, not torch.nn.LayerNorm")
             if leaf in ("intermediate", "intermediate_query") and activation_name(mod.intermediate_act_fn) is None:
                 reasons.append(f"{name}'s activation {type(mod.intermediate_act_fn).__name__} has no fused kernel")
-        return reasons
+        return tuple(out)
 
     def _fastvlm_call_reasons(self, kwargs, x_ref, enc, masks):
         reasons = self._fastvlm_structure(hooks=True)

@@ -21,11 +21,12 @@ A Triton backward is future work.
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 
-from fastvlm import _dispatch
+from fastvlm import _dispatch, _hot
 from fastvlm.ops import _checks
 from fastvlm.reference.attention import attention_ref, full_kv, keep_flags, probs_from_lse, scores_ref
 
@@ -103,18 +104,32 @@ def _kernel_reasons(q, k, v, key_mask, attn_mask, k2=None, v2=None):
 # ------------------------------------------------------------------------------------------------ forward paths
 
 
-def _forward(q, k, v, key_mask, attn_mask, scale, k2=None, v2=None):
-    """(O [B, Lq, H, D], LSE [B, H, Lq] fp32, fp64 for fp64 inputs)."""
+def _detail(q, k, key_mask, attn_mask, k2):
     masks = "+".join(n for n, m in (("key_mask", key_mask), ("attn_mask", attn_mask)) if m is not None)
-    detail = (f"q{tuple(q.shape)} k{tuple(k.shape)}" + (f" k2{tuple(k2.shape)}" if k2 is not None else "")
-              + f" {str(q.dtype).replace('torch.', '')}" + (f" {masks}" if masks else ""))
-    reasons = _kernel_reasons(q, k, v, key_mask, attn_mask, k2, v2) + _checks.autocast_reasons(q.device)
+    return (f"q{tuple(q.shape)} k{tuple(k.shape)}" + (f" k2{tuple(k2.shape)}" if k2 is not None else "")
+            + f" {str(q.dtype).replace('torch.', '')}" + (f" {masks}" if masks else ""))
+
+
+@functools.lru_cache(maxsize=None)
+def _launcher():
+    from fastvlm.kernels.attention import attention_fwd  # (imports triton: on first use)
+
+    return attention_fwd
+
+
+def _forward(q, k, v, key_mask, attn_mask, scale, k2=None, v2=None, reasons=None):
+    """(O [B, Lq, H, D], LSE [B, H, Lq] fp32, fp64 for fp64 inputs). ``reasons``: the kernel's reasons for these
+    inputs when the caller has them from its checked key."""
+    if reasons is None:
+        reasons = tuple(_kernel_reasons(q, k, v, key_mask, attn_mask, k2, v2))
+    # per call, never cached with the shape key: autocast's state and the scale's value
+    reasons = list(reasons) + _checks.autocast_reasons(q.device)
     if not 0.0 < scale < float("inf"):  # eager attention takes any scale; the kernel folds 1 / scale into its masks
         reasons.append(f"scale {scale} is not positive and finite (the kernel needs 0 < scale < inf)")
-    backend = _dispatch.choose_backend(OP_NAME, q.device, reasons, detail)
+    backend = _dispatch.choose_backend(OP_NAME, q.device, reasons,
+                                       lambda: _detail(q, k, key_mask, attn_mask, k2))
     if backend == "triton":
-        from fastvlm.kernels.attention import attention_fwd
-
+        attention_fwd = _launcher()
         return attention_fwd(q, k, v, key_mask=key_mask, attn_mask=attn_mask, scale=scale, k2=k2, v2=v2)
     return attention_ref(q, k, v, key_mask, attn_mask, scale, k2, v2)
 
@@ -244,7 +259,16 @@ def attention(q, k, v, *, key_mask=None, attn_mask=None, scale=None, k2=None, v2
     is masked by keep-flags gives zeros (as SDPA does). Eager calls skip the torch.library dispatcher; under
     torch.compile the call is the registered custom op.
     """
-    _validate(q, k, v, key_mask, attn_mask, k2, v2)
+    try:
+        key = None if torch.compiler.is_compiling() else _hot.devices_key((q, k, v, key_mask, attn_mask, k2, v2))
+    except AttributeError:  # something else than a tensor: the checks name it
+        key = None
+    reasons = _CHECKED.get(key) if key is not None else None
+    if reasons is None:  # a new shape key: the checks (shapes, dtypes, devices only) and the kernel's reasons
+        _validate(q, k, v, key_mask, attn_mask, k2, v2)
+        reasons = tuple(_kernel_reasons(q, k, v, keep_flags(key_mask), keep_flags(attn_mask), k2, v2))
+        if key is not None:
+            _hot.remember(_CHECKED, key, reasons)
     key_mask = keep_flags(key_mask)
     attn_mask = keep_flags(attn_mask)
     if scale is None and q.shape[-1] == 0:
@@ -259,4 +283,7 @@ def attention(q, k, v, *, key_mask=None, attn_mask=None, scale=None, k2=None, v2
         return torch.ops.fastvlm.attention(*tensors, scale, k2, v2)[0]
     if needs_grad:
         return _AttentionFunction.apply(*tensors, scale, k2, v2)
-    return _forward(*tensors, scale, k2, v2)[0]
+    return _forward(*tensors, scale, k2, v2, reasons)[0]
+
+
+_CHECKED = {}  # tensors' metadata -> the kernel's reasons (the checks passed for this key)

@@ -13,12 +13,13 @@ backward (eager keeps h, its statistics and the LayerNorm input).
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastvlm import _dispatch
+from fastvlm import _dispatch, _hot
 from fastvlm.ops import _checks
 from fastvlm.reference.linear_norm import linear_norm_eager
 
@@ -44,18 +45,32 @@ def _validate(x, w, b, residual, ln_w, ln_b, precision):
 
 
 def _kernel_reasons(x, named):
-    """Why the Triton kernels cannot run these inputs (empty list when they can)."""
-    return _dispatch.dtype_device_reasons(x, named) + _checks.autocast_reasons(x.device)
+    """Why the Triton kernels cannot run these inputs (empty list when they can); shapes, dtypes and devices only
+    (cached per shape key: autocast's state is added per call in ``_forward``)."""
+    return _dispatch.dtype_device_reasons(x, named)
 
 
-def _forward(x, w, b, residual, ln_w, ln_b, eps, precision):
-    detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}"
+def _reasons(x, w, b, residual, ln_w, ln_b):
     named = (("weight", w), ("bias", b), ("residual", residual), ("ln_weight", ln_w), ("ln_bias", ln_b))
-    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
-    if backend == "triton":
-        from fastvlm.kernels.linear_norm import linear_norm
+    return tuple(_kernel_reasons(x, named))
 
-        return linear_norm(x, w, b, residual, ln_w, ln_b, eps, precision=precision or None)
+
+@functools.lru_cache(maxsize=None)
+def _launcher():
+    from fastvlm.kernels.linear_norm import linear_norm  # (imports triton: on first use)
+
+    return linear_norm
+
+
+def _forward(x, w, b, residual, ln_w, ln_b, eps, precision, reasons=None):
+    """``reasons``: the kernel's reasons for these inputs when the caller has them from its checked key."""
+    if reasons is None:
+        reasons = _reasons(x, w, b, residual, ln_w, ln_b)
+    reasons = list(reasons) + _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
+    backend = _dispatch.choose_backend(
+        OP_NAME, x.device, reasons, lambda: f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}")
+    if backend == "triton":
+        return _launcher()(x, w, b, residual, ln_w, ln_b, eps, precision=precision or None)
     return linear_norm_eager(x, w, b, residual, ln_w, ln_b, eps)
 
 
@@ -139,8 +154,15 @@ def linear_residual_layernorm(x, weight, bias=None, residual=None, ln_weight=Non
     lead = x.shape[:-1]
     x2 = _checks.as_rows(x)
     r2 = None if residual is None else _checks.as_rows(residual)
-    _validate(x2, weight, bias, r2, ln_weight, ln_bias, precision)
-    bias, ln_weight, ln_bias = _checks.dense(bias, ln_weight, ln_bias)
+    tensors = (x2, weight, bias, r2, ln_weight, ln_bias)
+    key = None if torch.compiler.is_compiling() else (precision, _hot.devices_key(tensors))
+    reasons = _CHECKED.get(key) if key is not None else None
+    if reasons is None:  # a new shape key: the checks (shapes, dtypes, devices only) and the kernel's reasons
+        _validate(x2, weight, bias, r2, ln_weight, ln_bias, precision)
+        reasons = _reasons(*tensors)
+        if key is not None:
+            _hot.remember(_CHECKED, key, reasons)
+    bias, ln_weight, ln_bias = _checks.dense(bias, ln_weight, ln_bias)  # per call (a no-op for parameters)
     tensors = (x2, weight, bias, r2, ln_weight, ln_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
@@ -148,5 +170,8 @@ def linear_residual_layernorm(x, weight, bias=None, residual=None, ln_weight=Non
     elif needs_grad:
         y = _LinearNormFunction.apply(*tensors, float(eps), precision)
     else:
-        y = _forward(*tensors, float(eps), precision)
+        y = _forward(*tensors, float(eps), precision, reasons)
     return y.reshape(*lead, weight.shape[0])
+
+
+_CHECKED = {}  # (precision, tensors' metadata) -> the kernel's reasons (the checks passed for this key)

@@ -27,12 +27,13 @@ fp32 row statistics and, for a gated pair, the two pre-activations; it recompute
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastvlm import _dispatch
+from fastvlm import _dispatch, _hot
 from fastvlm.ops import _checks
 from fastvlm.ops.attention import attention
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
@@ -63,16 +64,25 @@ def _validate(x, w, w_up, nw, res, act):
 
 
 def _kernel_reasons(x, named):
-    """Why the Triton kernels cannot run these inputs (empty list when they can)."""
-    return _dispatch.dtype_device_reasons(x, named) + _checks.autocast_reasons(x.device)
+    """Why the Triton kernels cannot run these inputs (empty list when they can); shapes, dtypes and devices only
+    (cached per shape key: autocast's state is added per call in ``_forward``)."""
+    return _dispatch.dtype_device_reasons(x, named)
 
 
 # ------------------------------------------------------------------------------------------------ forward paths
 
 
-def _forward_triton(x, w, w_up, nw, res, eps, act, save, rstd=None):
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The launchers (imported on first use: fastvlm.kernels imports triton)."""
     from fastvlm.kernels.gemm import fused_linear
     from fastvlm.kernels.norm_stats import row_stats
+
+    return fused_linear, row_stats
+
+
+def _forward_triton(x, w, w_up, nw, res, eps, act, save, rstd=None):
+    fused_linear, row_stats = _kernels()
 
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -108,13 +118,23 @@ def _forward_torch(x, w, w_up, nw, res, eps, act, save, rstd=None):
     return y, h, rstd if save and nw is not None else None
 
 
-def _forward(x, w, w_up, nw, res, eps, act, save, rstd=None):
-    """(y, h [M, 2N] = [up | gate] pre-activations of a gated pair, rstd [M]); h / rstd None unless saved."""
-    detail = (f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}"
-              + (" rmsnorm" if nw is not None else "") + (f" gated {act}" if w_up is not None else "")
-              + (" +residual" if res is not None else ""))
-    named = (("weight", w), ("up weight", w_up), ("norm weight", nw), ("residual", res))
-    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
+def _detail(x, w, w_up, nw, res, act):
+    return (f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}"
+            + (" rmsnorm" if nw is not None else "") + (f" gated {act}" if w_up is not None else "")
+            + (" +residual" if res is not None else ""))
+
+
+def _reasons(x, w, w_up, nw, res):
+    return tuple(_kernel_reasons(x, (("weight", w), ("up weight", w_up), ("norm weight", nw), ("residual", res))))
+
+
+def _forward(x, w, w_up, nw, res, eps, act, save, rstd=None, reasons=None):
+    """(y, h [M, 2N] = [up | gate] pre-activations of a gated pair, rstd [M]); h / rstd None unless saved.
+    ``reasons``: the kernel's reasons for these inputs when the caller has them from its checked key."""
+    if reasons is None:
+        reasons = _reasons(x, w, w_up, nw, res)
+    reasons = list(reasons) + _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
+    backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w, w_up, nw, res, act))
     impl = _forward_triton if backend == "triton" else _forward_torch
     return impl(x, w, w_up, nw, res, eps, act, save, rstd)
 
@@ -249,12 +269,18 @@ def norm_linear(x, w, *, w_up=None, norm_weight=None, residual=None, eps=1e-6, a
     lead = x.shape[:-1]
     x2 = _checks.as_rows(x)
     r2 = _checks.as_rows(residual) if residual is not None else None
-    _validate(x2, w, w_up, norm_weight, r2, act)
     if rstd is not None:
         rstd = rstd.reshape(-1).detach()
-        if norm_weight is None or rstd.shape != (x2.shape[0],) or not rstd.is_floating_point():
+    key = None if torch.compiler.is_compiling() else (act, _hot.devices_key((x2, w, w_up, norm_weight, r2, rstd)))
+    reasons = _CHECKED.get(key) if key is not None else None
+    if reasons is None:  # a new shape key: the checks (shapes, dtypes, devices only) and the kernel's reasons
+        _validate(x2, w, w_up, norm_weight, r2, act)
+        if rstd is not None and (norm_weight is None or rstd.shape != (x2.shape[0],) or not rstd.is_floating_point()):
             raise ValueError(f"norm_linear: rstd must be a float [{x2.shape[0]}] tensor and needs a norm weight")
-    norm_weight, rstd = _checks.dense(norm_weight, rstd)
+        reasons = _reasons(x2, w, w_up, norm_weight, r2)
+        if key is not None:
+            _hot.remember(_CHECKED, key, reasons)
+    norm_weight, rstd = _checks.dense(norm_weight, rstd)  # per call (a no-op for parameters)
     tensors = (x2, w, w_up, norm_weight, r2)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
@@ -262,8 +288,11 @@ def norm_linear(x, w, *, w_up=None, norm_weight=None, residual=None, eps=1e-6, a
     elif needs_grad:
         y = _NormLinearFunction.apply(*tensors, float(eps), act, rstd)
     else:
-        y = _forward(*tensors, float(eps), act, False, rstd)[0]
+        y = _forward(*tensors, float(eps), act, False, rstd, reasons)[0]
     return y.reshape(*lead, y.shape[-1])
+
+
+_CHECKED = {}  # (act, tensors' metadata) -> the kernel's reasons (the checks passed for this key)
 
 
 # ------------------------------------------------------------------------------------------------ the resampler

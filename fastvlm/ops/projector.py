@@ -27,13 +27,14 @@ backward is future work.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastvlm import _dispatch
+from fastvlm import _dispatch, _hot
 from fastvlm.ops import _checks
 from fastvlm.ops.layout import gather_ref, scatter_back
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
@@ -114,8 +115,9 @@ def _validate(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, s: Spec, w_up=Non
 
 
 def _kernel_reasons(x, tensors):
-    """Why the Triton kernels cannot run these inputs (empty list when they can)."""
-    return _dispatch.dtype_device_reasons(x, tensors) + _checks.autocast_reasons(x.device)
+    """Why the Triton kernels cannot run these inputs (empty list when they can); dtypes and devices only (cached per
+    shape key: autocast's state is added per call in ``_forward``)."""
+    return _dispatch.dtype_device_reasons(x, tensors)
 
 
 def _saves_h(w2, s: Spec):
@@ -138,12 +140,32 @@ def _pool_first(x, rows, w1, s: Spec):
         return x, rows, s
     from fastvlm.kernels.pool import pool_rows
 
-    return pool_rows(x, rows, s.a_mode), None, replace(s, a_mode="strided")
+    return pool_rows(x, rows, s.a_mode), None, _strided_spec(s)
 
 
-def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
+@functools.lru_cache(maxsize=1024)
+def _strided_spec(s: Spec):
+    """``s`` with a strided A-load (the pooled rows); one object per spec (eager calls share Spec objects)."""
+    return replace(s, a_mode="strided")
+
+
+@functools.lru_cache(maxsize=None)
+def _kernels():
+    """The launchers (imported on first use: fastvlm.kernels imports triton)."""
     from fastvlm.kernels.gemm import fused_linear
     from fastvlm.kernels.norm_stats import row_stats
+
+    return fused_linear, row_stats
+
+
+def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None, memo=None):
+    """``memo``: a dict kept by the caller under its checked key (see ``fused_linear``'s ``memo``)."""
+    fused_linear, row_stats = _kernels()
+    m1 = m2 = None
+    if memo is not None:
+        m1, m2 = memo.get((1, save)), memo.get((2, save))
+        if m1 is None:
+            m1, m2 = memo[(1, save)], memo[(2, save)] = [None], [None]
 
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -169,12 +191,12 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b
         w1, b1 = w1[half:], None if b1 is None else b1[half:]
     first = fused_linear(x, w1, b1, act=s.act, norm=s.norm, norm_group=s.norm_group, mean=mean, rstd=rstd,
                          norm_weight=nw, norm_bias=nb, norm_src=s.norm_src, a_rows=rows, a_mode=s.a_mode,
-                         store_pre=save and _saves_h(w2, s), **gate)
+                         store_pre=save and _saves_h(w2, s), memo=m1, **gate)
     a, h = first if isinstance(first, tuple) else (first, None)
     z = None
     y = a
     if w2 is not None:
-        second = fused_linear(a, w2, b2, act=s.act2, store_pre=save and s.act2 != "none")
+        second = fused_linear(a, w2, b2, act=s.act2, store_pre=save and s.act2 != "none", memo=m2)
         y, z = second if isinstance(second, tuple) else (second, None)
     return y, h, z, mean, rstd
 
@@ -212,18 +234,31 @@ def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_
     return (y, h if save and _saves_h(w2, s) else None, z if save and s.act2 != "none" else None, mean, rstd)
 
 
-def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
-    """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved."""
-    if rows is not None:  # the table's values, checked here so that torch.compile's calls check them too
-        _checks.check_indices("mlp_projector", "rows", rows, x.shape[0])
+def _detail(x, w1, w2, rows, s):
     detail = f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {(w2 if w2 is not None else w1).shape[0]}"
     if s.a_mode != "strided":
         detail += f" ({s.a_mode} of {rows.shape[1]})"
+    return detail
+
+
+def _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up):
     named = (("linear_1.weight", w1), ("linear_1.bias", b1), ("linear_2.weight", w2), ("linear_2.bias", b2),
              ("norm.weight", nw), ("norm.bias", nb), ("up_proj.weight", w_up), ("up_proj.bias", b_up))
-    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
-    impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
+    return tuple(_kernel_reasons(x, named))
+
+
+def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None, reasons=None, memo=None):
+    """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved. ``reasons`` / ``memo``: the kernel's reasons for
+    these inputs and the launchers' memo, when the caller has them from its checked key."""
+    if rows is not None:  # the table's values, on every call (never cached with the shape key; under torch.compile too)
+        _checks.check_indices("mlp_projector", "rows", rows, x.shape[0])
+    if reasons is None:
+        reasons = _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up)
+    reasons = list(reasons) + _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
+    backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w1, w2, rows, s))
+    if backend == "triton":
+        return _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up, memo)
+    return _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -458,8 +493,22 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         group = K
     else:
         group = int(norm_group or (x2.shape[-1] if norm_src else K))
-    s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated or w_up is not None)
-    _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
+    gated = gated or w_up is not None
+    if torch.compiler.is_compiling():  # traced once per graph: no per-call caches
+        s = _spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
+        _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
+        reasons = memo = None
+    else:
+        s = _cached_spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
+        key = (s, torch.backends.cuda.matmul.allow_tf32,
+               _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
+        checked = _CHECKED.get(key)
+        if checked is None:  # a new shape key: the checks (shapes, dtypes and devices only) and the kernel's reasons
+            _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
+            checked = (_reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up), {})
+            _hot.remember(_CHECKED, key, checked)
+        reasons, memo = checked
+    # per call (a no-op for parameters); the row table's values are checked per call in ``_forward``
     b1, b2, norm_weight, norm_bias, b_up = _checks.dense(b1, b2, norm_weight, norm_bias, b_up)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
@@ -469,5 +518,10 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     elif needs_grad:
         y = _MLPProjectorFunction.apply(*tensors, rows, s, w_up, b_up)
     else:
-        y = _forward(*tensors, rows, s, False, w_up, b_up)[0]
+        y = _forward(*tensors, rows, s, False, w_up, b_up, reasons, memo)[0]
     return y if lead is None else y.reshape(*lead, y.shape[-1])
+
+
+# (spec, allow_tf32, tensors' metadata) -> (the Triton kernel's reasons, the launchers' memo): the checks passed
+_CHECKED = {}
+_cached_spec = functools.lru_cache(maxsize=1024)(_spec)  # eager calls share Spec objects

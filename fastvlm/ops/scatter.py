@@ -12,8 +12,11 @@ Two implementations, picked per call by this rule:
 3. else ``"auto"``.
 
 ``"auto"`` (the default) is the ``fastvlm::scatter_image_features`` custom op: the Triton kernel on CUDA tensors,
-``masked_scatter`` on the PyTorch path, chosen and reported like every fastvlm op (``FASTVLM_BACKEND``). The token
-count is checked on the host *before* the launch (one synchronisation): the Triton kernel trusts it.
+``masked_scatter`` on the PyTorch path, chosen and reported like every fastvlm op (``FASTVLM_BACKEND``). The Triton
+kernel needs no count from the host: it writes NaN instead of reading past the feature rows when there are more image
+tokens than rows. The count (a device tensor) is then read *after* the launch (``check=True``: one synchronisation,
+transformers' ValueError) or handed back unread (``check="lazy"``); the PyTorch path (``masked_scatter``, which
+would fail on its own) checks it before.
 
 ``"cuda"`` is ``torch.ops.fastvlm_ext.scatter_image_features`` from the optional CUDA extension (csrc/scatter.cuh):
 its CUDA kernel on CUDA tensors, its CPU implementation on CPU tensors. The count is checked **on the device**: the
@@ -51,7 +54,7 @@ def _forward(embeds, mask, features):
     reasons = []
     if features.device != embeds.device:
         reasons.append(f"features are on {features.device} but inputs_embeds on {embeds.device}")
-    detail = f"embeds{tuple(embeds.shape)} features{tuple(features.shape)}"
+    detail = lambda: f"embeds{tuple(embeds.shape)} features{tuple(features.shape)}"  # noqa: E731
     if _dispatch.choose_backend(OP_NAME, embeds.device, reasons, detail) == "triton":
         from fastvlm.kernels.scatter import scatter_rows
 
@@ -171,10 +174,42 @@ def scatter_image_features(inputs_embeds, image_mask, image_features, *, backend
             check_token_count(n_tokens, feats.shape[0])  # the one host read, after the kernels are queued
         return out
 
-    n_tokens = flat_mask.sum()
-    if not compiling:
-        check_token_count(n_tokens, feats.shape[0])  # before the launch: the Triton kernel trusts the count
-    torch._check(feats.shape[0] >= 0)
-    out = torch.ops.fastvlm.scatter_image_features(inputs_embeds.reshape(-1, D), flat_mask, feats)
+    embeds2 = inputs_embeds.reshape(-1, D)
+    if compiling or (torch.is_grad_enabled() and (inputs_embeds.requires_grad or feats.requires_grad)):
+        n_tokens = flat_mask.sum()
+        if not compiling and not _kernel_path(inputs_embeds, feats):
+            check_token_count(n_tokens, feats.shape[0])  # masked_scatter needs the count right: checked before
+        torch._check(feats.shape[0] >= 0)
+        out = torch.ops.fastvlm.scatter_image_features(embeds2, flat_mask, feats)
+    else:  # eager without autograd: the op's implementation directly (no dispatcher), the count from its cumsum
+        out, n_tokens = _forward_counted(embeds2, flat_mask, feats)
     out = out.reshape(inputs_embeds.shape)
-    return (out, n_tokens) if check == "lazy" else out
+    if check == "lazy":
+        return out, n_tokens
+    if not compiling:
+        check_token_count(n_tokens, feats.shape[0])  # after the launch (the kernel never reads past the rows)
+    return out
+
+
+def _forward_counted(embeds, mask, features):
+    """(out, image-token count as a 0-dim device tensor): ``_forward`` that also hands back the count. The kernel
+    path reads it off its own cumulative sum (no extra pass); the PyTorch path checks it before masked_scatter."""
+    reasons = []
+    if features.device != embeds.device:
+        reasons.append(f"features are on {features.device} but inputs_embeds on {embeds.device}")
+    detail = lambda: f"embeds{tuple(embeds.shape)} features{tuple(features.shape)}"  # noqa: E731
+    if _dispatch.choose_backend(OP_NAME, embeds.device, reasons, detail) == "triton" and embeds.shape[0]:
+        from fastvlm.kernels.scatter import scatter_rows
+
+        csum = torch.cumsum(mask, 0, dtype=torch.int64)
+        return scatter_rows(embeds, mask, features, csum), csum[-1]
+    n_tokens = mask.sum()
+    check_token_count(n_tokens, features.shape[0])
+    return _reference(embeds, mask, features.to(embeds.device)), n_tokens
+
+
+def _kernel_path(embeds, feats):
+    """Whether the custom op will run its Triton kernel (which guards the count itself) rather than masked_scatter.
+    A quiet look: the op's own call reports the choice."""
+    return (_dispatch.requested_backend() != "torch" and feats.device == embeds.device
+            and not _dispatch.environment_reasons(embeds.device))

@@ -1,0 +1,29 @@
+"""Hot-path helpers shared by the launchers (fastvlm.kernels) and the ops: call keys and bounded caches.
+
+A launcher or op checks its arguments once per *key* and trusts the result for every later call with the same key.
+The key holds everything the checks read: each tensor's shape, strides and dtype, and the device (see
+``tensors_key``). Values are never part of a check (reading them would synchronise the host).
+"""
+from __future__ import annotations
+
+
+def tensors_key(device, tensors):
+    """``device`` and the (shape, strides, dtype) of each tensor, None for None: what a launcher's checks depend on
+    (with every tensor on ``device``), so that a launcher can check a key once and trust it after."""
+    return device, tuple([None if t is None else (t.shape, t.stride(), t.dtype) for t in tensors])
+
+
+MAX_ENTRIES = 4096
+
+
+def remember(cache, key, value):
+    """``cache[key] = value``, emptying the cache first when it has grown past MAX_ENTRIES (inputs of ever new
+    shapes); a reader then recomputes its entry."""
+    if len(cache) >= MAX_ENTRIES:
+        cache.clear()
+    cache[key] = value
+
+
+def devices_key(tensors):
+    """(shape, strides, dtype, device) of each tensor, None for None: for checks that also compare devices."""
+    return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors])

@@ -1,0 +1,253 @@
+"""Launch plans: a repeat call makes no decision again, it looks its plan up and launches.
+
+A launcher (the Python function beside each kernel) keys its plans on what decides the launch: the op's shape key,
+dtypes, layout class and flags. A ``Plan`` holds everything those decide once:
+
+* the constexprs (flags, the autotuned block sizes and warps resolved *once per key*, the heuristics' values) and
+  the compile options, so the ``@triton.autotune`` / ``@triton.heuristics`` wrappers never run on a repeat call;
+* the compiled kernel per argument specialisation (Triton specialises on each pointer's 16-byte alignment and each
+  integer's ``== 1`` / ``% 16 == 0`` / 32-bit range; ``spec_key`` computes a key at least that fine), launched
+  directly: ``CompiledKernel.run(grid, stream, function, metadata, ..., *args, *constexprs)``, the call Triton's own
+  ``JITFunction.run`` ends with, without re-binding ~60 arguments or rebuilding its cache key.
+
+Kernels get ``None`` for the pointers and strides their variant does not read (a constexpr ``None``: not
+specialised, not passed to the GPU).
+
+The first call of a key (and of a new specialisation) goes through ``JITFunction.run``, which compiles and launches
+and returns the compiled kernel. Launch hooks (a profiler's ``knobs.runtime.launch_enter_hook``) and the Triton
+interpreter always take that path, so they see every launch as before.
+
+Thread safety: plans and kernels are stored only once complete (a dict assignment), so a reader never sees a
+half-built entry; two threads missing the same key both build it and one result wins. Autotuning runs under one
+lock (the autotuner object keeps per-call state of its own).
+"""
+from __future__ import annotations
+
+import threading
+
+import triton
+
+from fastvlm._hot import MAX_ENTRIES, remember, tensors_key  # noqa: F401  (launchers key their calls with these)
+
+from ._interp import INTERPRETING
+
+_tune_lock = threading.Lock()
+_I32_LO, _I32_HI = -(2 ** 31), 2 ** 31
+
+
+def cdiv(a, b):
+    """``triton.cdiv`` for Python ints without its constexpr wrapper (a launch computes a few per call)."""
+    return -(-a // b)
+
+
+def next_pow2(n):
+    """``triton.next_power_of_2`` for Python ints (1 for n <= 1)."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+_U64 = 2 ** 63
+
+
+def spec_key(args):
+    """A key that changes whenever Triton's specialisation of ``args`` could: a tensor's dtype and its pointer's
+    16-byte alignment, an integer's value 1, divisibility by 16 and width (i32 / i64 / u64). Anything but ints,
+    floats, bools and None is treated as a tensor."""
+    key = []
+    for a in args:
+        if a is None:
+            key.append(None)
+        elif type(a) is int:
+            if a == 1:
+                key.append(1)
+            elif _I32_LO <= a < _I32_HI:
+                key.append(2 if a & 15 else 3)
+            elif a < _U64:
+                key.append(4 if a & 15 else 5)
+            else:
+                key.append(6 if a & 15 else 7)
+        elif type(a) is float or type(a) is bool:
+            key.append(type(a))
+        else:
+            key.append((a.dtype, a.data_ptr() & 15 == 0))
+    return tuple(key)
+
+
+def align_key(tensors):
+    """16-byte alignment of each tensor's data pointer (None entries skipped): the per-call part of ``spec_key``
+    when the integers are fixed by the caller's own key. True when all are aligned (the usual case)."""
+    ptrs = [t.data_ptr() for t in tensors if t is not None]
+    acc = 0
+    for p in ptrs:
+        acc |= p
+    return True if acc & 15 == 0 else tuple(p & 15 == 0 for p in ptrs)
+
+
+def _hooks_active():
+    """Whether a launch hook is installed (a HookChain with calls on triton >= 3.8, a callable before)."""
+    hook = getattr(_RUNTIME, "launch_enter_hook", None)
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return True if calls is None else bool(calls)
+
+
+_DRIVER = triton.runtime.driver  # its ``active`` is the current driver (tests and benchmarks may swap it)
+_RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # launch hooks live here (triton >= 3.4)
+
+
+class Plan:
+    """One launch configuration of a ``@triton.jit`` function: its constexprs and options, and its compiled kernels
+    per argument specialisation. ``launch(grid, args)`` takes the runtime arguments in parameter order; the
+    constexprs follow them in the kernel's signature."""
+
+    __slots__ = ("fn", "consts", "tail", "kernels", "meta", "n_ptr")
+
+    def __init__(self, fn, consts, n_args, meta=None, n_ptr=None):
+        self.fn = fn  # the JITFunction (or, under the interpreter, the InterpretedFunction)
+        self.consts = dict(consts)  # constexprs and options (num_warps, num_stages, ...)
+        names = fn.arg_names
+        missing = [n for n in names[n_args:] if n not in self.consts]
+        if missing:
+            raise TypeError(f"{fn.__name__}: a plan needs values for {missing}")
+        self.tail = tuple(self.consts[n] for n in names[n_args:])
+        self.kernels = {}
+        self.meta = meta  # the launcher's own data (block sizes for the grid, ...)
+        self.n_ptr = n_ptr  # with int_spec: the first n_ptr arguments are tensors or None, the rest fixed by the key
+
+    def launch(self, grid, args, int_spec=None, spec=None):
+        """Launch on ``grid``. ``int_spec``: ``spec_key`` of the arguments after the first ``n_ptr`` when the caller
+        has it from its own key (then only the tensors' alignment is read here); ``spec``: the whole key, when the
+        caller has computed it (``Call.launch``)."""
+        if INTERPRETING:
+            self.fn[grid](*args, **self.consts)
+            return
+        drv = _DRIVER.active
+        device = drv.get_current_device()
+        if spec is None:
+            if int_spec is None:
+                spec = (device, spec_key(args))
+            else:
+                ptrs = args[:self.n_ptr]
+                spec = (device, int_spec, tuple(t.dtype for t in ptrs if t is not None), align_key(ptrs))
+        kern = self.kernels.get(spec)
+        if kern is None or _hooks_active():
+            kern = self.fn.run(*args, grid=grid, warmup=False, **self.consts)
+            if getattr(kern, "function", None) is not None and hasattr(kern, "packed_metadata"):
+                self.kernels[spec] = kern
+            return
+        stream = drv.get_current_stream(device)
+        kern.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kern.function,
+                 kern.packed_metadata, None, None, None, *args, *self.tail)
+
+
+def _is_wrapper(fn):
+    return isinstance(fn, (triton.runtime.Autotuner, triton.runtime.Heuristics))
+
+
+class Call:
+    """What a launcher's checks established for one call key: its launch plan, grid and integer arguments (the
+    arguments after the tensors), and anything else the launcher keeps (``info``). ``launch(tensors)`` is the
+    repeat path: the tensors' alignment, one dictionary lookup, the compiled kernel's launch."""
+
+    __slots__ = ("plan", "grid", "ints", "int_spec", "info", "tail", "ptr_pos", "dtypes")
+
+    def __init__(self, plan=None, grid=None, ints=(), info=None):
+        self.plan, self.ints, self.info = plan, ints, info
+        self.grid = None if grid is None else (tuple(grid) + (1, 1))[:3]
+        self.int_spec = spec_key(ints)
+        self.tail = (*ints, *plan.tail) if plan is not None else ()
+        self.ptr_pos = None  # positions of the tensors among the pointer arguments (fixed by the call key)
+        self.dtypes = None  # their dtypes (fixed by the call key too; the plan's kernels are shared between keys)
+
+    def launch(self, tensors):
+        """Launch with the tensors (or None) that precede the integer arguments in the kernel's signature."""
+        plan = self.plan
+        if INTERPRETING:
+            plan.launch(self.grid, (*tensors, *self.ints))
+            return
+        pos = self.ptr_pos
+        if pos is None:
+            self.dtypes = tuple(t.dtype for t in tensors if t is not None)
+            pos = self.ptr_pos = tuple(i for i, t in enumerate(tensors) if t is not None)
+        acc = 0
+        for i in pos:
+            acc |= tensors[i].data_ptr()
+        drv = _DRIVER.active
+        device = drv.get_current_device()
+        spec = (device, self.int_spec, self.dtypes,
+                True if acc & 15 == 0 else tuple(tensors[i].data_ptr() & 15 == 0 for i in pos))
+        kern = plan.kernels.get(spec)
+        if kern is None or _hooks_active():
+            plan.launch(self.grid, (*tensors, *self.ints), spec=spec)
+            return
+        g = self.grid
+        kern.run(g[0], g[1], g[2], drv.get_current_stream(device), kern.function, kern.packed_metadata, None, None,
+                 None, *tensors, *self.tail)
+
+
+def simple_plan(kernel, n_args, n_ptr, consts, cache, key):
+    """The plan for constexprs ``consts`` (a dict incl. num_warps / num_stages) of an un-tuned kernel, kept in
+    ``cache`` under ``key``."""
+    plan = cache.get(key)
+    if plan is None:
+        plan = Plan(jit_function(kernel), consts, n_args, n_ptr=n_ptr)
+        remember(cache, key, plan)
+    return plan
+
+
+_SIMPLE = {}
+
+
+def run(kernel, grid, args, **consts):
+    """``kernel[grid](*args, **consts)`` for an un-tuned kernel through a cached plan: the constexprs and options
+    (``consts``) select the plan; the arguments' specialisation its compiled kernel."""
+    key = (kernel, *consts.items())
+    plan = _SIMPLE.get(key)
+    if plan is None:
+        plan = Plan(jit_function(kernel), consts, len(args))
+        remember(_SIMPLE, key, plan)
+    plan.launch(grid, args)
+
+
+def tuned_plan(kernel, grid_of, make_args, kw, config_kw, n_ptr, cache, key):
+    """The plan of an autotuned ``kernel`` for ``key`` in ``cache``: ``config_kw`` (explicit block sizes and
+    options), or the autotuner's choice for the arguments ``make_args()`` gives (it runs once, through its own path,
+    launching on them: give scratch outputs). ``grid_of(meta)`` gives the grid for a config; the heuristics' values
+    are added."""
+    plan = cache.get(key)
+    if plan is None:
+        args = make_args()
+        chosen = config_kw if config_kw is not None else autotuned_config(kernel, grid_of, args, kw)
+        fn = jit_function(kernel)
+        consts = {**kw, **chosen}
+        consts.update(heuristic_values(kernel, {**dict(zip(fn.arg_names, args)), **consts}))
+        plan = Plan(fn, consts, len(args), meta=chosen, n_ptr=n_ptr)
+        remember(cache, key, plan)
+    return plan
+
+
+def heuristic_values(fn, named):
+    """The values the ``@triton.heuristics`` wrappers around ``fn`` would add, given the named arguments."""
+    out = {}
+    while _is_wrapper(fn):
+        if isinstance(fn, triton.runtime.Heuristics):
+            for name, heur in fn.values.items():
+                out[name] = heur({**named, **out})
+        fn = fn.fn
+    return out
+
+
+def jit_function(fn):
+    """The ``@triton.jit`` function (or the interpreter's function) under autotune / heuristics wrappers."""
+    while _is_wrapper(fn):
+        fn = fn.fn
+    return fn
+
+
+def autotuned_config(tuner, grid, args, kwargs):
+    """Launch ``tuner`` once through its own path (it benchmarks on a new key) and return the config it chose
+    (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...)."""
+    with _tune_lock:
+        tuner[grid](*args, **kwargs)
+        config = tuner.best_config
+    return dict(config.all_kwargs())

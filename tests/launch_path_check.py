@@ -1,0 +1,172 @@
+"""Run by tests/test_launch_path.py in a child process without TRITON_INTERPRET: fused modules on the host-only
+Triton driver (fastvlm.bench.fake_driver: kernels compiled for sm_90, the real Python launch path, no GPU).
+
+Prints one JSON line: per case, launches per call, whether a repeat call went through Triton's JITFunction.run /
+the autotuner / the heuristics wrapper, and the synchronising calls made by a repeat call (which must be none).
+"""
+import json
+import sys
+import threading
+from contextlib import contextmanager
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fastvlm.bench import fake_driver
+
+SYNC_OPS = ("_local_scalar_dense", "item", "nonzero", "masked_select", "is_nonzero", "equal", "allclose",
+            "_unique", "_unique2", "unique_dim", "unique_consecutive", "repeat_interleave")
+TENSOR_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu")
+
+
+class _SyncOps(TorchDispatchMode):
+    """Records the aten ops that read a tensor's value on the host (or need it to size their output)."""
+
+    def __init__(self, seen):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in SYNC_OPS:
+            self.seen.append(f"aten.{name}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextmanager
+def no_sync_allowed(seen):
+    """Record host reads of tensor values: aten ops that need them and Python conversions of tensors."""
+    saved = {n: getattr(torch.Tensor, n) for n in TENSOR_READS}
+
+    def wrap(name, fn):
+        def reader(self, *a, **k):
+            seen.append(f"Tensor.{name}")
+            return fn(self, *a, **k)
+        return reader
+
+    for n, fn in saved.items():
+        setattr(torch.Tensor, n, wrap(n, fn))
+    try:
+        with _SyncOps(seen):
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.Tensor, n, fn)
+
+
+@contextmanager
+def count_slow_path(counts):
+    """Count calls of Triton's JITFunction.run, Autotuner.run and Heuristics.run (the path a plan skips)."""
+    import triton.runtime.autotuner as at
+    import triton.runtime.jit as jit
+
+    targets = [(jit.JITFunction, "run"), (at.Autotuner, "run"), (at.Heuristics, "run")]
+    saved = [(cls, name, getattr(cls, name)) for cls, name in targets]
+
+    def wrap(key, fn):
+        def counted(self, *a, **k):
+            counts[key] = counts.get(key, 0) + 1
+            return fn(self, *a, **k)
+        return counted
+
+    for cls, name, fn in saved:
+        setattr(cls, name, wrap(cls.__name__, fn))
+    try:
+        yield
+    finally:
+        for cls, name, fn in saved:
+            setattr(cls, name, fn)
+
+
+def cases():
+    import fastvlm
+    from fastvlm.ops.scatter import scatter_image_features
+    from fastvlm.testing import args_for, build
+
+    out = {}
+    for family in ("llava", "qwen2_vl"):
+        fused = fastvlm.nn.from_module(build(family)).half()
+        args = tuple(a.half() for a in args_for(family, fused))
+        out[family] = lambda f=fused, a=args: f(*a)
+    embeds = torch.randn(1, 24, 64, dtype=torch.float16)
+    mask = torch.zeros(1, 24, dtype=torch.bool)
+    mask[0, 2:18] = True
+    feats = torch.randn(16, 64, dtype=torch.float16)
+    out["handoff"] = lambda: scatter_image_features(embeds, mask, feats, check="lazy")
+    q = torch.randn(1, 2, 4, 32, dtype=torch.float16)
+    kv = torch.randn(1, 2, 9, 32, dtype=torch.float16)
+    km = torch.ones(1, 9, dtype=torch.bool)
+    out["attention"] = lambda: fastvlm.attention(q, kv, kv, key_mask=km)
+    x, w, b, g = (torch.randn(6, 32, dtype=torch.float16), torch.randn(32, 32, dtype=torch.float16),
+                  torch.randn(32, dtype=torch.float16), torch.randn(32, dtype=torch.float16))
+    out["linear_residual_layernorm"] = lambda: fastvlm.linear_residual_layernorm(x, w, b, x, g, b)
+    from fastvlm.bench.overhead import qformer_case
+
+    qf = qformer_case(layers=2)  # BLIP-2 layout: cross-attention in layer 0
+    qf.fused.half()
+    kw = {k: v.half() for k, v in qf.kwargs.items()}
+    out["qformer"] = lambda: qf.fused(**kw)
+    return out
+
+
+def main():
+    drv = fake_driver.install(run_configs=False)  # the first config of each tuner fits in fp16
+    torch.set_num_threads(1)
+    report = {}
+    with torch.no_grad():
+        for name, call in cases().items():
+            call()  # plans, compiles
+            n0 = drv.launches
+            call()
+            launches = drv.launches - n0
+            counts, seen = {}, []
+            with count_slow_path(counts), no_sync_allowed(seen):
+                call()
+            report[name] = dict(launches=launches, slow_path=counts, syncs=sorted(set(seen)))
+        # fresh shapes from several threads at once: every plan built concurrently, each call launches its kernels
+        import fastvlm
+        from fastvlm.testing import build
+
+        fused = fastvlm.nn.from_module(build("llava")).half()
+        width = fused.linear_1.in_features
+        errors = []
+        n0 = drv.launches
+
+        def work(n):
+            try:
+                for _ in range(3):
+                    fused(torch.randn(1, n, width, dtype=torch.float16))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in (7, 9, 11, 13)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        report["threads"] = dict(errors=errors, launches=drv.launches - n0)
+        # a launch hook (a profiler) sees every launch: the direct path steps aside while one is installed
+        import triton
+
+        hooked = []
+        hook = lambda metadata: hooked.append(1)  # noqa: E731
+        triton.knobs.runtime.launch_enter_hook.add(hook)
+        try:
+            cases()["llava"]()
+        finally:
+            triton.knobs.runtime.launch_enter_hook.remove(hook)
+        report["hooked_launches"] = len(hooked)
+        # one plan (same constexprs) for two dtypes: each launch gets the kernel compiled for its own dtype
+        from fastvlm.kernels import _launch
+        from fastvlm.kernels.norm_stats import row_stats
+
+        x = torch.randn(6, 40)
+        for t in (x, x.half(), x):
+            row_stats(t, 1e-5, False)
+        plans = [p for p in _launch._SIMPLE.values() if p.fn.__name__ == "_row_stats_kernel"]
+        report["row_stats_x_types"] = sorted({str(k.src.signature["x_ptr"]) for p in plans for k in p.kernels.values()})
+    print(json.dumps(report))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The launch path itself, on the host-only Triton driver (kernels compiled for sm_90, Triton's real Python launch
+path, no GPU): a repeat call launches its plan directly (no JITFunction.run, autotuner or heuristics wrapper), makes
+no host synchronisation (no aten op or tensor conversion that reads a value), launches the expected number of kernels,
+survives plans built from several threads at once, and steps aside for launch hooks.
+
+Runs tests/launch_path_check.py in a child process without TRITON_INTERPRET (conftest turns the interpreter on for
+this process; compiling for sm_90 needs it off). About 30 s on 2 cores the first time (compiles), less after.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def report():
+    pytest.importorskip("triton.backends.nvidia.driver")
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVLM_BACKEND", "FASTVLM_STRICT")}
+    script = os.path.join(os.path.dirname(__file__), "launch_path_check.py")
+    res = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+# launches per call: projector 2 GEMMs; merger stats + 2 GEMMs; Q-Former (2 layers, cross-attention in the first):
+# the image K/V GEMM, then per layer QKV GEMM, attention, dense+LN [, query GEMM, attention, dense+LN], FFN, out+LN
+CASES = {"llava": 2, "qwen2_vl": 3, "handoff": 1, "attention": 1, "linear_residual_layernorm": 1, "qformer": 14}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_repeat_call_is_one_direct_launch_per_kernel(report, case):
+    r = report[case]
+    assert r["launches"] == CASES[case], r
+    assert r["slow_path"] == {}, f"{case}: a repeat call went through {r['slow_path']}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_repeat_call_does_not_synchronise(report, case):
+    assert report[case]["syncs"] == [], f"{case}: {report[case]['syncs']}"
+
+
+def test_plans_built_from_threads(report):
+    r = report["threads"]
+    assert r["errors"] == [], r["errors"]
+    assert r["launches"] >= 4 * 3 * 2, r  # 4 threads x 3 calls x 2 GEMMs (+ the autotuner's first runs)
+
+
+def test_launch_hooks_see_every_launch(report):
+    assert report["hooked_launches"] == 2
+
+
+def test_a_shared_plan_compiles_per_dtype(report):
+    assert report["row_stats_x_types"] == ["*fp16", "*fp32"], report["row_stats_x_types"]
+
+
+@pytest.mark.slow  # ~40 s: it times its rows
+def test_bench_overhead_runs_on_cpu(tmp_path):
+    """``fastvlm bench --overhead`` (it crashed with stale arguments once): the hand-off and GEMM rows, one round."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FASTVLM_BACKEND", "FASTVLM_STRICT")}
+    out = tmp_path / "rows.jsonl"
+    res = subprocess.run([sys.executable, "-m", "fastvlm.cli", "bench", "--overhead", "--families", "none",
+                          "--qformer-layers", "0", "--rounds", "1", "--json", str(out)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-4000:]
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["case"].split(":")[0].split(" (")[0] for r in rows] == [
+        "hand-off", "one fused GEMM launch", "one fused GEMM launch, an op's repeat call"]
+    assert all(r["launches"] == 1 and r["fused_min_us"] > 0 and r["eager_min_us"] > 0 for r in rows), rows
