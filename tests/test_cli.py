@@ -122,7 +122,7 @@ def test_e2e_bench_smoke(torch_backend, capsys):
 
 def test_unknown_command(capsys):
     assert cli.main(["nope"]) == 2
-    assert "fastvlm: unknown command 'nope' (choose from info, check, audit, bench)" in capsys.readouterr().err
+    assert "fastvlm: unknown command 'nope' (choose from info, check, audit, bench, model, coverage)" in capsys.readouterr().err
 
 
 _WITHOUT_HF = """

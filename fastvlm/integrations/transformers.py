@@ -259,6 +259,7 @@ class _Transaction:
         for m in model.modules():
             if handoff.is_installed(m) and id(m) not in self.handoffs:
                 m.__dict__.pop(handoff._MARK, None)
+                m.__dict__.pop(handoff._KWARGS, None)
                 m.__dict__.pop("forward", None)
         originals = d.get(_ORIGINALS, {})
         for name in reversed([n for n in originals if n not in self.originals or originals[n] is not self.originals[n]]):

@@ -32,6 +32,7 @@ from fastvlm.nn.pair_prenorm import _take_norm, _timm_vit_tokens
 from fastvlm.nn.pair_qwen3 import _take_qwen3_positions
 from fastvlm.nn.pair_state import call_mode, hand_off
 from fastvlm.nn.projector import _FusedBase
+from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
 from fastvlm.ops.rows_embed import rows_embed
 
@@ -224,7 +225,7 @@ class _FusedEmbedMixin(_FusedBase):
         r = self._fastvlm_recipe
         reasons = self._fastvlm_structure()
         x = hidden_states
-        if not reasons and torch.is_autocast_enabled(x.device.type):
+        if not reasons and autocast_on(x.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         if reasons:
             _dispatch.report_fallback(r.fused_name, reasons, f"pixels{tuple(getattr(x, 'shape', ()))}")
@@ -247,7 +248,7 @@ class _FusedEmbedMixin(_FusedBase):
             reasons.append("bool_masked_pos (mask-token mixing, a pre-training input) is not fused")
         if not reasons and self.training and self.dropout.p > 0:
             reasons.append("dropout is active (module in training mode with p > 0)")
-        if not reasons and torch.is_autocast_enabled(pixel_values.device.type):
+        if not reasons and autocast_on(pixel_values.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         if reasons:
             _dispatch.report_fallback(r.fused_name, reasons, f"pixels{tuple(pixel_values.shape)}")
@@ -289,7 +290,7 @@ class _FusedEmbedMixin(_FusedBase):
         as the "valid" conv drops the remainder), position ids from the mask added by index in the epilogue."""
         r = self._fastvlm_recipe
         reasons = self._fastvlm_structure()
-        if not reasons and torch.is_autocast_enabled(pixel_values.device.type):
+        if not reasons and autocast_on(pixel_values.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         if reasons:
             _dispatch.report_fallback(r.fused_name, reasons, f"pixels{tuple(getattr(pixel_values, 'shape', ()))}")
@@ -331,7 +332,7 @@ class _FusedEmbedMixin(_FusedBase):
         r = self._fastvlm_recipe
         reasons = self._fastvlm_structure()
         if r.kind == "timm":
-            if not reasons and torch.is_autocast_enabled(pixel_values.device.type):
+            if not reasons and autocast_on(pixel_values.device):
                 reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
             if not reasons and not self._fastvlm_timm_original_raises(pixel_values):
                 x = pixel_values
@@ -348,7 +349,7 @@ class _FusedEmbedMixin(_FusedBase):
             if reasons:
                 _dispatch.report_fallback(r.fused_name, reasons, f"pixels{tuple(pixel_values.shape)}")
             return self._fastvlm_base.forward(self, pixel_values)
-        if torch.is_autocast_enabled(pixel_values.device.type):
+        if autocast_on(pixel_values.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         if not reasons and r.kind == "conv_pos":
             if self._fastvlm_original_raises(pixel_values, interpolate_pos_encoding):

@@ -25,6 +25,7 @@ import torch.nn as nn
 from fastvlm import _dispatch
 from fastvlm.nn import _plan
 from fastvlm.nn.projector import _FusedBase
+from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.perceiver import perceiver_resampler
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
@@ -126,7 +127,7 @@ def _plan_params(plan, res):
 
 def _call_reasons(root, x, params):
     reasons = []
-    if torch.is_autocast_enabled(x.device.type):
+    if autocast_on(x.device):
         reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
     bad = {p.dtype for p in params if p.dtype != x.dtype}
     if bad:

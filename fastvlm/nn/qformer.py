@@ -46,6 +46,7 @@ import torch.nn.functional as F
 
 from fastvlm import _dispatch
 from fastvlm._cache import slot
+from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.attention import attention
 from fastvlm.ops.linear_norm import linear_residual_layernorm
 from fastvlm.ops.projector import mlp_projector
@@ -151,7 +152,7 @@ class _FusedQFormerMixin(_FusedBase):
         checkpointing = getattr(self, name, False)
         if self.training and checkpointing:
             reasons.append("gradient checkpointing is enabled in training")
-        if x_ref is not None and torch.is_autocast_enabled(x_ref.device.type):
+        if x_ref is not None and autocast_on(x_ref.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         for name, m in masks:
             if m is not None and m.dim() != 2:

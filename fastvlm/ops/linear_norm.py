@@ -83,7 +83,8 @@ def _backward(saved, gy, eps, needs):
     if residual is not None:
         h = h + residual.to(ct)
     mean = h.mean(-1, keepdim=True)
-    rstd = torch.rsqrt(h.var(-1, unbiased=False, keepdim=True) + eps)
+    # var_mean's population variance as a mean of squares: the same value, and no degrees-of-freedom warning on 0 rows
+    rstd = torch.rsqrt((h - h.mean(-1, keepdim=True)).square().mean(-1, keepdim=True) + eps)
     xhat = (h - mean) * rstd
     g = gy.to(ct)
     glw = (g * xhat).sum(0).to(ln_w.dtype) if need_lw else None

@@ -38,7 +38,7 @@ def _backward(x, rows, mode, g):
     else:
         first = x[rows].argmax(1, keepdim=True)  # [M, 1, D]: the window position of the first maximum
         src = torch.zeros(M, Q, g.shape[1], dtype=g.dtype, device=g.device).scatter_(1, first, g[:, None, :])
-    return torch.zeros_like(x).index_add_(0, rows.reshape(-1), src.reshape(M * Q, -1).to(x.dtype))
+    return torch.zeros_like(x).index_add_(0, rows.reshape(-1), src.reshape(M * Q, g.shape[1]).to(x.dtype))
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())

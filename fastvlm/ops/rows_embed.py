@@ -34,7 +34,8 @@ OP_NAME = "fastvlm::rows_embed"
 def first_frame(x, frames, chunk):
     """The first time slab of each channel of ``x`` [N, C * frames * chunk] as [N, C * chunk]."""
     N = x.shape[0]
-    return x.reshape(N, -1, frames, chunk)[:, :, 0].reshape(N, -1)
+    C = x.shape[1] // (frames * chunk)  # explicit widths: -1 is ambiguous for 0 rows
+    return x.reshape(N, C, frames, chunk)[:, :, 0].reshape(N, C * chunk)
 
 
 @shared_cache(32)  # device tables: safe across threads and CUDA streams

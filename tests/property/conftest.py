@@ -50,47 +50,23 @@ def budget(path, torch=20, triton=4):
 # Issue 14 items that other branches are fixing. The property tests steer clear of each region while its key is
 # here, and each has its own strict xfail test (tests/property/test_known.py). After merging a fix: delete the key;
 # the property tests then cover the region again and the xfail test, its mark removed, guards it.
-KNOWN = {
-    "nan_relu_maxpool": ("ReLU / max-pool dropping NaN in kernels", "numerics"),
-    "attention_nan": ("attention NaN bias / NaN key in one packed head poisoning others / all -inf row",
-                      "numerics"),
-    "attention_finite_min": ("CPU attention fully masked finite-min rows", "numerics"),
-    "concat_cm_norm": ("concat_cm norm statistics on the kernel path", "numerics"),
-    "qwen_merger_width": ("Qwen mergers accepting a wrong last dim", "validate"),
-    "autocast_functional": ("autocast dtype of functional mlp_projector on kernel path", "numerics"),
-    "row_tables": ("row tables not range-checked", "validate"),
-    "meta_inputs": ("meta inputs", "validate"),
-    "zero_images": ("B=0", "validate"),
-    "zero_rows_concat": ("0 rows with concat", "validate"),
-    "gated_backward": ("gated backward without second linear", "validate"),
-    "zero_dim_input": ("0-D input", "validate"),
-    "path_disagreement": ("scale<=0 / non-contiguous rows disagreement between paths", "validate"),
-}
+KNOWN = {}  # issue 14's known bugs: all fixed and merged (tests/property/test_known.py keeps them as regression tests)
 
 
 # Found by this fuzzing pass (not in issue 14's list): each has a failing regression test in
-# tests/property/test_found.py (no xfail mark: they are open). The property tests steer clear of each region while
+# tests/property/test_found.py (strict xfail while open). The property tests steer clear of each region while
 # its key is here; delete the key once the fix is merged.
 FOUND = {
-    "pool_backward_zero_rows": "pool_tokens backward with a 0-row table: internal reshape error",
-    "rows_embed_still_zero_rows": "rows_embed in still-frames mode with 0 rows: internal reshape error (PyTorch path)",
     "rows_embed_still_inf": "rows_embed still-frames mode with an Inf pixel: x0 * (W0 + W1) is Inf where the original's "
                             "x0 * W0 + x0 * W1 is NaN (Inf - Inf)",
     "attention_masked_nan_key": "a NaN/Inf in a key masked out by keep-flags: eager and SDPA give NaN rows, and so does "
                                 "the kernel; the PyTorch path of fastvlm.attention ignores the key",
-    "linear_norm_zero_rows_warning": "linear_residual_layernorm backward with 0 rows warns 'var(): degrees of "
-                                     "freedom is <= 0'",
 }
 
 
 def known(key):
     """True while the known bug ``key`` is unfixed (the property tests avoid its region)."""
     return key in KNOWN or key in FOUND
-
-
-def xfail_known(key):
-    what, branch = KNOWN[key]
-    return pytest.mark.xfail(strict=True, reason=f"issue 14: {what}, fixed on branch {branch}")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures

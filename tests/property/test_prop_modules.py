@@ -107,12 +107,11 @@ def test_family_gradients(family, path):
         m, fused, _ = _modules(family, dtype)
         args = data.draw(family_input(family, m, dtype, path, grads=True))
         assume(args[0].numel() > 0)
-        try:  # an input the original rejects (e.g. Qwen3-VL's view of a non-contiguous x): the same error
+        try:  # an input the original rejects (a view of a non-contiguous x) has no gradients to compare; what the
+            # fused module does with it is the forward tests' business (test_family_matches_original)
             with torch.no_grad():
                 m(*args)
-        except Exception as exc:
-            with pytest.raises(type(exc)), torch.no_grad():
-                fused(*args)
+        except (RuntimeError, ValueError, IndexError):
             return
         leaves = {"x": args[0], **{"p." + n: p.detach() for n, p in m.named_parameters()}}
         rest = args[1:]
