@@ -125,13 +125,22 @@ def _pixels_forward(signature):
 class _StructuralMixin:
     """Dropout leaves that would act in training send the call to the original forward (the kernels have none)."""
 
+    _DROPOUT = "dropout is active (module in training mode with p > 0)"
+
+    def _fastvlm_dropout_active(self):
+        return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
     def _fastvlm_structure(self):
         out = super()._fastvlm_structure()
-        active = self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
-        if not active:
+        if not self._fastvlm_dropout_active():
             return out
-        why = "dropout is active (module in training mode with p > 0)"
-        return (None, list(out[1]) + [why]) if isinstance(out, tuple) else list(out) + [why]
+        return (None, list(out[1]) + [self._DROPOUT]) if isinstance(out, tuple) else list(out) + [self._DROPOUT]
+
+    def _fastvlm_plan(self, x):  # the projectors' per-call entry (their structure plan is cached)
+        plan, reasons = super()._fastvlm_plan(x)
+        if not self._fastvlm_dropout_active():
+            return plan, reasons
+        return None, list(reasons) + [self._DROPOUT]
 
 
 @functools.lru_cache(maxsize=None)
