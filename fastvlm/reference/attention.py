@@ -127,7 +127,8 @@ def scores_ref(q, k, key_mask=None, attn_mask=None, scale=None, dtype=None):
         if m is None:
             continue
         if m.dtype == torch.bool:
-            s = s.masked_fill(~m, float("-inf"))
+            # a NaN score stays NaN as in eager attention (NaN + mask), also where the flag masks the key
+            s = s.masked_fill(~m & ~torch.isnan(s), float("-inf"))
         else:
             s = s + mask_bias(m, ct)
     return s

@@ -53,10 +53,7 @@ def test_rows_embed_still_frames_inf_pixel(backend):
 
 
 @pytest.mark.parametrize("where", ["k", "v"])
-def test_attention_nan_in_a_masked_key(where, backend, request):
-    if where == "k" and backend == "torch":
-        request.applymarker(pytest.mark.xfail(strict=True, reason="open: the PyTorch path's masked_fill drops a NaN "
-                                              "score of a masked key that eager attention keeps"))
+def test_attention_nan_in_a_masked_key(where, backend):
     """A NaN in a key that keep-flags mask out: transformers' eager attention (0 / finfo.min mask) and SDPA (-inf mask)
     give NaN for the rows that see it (NaN + mask = NaN); the PyTorch path of fastvlm.attention (``masked_fill`` of
     the scores, fastvlm/reference/attention.py ``scores_ref``) returns finite rows, the kernel NaN like eager: the two
