@@ -20,7 +20,8 @@ Masks (both optional):
   (no fp32 upcast in this model; PyTorch's softmax accumulates in fp32 and rounds its output), ``matmul(weights, v)``
   in q's dtype, then ``transpose(1, 2)``. Dropout is the identity (eval).
 * ``sdpa_attention_ref`` reproduces ``sdpa_attention_forward``: ``F.scaled_dot_product_attention`` with a boolean mask
-  (keep-flags) or an additive one in q's dtype. Rows with every key masked give NaN there.
+  (keep-flags) or an additive one in q's dtype. Rows whose boolean mask keeps no key give zeros there
+  (checked with torch 2.14; old releases gave NaN).
 * ``attention_ref`` is what the fused op computes, returning ``(O, LSE)``: scores and softmax in fp32 (fp64 for fp64
   inputs), natural-log LSE [B, H, Lq]. Rows are handled as the kernel handles them (``mask_bias``, ``keyless_rows``):
   a row masked entirely by transformers' finite ``finfo.min`` bias averages its values like eager attention; a row
