@@ -67,6 +67,8 @@ def _run(code, **env):
 def test_entry_point_and_switch():
     """pyproject's vllm.general_plugins entry point is what vLLM's loader calls; FASTVLM_VLLM=0 switches it off."""
     code = """
+import logging
+logging.basicConfig(level=logging.INFO)  # vLLM configures its own logging when an engine starts, not on import
 import vllm.plugins as P
 from vllm.model_executor.models.llava import LlavaMultiModalProjector as L
 P.load_general_plugins()

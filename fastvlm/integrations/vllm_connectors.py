@@ -35,6 +35,7 @@ class Family:
     name: str
     module: str  # vLLM module defining the class
     cls: str
+    input_name: str  # the forward's argument (callers may pass it by keyword)
     linear_1: str  # attribute paths of the children
     act: str
     linear_2: str
@@ -45,11 +46,11 @@ class Family:
 _M = "vllm.model_executor.models."
 FAMILIES = (
     # LLaVA, and the models that reuse its projector (LLaVA-NeXT, Phi-4 SigLIP, ...)
-    Family("llava", _M + "llava", "LlavaMultiModalProjector", "linear_1", "act", "linear_2"),
+    Family("llava", _M + "llava", "LlavaMultiModalProjector", "image_features", "linear_1", "act", "linear_2"),
     # Qwen2-VL (LayerNorm) and Qwen2.5-VL (vLLM RMSNorm): ln_q on each patch, 2x2 merge as a view, then the MLP
-    Family("qwen2_vl", _M + "qwen2_vl", "Qwen2VisionPatchMerger", "mlp.0", "mlp.1", "mlp.2", norm="ln_q",
+    Family("qwen2_vl", _M + "qwen2_vl", "Qwen2VisionPatchMerger", "x", "mlp.0", "mlp.1", "mlp.2", norm="ln_q",
            merged_width="hidden_size"),
-    Family("qwen2_5_vl", _M + "qwen2_5_vl", "Qwen2_5_VisionPatchMerger", "mlp.0", "mlp.1", "mlp.2", norm="ln_q",
+    Family("qwen2_5_vl", _M + "qwen2_5_vl", "Qwen2_5_VisionPatchMerger", "x", "mlp.0", "mlp.1", "mlp.2", norm="ln_q",
            merged_width="hidden_size"),
 )
 

@@ -102,23 +102,30 @@ def _name(module, fam):
 
 def _current_plan(module, fam):
     """The module's plan, re-read when one of the objects it was read from was replaced; logs each new decision."""
+    key = C._key(module, fam)
     cached = module.__dict__.get(_PLAN)
-    if cached is not None and cached[0] == C._key(module, fam):
+    if cached is not None and cached[0] == key:
         return cached[1]
     plan, reasons = C.read_plan(module, fam)
     line = plan.description if plan is not None else "left to vLLM: " + "; ".join(reasons)
     if cached is None or cached[2] != line:
         logger.info("fastvlm: %s: %s", _name(module, fam), line)
-    module.__dict__[_PLAN] = (C._key(module, fam), plan, line)
+    module.__dict__[_PLAN] = (key, plan, line)
     return plan
 
 
 def _fused_forward(fam, original):
     @functools.wraps(original)
-    def forward(self, x, *args, **kwargs):
-        plan = None if args or kwargs else _current_plan(self, fam)
+    def forward(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs:
+            x = args[0]
+        elif not args and len(kwargs) == 1 and fam.input_name in kwargs:
+            x = kwargs[fam.input_name]
+        else:  # a call the original signature may reject: its own error
+            return original(self, *args, **kwargs)
+        plan = _current_plan(self, fam)
         if plan is None or C.defer_reason(plan, x) is not None:
-            return original(self, x, *args, **kwargs)
+            return original(self, *args, **kwargs)
         return C.run(plan, x)
 
     forward._fastvlm_family = fam.name
