@@ -9,7 +9,8 @@ Each kind of module has its recipes (data) and a class factory; ``REGISTRY`` lis
 """
 import torch.nn as nn
 
-from .patch_embed import EMBED_RECIPES, EmbedRecipe, fused_embed_class
+from .patch_embed import fused_embed_class
+from .patch_embed_recipes import EMBED_RECIPES, EmbedRecipe
 from .pair_pixtral import FusedPixtralPatchConv
 from .pair_qwen3 import FusedPairedPositionEmbedding
 from .perceiver import PERCEIVER_RECIPES, PerceiverRecipe, fused_perceiver_class

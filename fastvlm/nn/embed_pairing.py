@@ -24,7 +24,8 @@ from fastvlm.nn.pair_prenorm import _norm_bases, _paired_norm_class, _PosEmbedCo
 from fastvlm.nn.pair_qwen3 import FusedPairedPositionEmbedding, _qwen3_structure, _qwen3_taps
 from fastvlm.nn.pair_state import _pair_of, _Pair, has_hooks
 from fastvlm.nn.pair_verify import verify_pair, verify_pixtral, verify_qwen3
-from fastvlm.nn.patch_embed import _T, _FusedEmbedMixin
+from fastvlm.nn.patch_embed import _FusedEmbedMixin
+from fastvlm.nn.patch_embed_recipes import _T
 from fastvlm.nn.still_images import _UNDO, _set_instance_attr, _StillImageCall, enable_still_images
 
 # names objects of a patched model were pickled under before the split (and the re-exported still-image API)
