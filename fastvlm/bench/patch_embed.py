@@ -354,9 +354,7 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
         if device == "cuda":
             torch.cuda.empty_cache()
     if verbose:
-        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        if out:
-            print(f"appended {len(rec.rows)} rows to {out}")
+        harness.print_footer(env, rec.rows, out)
     return rec.rows
 
 
