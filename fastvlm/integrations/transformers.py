@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from fastvlm._dispatch import text_table
+from fastvlm._table import text_table
 from fastvlm.integrations import handoff
 from fastvlm.integrations import structure as _structure
 from fastvlm.integrations import verify as _verify_mod
