@@ -197,8 +197,7 @@ def run(kinds, batches, providers, modes, dtype, reps, quick=False, out=None, cs
             if device == "cuda":
                 torch.cuda.empty_cache()
     if verbose:
-        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        print(harness.format_rows(rows))
+        harness.print_footer(env, rows, table=True)
     if csv_path:
         new = not os.path.exists(csv_path)
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)

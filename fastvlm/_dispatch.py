@@ -22,6 +22,8 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from fastvlm._table import text_table
+
 
 class FastVLMFallbackWarning(UserWarning):
     """A fastvlm op ran its PyTorch path instead of its kernel; the message says why."""
@@ -78,18 +80,6 @@ def environment_reasons(device) -> list[str]:
 
 
 # ---------------------------------------------------------------- recording
-
-
-def text_table(rows):
-    """Rows of strings as aligned columns under a rule; the last column is left free (it holds long reasons)."""
-    n = len(rows[0]) - 1
-    widths = [max(len(row[i]) for row in rows) for i in range(n)]
-    lines = []
-    for i, row in enumerate(rows):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row[:n], widths)) + "  " + row[n])
-        if i == 0:
-            lines.append("-" * (sum(widths) + 2 * n + len(row[n])))
-    return "\n".join(lines)
 
 
 @dataclass

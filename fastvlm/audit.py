@@ -4,18 +4,20 @@ For each case it reports registers, spilled bytes, shared memory, whether the ma
 whether the main loop is pipelined: every tile load inside a loop of the TTGIR is an asynchronous copy (cp.async or a
 TMA bulk copy) rather than a register load, and a wgmma wait leaves at least one group in flight (``wgmma.wait_group
 N`` with N >= 1 in the PTX), so the tensor cores overlap the next tile's loads.
-Run it as ``fastvlm audit`` or ``python -m fastvlm.audit [--json]``. It must run in a process where
+Run it as ``fastvlm audit`` or ``python -m fastvlm.audit [--json] [--jobs N]``. It must run in a process where
 ``TRITON_INTERPRET`` is unset: with the interpreter on, triton builds its own standard library as interpreter
 functions at import and compilation fails with misleading errors.
 """
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 
 H100_SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (227 KB)
 
@@ -116,10 +118,29 @@ def compile_case(case, arch=90):
     return report
 
 
-def run_audit():
+_FORKED_CASES = None  # the case list a forked worker inherits (kernel objects are not sent between processes)
+
+
+def _compile_nth(i):
+    return compile_case(_FORKED_CASES[i])
+
+
+def run_audit(jobs=None):
+    """Reports in case order. Compilation is single-threaded per kernel, so ``jobs`` forked workers (default: one per
+    CPU) divide the wall time; ``jobs=1`` compiles in this process."""
+    global _FORKED_CASES
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         raise RuntimeError("fastvlm audit must run without TRITON_INTERPRET=1 (unset it; the audit compiles, it never launches)")
-    return [compile_case(c) for c in _cases()]
+    cases = _cases()
+    jobs = min(jobs or os.cpu_count() or 1, len(cases))
+    if jobs <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [compile_case(c) for c in cases]
+    _FORKED_CASES = cases
+    try:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            return list(pool.map(_compile_nth, range(len(cases)), chunksize=4))
+    finally:
+        _FORKED_CASES = None
 
 
 def format_table(reports):
@@ -152,7 +173,8 @@ def summary(reports):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    reports = run_audit()
+    jobs = int(argv[argv.index("--jobs") + 1]) if "--jobs" in argv else None
+    reports = run_audit(jobs)
     if "--json" in argv:
         print(json.dumps(reports))
     else:

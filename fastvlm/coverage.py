@@ -158,15 +158,13 @@ def report(build=False, only=None):
 
 
 def render(rows, markdown=False):
-    from fastvlm._dispatch import text_table
+    from fastvlm._table import markdown_table, text_table
 
     head = ("model type", "status", "fused", "not fused: why")
     counts = {s: sum(r.status == s for r in rows) for s in STATUSES}
     summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in r.row()) + " |" for r in rows]
-        return f"{len(rows)} model types: {summary}\n\n" + "\n".join(lines)
+        return f"{len(rows)} model types: {summary}\n\n" + markdown_table(head, [r.row() for r in rows])
     return f"{len(rows)} model types: {summary}\n" + text_table([head] + [r.row() for r in rows])
 
 

@@ -34,6 +34,8 @@ import json
 import math
 from dataclasses import asdict, dataclass, field
 
+from fastvlm import _table
+
 
 @dataclass(frozen=True)
 class Device:
@@ -280,13 +282,12 @@ def format_table(rows):
 
 def markdown_table(rows):
     """The rows as a Markdown table (the README's performance section)."""
-    lines = ["| shape | GFLOP | min MB | design MB (x min) | L2->SM x | fill | roofline µs | model µs |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['shape']} | {r['gflop']:.1f} | {r['min_mb']:.1f} | {r['design_mb']:.1f} "
-                     f"({r['bytes_ratio']:.2f}{'' if r['bytes_ok'] else ' !'}) | {r['l2_x']:.1f} | "
-                     f"{r['fill']:.0%}{'' if r['fill_ok'] else ' !'} | {r['roofline_us']:.1f} | {r['model_us']:.1f} |")
-    return "\n".join(lines)
+    head = ("shape", "GFLOP", "min MB", "design MB (x min)", "L2->SM x", "fill", "roofline µs", "model µs")
+    cells = [(r["shape"], f"{r['gflop']:.1f}", f"{r['min_mb']:.1f}",
+              f"{r['design_mb']:.1f} ({r['bytes_ratio']:.2f}{'' if r['bytes_ok'] else ' !'})", f"{r['l2_x']:.1f}",
+              f"{r['fill']:.0%}{'' if r['fill_ok'] else ' !'}", f"{r['roofline_us']:.1f}", f"{r['model_us']:.1f}")
+             for r in rows]
+    return _table.markdown_table(head, cells, right=range(1, 8))
 
 
 def main(argv=None):

@@ -88,7 +88,8 @@ def test_idefics2_980_navit(dtype):
 def test_idefics2_980_uint8_padded(dtype):
     """Raw uint8 images of three sizes padded to 980 px: the normalisation and the zero padding after it happen in
     the GEMM's loads (``image_hw``, the masked A-load with 64-wide N tiles); sizes cut patches in half."""
-    from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
+    from fastvlm.ops.navit_positions import navit_position_ids
+    from fastvlm.ops.patch_embed import patch_embed
 
     m, ref_model = _idefics2_980(dtype)
     hw = torch.tensor([[980, 980], [497, 705], [300, 980]], device="cuda")

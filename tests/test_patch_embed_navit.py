@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fastvlm
-from fastvlm.ops.patch_embed import navit_position_ids
+from fastvlm.ops.navit_positions import navit_position_ids
 from helpers import assert_close, rel_err
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

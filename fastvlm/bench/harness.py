@@ -198,6 +198,46 @@ def error_text(exc):
     return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
+def time_provider(rec, row, prepare, *, warmup, reps, device, cleanup=None):
+    """Time one provider: ``prepare()`` returns (fn, extra columns) and ``fn`` is measured. A provider that is skipped
+    or fails (compile error, OOM) is recorded in ``rec`` with its reason and None returned, so the other providers
+    still run; otherwise (median, p20, p80, extra columns, peak bytes on CUDA or None)."""
+    try:
+        fn, extra = prepare()
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        med, p20, p80 = measure(fn, warmup=warmup, reps=reps, device=device)
+    except Skipped as exc:
+        rec.add(dict(row, ms=None, skipped=str(exc)))
+        return None
+    except Exception as exc:  # recorded; the other providers still run
+        rec.add(dict(row, ms=None, error=error_text(exc)))
+        return None
+    finally:
+        if cleanup is not None:
+            cleanup()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    return med, p20, p80, extra, peak
+
+
+def print_footer(env, rows, out=None, table=False):
+    """The device line after a suite's run (the rows as a table first when ``table``; where they were appended)."""
+    print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+    if table:
+        print(format_rows(rows))
+    if out:
+        print(f"appended {len(rows)} rows to {out}")
+
+
+def release_grads(module):
+    """After a timed training step: drop the gradients and freeze the parameters again."""
+    for p in module.parameters():
+        p.grad = None
+        p.requires_grad_(False)
+
+
 def format_row(r):
     lead = f"{r['shape']:28} {r.get('mode', 'fwd'):8} {r['provider']:24}"
     if r.get("ms") is None:

@@ -27,6 +27,8 @@ import warnings
 
 import torch
 
+from fastvlm._table import markdown_table
+
 ROUNDS = 7
 TARGET_S = 0.02  # seconds of calls per round and provider
 
@@ -266,13 +268,12 @@ def format_row(r):
 
 
 def markdown(rows):
-    out = ["| module (tiny inputs) | launches | original eager µs (min / median) | fastvlm µs (min / median) | ratio |",
-           "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        out.append(f"| {r['case']} | {'-' if r['launches'] is None else r['launches']} | "
-                   f"{r['eager_min_us']:.0f} / {r['eager_median_us']:.0f} | {r['fused_min_us']:.0f} / "
-                   f"{r['fused_median_us']:.0f} | {r['ratio_median']:.2f} |")
-    return "\n".join(out)
+    head = ("module (tiny inputs)", "launches", "original eager µs (min / median)", "fastvlm µs (min / median)",
+            "ratio")
+    cells = [(r["case"], "-" if r["launches"] is None else r["launches"],
+              f"{r['eager_min_us']:.0f} / {r['eager_median_us']:.0f}",
+              f"{r['fused_min_us']:.0f} / {r['fused_median_us']:.0f}", f"{r['ratio_median']:.2f}") for r in rows]
+    return markdown_table(head, cells, right=range(1, 5))
 
 
 def main(argv=None):

@@ -190,7 +190,7 @@ def _gemm_formulation(mod, name, prenorm):
         elif fam == "siglip":
             y = y + emb.position_embedding.weight
         else:
-            from fastvlm.ops.patch_embed import navit_position_ids
+            from fastvlm.ops.navit_positions import navit_position_ids
 
             y = y + emb.position_embedding(navit_position_ids(mask, emb.num_patches_per_side))
         return y
@@ -243,7 +243,7 @@ def _fastvlm(mod, call, name, prenorm, uint8):
         H, W = x.shape[-2:]
         x = x[:, :, :H // p * p, :W // p * p]  # a view: the "valid" conv drops the remainder
         if fam == "idefics2":
-            from fastvlm.ops.patch_embed import navit_position_ids
+            from fastvlm.ops.navit_positions import navit_position_ids
 
             ids = navit_position_ids(mask, emb.num_patches_per_side).reshape(-1)
             hw = torch.stack([mask[:, :, 0].sum(1), mask[:, 0, :].sum(1)], 1) * p  # each image's size in pixels
@@ -354,9 +354,7 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, prenorm=False, uint8=
         if device == "cuda":
             torch.cuda.empty_cache()
     if verbose:
-        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        if out:
-            print(f"appended {len(rec.rows)} rows to {out}")
+        harness.print_footer(env, rec.rows, out)
     return rec.rows
 
 

@@ -258,33 +258,21 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
             for prov in providers:
                 row = dict(suite="projector", shape=shape, mode=mode, provider=prov, dtype=str(dtype), flops=flops,
                            min_bytes=min_bytes if mode == "fwd" else 3 * min_bytes, **cols, **env)
-                try:
+                def prepare():
                     fn, err, gerr = _one(prov, m, xs, mode, gy, ref, ref_grads, device)
-                    if device == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    med, p20, p80 = harness.measure(fn, warmup=3 if device == "cpu" else 10, reps=reps,
-                                                    device=device)
-                except harness.Skipped as exc:
-                    rec.add(dict(row, ms=None, skipped=str(exc)))
+                    return fn, dict(rel_err=err, grad_rel_err=gerr)
+
+                timed = harness.time_provider(rec, row, prepare, warmup=3 if device == "cpu" else 10, reps=reps,
+                                              device=device, cleanup=lambda: harness.release_grads(m))
+                if timed is None:
                     continue
-                except Exception as exc:  # a provider that fails here (compile error, OOM): recorded, the rest run
-                    rec.add(dict(row, ms=None, error=harness.error_text(exc)))
-                    continue
-                finally:
-                    for p in m.parameters():
-                        p.grad = None
-                        p.requires_grad_(False)
-                    if device == "cuda":
-                        torch.cuda.empty_cache()
-                peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+                med, p20, p80, extra, peak = timed
                 eager_ms = med if prov == "hf_eager" else eager_ms
-                rec.add(dict(row, **harness.timing_cols(med, p20, p80, flops, cols["roofline_ms"], eager_ms),
-                             rel_err=err, grad_rel_err=gerr, peak_mem_bytes=peak))
-        del m, xs
+                rec.add(dict(row, **harness.timing_cols(med, p20, p80, flops, cols["roofline_ms"], eager_ms), **extra,
+                             peak_mem_bytes=peak))
+        m = xs = None  # release before the next shape
     if verbose:
-        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        if out:
-            print(f"appended {len(rec.rows)} rows to {out}")
+        harness.print_footer(env, rec.rows, out)
     return rec.rows
 
 

@@ -215,7 +215,7 @@ def run(suites=("qformer", "attention"), batches=None, providers=None, dtypes=No
         run_attention(batches, [p for p in ATTN_PROVIDERS if p in provs], dtypes, quick, reps, device, env, rec)
     rows = rec.rows
     if verbose:
-        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
+        harness.print_footer(env, rows)
     if csv_path:
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)
         new = not os.path.exists(csv_path)

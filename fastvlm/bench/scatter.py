@@ -154,10 +154,7 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, feat_dtype=None, reps
             torch.cuda.empty_cache()
     rows = rec.rows
     if verbose:
-        print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-        print(format_rows(rows))
-        if out:
-            print(f"appended {len(rows)} rows to {out}")
+        harness.print_footer(env, rows, out, table=True)
     return rows
 
 

@@ -24,7 +24,8 @@ from fastvlm.nn.pair_prenorm import _norm_bases, _paired_norm_class, _PosEmbedCo
 from fastvlm.nn.pair_qwen3 import FusedPairedPositionEmbedding, _qwen3_structure, _qwen3_taps
 from fastvlm.nn.pair_state import _pair_of, _Pair, has_hooks
 from fastvlm.nn.pair_verify import verify_pair, verify_pixtral, verify_qwen3
-from fastvlm.nn.patch_embed import _T, _FusedEmbedMixin
+from fastvlm.nn.patch_embed import _FusedEmbedMixin
+from fastvlm.nn.patch_embed_recipes import _T
 from fastvlm.nn.still_images import _UNDO, _set_instance_attr, _StillImageCall, enable_still_images
 
 # names objects of a patched model were pickled under before the split (and the re-exported still-image API)
@@ -79,7 +80,7 @@ def _pair_candidates(model):
 def pair_embeddings(model, originals, *, verify=False, selected=lambda family: True):
     """Pair fused patch embeddings with their parents' pre-norm / position code (see above). Returns report rows
     (path, original, fused, status, detail); swapped pre-norms are recorded in ``originals`` for ``unpatch``."""
-    from fastvlm.nn.projector import _adopt
+    from fastvlm.nn._base import _adopt
 
     rows = []
     undo = model.__dict__.setdefault(_UNDO, [])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import functools
 import importlib
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -31,59 +30,12 @@ from fastvlm._cache import cached_arange as _arange, slot
 from fastvlm.nn.pair_prenorm import _take_norm, _timm_vit_tokens
 from fastvlm.nn.pair_qwen3 import _take_qwen3_positions
 from fastvlm.nn.pair_state import call_mode, hand_off
-from fastvlm.nn.projector import _FusedBase
+from fastvlm.nn._base import _FusedBase
+from fastvlm.nn.patch_embed_recipes import EmbedRecipe
 from fastvlm.ops._checks import autocast_on
-from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
+from fastvlm.ops.navit_positions import navit_position_ids
+from fastvlm.ops.patch_embed import patch_embed
 from fastvlm.ops.rows_embed import rows_embed
-
-
-@dataclass(frozen=True)
-class EmbedRecipe:
-    family: str
-    module: str
-    cls: str
-    fused_name: str
-    kind: str  # "conv_pos" (Conv2d + class token + position table), "rows" (pre-patchified rows: Qwen-VL),
-    #            "timm" (timm's PatchEmbed: conv + output format + norm; no positions),
-    #            "navit" (Idefics2/3, SmolVLM: Conv2d + NaViT bucketed position ids from patch_attention_mask),
-    #            "internvl" (InternVL: Conv2d child + class token + position Parameter, bicubic per size),
-    #            "unfold" (Llama 4: nn.Unfold + bias-free Linear, the weight viewed as a conv kernel)
-    conv: str = "patch_embedding"
-    cls_token: Optional[str] = None  # attribute of the class-token Parameter ([D] or [1, 1, D])
-    pos: Optional[str] = None  # attribute of the position table: an nn.Embedding or a Parameter [1, L, D]
-
-
-_T = "transformers.models."
-EMBED_RECIPES = (
-    EmbedRecipe("clip", _T + "clip.modeling_clip", "CLIPVisionEmbeddings", "FusedCLIPVisionEmbeddings", "conv_pos",
-                cls_token="class_embedding", pos="position_embedding"),
-    EmbedRecipe("siglip", _T + "siglip.modeling_siglip", "SiglipVisionEmbeddings", "FusedSiglipVisionEmbeddings",
-                "conv_pos", pos="position_embedding"),
-    EmbedRecipe("blip_2", _T + "blip_2.modeling_blip_2", "Blip2VisionEmbeddings", "FusedBlip2VisionEmbeddings",
-                "conv_pos", cls_token="class_embedding", pos="position_embedding"),
-    EmbedRecipe("instructblip", _T + "instructblip.modeling_instructblip", "InstructBlipVisionEmbeddings",
-                "FusedInstructBlipVisionEmbeddings", "conv_pos", cls_token="class_embedding", pos="position_embedding"),
-    EmbedRecipe("qwen2_vl", _T + "qwen2_vl.modeling_qwen2_vl", "PatchEmbed", "FusedQwen2VLPatchEmbed", "rows",
-                conv="proj"),
-    EmbedRecipe("timm", "timm.layers.patch_embed", "PatchEmbed", "FusedTimmPatchEmbed", "timm", conv="proj"),
-    EmbedRecipe("qwen2_5_vl", _T + "qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VisionPatchEmbed",
-                "FusedQwen2_5_VisionPatchEmbed", "rows", conv="proj"),
-    EmbedRecipe("qwen3_vl", _T + "qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchEmbed", "FusedQwen3VLVisionPatchEmbed",
-                "rows", conv="proj"),
-    EmbedRecipe("qwen3_vl_moe", _T + "qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionPatchEmbed",
-                "FusedQwen3VLMoeVisionPatchEmbed", "rows", conv="proj"),
-    EmbedRecipe("idefics2", _T + "idefics2.modeling_idefics2", "Idefics2VisionEmbeddings",
-                "FusedIdefics2VisionEmbeddings", "navit", pos="position_embedding"),
-    EmbedRecipe("idefics3", _T + "idefics3.modeling_idefics3", "Idefics3VisionEmbeddings",
-                "FusedIdefics3VisionEmbeddings", "navit", pos="position_embedding"),
-    EmbedRecipe("smolvlm", _T + "smolvlm.modeling_smolvlm", "SmolVLMVisionEmbeddings", "FusedSmolVLMVisionEmbeddings",
-                "navit", pos="position_embedding"),
-    EmbedRecipe("internvl", _T + "internvl.modeling_internvl", "InternVLVisionEmbeddings",
-                "FusedInternVLVisionEmbeddings", "internvl", conv="patch_embeddings.projection", cls_token="cls_token",
-                pos="position_embeddings"),
-    EmbedRecipe("llama4", _T + "llama4.modeling_llama4", "Llama4UnfoldConvolution", "FusedLlama4UnfoldConvolution",
-                "unfold", conv="linear"),
-)
 
 
 class _FusedEmbedMixin(_FusedBase):
