@@ -19,6 +19,10 @@ from fastvlm.testing import rel_err, tolerance
 
 D, H, O = 48, 64, 40  # vision width, hidden (split over ranks), output
 CTX = 24  # Qwen-VL's patch width (merged width 4 * 24)
+TEXT = dict(hidden_size=O, num_attention_heads=4, num_key_value_heads=4, head_dim=O // 4)
+SIDE, WIN = 8, 2  # Idefics3 / Gemma 3: an 8x8 patch grid, 2x2 pixel shuffle or 2x2 average pooling
+INPUT_NAME = {"llava": "image_features", "qwen2_vl": "x", "qwen2_5_vl": "x", "idefics3": "image_hidden_states",
+              "gemma3": "vision_outputs"}
 
 
 class _Lines(logging.Handler):
@@ -61,6 +65,16 @@ def _reference64(case, full, x):
     if case == "llava":
         h = torch.nn.functional.gelu(x @ f["linear_1.weight"].T + f["linear_1.bias"])
         return h @ f["linear_2.weight"].T + f["linear_2.bias"]
+    if case in ("idefics3", "gemma3"):
+        B = x.shape[0]
+        grid = x.reshape(B, SIDE, SIDE, D)
+        windows = [grid[:, di::WIN, dj::WIN] for di in range(WIN) for dj in range(WIN)]  # [B, 4, 4, D] each
+        if case == "idefics3":  # merged feature order: window row di, then column dj, then the channel
+            a = torch.cat(windows, dim=-1).reshape(B, -1, WIN * WIN * D)
+            return a @ f["modality_projection.proj.weight"].T
+        a = torch.stack(windows).mean(0).reshape(B, -1, D)
+        an = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + f["mm_soft_emb_norm.weight"])
+        return an @ f["mm_input_projection_weight"]
     if case == "qwen2_vl":
         xn = torch.nn.functional.layer_norm(x, (CTX,), f["ln_q.weight"], f["ln_q.bias"], 1e-6)
     else:
@@ -82,14 +96,27 @@ def _build(case, dtype):
             return LlavaMultiModalProjector(D, H, "gelu", True, prefix="multi_modal_projector")
         if case == "qwen2_vl":
             return Qwen2VisionPatchMerger(O, CTX, prefix="visual.merger")
-        return Qwen2_5_VisionPatchMerger(O, CTX, norm_layer=partial(RMSNorm, eps=1e-6), prefix="visual.merger")
+        if case == "qwen2_5_vl":
+            return Qwen2_5_VisionPatchMerger(O, CTX, norm_layer=partial(RMSNorm, eps=1e-6), prefix="visual.merger")
+        if case == "idefics3":
+            from transformers import Idefics3Config
+            from vllm.model_executor.models.idefics3 import Idefics3Connector
+
+            cfg = Idefics3Config(vision_config=dict(hidden_size=D), text_config=TEXT, scale_factor=WIN)
+            return Idefics3Connector(cfg, prefix="model.connector")
+        from transformers import Gemma3Config
+        from vllm.model_executor.models.gemma3_mm import Gemma3MultiModalProjector
+
+        cfg = Gemma3Config(vision_config=dict(hidden_size=D, image_size=SIDE * 14, patch_size=14, layer_norm_eps=1e-6),
+                           text_config=TEXT, mm_tokens_per_image=(SIDE // WIN) ** 2)
+        return Gemma3MultiModalProjector(cfg)
     finally:
         torch.set_default_dtype(torch.float32)
 
 
 def _input(case, dtype, gen):
     """A fresh random input, as a strided view into a NaN-poisoned buffer (a read outside it shows up as NaN)."""
-    shape = (3, 8, D) if case == "llava" else (32, CTX)
+    shape = {"llava": (3, 8, D), "qwen2_vl": (32, CTX), "qwen2_5_vl": (32, CTX)}.get(case, (2, SIDE * SIDE, D))
     buf = torch.full((*shape[:-1], shape[-1] + 5), float("nan"), dtype=dtype)
     buf[..., 2:2 + shape[-1]] = torch.randn(shape, generator=gen).to(dtype)
     return buf[..., 2:2 + shape[-1]]
@@ -106,17 +133,25 @@ def check(case, dtype, backend, lines):
     assert plan is not None, reasons
     x = _input(case, dtype, gen)
     original = type(mod)._fastvlm_vllm_original_forward
+    if case == "idefics3":  # vLLM's pixel shuffle views its input: a strided one is its error, through the plugin too
+        for fn in (lambda: original(mod, x), lambda: mod(x)):
+            try:
+                fn()
+                raise AssertionError("a strided input was accepted")
+            except RuntimeError as exc:
+                assert "view size is not compatible" in str(exc), exc
+        x = x.contiguous()
     with torch.no_grad():
         ref_vllm = original(mod, x)
         os.environ["FASTVLM_BACKEND"] = backend
         out = mod(x)
-        out_kw = mod(**{"image_features" if case == "llava" else "x": x})  # the argument by keyword
+        out_kw = mod(**{INPUT_NAME[case]: x})  # the argument by keyword
         os.environ.pop("FASTVLM_BACKEND")
     assert torch.equal(out, out_kw), "the fused forward called by keyword differs"
     ref = _reference64(case, full, x)
-    k = max(D, H) if case == "llava" else 4 * CTX
+    k = {"llava": max(D, H), "idefics3": WIN * WIN * D, "gemma3": D}.get(case, 4 * CTX)
     # roundings: activation, output (+ each rank's partial sum before the all-reduce, + the norm's output)
-    bound = tolerance(dtype, k, roundings=2 + (tp > 1) + (case != "llava"))
+    bound = tolerance(dtype, k, roundings=2 + (tp > 1) + (case != "llava"))  # (+ Gemma's pooled rows: its norm)
     e_fused, e_vllm, e_pair = rel_err(out, ref), rel_err(ref_vllm, ref), rel_err(out, ref_vllm)
     assert out.shape == ref_vllm.shape and out.dtype == ref_vllm.dtype, (out.shape, ref_vllm.shape, out.dtype)
     assert torch.isfinite(out).all(), "NaN/Inf in the fused output (a read outside the input?)"
@@ -130,7 +165,8 @@ def check(case, dtype, backend, lines):
 
 def case_name(case):
     return {"llava": "LlavaMultiModalProjector", "qwen2_vl": "Qwen2VisionPatchMerger",
-            "qwen2_5_vl": "Qwen2_5_VisionPatchMerger"}[case]
+            "qwen2_5_vl": "Qwen2_5_VisionPatchMerger", "idefics3": "Idefics3Connector",
+            "gemma3": "Gemma3MultiModalProjector"}[case]
 
 
 def check_left_alone(lines):

@@ -19,6 +19,7 @@ vLLM on first use only.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,11 +37,14 @@ class Family:
     module: str  # vLLM module defining the class
     cls: str
     input_name: str  # the forward's argument (callers may pass it by keyword)
-    linear_1: str  # attribute paths of the children
-    act: str
-    linear_2: str
-    norm: Optional[str] = None  # a norm over each token row before the merge (Qwen-VL's ln_q)
+    linear_1: str  # attribute paths of the children ("" with weight_in_out)
+    act: Optional[str] = None
+    linear_2: Optional[str] = None
+    norm: Optional[str] = None  # a norm over each token row before the merge (Qwen-VL's ln_q) or after the pooling
     merged_width: Optional[str] = None  # attribute with the merged row width: x viewed as (-1, width)
+    merge: Optional[str] = None  # "pixel_shuffle" (Idefics3) or "avg_pool" (Gemma 3) of a square token grid
+    scale: Optional[str] = None  # attribute with the pixel shuffle's scale
+    weight_in_out: Optional[str] = None  # a Parameter [in, out] in place of linear_1 (Gemma 3)
 
 
 _M = "vllm.model_executor.models."
@@ -52,6 +56,12 @@ FAMILIES = (
            merged_width="hidden_size"),
     Family("qwen2_5_vl", _M + "qwen2_5_vl", "Qwen2_5_VisionPatchMerger", "x", "mlp.0", "mlp.1", "mlp.2", norm="ln_q",
            merged_width="hidden_size"),
+    # Idefics3 and SmolVLM: pixel shuffle of the square patch grid (read by the GEMM's A loads), one linear
+    Family("idefics3", _M + "idefics3", "Idefics3Connector", "image_hidden_states", "modality_projection.proj",
+           merge="pixel_shuffle", scale="scale_factor"),
+    # Gemma 3: k x k average pooling, GemmaRMSNorm (1 + w, fp32), x @ W with W stored [in, out]
+    Family("gemma3", _M + "gemma3_mm", "Gemma3MultiModalProjector", "vision_outputs", "", norm="mm_soft_emb_norm",
+           merge="avg_pool", weight_in_out="mm_input_projection_weight"),
 )
 
 
@@ -60,13 +70,17 @@ class Plan:
     """What the fused forward reads; ``key`` identifies the objects it was read from (re-read when one changes)."""
 
     key: tuple
-    fc1: nn.Module
-    fc2: nn.Module
+    fc1: Optional[nn.Module]  # None with weight_in_out
+    fc2: Optional[nn.Module]
     act: str
     norm: Optional[tuple]  # (kind, weight, bias, eps) or None
     width: Optional[int]  # merged row width (Qwen-VL) or None
     in_features: int  # the width x must end in
     description: str
+    merge: Optional[str] = None
+    window: int = 1  # the pixel shuffle's scale / the pooling kernel
+    side: Optional[int] = None  # the pooled grid's side (Gemma 3's patches_per_image)
+    w_in_out: Optional[torch.Tensor] = None
 
 
 @functools.lru_cache(maxsize=None)
@@ -74,8 +88,9 @@ def _vllm():
     """vLLM's classes the plans compare against (imported on first use)."""
     from vllm.distributed import tensor_model_parallel_all_reduce
     from vllm.model_executor.layers import activation as A
-    from vllm.model_executor.layers.layernorm import RMSNorm
-    from vllm.model_executor.layers.linear import ColumnParallelLinear, RowParallelLinear, UnquantizedLinearMethod
+    from vllm.model_executor.layers.layernorm import GemmaRMSNorm, RMSNorm
+    from vllm.model_executor.layers.linear import (ColumnParallelLinear, ReplicatedLinear, RowParallelLinear,
+                                                   UnquantizedLinearMethod)
 
     # vLLM's activation CustomOps and the fused activation of the same formula (checked in vLLM 0.33/0.34's
     # activation.py: GELU is F.gelu; GELUTanh is F.gelu(approximate="tanh"); NewGELU and FastGELU write the same
@@ -84,8 +99,9 @@ def _vllm():
     for name in ("GELUTanh", "NewGELU", "FastGELU"):
         if hasattr(A, name):
             acts[getattr(A, name)] = "gelu_tanh"
-    return dict(column=ColumnParallelLinear, row=RowParallelLinear, unquantized=UnquantizedLinearMethod,
-                rmsnorm=RMSNorm, acts=acts, all_reduce=tensor_model_parallel_all_reduce)
+    return dict(column=ColumnParallelLinear, row=RowParallelLinear, replicated=ReplicatedLinear,
+                unquantized=UnquantizedLinearMethod, rmsnorm=RMSNorm, gemma_rmsnorm=GemmaRMSNorm, acts=acts,
+                all_reduce=tensor_model_parallel_all_reduce)
 
 
 def batch_invariant() -> bool:
@@ -110,11 +126,14 @@ def _norm_of(mod):
         if not getattr(mod, "has_weight", True) or getattr(mod, "variance_size_override", None) is not None:
             return "RMSNorm without a weight or with a variance size override has no fused kernel"
         return "rmsnorm", mod.weight, None, float(mod.variance_epsilon)
+    if type(mod) is _vllm()["gemma_rmsnorm"]:  # rms_norm with the fp32 weight 1 + w: all in fp32, then x's dtype
+        return "rmsnorm_1p", mod.weight, None, float(mod.variance_epsilon)
     return f"norm {type(mod).__name__} has no fused kernel"
 
 
 def _linear_reasons(name, lin, kind):
-    """Why the fused op cannot stand in for ``lin`` (a column- or row-parallel linear), [] when it can."""
+    """Why the fused op cannot stand in for ``lin`` (a column-parallel, row-parallel or replicated linear), [] when
+    it can."""
     v = _vllm()
     cls = v[kind]
     if not isinstance(lin, cls) or type(lin).forward is not cls.forward:
@@ -123,7 +142,8 @@ def _linear_reasons(name, lin, kind):
     if type(qm) is not v["unquantized"]:
         return [f"{name} is quantized ({type(qm).__name__}): vLLM's quantized GEMM is kept"]
     w = getattr(lin, "weight", None)
-    shape = (lin.output_size_per_partition, lin.input_size_per_partition)
+    shape = ((lin.output_size, lin.input_size) if kind == "replicated" else
+             (lin.output_size_per_partition, lin.input_size_per_partition))
     if not isinstance(w, torch.Tensor) or tuple(w.shape) != shape:
         return [f"{name}.weight is {None if w is None else tuple(w.shape)}, not {shape}: vLLM repacked it for its "
                 f"own GEMM (CPU weight packing)"]
@@ -134,43 +154,71 @@ def _linear_reasons(name, lin, kind):
     return []
 
 
+def _children(mod, fam: Family):
+    get = mod.get_submodule
+    return (get(fam.linear_1) if fam.linear_1 else None, get(fam.linear_2) if fam.linear_2 else None,
+            get(fam.act) if fam.act else None, get(fam.norm) if fam.norm else None)
+
+
 def _key(mod, fam: Family):
     """The objects a plan is read from: a plan is re-read when any of them is replaced (weights loaded, repacked)."""
-    fc1, fc2 = mod.get_submodule(fam.linear_1), mod.get_submodule(fam.linear_2)
-    norm = mod.get_submodule(fam.norm) if fam.norm else None
-    return (id(fc1), id(fc2), id(mod.get_submodule(fam.act)), id(norm),
+    fc1, fc2, act, norm = _children(mod, fam)
+    return (id(fc1), id(fc2), id(act), id(norm), id(getattr(mod, fam.weight_in_out, None) if fam.weight_in_out else 0),
             *(id(getattr(m, a, None)) for m in (fc1, fc2) for a in ("weight", "bias", "quant_method")),
             id(getattr(norm, "weight", None)), id(getattr(norm, "bias", None)))
 
 
 def read_plan(mod, fam: Family):
     """(Plan, []) when the fused op can compute ``mod``'s forward, else (None, reasons)."""
-    fc1, fc2 = mod.get_submodule(fam.linear_1), mod.get_submodule(fam.linear_2)
-    reasons = _linear_reasons(fam.linear_1, fc1, "column") + _linear_reasons(fam.linear_2, fc2, "row")
+    fc1, fc2, act_mod, norm_mod = _children(mod, fam)
+    reasons = []
+    if fc1 is not None:
+        kind1 = "column" if fc2 is not None else "replicated"
+        reasons += _linear_reasons(fam.linear_1, fc1, kind1)
+    if fc2 is not None:
+        reasons += _linear_reasons(fam.linear_2, fc2, "row")
     if batch_invariant():
         reasons.append("VLLM_BATCH_INVARIANT=1 (vLLM's batch-invariant GEMMs are kept)")
-    act = _act_name(mod.get_submodule(fam.act))
+    act = "none" if act_mod is None else _act_name(act_mod)
     if act is None:
-        reasons.append(f"activation {type(mod.get_submodule(fam.act)).__name__} has no fused kernel")
+        reasons.append(f"activation {type(act_mod).__name__} has no fused kernel")
     norm = None
-    if fam.norm:
-        norm = _norm_of(mod.get_submodule(fam.norm))
+    if norm_mod is not None:
+        norm = _norm_of(norm_mod)
         if isinstance(norm, str):
             reasons.append(norm)
-    if not reasons and fc1.tp_size != fc2.tp_size:
+    if not reasons and fc2 is not None and fc1.tp_size != fc2.tp_size:
         reasons.append(f"{fam.linear_1} and {fam.linear_2} are split over {fc1.tp_size} and {fc2.tp_size} ranks")
     if reasons:
         return None, reasons
+    w_in_out = getattr(mod, fam.weight_in_out) if fam.weight_in_out else None
+    k1 = w_in_out.shape[0] if w_in_out is not None else (
+        fc1.input_size if fc2 is None else fc1.input_size_per_partition)
     width = getattr(mod, fam.merged_width) if fam.merged_width else None
-    in_features = norm[1].shape[0] if norm else fc1.input_size_per_partition
-    if (width or in_features) != fc1.input_size_per_partition or (width and width % in_features):
-        return None, [f"the merged width {width} does not match {fam.linear_1}'s input width "
-                      f"{fc1.input_size_per_partition}"]
-    tp = fc2.tp_size
+    window, side = 1, None
+    norm_width = norm[1].shape[0] if norm else None
+    if fam.merge == "pixel_shuffle":  # k1 = features * scale^2
+        window = int(getattr(mod, fam.scale))
+        in_features, ok = k1 // (window * window), k1 % (window * window) == 0
+    elif fam.merge == "avg_pool":  # the norm runs on the pooled rows: k1 wide
+        window, side = int(mod.kernel_size), int(mod.patches_per_image)
+        in_features, ok = k1, norm_width in (None, k1)
+    elif width is not None:  # Qwen-VL: the norm on each patch, the merged row (k1) holds whole patches
+        in_features = norm_width or width
+        ok = width == k1 and width % in_features == 0
+    else:
+        in_features, ok = k1, norm_width in (None, k1)
+    if not ok:
+        return None, [f"the connector's widths (norm {norm_width}, merged {width}, window {window}) do not fit "
+                      f"its first weight's input width {k1}"]
+    tp = fc2.tp_size if fc2 is not None else 1
     where = (f"on local shards, tensor-parallel rank {fc2.tp_rank} of {tp}, vLLM's all-reduce kept" if tp > 1 else
-             "tensor-parallel size 1")
-    desc = f"{(norm[0] + ' -> ') if norm else ''}{fam.linear_1} -> {act} -> {fam.linear_2} fused ({where})"
-    return Plan(_key(mod, fam), fc1, fc2, act, norm, width, in_features, desc), []
+             "tensor-parallel size 1" if fc2 is not None else "replicated weights")
+    steps = [f"{fam.merge} {window}x{window}"] if fam.merge else []
+    steps += [norm[0]] if norm else []
+    steps += [fam.linear_1 or fam.weight_in_out] + ([act, fam.linear_2] if fc2 is not None else [])
+    desc = f"{' -> '.join(steps)} fused ({where})"
+    return Plan(_key(mod, fam), fc1, fc2, act, norm, width, in_features, desc, fam.merge, window, side, w_in_out), []
 
 
 def defer_reason(plan: Plan, x) -> Optional[str]:
@@ -181,6 +229,16 @@ def defer_reason(plan: Plan, x) -> Optional[str]:
         return f"input of shape {tuple(x.shape)} is not whole rows of the merged width {plan.width}"
     if plan.norm is not None and plan.norm[0] == "rmsnorm" and plan.norm[1].dtype != x.dtype:
         return f"RMSNorm weight is {plan.norm[1].dtype} but x is {x.dtype} (vLLM casts through the weight's dtype)"
+    if plan.merge is not None:
+        if x.dim() != 3 or x.numel() == 0:
+            return f"input of shape {tuple(x.shape)} is not a non-empty [batch, tokens, features] grid"
+        if plan.merge == "pixel_shuffle" and not x.is_contiguous():  # Idefics3 views x: the original decides
+            return "a non-contiguous input (the original's pixel shuffle views it: its result or its error)"
+        side = plan.side or math.isqrt(x.shape[1])
+        if side * side != x.shape[1] or side % plan.window:
+            return f"{x.shape[1]} tokens are not a square grid divisible by {plan.window}"
+    if plan.w_in_out is not None and plan.w_in_out.dtype != x.dtype:
+        return f"the projection weight is {plan.w_in_out.dtype} but x is {x.dtype} (the original's matmul decides)"
     return None
 
 
@@ -188,17 +246,31 @@ def run(plan: Plan, x):
     """The connector's output, computed by ``fastvlm.mlp_projector`` on this rank's shards, then vLLM's all-reduce
     exactly where ``RowParallelLinear`` runs it."""
     import fastvlm
+    from fastvlm.ops.layout import space_to_depth_rows
 
     fc1, fc2 = plan.fc1, plan.fc2
-    b1 = None if fc1.skip_bias_add else fc1.bias  # skip_bias_add: vLLM returns the bias instead of adding it
-    b2 = None if (fc2.tp_rank > 0 or fc2.skip_bias_add) else fc2.bias  # b2 is whole: rank 0 adds it once
+    if plan.w_in_out is not None:  # x @ W with W [in, out]: its transposed view, taken per call
+        w1, b1 = plan.w_in_out.t(), None
+    else:
+        w1, b1 = fc1.weight, (None if fc1.skip_bias_add else fc1.bias)  # skip_bias_add: vLLM returns, never adds it
+    w2 = b2 = None
+    if fc2 is not None:
+        w2, b2 = fc2.weight, (None if (fc2.tp_rank > 0 or fc2.skip_bias_add) else fc2.bias)  # rank 0 adds b2 once
     kw = {}
     if plan.norm is not None:
         kind, nw, nb, eps = plan.norm
         kw = dict(norm=kind, norm_weight=nw, norm_bias=nb, eps=eps, norm_group=nw.shape[0])
+    shape = None
     if plan.width is not None:  # Qwen-VL: norm(x).view(-1, width); the norm's groups are the patches of a row
         x = x.reshape(-1, plan.width)
-    y = fastvlm.mlp_projector(x, fc1.weight, b1, fc2.weight, b2, act=plan.act, **kw)
-    if fc2.reduce_results and fc2.tp_size > 1:
+    elif plan.merge is not None:  # the merge's source rows, read by the GEMM's A loads
+        B, P, D = x.shape
+        side = plan.side or math.isqrt(P)
+        kw.update(rows=space_to_depth_rows(B, side, side, plan.window, x.device),
+                  a_mode="concat" if plan.merge == "pixel_shuffle" else "mean")
+        shape = (B, P // plan.window ** 2)
+        x = x.reshape(B * P, D)
+    y = fastvlm.mlp_projector(x, w1, b1, w2, b2, act=plan.act, **kw)
+    if fc2 is not None and fc2.reduce_results and fc2.tp_size > 1:
         y = _vllm()["all_reduce"](y)
-    return y
+    return y if shape is None else y.reshape(*shape, y.shape[-1])

@@ -3,7 +3,8 @@
 Installed by ``pip install "fastvlm[vllm]"`` as the ``vllm.general_plugins`` entry point ``fastvlm`` (pyproject.toml),
 which vLLM calls in every process it starts (API server, engine core, each worker) before it builds a model.
 ``register()`` replaces the ``forward`` of the connector classes in ``fastvlm.integrations.vllm_connectors.FAMILIES``
-(LLaVA's ``LlavaMultiModalProjector``, Qwen2-VL's and Qwen2.5-VL's patch mergers) with one that, per module:
+(LLaVA's ``LlavaMultiModalProjector``, Qwen2-VL's and Qwen2.5-VL's patch mergers, Idefics3's connector, Gemma 3's
+projector) with one that, per module:
 
 * reads a plan on its first call (and again when a weight, bias or quant method is replaced, as vLLM does after
   loading): the fused op on this rank's shards followed by vLLM's all-reduce, or the reasons it stays vLLM's
