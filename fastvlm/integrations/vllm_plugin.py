@@ -11,7 +11,8 @@ projector) with one that, per module:
   (quantized linears, repacked weights, LoRA wrappers, batch-invariant mode, ...);
 * logs one line through vLLM's logger (``vllm.fastvlm``) the first time it decides, and again if the decision
   changes: ``fastvlm: multi_modal_projector (LlavaMultiModalProjector): linear_1 -> gelu -> linear_2 fused (...)``;
-* runs vLLM's original forward for modules left alone and for inputs the fused path does not take.
+* runs vLLM's original forward for modules left alone, for inputs the fused path does not take, and while
+  torch.compile traces the module (vLLM's ``compile_mm_encoder``, off by default).
 
 ``FASTVLM_VLLM=0`` (or ``off``/``false``/``no``) switches the plugin off: ``register()`` changes nothing.
 ``unregister()`` restores vLLM's forwards (tests use it). The plugin never imports vLLM before vLLM calls it.
@@ -22,6 +23,8 @@ import functools
 import importlib
 import logging
 import os
+
+import torch
 
 from fastvlm.integrations import vllm_connectors as C
 
@@ -118,6 +121,10 @@ def _current_plan(module, fam):
 def _fused_forward(fam, original):
     @functools.wraps(original)
     def forward(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            # vLLM compiles a connector only with compile_mm_encoder (off by default; Qwen2.5-VL's merger): the
+            # plan's bookkeeping (ids, logging) is not traceable, so the traced forward stays vLLM's
+            return original(self, *args, **kwargs)
         if len(args) == 1 and not kwargs:
             x = args[0]
         elif not args and len(kwargs) == 1 and fam.input_name in kwargs:
