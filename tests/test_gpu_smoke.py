@@ -326,6 +326,7 @@ def test_per_shape_choice_times_on_cuda(monkeypatch, tmp_path):
     from fastvlm.reference.projector import mlp_projector_ref
 
     monkeypatch.setenv("FASTVLM_BACKEND", "auto")
+    monkeypatch.delenv("FASTVLM_CHOICE", raising=False)  # the GPU session turns it off for its benchmarks
     monkeypatch.setenv("FASTVLM_CACHE_DIR", str(tmp_path))
     choice.forget()
     M, K, I, O = 576, 1024, 4096, 4096
