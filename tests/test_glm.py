@@ -172,3 +172,18 @@ def test_glm4v_backward_through_the_patched_model(torch_backend):
     assert out.keys() == ref.keys() and len(out) == 9  # proj, LayerNorm (2), gate, up, down, conv (2), RMSNorm
     for n in ref:
         assert rel_err(out[n], ref[n]) <= 4 * tolerance(torch.float32, 4 * 32, roundings=3), n
+
+
+@pytest.mark.slow
+def test_chain_under_torch_compile_fullgraph(torch_backend):
+    """The downsample and merger as GLM's forward calls them, compiled with fullgraph=True (about a minute)."""
+    m, conv = _merger(dim=24), _conv(2, c=12, out=24)
+    fm, fc = fastvlm.nn.from_module(m), FusedMergeConv2d.from_module(conv)
+
+    def chain(merger, down, x):
+        return merger(down(x.view(-1, 2, 2, 12).permute(0, 3, 1, 2)).view(-1, 24))
+
+    x = torch.randn(20, 12)
+    out = torch.compile(lambda t: chain(fm, fc, t), fullgraph=True)(x)
+    ref = chain(copy.deepcopy(m).double(), copy.deepcopy(conv).double(), x.double())
+    assert rel_err(out, ref) <= tolerance(torch.float32, 48 + 22, roundings=4)
