@@ -63,7 +63,7 @@ def from_module(module):
     """The fused equivalent of ``module``, sharing its parameters (no copy); raises TypeError naming why not."""
     if type(module) is nn.Linear:
         return FusedLinear.from_module(module)
-    if type(module) is nn.Conv2d:
+    if type(module) is nn.Conv2d and FusedMergeConv2d.accepts(module):  # kernel == stride, unpadded (GLM)
         return FusedMergeConv2d.from_module(module)
     cls = fused_class_for(module)
     if cls is None and type(module) in _feature_map.FUSED_REFERENCE_CLASSES:  # fastvlm.reference.feature_map modules

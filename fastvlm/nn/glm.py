@@ -132,10 +132,15 @@ class FusedMergeConv2d(nn.Conv2d):
     """Drop-in ``torch.nn.Conv2d`` for a kernel == stride, unpadded convolution over inputs one window in size (the
     GLM vision models' ``downsample``): one GEMM reading each window's rows in place (see the module docstring)."""
 
+    @staticmethod
+    def accepts(conv):
+        """Whether ``conv`` is a kernel == stride, unpadded, undilated, ungrouped convolution."""
+        return (conv.stride == conv.kernel_size and conv.padding == (0, 0) and conv.dilation == (1, 1)
+                and conv.groups == 1 and conv.padding_mode == "zeros")
+
     def _fastvlm_reasons(self, input):
         reasons = []
-        if (self.stride != self.kernel_size or self.padding != (0, 0) or self.dilation != (1, 1) or self.groups != 1
-                or self.padding_mode != "zeros"):
+        if not self.accepts(self):
             reasons.append("the convolution is not kernel == stride, unpadded, undilated and ungrouped")
         elif not isinstance(input, torch.Tensor) or input.dim() != 4 or tuple(input.shape[2:]) != self.kernel_size \
                 or input.shape[1] != self.in_channels:
@@ -184,7 +189,7 @@ def merge_conv_paths(model):
     for name, mod in model.named_modules():
         conv = getattr(mod, "_modules", {}).get("downsample")
         m = getattr(mod, "spatial_merge_size", None)
-        if (type(conv) is nn.Conv2d and isinstance(m, int) and conv.kernel_size == (m, m) and conv.stride == (m, m)
-                and conv.padding == (0, 0) and conv.groups == 1 and conv.dilation == (1, 1)):
+        if (type(conv) is nn.Conv2d and isinstance(m, int) and conv.kernel_size == (m, m)
+                and FusedMergeConv2d.accepts(conv)):
             out.append(f"{name}.downsample" if name else "downsample")
     return out
