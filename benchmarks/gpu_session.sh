@@ -72,6 +72,8 @@ fi
 WORK="$ROOT/${DEVICE}_$(date +%Y%m%d-%H%M)_$COMMIT"
 mkdir -p "$WORK"
 export FASTVLM_CEILINGS="$WORK/ceilings.json"
+# the benchmarks time the kernels themselves, not the per-shape choice (fastvlm/choice.py) that could pick eager ops
+export FASTVLM_CHOICE=0 FASTVLM_CACHE_DIR="$WORK/fastvlm_cache"
 # pytest: 8 workers and a per-test limit where the plugins are installed (the GPU image has both)
 PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 "$PY" -c "import pytest_timeout" 2> /dev/null && PYTEST+=(--timeout 90)

@@ -6,7 +6,8 @@ Triton kernel cannot run these inputs (dtype, shapes, unsupported options); this
 
 * FASTVLM_BACKEND=auto (default): Triton on CUDA tensors when nothing forbids it, else the PyTorch path. A fallback
   is reported once per (op, reasons) as a ``FastVLMFallbackWarning``; FASTVLM_STRICT=1 turns it into an error that
-  lists every reason.
+  lists every reason. Ops with a per-shape choice (fastvlm.choice) may run their PyTorch path where it was timed
+  faster at that shape (recorded in trace(), no warning).
 * FASTVLM_BACKEND=triton: Triton or an error (never a fallback). On CPU tensors this needs TRITON_INTERPRET=1 set
   before triton is imported: the real kernels then run in the Triton interpreter, which is how CI checks them.
 * FASTVLM_BACKEND=torch: always the PyTorch path (an explicit choice, so no warning; trace() still records it).
@@ -88,6 +89,7 @@ class OpRecord:
     backend: str
     reasons: tuple[str, ...] = ()
     detail: str = ""
+    note: str = ""  # the per-shape choice's verdict when it timed this shape (fastvlm.choice)
 
 
 @dataclass
@@ -100,8 +102,8 @@ class Trace:
     def __str__(self) -> str:
         if not self.records:
             return "fastvlm.trace: no fastvlm op was called"
-        rows = [("op", "backend", "shapes", "fallback reason")]
-        rows += [(r.op, r.backend, r.detail, "; ".join(r.reasons) or "-") for r in self.records]
+        rows = [("op", "backend", "shapes", "fallback reason / choice")]
+        rows += [(r.op, r.backend, r.detail, "; ".join(r.reasons) or r.note or "-") for r in self.records]
         return text_table(rows)
 
     __repr__ = __str__
@@ -167,17 +169,30 @@ def report_fallback(op: str, reasons, detail="", explicit: bool = False) -> None
     warnings.warn(f"fastvlm: {op} ran its PyTorch path: " + "; ".join(reasons), FastVLMFallbackWarning, stacklevel=3)
 
 
-def choose_backend(op: str, device, reasons=(), detail="") -> str:
+def choose_backend(op: str, device, reasons=(), detail="", choice=None) -> str:
     """Pick "triton" or "torch" for one call of ``op`` (see the module docstring for the rules). ``detail``: a string
-    or a callable making one, for trace() and fallback messages (called only when one is made)."""
+    or a callable making one, for trace() and fallback messages (called only when one is made). ``choice``: for ops
+    with a per-shape choice (fastvlm.choice), a callable returning its entry, called only where the choice applies
+    (FASTVLM_BACKEND=auto, not strict, the kernel able to run, ``fastvlm.choice.applies(device)``)."""
     req = requested_backend()
     if req == "torch":
         report_fallback(op, ("FASTVLM_BACKEND=torch",), detail, explicit=True)
         return "torch"
     env = environment_reasons(device)
     if not reasons and not env:
+        note = ""
+        if choice is not None and req == "auto" and not strict():
+            from fastvlm import choice as per_shape
+
+            if per_shape.applies(device):
+                entry = choice()
+                note = per_shape.describe(entry)
+                if entry["winner"] == per_shape.EAGER:  # a performance choice, not a fallback: no warning
+                    if tracing():
+                        _record(OpRecord(op, "torch", (), _detail(detail), note))
+                    return "torch"
         if tracing():
-            _record(OpRecord(op, "triton", (), _detail(detail)))
+            _record(OpRecord(op, "triton", (), _detail(detail), note))
         return "triton"
     all_reasons = list(reasons) + env
     if req == "triton":

@@ -38,6 +38,7 @@ def built(model_type, model_class):
     from fastvlm.integrations import structure
     from fastvlm.integrations.transformers import LINEAR_SLOTS
     from fastvlm.nn import recipe_for
+    from fastvlm.nn.glm import merge_conv_paths
 
     cov = Coverage(model_type, model_class)
     kind, text = NOTES.get(model_type, (None, ""))
@@ -53,6 +54,7 @@ def built(model_type, model_class):
         cov.status = "nothing to fuse" if kind == "nothing" else "unavailable"
         return cov
     eligible = structure.eligible_paths(model)
+    merge_convs = set(merge_conv_paths(model))
     owners = {name: type(m).__name__ for name, m in model.named_modules()}
     done = []
     with warnings.catch_warnings():
@@ -66,6 +68,8 @@ def built(model_type, model_class):
                 done.append(name)
             elif type(mod) is torch.nn.Linear and (owners.get(parent), attr) in LINEAR_SLOTS:
                 cov.fused.append(f"{name}: Linear (recipe)")
+            elif name in merge_convs:
+                cov.fused.append(f"{name}: Conv2d (merge conv: kernel == stride == spatial_merge_size)")
             elif name in eligible and structure.plausible(mod):
                 if sum(p.numel() for p in mod.parameters()) > _MAX_PARAMS:
                     continue

@@ -9,8 +9,12 @@ model type: (kind, text). Kinds:
 Families fused by a class recipe or a copy of one need no entry unless a part stays unfused.
 """
 
-_GLM = (" | the merger: RMSNorm, a 2x2 stride-2 Conv2d, Linear, LayerNorm, GELU, then a SwiGLU MLP: no fused chain "
-        "yet")
+_GLM_CONV = "the vision model's downsample (a 2x2 stride-2 Conv2d over each window's rows, as one GEMM)"
+_GLM_RMS = ("post_layernorm (the RMSNorm before the downsample) runs as its own module, not yet in the downsample's "
+            "GEMM; the GELU between the merger's LayerNorm and its SwiGLU runs as a PyTorch op")
+_GLM = _GLM_CONV + " | " + _GLM_RMS  # the merger itself is a recipe (Glm4v) or a copy of it (Glm4vMoe, GlmOcr)
+_GLM5 = (_GLM_CONV + " | Glm5NextVisionPatchMerger: its SwiGLU clamps gate and up (swiglu_limit), no fused clamp "
+         "yet; " + _GLM_RMS.partition(";")[0])
 _GEMMA4 = ("rows with an affine rescale and a 2-D position table, a position-keyed average pooler, RMSNorm + Linear: no "
            "fused chain yet")
 _SAM = ("a SAM-style patch conv, then 3x3 stride-2 convolutions and a Linear over the NCHW map (the feature-map "
@@ -49,7 +53,7 @@ NOTES = {
     "glm46v": ("partly", _GLM),
     "glm4v": ("partly", _GLM),
     "glm4v_moe": ("partly", _GLM),
-    "glm5_next": ("partly", _GLM),
+    "glm5_next": ("partly", _GLM5),
     "glm_ocr": ("partly", _GLM),
     "glmga": ("partly", _GLM),
     "got_ocr2": ("unsupported", _SAM),

@@ -63,7 +63,40 @@ def test_build_recognises_modules_as_patch_does():
     row = built("video_llama_3", "VideoLlama3ForConditionalGeneration")
     assert row.fused == ["model.projector: VideoLlama3Projector (structure: Linear-GELU-Linear)"], row
     row = built("glm4v", "Glm4vForConditionalGeneration")
-    assert row.status == "partly fused" and "merger" in row.not_fused and any("patch_embed" in f for f in row.fused)
+    assert row.status == "partly fused" and "post_layernorm" in row.not_fused, row
+    assert {"model.visual.merger: Glm4vVisionPatchMerger (recipe)",
+            "model.visual.downsample: Conv2d (merge conv: kernel == stride == spatial_merge_size)"} <= set(row.fused)
+    assert any("patch_embed" in f for f in row.fused), row
+
+
+def test_readme_table_is_what_coverage_gives(rows):
+    """The README's family table is ``fastvlm coverage``'s for the transformers version its marker records."""
+    import pathlib
+
+    import transformers
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    version, block = coverage.readme_table(text)
+    assert block is not None, "README.md has no generated coverage table between its markers"
+    if version != transformers.__version__:
+        pytest.skip(f"README's table is for transformers {version}, {transformers.__version__} is installed")
+    assert block == coverage.readme_block(rows, version), (
+        "README.md's family table differs from `fastvlm coverage`: run `fastvlm coverage --update-readme README.md`")
+
+
+def test_update_readme_rewrites_only_between_the_markers(tmp_path):
+    row = coverage.static("llava", "LlavaForConditionalGeneration")
+    path = tmp_path / "README.md"
+    path.write_text("intro\n<!-- coverage:begin transformers=1.0 (old) -->\nstale\n<!-- coverage:end -->\nrest\n")
+    assert coverage.update_readme(path, [row], "9.9")
+    text = path.read_text()
+    assert text.startswith("intro\n<!-- coverage:begin transformers=9.9 ") and text.endswith("-->\nrest\n")
+    assert "stale" not in text and "| llava | fused |" in text
+    assert coverage.readme_table(text)[0] == "9.9"
+    assert not coverage.update_readme(path, [row], "9.9")  # already current
+    path.write_text("no markers\n")
+    with pytest.raises(ValueError, match="markers"):
+        coverage.update_readme(path, [row], "9.9")
 
 
 def test_cli(capsys):

@@ -315,3 +315,27 @@ def test_patched_tiny_llava_logits(monkeypatch):
             got = model(**inputs).logits
     _only_triton(t)
     assert rel_err(got, ref) < 1e-5
+
+
+@pytest.mark.skipif(not CUDA, reason="the per-shape choice times on CUDA only")
+def test_per_shape_choice_times_on_cuda(monkeypatch, tmp_path):
+    """FASTVLM_BACKEND=auto: the first call of a shape times the kernel and the eager ops with CUDA events, the
+    winner is written to the JSON cache and named in trace(); the result is right whichever won."""
+    from fastvlm import choice
+    from fastvlm.ops.projector import mlp_projector
+    from fastvlm.reference.projector import mlp_projector_ref
+
+    monkeypatch.setenv("FASTVLM_BACKEND", "auto")
+    monkeypatch.delenv("FASTVLM_CHOICE", raising=False)  # the GPU session turns it off for its benchmarks
+    monkeypatch.setenv("FASTVLM_CACHE_DIR", str(tmp_path))
+    choice.forget()
+    M, K, I, O = 576, 1024, 4096, 4096
+    x = _r(M, K)
+    w1, b1, w2, b2 = _r(I, K, scale=K ** -0.5), _r(I, scale=0.1), _r(O, I, scale=I ** -0.5), _r(O, scale=0.1)
+    with fastvlm.trace() as t:
+        y = mlp_projector(x, w1, b1, w2, b2, act="gelu")
+    choice.forget()
+    assert "per-shape choice" in t.records[0].note, str(t)
+    assert (tmp_path / "choices.json").exists()
+    ref = mlp_projector_ref(*(a.double() for a in (x, w1, b1, w2, b2)), act="gelu")
+    assert_close(y, ref, torch.bfloat16, I, roundings=2)

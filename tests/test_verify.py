@@ -29,8 +29,8 @@ def test_transformers_tester_configs_patch_and_verify(name, torch_backend):
     report = fastvlm.patch(model, verify=True)
     swapped = [e for e in report.patched if e.fused != "hand-off"]
     assert swapped, str(report)
-    assert all(e.detail.startswith(("verify: rel err", "interpolated")) and e.detail.endswith("ok")
-               for e in swapped), str(report)
+    assert all(("verify: rel err" in e.detail or e.detail.startswith("interpolated")) and e.detail.endswith("ok")
+               for e in swapped), str(report)  # (a module matched by structure says so first)
     assert not report.not_swapped or all("hand-off" in e.detail for e in report.not_swapped), str(report)
     out = _logits(model, inputs)
     assert rel_err(out, ref) <= tolerance(torch.float32, 4 * 32, roundings=3)

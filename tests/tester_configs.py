@@ -24,6 +24,16 @@ _QWEN3_VISION = dict(depth=2, hidden_size=32, intermediate_size=32, out_hidden_s
                      spatial_merge_size=1, temporal_patch_size=2, num_position_embeddings=16, in_channels=3,
                      hidden_act="gelu_pytorch_tanh", deepstack_visual_indexes=[1])
 
+_GLM_TEXT = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=512, pad_token_id=0, hidden_act="silu",
+                 rope_parameters=dict(rope_type="default", rope_theta=10000.0, mrope_section=[2, 1, 1],
+                                      partial_rotary_factor=1.0))
+_GLM_IDS = dict(image_token_id=3, video_token_id=4, image_start_token_id=5, image_end_token_id=6,
+                video_start_token_id=7, video_end_token_id=8)
+_GLM_VISION = dict(depth=2, hidden_size=32, hidden_act="silu", num_heads=4, in_channels=3, image_size=28,
+                   patch_size=14, spatial_merge_size=2, temporal_patch_size=2, out_hidden_size=32,
+                   intermediate_size=22)
+
 # name: (transformers class prefix, config kwargs, inputs: ("qwen", image side) | ("lfm2", grid side))
 CONFIGS = {
     # Qwen2VLVisionText2TextModelTester: vision depth 2, embed 32, mlp_ratio 4, heads 4, patch 14, merge 2
@@ -59,6 +69,10 @@ CONFIGS = {
                          bos_token_id=1, eos_token_id=2, tie_word_embeddings=True, rope_theta=1000000.0,
                          conv_bias=False, conv_L_cache=3, block_multiple_of=2, full_attn_idxs=[0]),
         image_token_id=4, downsample_factor=4, projector_hidden_size=32), ("lfm2", 8)),
+    # Glm4vVisionText2TextModelTester's shape: patch 14, merge 2 (and 1), a SwiGLU merger of odd width 22
+    "glm4v": ("Glm4v", dict(text_config=_GLM_TEXT, vision_config=_GLM_VISION, **_GLM_IDS), ("glm", 28)),
+    "glm4v_merge1": ("Glm4v", dict(text_config=_GLM_TEXT, vision_config=dict(_GLM_VISION, spatial_merge_size=1),
+                                   **_GLM_IDS), ("glm", 28)),
 }
 
 
@@ -91,5 +105,7 @@ def build(name, seed=0):
     with torch.no_grad():  # transformers' init leaves norms at 1 and some biases at 0: make every path count
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
-    inputs = (_qwen_inputs if kind == "qwen" else _lfm2_inputs)(cfg, side)
+    if kind == "glm":  # Qwen-VL's inputs under GLM's token names
+        cfg.vision_start_token_id, cfg.vision_end_token_id = cfg.image_start_token_id, cfg.image_end_token_id
+    inputs = (_lfm2_inputs if kind == "lfm2" else _qwen_inputs)(cfg, side)
     return model, inputs

@@ -27,6 +27,7 @@ from fastvlm.integrations import handoff
 from fastvlm.integrations import structure as _structure
 from fastvlm.integrations import verify as _verify_mod
 from fastvlm.nn import all_recipes, is_fused, recipe_for
+from fastvlm.nn.glm import FusedMergeConv2d, merge_conv_paths
 from fastvlm.nn.linear import FusedLinear
 
 # bare nn.Linear connectors, by (owner class name, attribute): BLIP-2's projection into the LLM, Fuyu's patch
@@ -137,14 +138,15 @@ def _patch_into(model, report, ops, verify, still_images, structure):
     originals = model.__dict__.setdefault(_ORIGINALS, {})
     owners = {name: type(mod).__name__ for name, mod in model.named_modules()}
     eligible = _structure.eligible_paths(model) if structure else set()
+    merge_convs = set(merge_conv_paths(model))  # GLM vision models' downsample (fastvlm/nn/glm.py)
     swapped = []  # paths replaced in this walk: their old descendants are not visited
     for name, mod in list(model.named_modules()):
         if any(name.startswith(p + ".") for p in swapped):
             continue
         if is_fused(mod):
-            report.entries.append(PatchEntry(name, "Linear" if isinstance(mod, FusedLinear)
-                                             else type(mod)._fastvlm_base.__name__, type(mod).__name__,
-                                             "already fused"))
+            base = ("Linear" if isinstance(mod, FusedLinear) else "Conv2d" if isinstance(mod, FusedMergeConv2d)
+                    else type(mod)._fastvlm_base.__name__)
+            report.entries.append(PatchEntry(name, base, type(mod).__name__, "already fused"))
             continue
         found = recipe_for(mod)
         parent, _, attr = name.rpartition(".")
@@ -173,6 +175,14 @@ def _patch_into(model, report, ops, verify, still_images, structure):
                 probe = (torch.randn(2, 5, mod.in_features, device=mod.weight.device, dtype=mod.weight.dtype),)
             status, detail = _swap(model, originals, name, mod, fused, verify, None, probe)
             report.entries.append(PatchEntry(name, "Linear", "FusedLinear", status, detail))
+        elif name in merge_convs:
+            if not (_selected(ops, name="FusedMergeConv2d") or _selected(ops, name="glm4v")):
+                report.entries.append(PatchEntry(name, "Conv2d", "FusedMergeConv2d", "skipped", "not in ops"))
+                continue
+            fused = FusedMergeConv2d.from_module(mod)
+            probe = fused._fastvlm_probe_args() if verify else None
+            status, detail = _swap(model, originals, name, mod, fused, verify, None, probe)
+            report.entries.append(PatchEntry(name, "Conv2d", "FusedMergeConv2d", status, detail))
         elif type(mod).__name__ in NOT_YET:
             report.entries.append(PatchEntry(name, type(mod).__name__, "", "not swapped", NOT_YET[type(mod).__name__]))
         elif name in eligible:

@@ -49,8 +49,8 @@ def build_probe(recipe, fused):
     def rand(*shape):
         return torch.randn(*shape, device=dev, dtype=dt)
 
-    if getattr(recipe, "qformer", False):  # a Q-Former: positional (query_embeds, ..., encoder_hidden_states)
-        return fused._fastvlm_probe_args()
+    if getattr(recipe, "qformer", False) or hasattr(fused, "_fastvlm_probe_args"):  # the module builds its own
+        return fused._fastvlm_probe_args()  # (a Q-Former: positional (query_embeds, ..., encoder_hidden_states))
     if recipe.fused_name == "FusedLlavaNextVideoPooler":
         k = _pair(fused.pool.kernel_size)[0]
         width = fused.pool.in_channels if isinstance(fused.pool, torch.nn.Conv2d) else 16

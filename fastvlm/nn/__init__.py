@@ -21,14 +21,15 @@ from .linear import FusedLinear, InternVLShuffleProjector
 from .projector import fused_class
 from .projector_recipes import RECIPES, ProjectorRecipe
 from .feature_map import FEATURE_MAP_RECIPES, fused_feature_map_class
+from .glm import GLM_RECIPES, FusedMergeConv2d, GlmMergerRecipe, fused_glm_class
 from . import feature_map as _feature_map
 
 # FEATURE_MAP_RECIPES first: fast_vlm's projector gets the class that reads the tower's map view in place
 REGISTRY = ((FEATURE_MAP_RECIPES, fused_feature_map_class), (RECIPES, fused_class), (EMBED_RECIPES, fused_embed_class),
             (POOL_RECIPES, fused_pool_class), (QFORMER_RECIPES, fused_qformer_class),
-            (PERCEIVER_RECIPES, fused_perceiver_class))
+            (PERCEIVER_RECIPES, fused_perceiver_class), (GLM_RECIPES, fused_glm_class))
 
-__all__ = ["from_module", "FusedLinear", "FusedPairedPositionEmbedding", "FusedPixtralPatchConv", "InternVLShuffleProjector", "LlavaNextVideoPoolProjector", "REGISTRY", "RECIPES", "EMBED_RECIPES",
+__all__ = ["from_module", "FusedLinear", "FusedMergeConv2d", "GlmMergerRecipe", "FusedPairedPositionEmbedding", "FusedPixtralPatchConv", "InternVLShuffleProjector", "LlavaNextVideoPoolProjector", "REGISTRY", "RECIPES", "EMBED_RECIPES",
            "POOL_RECIPES", "QFORMER_RECIPES", "PERCEIVER_RECIPES", "PerceiverRecipe", "ProjectorRecipe", "QFormerRecipe", "EmbedRecipe", "PoolRecipe", "recipe_for", "fused_class_for",
            "is_fused", "supported"]
 
@@ -56,13 +57,15 @@ def fused_class_for(module_or_class):
 
 
 def is_fused(module):
-    return isinstance(module, (_FusedBase, FusedLinear))
+    return isinstance(module, (_FusedBase, FusedLinear, FusedMergeConv2d))
 
 
 def from_module(module):
     """The fused equivalent of ``module``, sharing its parameters (no copy); raises TypeError naming why not."""
     if type(module) is nn.Linear:
         return FusedLinear.from_module(module)
+    if type(module) is nn.Conv2d and FusedMergeConv2d.accepts(module):  # kernel == stride, unpadded (GLM)
+        return FusedMergeConv2d.from_module(module)
     cls = fused_class_for(module)
     if cls is None and type(module) in _feature_map.FUSED_REFERENCE_CLASSES:  # fastvlm.reference.feature_map modules
         return _feature_map.from_module(module)

@@ -26,7 +26,7 @@ from typing import Optional
 
 import torch
 
-from fastvlm import _dispatch, _hot
+from fastvlm import _dispatch, _hot, choice
 from fastvlm.ops import _checks
 from fastvlm.reference.attention import attention_ref, full_kv, keep_flags, probs_from_lse, scores_ref
 
@@ -126,12 +126,18 @@ def _forward(q, k, v, key_mask, attn_mask, scale, k2=None, v2=None, reasons=None
     reasons = list(reasons) + _checks.autocast_reasons(q.device)
     if not 0.0 < scale < float("inf"):  # eager attention takes any scale; the kernel folds 1 / scale into its masks
         reasons.append(f"scale {scale} is not positive and finite (the kernel needs 0 < scale < inf)")
-    backend = _dispatch.choose_backend(OP_NAME, q.device, reasons,
-                                       lambda: _detail(q, k, key_mask, attn_mask, k2))
-    if backend == "triton":
-        attention_fwd = _launcher()
-        return attention_fwd(q, k, v, key_mask=key_mask, attn_mask=attn_mask, scale=scale, k2=k2, v2=v2)
-    return attention_ref(q, k, v, key_mask, attn_mask, scale, k2, v2)
+    def kernel():
+        return _launcher()(q, k, v, key_mask=key_mask, attn_mask=attn_mask, scale=scale, k2=k2, v2=v2)
+
+    def eager():
+        return attention_ref(q, k, v, key_mask, attn_mask, scale, k2, v2)
+
+    detail = lambda: _detail(q, k, key_mask, attn_mask, k2)  # noqa: E731
+    fast_key = lambda: (q.shape, k.shape, None if k2 is None else k2.shape, q.dtype, q.device,
+                None if key_mask is None else key_mask.shape, None if attn_mask is None else attn_mask.shape)  # noqa: E731
+    per_shape = choice.per_shape(OP_NAME, q.device, fast_key, detail, kernel, eager)
+    backend = _dispatch.choose_backend(OP_NAME, q.device, reasons, detail, per_shape)
+    return kernel() if backend == "triton" else eager()
 
 
 # ------------------------------------------------------------------------------------------------ backward

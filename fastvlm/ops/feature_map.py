@@ -30,7 +30,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastvlm import _dispatch
+from fastvlm import _dispatch, choice
 from fastvlm.ops import _checks
 from fastvlm._cache import shared_cache
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
@@ -203,9 +203,11 @@ def _forward(x, w1, b1, w2, b2, s: Spec, save):
         detail += f" avgpool {s.pool_h}x{s.pool_w}"
     detail += f" -> {out_w}"
     named = (("linear_1.weight", w1), ("linear_1.bias", b1), ("linear_2.weight", w2), ("linear_2.bias", b2))
-    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail)
-    impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(x, w1, b1, w2, b2, s, save)
+    kernel, eager = (lambda impl=impl: impl(x, w1, b1, w2, b2, s, save) for impl in (_forward_triton, _forward_torch))
+    fast_key = lambda: (x.shape, x.dtype, x.device, w1.shape, None if w2 is None else w2.shape, s, save)  # noqa: E731
+    per_shape = choice.per_shape(OP_NAME, x.device, fast_key, lambda: f"{detail} {s} save={save}", kernel, eager)
+    backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail, per_shape)
+    return kernel() if backend == "triton" else eager()
 
 
 # ------------------------------------------------------------------------------------------------ backward

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastvlm import _dispatch, _hot
+from fastvlm import _dispatch, _hot, choice
 from fastvlm.ops import _checks
 from fastvlm.reference.linear_norm import linear_norm_eager
 
@@ -67,11 +67,17 @@ def _forward(x, w, b, residual, ln_w, ln_b, eps, precision, reasons=None):
     if reasons is None:
         reasons = _reasons(x, w, b, residual, ln_w, ln_b)
     reasons = list(reasons) + _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
-    backend = _dispatch.choose_backend(
-        OP_NAME, x.device, reasons, lambda: f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}")
-    if backend == "triton":
+    def kernel():
         return _launcher()(x, w, b, residual, ln_w, ln_b, eps, precision=precision or None)
-    return linear_norm_eager(x, w, b, residual, ln_w, ln_b, eps)
+
+    def eager():
+        return linear_norm_eager(x, w, b, residual, ln_w, ln_b, eps)
+
+    detail = lambda: f"x{tuple(x.shape)} {str(x.dtype).replace('torch.', '')} -> {w.shape[0]}"  # noqa: E731
+    fast_key = lambda: (x.shape, w.shape, x.dtype, x.device, b is None, residual is None, ln_w is None, precision)  # noqa: E731
+    per_shape = choice.per_shape(OP_NAME, x.device, fast_key, lambda: f"{detail()} precision={precision}", kernel,
+                                 eager)
+    return kernel() if _dispatch.choose_backend(OP_NAME, x.device, reasons, detail, per_shape) == "triton" else eager()
 
 
 def _backward(saved, gy, eps, needs):

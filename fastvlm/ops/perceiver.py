@@ -33,7 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from fastvlm import _dispatch, _hot
+from fastvlm import _dispatch, _hot, choice
 from fastvlm.ops import _checks
 from fastvlm.ops.attention import attention
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
@@ -134,9 +134,12 @@ def _forward(x, w, w_up, nw, res, eps, act, save, rstd=None, reasons=None):
     if reasons is None:
         reasons = _reasons(x, w, w_up, nw, res)
     reasons = list(reasons) + _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
-    backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w, w_up, nw, res, act))
-    impl = _forward_triton if backend == "triton" else _forward_torch
-    return impl(x, w, w_up, nw, res, eps, act, save, rstd)
+    detail = lambda: _detail(x, w, w_up, nw, res, act)  # noqa: E731
+    kernel, eager = (lambda impl=impl: impl(x, w, w_up, nw, res, eps, act, save, rstd)
+                     for impl in (_forward_triton, _forward_torch))
+    fast_key = lambda: (x.shape, w.shape, x.dtype, x.device, w_up is None, nw is None, res is None, act, save, rstd is None)  # noqa: E731
+    per_shape = choice.per_shape(OP_NAME, x.device, fast_key, lambda: f"{detail()} save={save}", kernel, eager)
+    return kernel() if _dispatch.choose_backend(OP_NAME, x.device, reasons, detail, per_shape) == "triton" else eager()
 
 
 def rms_rstd(x, eps):

@@ -33,7 +33,7 @@ from typing import Optional
 
 import torch
 
-from fastvlm import _dispatch, _hot
+from fastvlm import _dispatch, _hot, choice
 from fastvlm.ops import _checks
 from fastvlm.ops.projector_torch import Spec, backward, forward_torch, saves_h
 from fastvlm.reference.activations import ACTIVATIONS
@@ -205,10 +205,20 @@ def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=Non
     if reasons is None:
         reasons = _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up)
     reasons = list(reasons) + _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
-    backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w1, w2, rows, s))
-    if backend == "triton":
+    def kernel():
         return _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up, memo)
-    return forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
+
+    def eager():
+        return forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
+
+    # the unfused formulation is a candidate beside the kernel (fastvlm.choice)
+    fast_key = lambda: (x.shape, x.dtype, x.device, w1.shape, None if w2 is None else w2.shape,
+                None if rows is None else rows.shape, w_up is None, s, save)  # noqa: E731
+    per_shape = choice.per_shape(OP_NAME, x.device, fast_key,
+                                 lambda: f"{_detail(x, w1, w2, rows, s)} w1{tuple(w1.shape)} {s} save={save}",
+                                 kernel, eager)
+    backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w1, w2, rows, s), per_shape)
+    return kernel() if backend == "triton" else eager()
 
 
 # ------------------------------------------------------------------------------------------------ registration

@@ -4,9 +4,11 @@ and the register of known bugs that other branches are fixing.
 Budget: a fixed, database-less, derandomised profile, so CI runs the same examples every time. Each test names its
 CI budget with ``budget(torch=N, triton=M)`` (the interpreter is ~0.4 s per kernel launch: keep M small).
 
+    FASTVLM_FUZZ_FRACTION=F   the default suite runs ceil(F x the named budget) examples (default 0.5; 1: all)
     FASTVLM_FUZZ_EXAMPLES=N   every property test runs max(N, its CI budget) examples on each path (a fuzzing run)
     FASTVLM_FUZZ_SEED=S       random (not derandomised) generation from seed S; without it the runs are derandomised
 """
+import math
 import os
 import sys
 
@@ -24,6 +26,8 @@ settings.register_profile("fastvlm-fuzz", derandomize=False, database=None, dead
                           suppress_health_check=_SUPPRESS)
 FUZZ_EXAMPLES = int(os.environ.get("FASTVLM_FUZZ_EXAMPLES", "0") or 0)
 FUZZ_SEED = os.environ.get("FASTVLM_FUZZ_SEED")
+# the default suite runs this fraction of each test's named budget (the suite's time limit on 2 cores); 1 = all of it
+FRACTION = float(os.environ.get("FASTVLM_FUZZ_FRACTION", "0.5"))
 settings.load_profile("fastvlm-fuzz" if FUZZ_SEED else "fastvlm-ci")
 
 
@@ -37,7 +41,7 @@ def budget(path, torch=20, triton=4):
             def run(case): ...
             run()
     """
-    n = max(torch if path == "torch" else triton, FUZZ_EXAMPLES)
+    n = max(math.ceil((torch if path == "torch" else triton) * FRACTION), FUZZ_EXAMPLES)
 
     def deco(fn):
         fn = settings(max_examples=n)(fn)
