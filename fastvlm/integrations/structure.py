@@ -43,7 +43,8 @@ from fastvlm import _dispatch
 from fastvlm.integrations import verify as _verify
 from fastvlm.integrations.behaviour import act_kind, copy_of, norm_kind
 from fastvlm.nn.patch_embed import EmbedRecipe, _FusedEmbedMixin
-from fastvlm.nn.projector import ProjectorRecipe, _FusedProjectorMixin
+from fastvlm.nn.projector import _FusedProjectorMixin
+from fastvlm.nn.projector_recipes import ProjectorRecipe
 
 _QKV = {"q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k",
         "to_v", "q_lin", "k_lin", "v_lin"}

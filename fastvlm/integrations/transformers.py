@@ -27,7 +27,7 @@ from fastvlm.integrations import handoff
 from fastvlm.integrations import structure as _structure
 from fastvlm.integrations import verify as _verify_mod
 from fastvlm.nn import all_recipes, is_fused, recipe_for
-from fastvlm.nn.projector import FusedLinear
+from fastvlm.nn.linear import FusedLinear
 
 # bare nn.Linear connectors, by (owner class name, attribute): BLIP-2's projection into the LLM, Fuyu's patch
 # projection (pre-patchified pixels into the decoder), Mllama's projection of the vision features

@@ -15,7 +15,10 @@ from .pair_qwen3 import FusedPairedPositionEmbedding
 from .perceiver import PERCEIVER_RECIPES, PerceiverRecipe, fused_perceiver_class
 from .pool import POOL_RECIPES, LlavaNextVideoPoolProjector, PoolRecipe, fused_pool_class
 from .qformer import QFORMER_RECIPES, QFormerRecipe, fused_qformer_class
-from .projector import RECIPES, FusedLinear, InternVLShuffleProjector, ProjectorRecipe, _FusedBase, fused_class
+from ._base import _FusedBase
+from .linear import FusedLinear, InternVLShuffleProjector
+from .projector import fused_class
+from .projector_recipes import RECIPES, ProjectorRecipe
 from .feature_map import FEATURE_MAP_RECIPES, fused_feature_map_class
 from . import feature_map as _feature_map
 

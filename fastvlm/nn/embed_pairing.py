@@ -79,7 +79,7 @@ def _pair_candidates(model):
 def pair_embeddings(model, originals, *, verify=False, selected=lambda family: True):
     """Pair fused patch embeddings with their parents' pre-norm / position code (see above). Returns report rows
     (path, original, fused, status, detail); swapped pre-norms are recorded in ``originals`` for ``unpatch``."""
-    from fastvlm.nn.projector import _adopt
+    from fastvlm.nn._base import _adopt
 
     rows = []
     undo = model.__dict__.setdefault(_UNDO, [])

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -32,7 +31,9 @@ from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
 from fastvlm.reference.feature_map import CAbstractor, LDPv2Projector, grid_of
 
-from .projector import RECIPES, _child_reasons, _FusedBase, fused_class
+from ._base import _child_reasons, _FusedBase
+from .projector import fused_class
+from .projector_recipes import RECIPES
 
 
 def _pair(p):

@@ -31,7 +31,7 @@ from fastvlm._cache import cached_arange as _arange, slot
 from fastvlm.nn.pair_prenorm import _take_norm, _timm_vit_tokens
 from fastvlm.nn.pair_qwen3 import _take_qwen3_positions
 from fastvlm.nn.pair_state import call_mode, hand_off
-from fastvlm.nn.projector import _FusedBase
+from fastvlm.nn._base import _FusedBase
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
 from fastvlm.ops.rows_embed import rows_embed

@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from fastvlm import _dispatch
 from fastvlm.nn import _plan
-from fastvlm.nn.projector import _FusedBase
+from fastvlm.nn._base import _FusedBase
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.perceiver import perceiver_resampler
 from fastvlm.ops.projector import mlp_projector

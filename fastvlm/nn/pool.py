@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch.nn as nn
 
 from fastvlm import _dispatch
-from fastvlm.nn.projector import _FusedBase
+from fastvlm.nn._base import _FusedBase
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import space_to_depth_rows
 from fastvlm.ops.pool import pool_tokens

@@ -19,107 +19,20 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
 from fastvlm.nn import _plan
+from fastvlm.nn._base import _child_reasons, _DeferToOriginal, _FusedBase, _run_original
+from fastvlm.nn.linear import FusedLinear
+from fastvlm.nn.projector_recipes import ProjectorRecipe
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import pool_rows, ragged_space_to_depth_rows, space_to_depth_rows
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
 
-
-@dataclass(frozen=True)
-class ProjectorRecipe:
-    family: str
-    module: str  # transformers module that defines the original class
-    cls: str  # original class name
-    fused_name: str
-    input_name: str  # the original forward's argument name (callers may pass it by keyword)
-    linear_1: str
-    linear_2: Optional[str] = None
-    act: Optional[str] = None
-    norm: Optional[str] = None
-    merged_width: Optional[str] = None  # attribute with the merged row width: forward views x as (-1, width)
-    merge: Optional[str] = None  # "pixel_shuffle" | "avg_pool" | "unfold": how tokens are merged before linear_1
-    scale: Optional[str] = None  # attribute holding the merge scale (a ratio < 1 is inverted, as Llama 4's 0.5)
-    act2: Optional[str] = None  # activation after linear_2 (Llama 4's adapter)
-    weight_in_out: Optional[str] = None  # a Parameter [in, out] used instead of linear_1 (Gemma 3)
-    merger: Optional[str] = None  # a bias-free Linear applied to the merged rows before linear_1 (Mistral 3)
-    extra_input: Optional[str] = None  # a second forward argument (Mistral 3's image_sizes)
-    gated: bool = False  # linear_1's output chunked into (up, gate) halves: act(gate) * up (Aya's SwiGLU)
-    up: Optional[str] = None  # a separate up Linear: act(linear_1(x)) * up(x) (Idefics2's gate_proj / up_proj)
-    grid_output: bool = False  # return [B, H/s, W/s, out] instead of [B, tokens, out] (Aya)
-    grid_input: bool = False  # the input is already a grid [B, H, W, C], possibly not square (LFM2-VL)
-
-
-def _llava_like(family, module, cls):
-    return ProjectorRecipe(family, module, cls, f"Fused{cls}", "image_features", "linear_1", "linear_2", "act")
-
-
-_T = "transformers.models."
-RECIPES = (
-    _llava_like("llava", _T + "llava.modeling_llava", "LlavaMultiModalProjector"),
-    _llava_like("llava_next", _T + "llava_next.modeling_llava_next", "LlavaNextMultiModalProjector"),
-    _llava_like("llava_next_video", _T + "llava_next_video.modeling_llava_next_video",
-                "LlavaNextVideoMultiModalProjector"),
-    _llava_like("llava_onevision", _T + "llava_onevision.modeling_llava_onevision", "LlavaOnevisionMultiModalProjector"),
-    _llava_like("video_llava", _T + "video_llava.modeling_video_llava", "VideoLlavaMultiModalProjector"),
-    _llava_like("fast_vlm", _T + "fast_vlm.modeling_fast_vlm", "FastVlmMultiModalProjector"),
-    ProjectorRecipe("paligemma", _T + "paligemma.modeling_paligemma", "PaliGemmaMultiModalProjector",
-                    "FusedPaliGemmaMultiModalProjector", "image_features", "linear"),
-    ProjectorRecipe("vipllava", _T + "vipllava.modeling_vipllava", "VipLlavaMultiModalProjector",
-                    "FusedVipLlavaMultiModalProjector", "hidden_states", "linear_1", "linear_2", "act",
-                    norm="projector_layernorm"),
-    ProjectorRecipe("internvl", _T + "internvl.modeling_internvl", "InternVLMultiModalProjector",
-                    "FusedInternVLMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
-                    norm="layer_norm"),
-    ProjectorRecipe("qwen2_vl", _T + "qwen2_vl.modeling_qwen2_vl", "PatchMerger", "FusedQwen2VLPatchMerger", "x",
-                    "mlp.0", "mlp.2", "mlp.1", norm="ln_q", merged_width="hidden_size"),
-    ProjectorRecipe("qwen2_5_vl", _T + "qwen2_5_vl.modeling_qwen2_5_vl", "Qwen2_5_VLPatchMerger",
-                    "FusedQwen2_5_VLPatchMerger", "x", "mlp.0", "mlp.2", "mlp.1", norm="ln_q",
-                    merged_width="hidden_size"),
-    ProjectorRecipe("qwen3_vl", _T + "qwen3_vl.modeling_qwen3_vl", "Qwen3VLVisionPatchMerger",
-                    "FusedQwen3VLVisionPatchMerger", "x", "linear_fc1", "linear_fc2", "act_fn", norm="norm",
-                    merged_width="hidden_size"),
-    ProjectorRecipe("qwen3_vl_moe", _T + "qwen3_vl_moe.modeling_qwen3_vl_moe", "Qwen3VLMoeVisionPatchMerger",
-                    "FusedQwen3VLMoeVisionPatchMerger", "x", "linear_fc1", "linear_fc2", "act_fn", norm="norm",
-                    merged_width="hidden_size"),
-    # space-to-depth and pooling connectors: the merge happens inside the GEMM's A loads
-    ProjectorRecipe("idefics3", _T + "idefics3.modeling_idefics3", "Idefics3Connector", "FusedIdefics3Connector",
-                    "image_hidden_states", "modality_projection.proj", merge="pixel_shuffle", scale="scale_factor"),
-    ProjectorRecipe("smolvlm", _T + "smolvlm.modeling_smolvlm", "SmolVLMConnector", "FusedSmolVLMConnector",
-                    "image_hidden_states", "modality_projection.proj", merge="pixel_shuffle", scale="scale_factor"),
-    ProjectorRecipe("llama4", _T + "llama4.modeling_llama4", "Llama4VisionPixelShuffleMLP",
-                    "FusedLlama4VisionPixelShuffleMLP", "encoded_patches", "mlp.fc1", "mlp.fc2", "mlp.activation_fn",
-                    merge="pixel_shuffle", scale="pixel_shuffle_ratio", act2="mlp.activation_fn"),
-    ProjectorRecipe("llama4", _T + "llama4.modeling_llama4", "Llama4MultiModalProjector",
-                    "FusedLlama4MultiModalProjector", "image_features", "linear_1"),
-    ProjectorRecipe("aya_vision", _T + "aya_vision.modeling_aya_vision", "AyaVisionMultiModalProjector",
-                    "FusedAyaVisionMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
-                    norm="layernorm", merge="pixel_shuffle", scale="downsample_factor", gated=True, grid_output=True),
-    # Cohere2-Vision: Aya's projector without its LayerNorm (same pixel shuffle, same chunked SwiGLU)
-    ProjectorRecipe("cohere2_vision", _T + "cohere2_vision.modeling_cohere2_vision", "Cohere2VisionMultiModalProjector",
-                    "FusedCohere2VisionMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
-                    merge="pixel_shuffle", scale="downsample_factor", gated=True, grid_output=True),
-    # LFM2-VL: the same space-to-depth order on a [B, H, W, C] grid of any aspect, optional LayerNorm, MLP
-    ProjectorRecipe("lfm2_vl", _T + "lfm2_vl.modeling_lfm2_vl", "Lfm2VlMultiModalProjector",
-                    "FusedLfm2VlMultiModalProjector", "image_features", "linear_1", "linear_2", "act",
-                    norm="layer_norm", merge="pixel_shuffle", scale="factor", grid_output=True, grid_input=True),
-    ProjectorRecipe("idefics2", _T + "idefics2.modeling_idefics2", "Idefics2MLP", "FusedIdefics2MLP", "x",
-                    "gate_proj", "down_proj", "act_fn", up="up_proj"),
-    ProjectorRecipe("gemma3", _T + "gemma3.modeling_gemma3", "Gemma3MultiModalProjector",
-                    "FusedGemma3MultiModalProjector", "vision_outputs", "", norm="mm_soft_emb_norm", merge="avg_pool",
-                    weight_in_out="mm_input_projection_weight"),
-    ProjectorRecipe("mistral3", _T + "mistral3.modeling_mistral3", "Mistral3MultiModalProjector",
-                    "FusedMistral3MultiModalProjector", "image_features", "linear_1", "linear_2", "act", norm="norm",
-                    merge="unfold", scale="patch_merger.spatial_merge_size", merger="patch_merger.merging_layer",
-                    extra_input="image_sizes"),
-)
 
 # RMSNorm classes whose math is exactly ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` (checked in the
 # transformers 5.x source); others (Gemma's 1 + w, torch.nn.RMSNorm's cast points) take the original path.
@@ -166,30 +79,6 @@ def _optional_child(module, path):
     """The child at ``path``, or None where the original keeps None there (LFM2-VL's ``layer_norm`` when off)."""
     owner, _, attr = path.rpartition(".")
     return getattr(module.get_submodule(owner) if owner else module, attr, None)
-
-
-def _child_reasons(name, mod):
-    reasons = []
-    if mod._forward_hooks or mod._forward_pre_hooks:
-        reasons.append(f"{name} has forward hooks, which the fused path would not call")
-    return reasons
-
-
-class _FusedBase:
-    """What every ``Fused<Original>`` class shares: the original class (``_fastvlm_base``) and ``from_module``."""
-
-    _fastvlm_base: type
-
-    def __getstate__(self):  # pickle / deepcopy: plans (live references) are rebuilt on demand
-        return _plan.state_without_plan(super().__getstate__())
-
-    @classmethod
-    def from_module(cls, original):
-        """Wrap ``original`` (an instance of the original class) without copying: same children, same tensors."""
-        if not isinstance(original, cls._fastvlm_base):
-            raise TypeError(f"{cls.__name__}.from_module expects a {cls._fastvlm_base.__name__}, got "
-                            f"{type(original).__name__}")
-        return _adopt(cls, original)
 
 
 class _FusedProjectorMixin(_FusedBase):
@@ -362,20 +251,6 @@ class _FusedProjectorMixin(_FusedBase):
         return y if shape is None else y.reshape(*shape, y.shape[-1])
 
 
-class _DeferToOriginal(Exception):
-    """Input the original module decides on (it raises its own error, or computes something the fused path does
-    not): the original forward runs unchanged."""
-
-
-def _run_original(module, why, *args, quiet=False):
-    """The original forward on input the fused path does not take: its error comes out as it is; if it returns a
-    result instead, the fallback is reported (never silent; ``quiet``: recorded in fastvlm.trace() only, for input
-    without data, where no speed is lost) and that result returned."""
-    out = module._fastvlm_base.forward(module, *args)
-    _dispatch.report_fallback(module._fastvlm_recipe.fused_name, [why], f"x{tuple(args[0].shape)}", explicit=quiet)
-    return out
-
-
 _A_MODES = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}
 _NORM_KEYS = ("norm", "norm_weight", "norm_bias", "eps", "norm_group")
 
@@ -388,32 +263,6 @@ def _call_args(plan, r):
         merger_norm = {k: kw.pop(k) for k in _NORM_KEYS}
     w1 = plan["w1_in_out"] if r.weight_in_out else plan["w1"]
     return w1, plan["b1"], plan["w2"], plan["b2"], kw, merger_norm
-
-
-# instance attributes that accelerate's device hooks put on a module: never copied (they are bound to the
-# original); the hook itself is re-attached to the fused module instead
-_ACCELERATE_ATTRS = ("forward", "_old_forward", "_hf_hook")
-
-
-def _adopt(cls, original):
-    """A ``cls`` instance sharing ``original``'s children, parameters, buffers and plain attributes (hooks excluded)."""
-    fused = cls.__new__(cls)
-    nn.Module.__init__(fused)
-    module_state = set(fused.__dict__)
-    for key, value in original.__dict__.items():
-        if key not in module_state and key not in _ACCELERATE_ATTRS and not key.startswith(_plan.PLAN_ATTR):
-            fused.__dict__[key] = value
-    fused._parameters = dict(original._parameters)
-    fused._buffers = dict(original._buffers)
-    fused._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
-    fused._modules = dict(original._modules)
-    fused.training = original.training
-    hook = original.__dict__.get("_hf_hook")
-    if hook is not None:  # a device_map placement (accelerate): the fused module gets the same hook
-        from accelerate.hooks import add_hook_to_module
-
-        add_hook_to_module(fused, hook)
-    return fused
 
 
 # one forward per argument name, so that the fused forward's signature is the original's
@@ -461,70 +310,3 @@ def fused_class(recipe: ProjectorRecipe):
                {"forward": forward, "_fastvlm_recipe": recipe, "_fastvlm_base": base, "__doc__": doc,
                 "__module__": "fastvlm.nn"})
     return cls
-
-
-class FusedLinear(nn.Linear):
-    """Drop-in ``torch.nn.Linear`` running the fused GEMM (BLIP-2's ``language_projection`` is a bare Linear)."""
-
-    def forward(self, input):
-        reasons = []
-        if autocast_on(input.device):
-            reasons.append("autocast is enabled (nn.Linear's forward reproduces autocast's casts)")
-        if reasons:
-            _dispatch.report_fallback("FusedLinear", reasons, f"x{tuple(input.shape)}")
-            return super().forward(input)
-        return mlp_projector(input, self.weight, self.bias, act="none")
-
-    @classmethod
-    def from_module(cls, original):
-        if type(original) is not nn.Linear:
-            raise TypeError(f"FusedLinear.from_module expects a torch.nn.Linear, got {type(original).__name__}")
-        return _adopt(cls, original)
-
-
-
-
-
-class InternVLShuffleProjector(nn.Module):
-    """InternVL's pixel shuffle and its ``InternVLMultiModalProjector`` as one fused module.
-
-    InternVL does the shuffle outside the projector, in ``InternVLModel.get_image_features``::
-
-        feats = feats.reshape(B, side, side, C); feats = model.pixel_shuffle(feats, scale_factor=ratio)
-        feats = model.multi_modal_projector(feats.reshape(B, -1, 4 * C))
-
-    This module replaces those lines: ``InternVLShuffleProjector.from_projector(model.multi_modal_projector,
-    model.config.downsample_ratio)(feats)`` takes the vision features [B, side * side, C] (class token already
-    dropped) and returns the projected tokens [B, side * side / s**2, out]; the shuffle happens inside the GEMM's
-    loads. It shares the projector's parameters (its state_dict keys are the projector's, under ``projector.``).
-    Wire it into a custom ``get_image_features``; ``fastvlm.patch`` swaps only the projector (the shuffle stays in
-    transformers' code).
-    """
-
-    def __init__(self, projector, downsample_ratio=0.5):
-        super().__init__()
-        if type(projector).__name__ != "InternVLMultiModalProjector":
-            raise TypeError(f"InternVLShuffleProjector wraps an InternVLMultiModalProjector, got {type(projector).__name__}")
-        self.projector = projector
-        self.scale = int(round(1 / downsample_ratio))
-
-    @classmethod
-    def from_projector(cls, projector, downsample_ratio=0.5):
-        return cls(projector, downsample_ratio)
-
-    def forward(self, vision_features):
-        if vision_features.dim() != 3:
-            raise ValueError(f"InternVLShuffleProjector: vision_features must be [batch, tokens, channels], got "
-                             f"{tuple(vision_features.shape)}")
-        B, P, C = vision_features.shape
-        s = self.scale
-        side = math.isqrt(P)
-        if side * side != P or side % s:
-            raise ValueError(f"InternVLShuffleProjector: {P} tokens are not a square grid divisible by {s}")
-        p = self.projector
-        ln = p.layer_norm
-        rows = space_to_depth_rows(B, side, side, s, vision_features.device)
-        y = mlp_projector(vision_features.reshape(B * P, C), p.linear_1.weight, p.linear_1.bias, p.linear_2.weight,
-                          p.linear_2.bias, act=activation_name(p.act) or "gelu", norm="layernorm",
-                          norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps, rows=rows, a_mode="concat")
-        return y.reshape(B, (side // s) ** 2, y.shape[-1])  # from the grid: B may be 0

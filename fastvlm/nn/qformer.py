@@ -53,7 +53,7 @@ from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
 
 from . import _plan
-from .projector import _FusedBase
+from ._base import _FusedBase
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,8 @@
 """``fastvlm::mlp_projector``: [merge/pool] -> [norm] -> linear_1 -> act -> [linear_2 -> act2] as one custom op.
 
-Reads top to bottom: the op's configuration (``Spec``) and validation -> the two forward paths (Triton launchers in
-fastvlm.kernels, the PyTorch path built from fastvlm.reference) -> backward -> torch.library registration (fake +
-autograd) -> the public functional.
+Reads top to bottom: validation -> the two forward paths (the Triton launchers in fastvlm.kernels; the PyTorch path,
+``Spec`` and the backward in fastvlm.ops.projector_torch) -> torch.library registration (fake + autograd) -> the
+public functional.
 
 The input ``x`` [T, D] holds vision tokens. The GEMM reads a *logical* A [M, K] from it (fastvlm.ops.layout):
     a_mode "strided"    A = x (a free view, e.g. Qwen2-VL's 2x2 merge ``x.view(-1, 4 * D)``)
@@ -28,33 +28,20 @@ backward is future work.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 from fastvlm import _dispatch, _hot
 from fastvlm.ops import _checks
-from fastvlm.ops.layout import gather_ref, scatter_back
-from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
-from fastvlm.reference.projector import norm_ref, norm_stats_ref
+from fastvlm.ops.projector_torch import Spec, backward, forward_torch, saves_h
+from fastvlm.reference.activations import ACTIVATIONS
 
 OP_NAME = "fastvlm::mlp_projector"
 NORMS = ("none", "layernorm", "rmsnorm", "rmsnorm_1p")
 A_MODES = ("strided", "concat", "concat_cm", "mean", "max")
 
-
-@dataclass(frozen=True)
-class Spec:
-    norm: str
-    norm_group: int
-    eps: float
-    act: str
-    act2: str
-    a_mode: str
-    norm_src: bool
-    gated: bool = False  # linear_1's output is chunked into (up, gate) halves: act(gate) * up (SwiGLU, Aya Vision)
 
 
 def _k_of(x, rows, a_mode):
@@ -119,10 +106,6 @@ def _kernel_reasons(x, tensors):
     shape key: autocast's state is added per call in ``_forward``)."""
     return _dispatch.dtype_device_reasons(x, tensors)
 
-
-def _saves_h(w2, s: Spec):
-    """h is kept for backward when something after the first linear needs it (a gated pair always does)."""
-    return w2 is not None or s.act != "none" or s.gated
 
 
 # ------------------------------------------------------------------------------------------------ forward paths
@@ -191,7 +174,7 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b
         w1, b1 = w1[half:], None if b1 is None else b1[half:]
     first = fused_linear(x, w1, b1, act=s.act, norm=s.norm, norm_group=s.norm_group, mean=mean, rstd=rstd,
                          norm_weight=nw, norm_bias=nb, norm_src=s.norm_src, a_rows=rows, a_mode=s.a_mode,
-                         store_pre=save and _saves_h(w2, s), memo=m1, **gate)
+                         store_pre=save and saves_h(w2, s), memo=m1, **gate)
     a, h = first if isinstance(first, tuple) else (first, None)
     z = None
     y = a
@@ -199,39 +182,6 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b
         second = fused_linear(a, w2, b2, act=s.act2, store_pre=save and s.act2 != "none", memo=m2)
         y, z = second if isinstance(second, tuple) else (second, None)
     return y, h, z, mean, rstd
-
-
-def _logical_a(x, nw, nb, rows, s: Spec, normed=True):
-    """A (normalised when ``normed``) with torch ops: the PyTorch path and the backward's recomputation."""
-    if s.norm == "none" or not normed:
-        return gather_ref(x, rows, s.a_mode)
-    if s.norm_src:
-        return gather_ref(norm_ref(x, s.norm, nw, nb, s.norm_group, s.eps), rows, s.a_mode)
-    return norm_ref(gather_ref(x, rows, s.a_mode), s.norm, nw, nb, s.norm_group, s.eps)
-
-
-def _activate(h, s: Spec):
-    if s.gated:
-        up, gate = h.chunk(2, dim=-1)
-        return act_ref(gate, s.act) * up
-    return act_ref(h, s.act)
-
-
-def _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None):
-    a = _logical_a(x, nw, nb, rows, s)
-    h = F.linear(a, w1, b1)
-    if w_up is not None:  # the same [up | gate] layout as a chunked Linear
-        h = torch.cat([F.linear(a, w_up, b_up), h], dim=-1)
-    y = _activate(h, s)
-    z = None
-    if w2 is not None:
-        z = F.linear(y, w2, b2)
-        y = act_ref(z, s.act2)
-    mean = rstd = None
-    if save and s.norm != "none":
-        stats_of = x if s.norm_src else gather_ref(x, rows, s.a_mode)
-        mean, rstd = norm_stats_ref(stats_of, s.norm, s.norm_group, s.eps)
-    return (y, h if save and _saves_h(w2, s) else None, z if save and s.act2 != "none" else None, mean, rstd)
 
 
 def _detail(x, w1, w2, rows, s):
@@ -258,114 +208,7 @@ def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=Non
     backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w1, w2, rows, s))
     if backend == "triton":
         return _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up, memo)
-    return _forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
-
-
-# ------------------------------------------------------------------------------------------------ backward
-
-
-def _norm_from_stats(x, mean, rstd, nw, nb, norm, group):
-    """Recompute a norm's output (x's dtype) from saved statistics (the same cast points as norm_ref)."""
-    ct = rstd.dtype  # fp32, or fp64 for fp64 inputs
-    xg = x.reshape(-1, group).to(ct)
-    if norm == "layernorm":
-        y = (xg - mean[:, None]) * rstd[:, None] * nw.to(ct)
-        if nb is not None:
-            y = y + nb.to(ct)
-        return y.to(x.dtype).reshape(x.shape)
-    if norm == "rmsnorm_1p":
-        return (xg * rstd[:, None] * (1.0 + nw.to(ct))).to(x.dtype).reshape(x.shape)
-    return (nw * (xg * rstd[:, None]).to(x.dtype)).reshape(x.shape)
-
-
-def _norm_backward(gxn, x, mean, rstd, nw, norm, group, need_x, need_w, need_b):
-    ct = rstd.dtype
-    g = gxn.reshape(-1, group).to(ct)
-    xg = x.reshape(-1, group).to(ct)
-    xhat = (xg - mean[:, None]) * rstd[:, None] if norm == "layernorm" else xg * rstd[:, None]
-    gw = gb = gx = None
-    if need_w:
-        if norm == "rmsnorm":
-            gw = (g * xhat.to(x.dtype).to(ct)).sum(0)
-        else:
-            gw = (g * xhat).sum(0)
-        gw = gw.to(nw.dtype)
-    if need_b:
-        gb = g.sum(0)
-    if need_x:
-        gs = g * (1.0 + nw.to(ct)) if norm == "rmsnorm_1p" else g * nw.to(ct)
-        gx = gs - xhat * (gs * xhat).mean(-1, keepdim=True)
-        if norm == "layernorm":
-            gx = gx - gs.mean(-1, keepdim=True)
-        gx = (gx * rstd[:, None]).to(x.dtype).reshape(x.shape)
-    return gx, gw, gb
-
-
-def _acc_dtype(t):
-    return torch.promote_types(t.dtype, torch.float32)
-
-
-def _backward(s: Spec, saved, gy, needs, w_up=None):
-    """Gradients of (x, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up) given dL/dy; ``needs`` flags which are
-    wanted. With a separate up weight, w1 is the gate weight and ``h`` holds [up | gate] pre-activations."""
-    x, w1, w2, nw, nb, rows, h, z, mean, rstd = saved
-    need_x, need_w1, need_b1, need_w2, need_b2, need_nw, need_nb, need_wu, need_bu = needs
-    gwu = gbu = None
-    if w_up is not None:  # treat [w_up; w1] as one weight whose output is chunked, then split the gradients
-        half = w1.shape[0]
-    gy = gy.contiguous()
-    gx = gw1 = gb1 = gw2 = gb2 = gnw = gnb = None
-    if w2 is not None:
-        gz = act_grad_ref(z, gy, s.act2) if s.act2 != "none" else gy
-        if need_w2:
-            gw2 = (gz.t() @ _activate(h, s)).to(w2.dtype)
-        if need_b2:
-            gb2 = gz.to(_acc_dtype(gz)).sum(0).to(w2.dtype)
-        ga = gz @ w2
-    else:
-        ga = gy
-    if s.gated:
-        up, gate = h.chunk(2, dim=-1)
-        gh = torch.cat([(ga.to(_acc_dtype(ga)) * act_ref(gate.to(_acc_dtype(gate)), s.act)).to(ga.dtype),
-                        act_grad_ref(gate, (ga.to(_acc_dtype(ga)) * up).to(ga.dtype), s.act)], dim=-1)
-    else:
-        gh = act_grad_ref(h, ga, s.act) if s.act != "none" else ga
-    if need_b1 or need_bu:
-        gb = gh.to(_acc_dtype(gh)).sum(0).to(w1.dtype)
-        if w_up is not None:
-            gbu, gb1 = (gb[:half] if need_bu else None), (gb[half:] if need_b1 else None)
-        else:
-            gb1 = gb
-    if need_w1 or need_wu:
-        a_n = (_logical_a(x, nw, nb, rows, s) if s.norm == "none" else
-               _normalised_from_stats(x, nw, nb, rows, mean, rstd, s))
-        if w_up is not None:
-            gw1 = (gh[:, half:].t() @ a_n).to(w1.dtype) if need_w1 else None
-            gwu = (gh[:, :half].t() @ a_n).to(w_up.dtype) if need_wu else None
-        else:
-            gw1 = (gh.t() @ a_n).to(w1.dtype)
-    if need_x or need_nw or need_nb:
-        # gradient of the (normalised) logical A
-        g_a = gh @ w1 if w_up is None else gh[:, :half] @ w_up + gh[:, half:] @ w1
-        if s.norm == "none":
-            gx = scatter_back(g_a, rows, s.a_mode, x.shape[0], x) if need_x else None
-        elif s.norm_src:
-            g_xn = scatter_back(g_a, rows, s.a_mode, x.shape[0])
-            gx, gnw, gnb = _norm_backward(g_xn, x, mean, rstd, nw, s.norm, s.norm_group, need_x, need_nw, need_nb)
-        else:
-            a_raw = gather_ref(x, rows, s.a_mode)
-            g_raw, gnw, gnb = _norm_backward(g_a, a_raw, mean, rstd, nw, s.norm, s.norm_group, need_x, need_nw,
-                                             need_nb)
-            gx = scatter_back(g_raw, rows, s.a_mode, x.shape[0]) if need_x else None
-        if gnb is not None:
-            gnb = gnb.to(nb.dtype)
-    return gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu
-
-
-def _normalised_from_stats(x, nw, nb, rows, mean, rstd, s: Spec):
-    if s.norm_src:
-        return gather_ref(_norm_from_stats(x, mean, rstd, nw, nb, s.norm, s.norm_group), rows, s.a_mode)
-    return _norm_from_stats(gather_ref(x, rows, s.a_mode), mean, rstd, nw, nb, s.norm, s.norm_group)
+    return forward_torch(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up)
 
 
 # ------------------------------------------------------------------------------------------------ registration
@@ -405,7 +248,7 @@ def _(x, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up, norm, norm_gr
     f = torch.promote_types(x.dtype, torch.float32)
     width = w1.shape[0] // (2 if gated and w_up is None else 1)  # the first linear's (activated) output width
     y = x.new_empty((M, w2.shape[0] if w2 is not None else width))
-    h = x.new_empty((M, w1.shape[0] * (2 if w_up is not None else 1)) if save and _saves_h(w2, s) else (0,))
+    h = x.new_empty((M, w1.shape[0] * (2 if w_up is not None else 1)) if save and saves_h(w2, s) else (0,))
     z = x.new_empty((M, w2.shape[0]) if save and w2 is not None and act2 != "none" else (0,))
     if not save or norm == "none":
         n = 0
@@ -431,7 +274,7 @@ def _setup_context(ctx, inputs, output):
 def _op_backward(ctx, gy, _gh, _gz, _gmean, _grstd):
     n = ctx.needs_input_grad
     *saved, w_up = ctx.saved_tensors
-    gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu = _backward(ctx.spec, saved, gy, (*n[:7], n[8], n[9]), w_up)
+    gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu = backward(ctx.spec, saved, gy, (*n[:7], n[8], n[9]), w_up)
     return (gx, gw1, gb1, gw2, gb2, gnw, gnb, None, gwu, gbu, None, None, None, None, None, None, None, None, None)
 
 
@@ -452,7 +295,7 @@ class _MLPProjectorFunction(torch.autograd.Function):
     def backward(ctx, gy):
         n = ctx.needs_input_grad
         *saved, w_up = ctx.saved_tensors
-        gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu = _backward(ctx.spec, saved, gy, (*n[:7], n[9], n[10]), w_up)
+        gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu = backward(ctx.spec, saved, gy, (*n[:7], n[9], n[10]), w_up)
         return gx, gw1, gb1, gw2, gb2, gnw, gnb, None, None, gwu, gbu
 
 

@@ -1,0 +1,81 @@
+"""Fused modules with no recipe of their own: ``FusedLinear`` (a bare ``torch.nn.Linear``) and
+``InternVLShuffleProjector`` (InternVL's pixel shuffle and projector as one module)."""
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+
+from fastvlm import _dispatch
+from fastvlm.nn._base import _adopt
+from fastvlm.ops._checks import autocast_on
+from fastvlm.ops.layout import space_to_depth_rows
+from fastvlm.ops.projector import mlp_projector
+from fastvlm.reference.activations import activation_name
+
+
+class FusedLinear(nn.Linear):
+    """Drop-in ``torch.nn.Linear`` running the fused GEMM (BLIP-2's ``language_projection`` is a bare Linear)."""
+
+    def forward(self, input):
+        reasons = []
+        if autocast_on(input.device):
+            reasons.append("autocast is enabled (nn.Linear's forward reproduces autocast's casts)")
+        if reasons:
+            _dispatch.report_fallback("FusedLinear", reasons, f"x{tuple(input.shape)}")
+            return super().forward(input)
+        return mlp_projector(input, self.weight, self.bias, act="none")
+
+    @classmethod
+    def from_module(cls, original):
+        if type(original) is not nn.Linear:
+            raise TypeError(f"FusedLinear.from_module expects a torch.nn.Linear, got {type(original).__name__}")
+        return _adopt(cls, original)
+
+
+
+
+
+class InternVLShuffleProjector(nn.Module):
+    """InternVL's pixel shuffle and its ``InternVLMultiModalProjector`` as one fused module.
+
+    InternVL does the shuffle outside the projector, in ``InternVLModel.get_image_features``::
+
+        feats = feats.reshape(B, side, side, C); feats = model.pixel_shuffle(feats, scale_factor=ratio)
+        feats = model.multi_modal_projector(feats.reshape(B, -1, 4 * C))
+
+    This module replaces those lines: ``InternVLShuffleProjector.from_projector(model.multi_modal_projector,
+    model.config.downsample_ratio)(feats)`` takes the vision features [B, side * side, C] (class token already
+    dropped) and returns the projected tokens [B, side * side / s**2, out]; the shuffle happens inside the GEMM's
+    loads. It shares the projector's parameters (its state_dict keys are the projector's, under ``projector.``).
+    Wire it into a custom ``get_image_features``; ``fastvlm.patch`` swaps only the projector (the shuffle stays in
+    transformers' code).
+    """
+
+    def __init__(self, projector, downsample_ratio=0.5):
+        super().__init__()
+        if type(projector).__name__ != "InternVLMultiModalProjector":
+            raise TypeError(f"InternVLShuffleProjector wraps an InternVLMultiModalProjector, got {type(projector).__name__}")
+        self.projector = projector
+        self.scale = int(round(1 / downsample_ratio))
+
+    @classmethod
+    def from_projector(cls, projector, downsample_ratio=0.5):
+        return cls(projector, downsample_ratio)
+
+    def forward(self, vision_features):
+        if vision_features.dim() != 3:
+            raise ValueError(f"InternVLShuffleProjector: vision_features must be [batch, tokens, channels], got "
+                             f"{tuple(vision_features.shape)}")
+        B, P, C = vision_features.shape
+        s = self.scale
+        side = math.isqrt(P)
+        if side * side != P or side % s:
+            raise ValueError(f"InternVLShuffleProjector: {P} tokens are not a square grid divisible by {s}")
+        p = self.projector
+        ln = p.layer_norm
+        rows = space_to_depth_rows(B, side, side, s, vision_features.device)
+        y = mlp_projector(vision_features.reshape(B * P, C), p.linear_1.weight, p.linear_1.bias, p.linear_2.weight,
+                          p.linear_2.bias, act=activation_name(p.act) or "gelu", norm="layernorm",
+                          norm_weight=ln.weight, norm_bias=ln.bias, eps=ln.eps, rows=rows, a_mode="concat")
+        return y.reshape(B, (side // s) ** 2, y.shape[-1])  # from the grid: B may be 0
