@@ -172,8 +172,12 @@ def _replicated_local(t, mesh):
     return DTensor.from_local(t, mesh, (Replicate(),), run_check=False).to_local(grad_placements=(Partial(),))
 
 
-def hooks_intact(tp: TPPlan) -> bool:
-    return hooks_unchanged(tp.lin1, tp.style1) and hooks_unchanged(tp.lin2, tp.style2)
+def plan_hooks(tp: TPPlan, mod) -> bool:
+    """Per call: ``mod`` is one of the plan's linears and carries exactly the plan's hooks (which the fused forward
+    reproduces), nothing added or removed since the plan was read."""
+    if mod is tp.lin1:
+        return hooks_unchanged(mod, tp.style1)
+    return mod is tp.lin2 and hooks_unchanged(mod, tp.style2)
 
 
 def forward(tp: TPPlan, fn, x, w1, b1, w2, b2, **kw):
