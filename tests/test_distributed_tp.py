@@ -174,12 +174,5 @@ def _tp_worker(rank):
     assert not failures, f"rank {rank}:\n" + "\n".join(failures)
 
 
-def _warm():
-    import torch.distributed.tensor.parallel  # noqa: F401
-
-    for family in FAMILIES:
-        testing.build(family)
-
-
 def test_tensor_parallel_local_shards():
-    spawn(_tp_worker, warm=[_warm])
+    spawn(_tp_worker)

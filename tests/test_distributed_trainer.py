@@ -111,14 +111,5 @@ def _trainer_worker(rank, outdir):
     assert not failures, f"rank {rank}:\n" + "\n".join(failures)
 
 
-def _warm():
-    import transformers  # noqa: F401
-    from transformers import Trainer  # noqa: F401
-
-    from fastvlm.tiny_models import build_tiny_model
-
-    build_tiny_model("llava", seed=0)
-
-
 def test_trainer_connector_only_step(tmp_path):
-    spawn(_trainer_worker, str(tmp_path), warm=[_warm])
+    spawn(_trainer_worker, str(tmp_path))
