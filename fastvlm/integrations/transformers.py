@@ -27,6 +27,7 @@ from fastvlm.integrations import handoff
 from fastvlm.integrations import structure as _structure
 from fastvlm.integrations import verify as _verify_mod
 from fastvlm.nn import all_recipes, is_fused, recipe_for
+from fastvlm.nn.distributed import zero3_reason
 from fastvlm.nn.glm import FusedMergeConv2d, merge_conv_paths
 from fastvlm.nn.linear import FusedLinear
 
@@ -156,6 +157,10 @@ def _patch_into(model, report, ops, verify, still_images, structure):
             if not _selected(ops, recipe):
                 report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "skipped", "not in ops"))
                 continue
+            zero3 = zero3_reason(mod)
+            if zero3:  # before building anything: the fused module would read empty placeholders
+                report.entries.append(PatchEntry(name, recipe.cls, cls.__name__, "not swapped", zero3))
+                continue
             fused = cls.from_module(mod)
             reasons = fused._fastvlm_structure()
             reasons = reasons[1] if isinstance(reasons, tuple) else reasons  # projectors also return their plan
@@ -168,6 +173,9 @@ def _patch_into(model, report, ops, verify, still_images, structure):
         elif type(mod) is nn.Linear and (owners.get(parent), attr) in LINEAR_SLOTS:
             if not _selected(ops, name="FusedLinear"):
                 report.entries.append(PatchEntry(name, "Linear", "FusedLinear", "skipped", "not in ops"))
+                continue
+            if zero3_reason(mod):
+                report.entries.append(PatchEntry(name, "Linear", "FusedLinear", "not swapped", zero3_reason(mod)))
                 continue
             fused = FusedLinear.from_module(mod)
             probe = None

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from fastvlm import _dispatch
-from fastvlm.nn import _plan
+from fastvlm.nn import _plan, distributed
 from fastvlm.nn._base import _child_reasons, _DeferToOriginal, _FusedBase, _run_original
 from fastvlm.nn.linear import FusedLinear
 from fastvlm.nn.projector_recipes import ProjectorRecipe
@@ -128,6 +128,9 @@ class _FusedProjectorMixin(_FusedBase):
         if self.training and any(isinstance(fp.attr(m, "dropout", 0), float) and m.dropout
                                  for m in (self, *self.children())):
             reasons.append("dropout is active (module in training mode with p > 0)")
+        zero3 = distributed.zero3_reason(self)
+        if zero3:
+            reasons.append(zero3)
         if reasons:
             return None, reasons, hooked
         if r.weight_in_out:  # a Parameter [in, out]: transposed per call (a view, never kept)
@@ -141,14 +144,44 @@ class _FusedProjectorMixin(_FusedBase):
         if r.up:
             up = fp.child(self, r.up)
             plan.update(w_up=fp.param(up, "weight"), b_up=fp.param(up, "bias"))
+        return self._fastvlm_distributed(plan, fp, hooked)
+
+    def _fastvlm_distributed(self, plan, fp, hooked):
+        """(plan, reasons, hooked) with a recognised tensor-parallel plan (``_tp``) or the reasons why not; DTensor
+        parameters outside one are a per-call reason (``_dtensor``: FSDP2 shards them between forwards and hands
+        the forward plain tensors)."""
+        r = self._fastvlm_recipe
+        lin1 = fp.child(self, r.linear_1) if r.linear_1 else None
+        lin2 = fp.child(self, r.linear_2) if r.linear_2 else None
+        others = {k: plan.get(k) for k in ("norm_weight", "norm_bias", "w_up", "b_up", "w1_in_out")}
+        if r.merger:
+            merging = fp.child(self, r.merger)
+            others.update({f"{r.merger}.weight": merging.weight, f"{r.merger}.bias": merging.bias})
+        if lin1 is None:
+            tp, reasons = None, []
+        else:
+            tp, reasons = distributed.read(r, lin1, lin2, others)
+        if reasons:
+            return None, reasons, hooked
+        plan["_tp"] = tp
+        if tp is None:
+            named = {"linear_1.weight": plan.get("w1"), "linear_1.bias": plan.get("b1"), "linear_2.weight": plan["w2"],
+                     "linear_2.bias": plan["b2"], **others}
+            plan["_dtensor"] = tuple(f"{n} is a DTensor outside a recognised ColwiseParallel/RowwiseParallel plan "
+                                     f"(the fused op computes on plain tensors)"
+                                     for n, t in named.items() if distributed.is_dtensor(t))
         return plan, [], hooked
 
     def _fastvlm_plan(self, x):
         """The structure's plan plus the per-call conditions (hooks on children, autocast). The plan is shared:
         read it, never modify it."""
         plan, reasons, hooked = _plan.cached_plan(self, self._fastvlm_read_structure)
+        tp = plan.get("_tp") if plan is not None else None
         reasons = list(reasons) + [f"{name} has forward hooks, which the fused path would not call"
-                                   for name, mod in hooked if mod is not None and _child_reasons(name, mod)]
+                                   for name, mod in hooked if mod is not None and _child_reasons(name, mod)
+                                   and not (tp is not None and distributed.plan_hooks(tp, mod))]
+        if plan is not None and plan.get("_dtensor"):
+            reasons += plan["_dtensor"]
         if autocast_on(x.device):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         return (None, reasons) if reasons else (plan, [])
@@ -247,8 +280,14 @@ class _FusedProjectorMixin(_FusedBase):
             x2 = mlp_projector(x2, merging.weight, merging.bias, act="none", rows=rows, a_mode=mode, norm_src=True,
                                **merger_norm)
             rows, mode = None, "strided"
-        y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **kw)
-        return y if shape is None else y.reshape(*shape, y.shape[-1])
+        if rows is not None and shape is not None:  # the grid's leading dimensions, shaped by the op
+            kw = dict(kw, out_lead=shape)
+        tp = plan.get("_tp")
+        if tp is not None:  # the local shards of a Colwise -> Rowwise plan, reduced by the plan's own collective
+            y = distributed.forward(tp, mlp_projector, x2, w1, b1, w2, b2, rows=rows, a_mode=mode, **kw)
+        else:
+            y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **kw)
+        return y
 
 
 _A_MODES = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}

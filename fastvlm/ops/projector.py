@@ -295,18 +295,21 @@ class _MLPProjectorFunction(torch.autograd.Function):
     """The same forward/backward as the custom op, without the dispatcher's per-call cost (eager mode only)."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2, nw, nb, rows, s, w_up, b_up):
+    def forward(ctx, x, w1, b1, w2, b2, nw, nb, rows, s, w_up, b_up, lead):
         y, h, z, mean, rstd = _forward(x, w1, b1, w2, b2, nw, nb, rows, s, True, w_up, b_up)
         ctx.spec = s
         ctx.save_for_backward(x, w1, w2, nw, nb, rows, h, z, mean, rstd, w_up)
-        return y
+        # the result in its final shape as a tensor of its own, not a view of the [M, out] one: what a module
+        # returns then passes wrappers that refuse views (FSDP2's pre-backward hook warns on them)
+        return y if lead is None else y.view(*lead, y.shape[-1]).detach()
 
     @staticmethod
     def backward(ctx, gy):
         n = ctx.needs_input_grad
         *saved, w_up = ctx.saved_tensors
+        gy = gy.reshape(-1, gy.shape[-1])
         gx, gw1, gb1, gw2, gb2, gnw, gnb, gwu, gbu = backward(ctx.spec, saved, gy, (*n[:7], n[9], n[10]), w_up)
-        return gx, gw1, gb1, gw2, gb2, gnw, gnb, None, None, gwu, gbu
+        return gx, gw1, gb1, gw2, gb2, gnw, gnb, None, None, gwu, gbu, None
 
 
 # ------------------------------------------------------------------------------------------------ functional
@@ -314,7 +317,7 @@ class _MLPProjectorFunction(torch.autograd.Function):
 
 def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", norm="none", norm_weight=None,
                   norm_bias=None, norm_group=None, eps=1e-5, rows=None, a_mode="strided", norm_src=False,
-                  gated=False, w_up=None, b_up=None):
+                  gated=False, w_up=None, b_up=None, out_lead=None):
     """Fused ``act2(linear_2(act(linear_1(norm(A(x))))))``.
 
     Without ``rows`` this works over the last dimension of ``x`` (any leading dimensions). With ``rows`` (an int64
@@ -325,6 +328,8 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     before the merge. ``w2=None`` gives a single (optionally activated) linear. ``gated``: linear_1's output is
     chunked into (up, gate) halves and ``act(gate) * up`` feeds linear_2 (SwiGLU). ``w_up``/``b_up``: the same
     with separate weights, ``act(x @ w1^T) * (x @ w_up^T)`` (Idefics2's gate_proj / up_proj).
+    ``out_lead``: with ``rows``, the result's leading dimensions instead of [M] (their product is M; a fused module's
+    [batch, tokens] or grid). With autograd the result is a tensor of its own, never a view of a [M, out] one.
     Eager calls skip the torch.library dispatcher; under torch.compile the call is the registered custom op.
     """
     if rows is None:
@@ -336,7 +341,7 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         x2 = _checks.as_rows(x)
         K = x2.shape[1]
     else:
-        lead = None
+        lead = None if out_lead is None else tuple(out_lead)
         x2 = x
         if x2.dim() != 2:
             raise ValueError(f"mlp_projector: x must be 2-D [tokens, features] with rows, got shape {tuple(x.shape)}")
@@ -369,7 +374,7 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         y = torch.ops.fastvlm.mlp_projector(*tensors, rows, w_up, b_up, s.norm, s.norm_group, s.eps, s.act, s.act2,
                                             s.a_mode, s.norm_src, s.gated, needs_grad)[0]
     elif needs_grad:
-        y = _MLPProjectorFunction.apply(*tensors, rows, s, w_up, b_up)
+        return _MLPProjectorFunction.apply(*tensors, rows, s, w_up, b_up, lead)
     else:
         y = _forward(*tensors, rows, s, False, w_up, b_up, reasons, memo)[0]
     return y if lead is None else y.reshape(*lead, y.shape[-1])
