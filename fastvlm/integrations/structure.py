@@ -29,7 +29,6 @@ the inside of an element of a stack of repeated layers), where Linear-act-Linear
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import warnings
@@ -44,6 +43,7 @@ from fastvlm.integrations import verify as _verify
 from fastvlm.integrations.behaviour import act_kind, copy_of, norm_kind
 from fastvlm.nn.patch_embed import EmbedRecipe, _FusedEmbedMixin
 from fastvlm.nn.projector import ProjectorRecipe, _FusedProjectorMixin
+from fastvlm._cache import once
 
 _QKV = {"q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k",
         "to_v", "q_lin", "k_lin", "v_lin"}
@@ -143,7 +143,7 @@ class _StructuralMixin:
         return None, list(reasons) + [self._DROPOUT]
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_structural_class(base, recipe):
     """``Fused<base>``: a subclass of the recognised class running ``recipe``'s fused computation."""
     sig = inspect.signature(base.forward)

@@ -17,7 +17,6 @@ unsupported activations or pooling shapes), and says why (``fastvlm.FastVLMFallb
 """
 from __future__ import annotations
 
-import functools
 
 import torch
 import torch.nn as nn
@@ -33,6 +32,7 @@ from fastvlm.reference.activations import activation_name
 from fastvlm.reference.feature_map import CAbstractor, LDPv2Projector, grid_of
 
 from .projector import RECIPES, _child_reasons, _FusedBase, fused_class
+from fastvlm._cache import once
 
 
 def _pair(p):
@@ -143,7 +143,7 @@ class _FeatureMapProjectorMixin:
         return super()._fastvlm_forward(x, *extra)
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_feature_map_class(recipe):
     base = fused_class(recipe)
     doc = (f"Drop-in fused replacement for transformers' ``{recipe.cls}`` ({recipe.family}): same constructor, "

@@ -18,7 +18,6 @@ fastvlm/nn/embed_pairing.py and docs/design-patch-embed.md.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass
 from typing import Optional
@@ -35,6 +34,7 @@ from fastvlm.nn.projector import _FusedBase
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.patch_embed import navit_position_ids, patch_embed
 from fastvlm.ops.rows_embed import rows_embed
+from fastvlm._cache import once
 
 
 @dataclass(frozen=True)
@@ -440,7 +440,7 @@ def _pair2(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_embed_class(recipe: EmbedRecipe):
     base = getattr(importlib.import_module(recipe.module), recipe.cls)
     doc = (f"Drop-in fused replacement for transformers' ``{recipe.cls}`` ({recipe.family}): same constructor, "
