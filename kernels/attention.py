@@ -266,7 +266,7 @@ def _prepare(q, k, v, key_mask, attn_mask, scale, precision, config, out, lse, k
                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     B, H, LQ, D = q.shape
     HKV, LK = k.shape[1], k.shape[2]
-    _check(k.shape == (B, HKV, LK, D) and HKV > 0 and H % HKV == 0,
+    _check(k.shape == (B, HKV, LK, D) and (HKV == 0) == (H == 0) and (HKV == 0 or H % HKV == 0),
            f"attention_fwd: k must be [{B}, Hkv, Lk, {D}] with Hkv dividing {H} to match q, got {tuple(k.shape)}")
     _check(v.shape == k.shape, f"attention_fwd: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     LK2 = 0

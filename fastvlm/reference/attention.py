@@ -56,7 +56,7 @@ def full_kv(q, k, v, key_mask=None, k2=None, v2=None):
             pad = (torch.ones if key_mask.dtype == torch.bool else torch.zeros)(
                 (key_mask.shape[0], k2.shape[2]), dtype=key_mask.dtype, device=key_mask.device)
             key_mask = torch.cat([key_mask, pad], dim=1)
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # (0 heads: nothing to repeat)
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
