@@ -9,6 +9,8 @@
 #   bash benchmarks/gpu_session.sh --list                           # the plan, nothing run
 #   ... --only smoke,projector                                      # a subset of the steps (comma list)
 #
+# Exit status: every step runs whatever an earlier one did; a dry run then exits 1 if any step failed (non-zero exit,
+# or not run for lack of time), else 0. A GPU run exits 0 (summary.md reports each step's exit status).
 # Plan: budgets are each step's `timeout` (SIGINT, so pytest still writes its report and every benchmark row already
 # measured stays: rows are appended as they are measured). A step gets min(its budget, what is left of the 510 s
 # deadline); the last two steps take whatever earlier steps left. Estimates are for an H200 with a cold Triton cache
@@ -80,6 +82,7 @@ PYTEST=("$PY" -m pytest -q -rfE -p no:cacheprovider)
 PYTEST_N=("${PYTEST[@]}")  # for the long test steps: kernels compile in 8 processes at once
 "$PY" -c "import xdist" 2> /dev/null && ((!DRY)) && PYTEST_N+=(-n 8)
 
+FAILED=()  # steps that exited non-zero or were not run: a dry run then ends with exit 1, after every step
 selected() { [[ -z $ONLY || $ONLY == *",$1,"* ]]; }
 cpu_mark() { times > "$ROOT/times"; }  # in this shell (not a subshell): its finished children's CPU times
 cpu_read() { awk 'NR == 2 { gsub(/[ms]/, " "); print int($1 * 60 + $2 + $3 * 60 + $4) }' "$ROOT/times"; }
@@ -102,6 +105,7 @@ step() {  # step NAME BUDGET|rest CMD...: CMD under min(BUDGET, time left), outp
     if ((budget < 5)); then
         printf '%s\t%s\t0\tnot run (deadline)\n' "$name" "$budget" >> "$WORK/steps.tsv"
         echo "== $name: not run, ${left} s left of ${DEADLINE}"
+        FAILED+=("$name (not run: deadline)")
         return 0
     fi
     local t0=$SECONDS c0
@@ -110,6 +114,7 @@ step() {  # step NAME BUDGET|rest CMD...: CMD under min(BUDGET, time left), outp
     echo "== [${SECONDS}s] $name (limit ${budget}s): $*" | tee -a "$WORK/session.log"
     timeout -s INT -k 10 "$budget" "$@" > "$WORK/$name.log" 2>&1
     local rc=$?
+    ((rc != 0)) && FAILED+=("$name (exit $rc)")
     cpu_mark
     printf '%s\t%s\t%s\t%s\t%s\n' "$name" "$budget" "$((SECONDS - t0))" "$rc" "$(($(cpu_read) - c0))" >> "$WORK/steps.tsv"
     tail -n 4 "$WORK/$name.log" | cut -c1-160
@@ -179,3 +184,10 @@ pack
 echo "== done in ${SECONDS}s; $OUT:"
 ls -la "$OUT"
 sed -n '/^## Targets/,/^## Steps/p' "$OUT/summary.md"
+if ((${#FAILED[@]})); then
+    printf '== %d step(s) failed: %s\n' "${#FAILED[@]}" "$(IFS=,; echo "${FAILED[*]}")" | tee -a "$WORK/session.log" >&2
+    # a dry run checks the plumbing: any failed step fails it (CI). A GPU run keeps exit 0: its steps are cut by their
+    # time budgets by design, and summary.md reports each step's exit status.
+    ((DRY)) && exit 1
+fi
+exit 0

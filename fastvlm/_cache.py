@@ -140,3 +140,36 @@ def cached_arange(start, stop, device):
     if torch.compiler.is_compiling():
         return torch.arange(start, stop, device=device)
     return _arange(start, stop, str(device))
+
+
+_ONCE_LOCK = threading.RLock()  # one lock for every ``once`` function: they call each other (no lock order to keep)
+
+
+class _Once:
+    """A function of hashable arguments computed at most once per key (``once``)."""
+
+    def __init__(self, fn):
+        self.fn, self.values = fn, {}
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args):
+        try:
+            return self.values[args]  # (a dict read: no lock on the usual path)
+        except KeyError:
+            pass
+        with _ONCE_LOCK:
+            if args not in self.values:
+                self.values[args] = self.fn(*args)
+            return self.values[args]
+
+    def cache_clear(self):
+        with _ONCE_LOCK:
+            self.values.clear()
+
+
+def once(fn):
+    """``functools.lru_cache(maxsize=None)`` for factories whose result must be unique per key (the ``Fused<Original>``
+    classes: two threads patching at once must get the same class, or ``isinstance`` and the class-level patch would
+    disagree). The first call for a key runs under a lock that every ``once`` function shares (factories call each
+    other), so it runs once; later calls read without locking. Positional, hashable arguments only."""
+    return _Once(fn)

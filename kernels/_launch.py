@@ -17,6 +17,11 @@ The first call of a key (and of a new specialisation) goes through ``JITFunction
 and returns the compiled kernel. Launch hooks (a profiler's ``knobs.runtime.launch_enter_hook``) and the Triton
 interpreter always take that path, so they see every launch as before.
 
+Device: Triton launches (and compiles, and autotunes) on the *current* CUDA device, whatever device the arguments are
+on. Each launch compares the first tensor argument's device index (``Tensor.get_device``, -1 on the CPU) with the
+current one and, only when they differ, makes the tensor's device current for the launch (``torch.cuda.device``), as
+a torch op would: one integer comparison on the usual path.
+
 Thread safety: plans and kernels are stored only once complete (a dict assignment), so a reader never sees a
 half-built entry; two threads missing the same key both build it and one result wins. Autotuning runs under one
 lock (the autotuner object keeps per-call state of its own).
@@ -82,6 +87,23 @@ def align_key(tensors):
     return True if acc & 15 == 0 else tuple(p & 15 == 0 for p in ptrs)
 
 
+def _other_device(args, current):
+    """The CUDA device index of the first tensor in ``args`` when it is not ``current`` (Triton's current device),
+    else None (same device, or a CPU tensor as the interpreter and the host-only benchmark driver use)."""
+    for a in args:
+        if a is not None and type(a) not in (int, float, bool):
+            idx = a.get_device()
+            return idx if idx >= 0 and idx != current else None
+    return None
+
+
+def _on_device(idx):
+    """Make CUDA device ``idx`` current for a ``with`` block (the rare launch on a non-current device)."""
+    import torch
+
+    return torch.cuda.device(idx)
+
+
 def _hooks_active():
     """Whether a launch hook is installed (a HookChain with calls on triton >= 3.8, a callable before)."""
     hook = getattr(_RUNTIME, "launch_enter_hook", None)
@@ -123,6 +145,10 @@ class Plan:
             return
         drv = _DRIVER.active
         device = drv.get_current_device()
+        other = _other_device(args, device)
+        if other is not None:  # the arguments live on another device: launch there, as a torch op would
+            with _on_device(other):
+                return self.launch(grid, args, int_spec, None)
         if spec is None:
             if int_spec is None:
                 spec = (device, spec_key(args))
@@ -174,6 +200,10 @@ class Call:
             acc |= tensors[i].data_ptr()
         drv = _DRIVER.active
         device = drv.get_current_device()
+        other = tensors[pos[0]].get_device() if pos else -1
+        if other != device and other >= 0:  # the tensors live on another device: launch there, as a torch op would
+            with _on_device(other):
+                return self.launch(tensors)
         spec = (device, self.int_spec, self.dtypes,
                 True if acc & 15 == 0 else tuple(tensors[i].data_ptr() & 15 == 0 for i in pos))
         kern = plan.kernels.get(spec)
@@ -247,7 +277,12 @@ def jit_function(fn):
 def autotuned_config(tuner, grid, args, kwargs):
     """Launch ``tuner`` once through its own path (it benchmarks on a new key) and return the config it chose
     (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...)."""
+    other = None if INTERPRETING else _other_device(args, _DRIVER.active.get_current_device())
     with _tune_lock:
-        tuner[grid](*args, **kwargs)
+        if other is None:
+            tuner[grid](*args, **kwargs)
+        else:  # compile and benchmark on the arguments' device
+            with _on_device(other):
+                tuner[grid](*args, **kwargs)
         config = tuner.best_config
     return dict(config.all_kwargs())

@@ -52,7 +52,7 @@ from fastvlm import _hot
 
 from . import _launch
 from ._interp import autotune_configs
-from .attention_tile import attend_tile
+from .attention_tile import attend_tile, nan_unscored_rows
 
 MASK_MODES = ("none", "bool", "additive")
 # fp32 dots: "tf32x3" (three TF32 MMAs, about fp32-accurate; the default) or "tf32" (when TF32 is allowed). "ieee"
@@ -134,7 +134,7 @@ def _attn_fwd_kernel(
     n_groups = tl.cdiv(H, HEADS)
     b = (pid_bh // n_groups).to(tl.int64)
     h0 = (pid_bh % n_groups) * HEADS
-    nan_rows = attend_tile(
+    nan_rows, zero_rows = attend_tile(
         b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK, LK2, D, GROUP,
         qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
         stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n,
@@ -158,6 +158,19 @@ def _attn_fwd_kernel(
                     stride_kmn, stride_amb, stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh,
                     stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, HAS_K2, PRECISION,
                     BLOCK_Q, 1, BLOCK_D, BLOCK_N, True)
+    if KEY_MASK == "bool" or ATTN_MASK == "bool":
+        # Rows whose keep-flags keep no key were stored as O = 0 (as SDPA gives); where every score before the
+        # keep-flags is -inf, eager attention gives NaN (-inf + finfo.min is -inf, softmax over -inf). That needs
+        # those scores, which the main loop never forms: a rare pass, one head at a time like the head isolation
+        # (and after it: a NaN row of a packed tile may hide such a row), recomputes them without V.
+        if zero_rows or (HEADS > 1 and nan_rows):
+            nan_unscored_rows(
+                b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK, LK2, D,
+                GROUP, qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+                stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n,
+                stride_k2d, stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amb,
+                stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh,
+                stride_lm, KEY_MASK, ATTN_MASK, HAS_K2, PRECISION, BLOCK_Q, HEADS, BLOCK_D, BLOCK_N)
 
 
 # ------------------------------------------------------------------------------------------------ launcher
@@ -253,7 +266,7 @@ def _prepare(q, k, v, key_mask, attn_mask, scale, precision, config, out, lse, k
                f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
     B, H, LQ, D = q.shape
     HKV, LK = k.shape[1], k.shape[2]
-    _check(k.shape == (B, HKV, LK, D) and HKV > 0 and H % HKV == 0,
+    _check(k.shape == (B, HKV, LK, D) and (HKV == 0) == (H == 0) and (HKV == 0 or H % HKV == 0),
            f"attention_fwd: k must be [{B}, Hkv, Lk, {D}] with Hkv dividing {H} to match q, got {tuple(k.shape)}")
     _check(v.shape == k.shape, f"attention_fwd: v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
     LK2 = 0
@@ -338,71 +351,9 @@ def _prepare(q, k, v, key_mask, attn_mask, scale, precision, config, out, lse, k
 
 # ------------------------------------------------------------------------------------------------ audit
 
-_PTR_ARGS = ("q_ptr", "k_ptr", "v_ptr", "k2_ptr", "v2_ptr", "km_ptr", "am_ptr", "o_ptr", "lse_ptr")
-
-
-def _audit_case(vname, dt, prec, bq, heads, d, kmm, amm, expect_mma, bn, warps, stages, two=False, gqa=False):
-    unit = ("stride_qd", "stride_kd", "stride_vd", "stride_kmn", "stride_amn", "stride_od", "stride_lm")
-    if two:
-        unit += ("stride_k2d", "stride_v2d")
-    leading = ("stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb", "stride_vh",
-               "stride_vn", "stride_ob", "stride_om", "stride_oh", "stride_lb", "stride_lh")
-    leading += (("stride_k2b", "stride_k2h", "stride_k2n", "stride_v2b", "stride_v2h", "stride_v2n") if two else
-                ("stride_k2b", "stride_k2h", "stride_k2n", "stride_k2d", "stride_v2b", "stride_v2h", "stride_v2n",
-                 "stride_v2d"))  # without a second source the launcher passes zeros
-    masks = ("stride_kmb", "stride_amb", "stride_amh", "stride_amm")  # multiples of Lk (257): not divisible by 16
-    sig = {name: f"*{dt}" for name in _PTR_ARGS}
-    sig["lse_ptr"] = "*fp32"
-    sig["km_ptr"] = "*i8" if kmm == "bool" else f"*{dt}"
-    sig["am_ptr"] = "*i8" if amm == "bool" else f"*{dt}"
-    ints = ("H", "LQ", "LK", "LK2", "D", "LK_BUCKET") + (("GROUP",) if gqa else ())
-    for name in ints + leading + masks:
-        sig[name] = "i32"
-    sig["qk_scale"] = sig["inv_scale"] = "fp32"
-    constexprs = {name: 1 for name in unit}
-    if not gqa:
-        constexprs["GROUP"] = 1  # the JIT specialises an int argument equal to 1
-    constexprs.update(KEY_MASK=kmm, ATTN_MASK=amm, HAS_K2=two, PRECISION=prec, BLOCK_Q=bq, HEADS=heads,
-                      BLOCK_D=triton.next_power_of_2(d), BLOCK_N=bn)
-    for name in constexprs:
-        sig[name] = "constexpr"
-    divisible = _PTR_ARGS + ("LK_BUCKET",) + leading + (("D",) if d % 16 == 0 else ())  # GROUP (4) is not
-    return dict(name=f"attention[{vname}] n{bn} w{warps} s{stages}", fn=_attn_fwd_kernel.fn, signature=sig,
-                constexprs=constexprs, divisible=divisible, num_warps=warps, num_stages=stages, expect_mma=expect_mma)
-
-
-AUDIT_VARIANTS = [  # (name, dtype, precision, BLOCK_Q, HEADS, D, KEY_MASK, ATTN_MASK, expect wgmma[, two sources,
-    # grouped-query]); tiles as default_tile picks them
-    ("bf16 q32x2h d64 keymask", "bf16", "ieee", 32, 2, 64, "bool", "none", True),  # BLIP-2 cross-attention
-    ("bf16 q32x2h d64 additive", "bf16", "ieee", 32, 2, 64, "additive", "additive", True),
-    ("bf16 q64x1h d64 fullmask", "bf16", "ieee", 64, 1, 64, "none", "bool", True),  # InstructBLIP self-attention
-    ("bf16 q32x2h d128 keymask", "bf16", "ieee", 32, 2, 128, "bool", "none", True),
-    ("bf16 q32x2h d80", "bf16", "ieee", 32, 2, 80, "none", "none", True),
-    ("fp16 q16x4h d64 additive", "fp16", "ieee", 16, 4, 64, "additive", "none", True),
-    ("fp32 tf32x3 q64x1h d64 keymask", "fp32", "tf32x3", 64, 1, 64, "bool", "none", True),  # the fp32 Q-Former
-    ("fp32 tf32x3 q64x1h d64 fullmask", "fp32", "tf32x3", 64, 1, 64, "none", "additive", True),
-    ("fp32 tf32x3 q32x2h d32", "fp32", "tf32x3", 32, 2, 32, "none", "none", True),
-    ("fp32 tf32 q64x1h d64 keymask", "fp32", "tf32", 64, 1, 64, "bool", "none", True),
-    ("fp32 tf32x3 q16x1h d128 keymask", "fp32", "tf32x3", 16, 1, 128, "bool", "none", False),  # mma.sync
-    # Idefics2's Perceiver: 64 latents x 16 heads of 96 over concat(context, latents), 4 kv heads (GQA group 4)
-    ("bf16 q64x1h d96 gqa two-source keymask", "bf16", "ieee", 64, 1, 96, "bool", "none", True, True, True),
-    ("fp16 q64x1h d96 gqa two-source keymask", "fp16", "ieee", 64, 1, 96, "bool", "none", True, True, True),
-    ("bf16 q64x1h d96 gqa two-source additive", "bf16", "ieee", 64, 1, 96, "additive", "additive", True, True, True),
-    ("bf16 q32x2h d64 gqa two-source keymask", "bf16", "ieee", 32, 2, 64, "bool", "none", True, True, True),
-    ("fp32 tf32 q64x1h d64 gqa two-source keymask", "fp32", "tf32", 64, 1, 64, "bool", "none", True, True, True),
-    ("fp32 tf32x3 q16x1h d96 gqa two-source keymask", "fp32", "tf32x3", 16, 1, 96, "bool", "none", False, True,
-     True),  # mma.sync (fp32 with D > 64)
-]
-
 
 def audit_cases():
-    """Compile cases for ``fastvlm audit`` (sm_90): the Q-Former tiles (32 queries: 2 heads x 32 rows = a 64-row tile,
-    which must reach wgmma), bf16/fp16 and fp32 (tf32, tf32x3), with and without masks, x every autotune config the
-    pruner keeps for that tile. Specialisation as the JIT sees it for contiguous 16-aligned tensors: unit inner strides
-    constexpr 1; pointers, D, LK_BUCKET and the Q/K/V/O/LSE leading strides divisible by 16."""
-    cases = []
-    for vname, dt, prec, bq, heads, d, kmm, amm, wgmma, *extra in AUDIT_VARIANTS:
-        for bn, warps, stages in ATTN_CONFIGS:
-            if _config_ok(bq * heads, heads * triton.next_power_of_2(d), bn, warps, dt == "fp32"):
-                cases.append(_audit_case(vname, dt, prec, bq, heads, d, kmm, amm, wgmma, bn, warps, stages, *extra))
-    return cases
+    """Every attention tile x config for the sm_90a audit (kernels/attention_audit.py)."""
+    from .attention_audit import audit_cases as cases
+
+    return cases()

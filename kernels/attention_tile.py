@@ -6,7 +6,9 @@ Non-finite inputs give what eager attention gives (tests/test_nonfinite.py):
   absorbs the score (a row masked entirely by it averages its values, as in eager attention, in fp32, bf16 and fp16);
   -inf and NaN biases are kept;
 * a row whose keep-flag masks keep no key gives O = 0 and LSE = -inf (as SDPA gives); a row whose kept keys all score
-  -inf gives NaN (softmax over -inf); NaN anywhere in a row's scores makes the row NaN;
+  -inf gives NaN (softmax over -inf); NaN anywhere in a row's scores makes the row NaN; keep-flags add -inf, so a
+  masked key's NaN or +Inf score makes its row NaN, as eager's ``score + finfo.min`` does; a row without a kept key
+  whose every score before the flags is -inf is NaN as in eager (the rare ``UNSCORED`` pass finds those rows);
 * the block-diagonal Q K^T product of packed heads meets every packed head's key columns (times zeros), so a NaN/Inf
   key of one head would turn the other heads' rows NaN (0 * inf): a tile that comes out with a NaN row is recomputed
   one head at a time (``FIXUP``), never on finite inputs.
@@ -44,20 +46,22 @@ def _mask_bias(b, FP16: tl.constexpr):
 def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, col_ok, km_base, stride_kmn,
                    am_base, stride_amn, AM_OFF, qk_scale, inv_scale,
                    KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FIXUP: tl.constexpr):
+                   FIXUP: tl.constexpr, SCORES_ONLY: tl.constexpr = False):
     """Online-softmax update of (acc, m_i, l_i) over the LKS keys of one key/value source. ``k_base``/``v_base``
     [BLOCK_C] point at key 0 of each packed column (its kv head and channel); ``km_base`` at this source's key mask
     (KEY_MASK "none" for a source without one); the full mask's key index is ``AM_OFF + n`` (the second source's keys
     follow the first's in the mask, as in the concatenation it stands for).
+    SCORES_ONLY (the rare ``_scored_rows`` pass): only m_i and l_i, of the scores before the keep-flags (boolean masks
+    are skipped, additive ones applied), without V.
     """
     # FIXUP: the rare head-isolation pass, not pipelined (its buffers would raise the whole kernel's registers)
-    for n0 in tl.range(0, LKS, BLOCK_N, num_stages=1 if FIXUP else None):
+    for n0 in tl.range(0, LKS, BLOCK_N, num_stages=1 if FIXUP or SCORES_ONLY else None):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < LKS
         n64 = n.to(tl.int64)
         kv_mask = col_ok[:, None] & n_ok[None, :]
         kt = tl.load(k_base[:, None] + n64[None, :] * stride_kn, mask=kv_mask, other=0.0)  # [BLOCK_C, BLOCK_N]
-        if ATTN_MASK == "none":
+        if ATTN_MASK == "none" or (SCORES_ONLY and ATTN_MASK == "bool"):
             s = tl.dot(q, dot_operand(kt), input_precision=PRECISION)
         else:
             # the full mask enters as the dot's accumulator (in units of q.k, i.e. divided by the scale): the tile
@@ -77,7 +81,7 @@ def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, 
         if KEY_MASK == "additive":
             km = tl.load(km_base + n64 * stride_kmn, mask=n_ok, other=0.0)
             kbias += _mask_bias(km.to(tl.float32), km_base.dtype.element_ty == tl.float16) * _LOG2E
-        elif KEY_MASK == "bool":
+        elif KEY_MASK == "bool" and not SCORES_ONLY:
             kk = tl.load(km_base + n64 * stride_kmn, mask=n_ok, other=0)
             kbias = tl.where(kk != 0, kbias, float("-inf"))
         s += kbias[None, :]
@@ -87,10 +91,11 @@ def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, 
         alpha = tl.math.exp2(m_i - m_use)
         p = tl.math.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
-                     other=0.0)  # [BLOCK_N, BLOCK_C]
-        acc = acc * alpha[:, None]
-        acc = tl.dot(dot_operand(p.to(vt.dtype)), dot_operand(vt), acc, input_precision=PRECISION)
+        if not SCORES_ONLY:
+            vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
+                         other=0.0)  # [BLOCK_N, BLOCK_C]
+            acc = acc * alpha[:, None]
+            acc = tl.dot(dot_operand(p.to(vt.dtype)), dot_operand(vt), acc, input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -101,8 +106,10 @@ def _attend(q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_
             stride_k2b, stride_k2h, stride_k2n, stride_k2d, stride_v2b, stride_v2h, stride_v2n, stride_v2d,
             stride_kmb, stride_kmn, stride_amn,
             KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, HAS_K2: tl.constexpr, PRECISION: tl.constexpr,
-            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, FIXUP: tl.constexpr):
-    """(acc, m_i, l_i) of the online softmax over every key: the first source, then the second (HAS_K2)."""
+            BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, FIXUP: tl.constexpr,
+            SCORES_ONLY: tl.constexpr = False):
+    """(acc, m_i, l_i) of the online softmax over every key: the first source, then the second (HAS_K2).
+    SCORES_ONLY: m_i and l_i of the scores before the keep-flags (see ``_attend_source``)."""
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
@@ -110,13 +117,13 @@ def _attend(q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_
         acc, m_i, l_i, q, k_ptr + b * stride_kb + ckv64 * stride_kh + cd64 * stride_kd,
         v_ptr + b * stride_vb + ckv64 * stride_vh + cd64 * stride_vd, stride_kn, stride_vn, LK, col_ok,
         km_ptr + b * stride_kmb, stride_kmn, am_base, stride_amn, 0, qk_scale, inv_scale,
-        KEY_MASK, ATTN_MASK, PRECISION, BLOCK_N, FIXUP)
+        KEY_MASK, ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY)
     if HAS_K2:  # the second source, read in place: the concatenation is never materialised
         acc, m_i, l_i = _attend_source(
             acc, m_i, l_i, q, k2_ptr + b * stride_k2b + ckv64 * stride_k2h + cd64 * stride_k2d,
             v2_ptr + b * stride_v2b + ckv64 * stride_v2h + cd64 * stride_v2d, stride_k2n, stride_v2n, LK2, col_ok,
             km_ptr, 0, am_base, stride_amn, LK, qk_scale, inv_scale,
-            "none", ATTN_MASK, PRECISION, BLOCK_N, FIXUP)
+            "none", ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY)
     return acc, m_i, l_i
 
 
@@ -153,9 +160,11 @@ def attend_tile(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_pt
                 stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh,
                 stride_lm, KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, HAS_K2: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_N: tl.constexpr, FIXUP: tl.constexpr):
+                BLOCK_N: tl.constexpr, FIXUP: tl.constexpr, UNSCORED: tl.constexpr = False):
     """Attention for the HEADS packed heads h0 .. h0 + HEADS - 1 x BLOCK_Q queries (block ``pid_q``) of batch row b:
-    stores O and LSE and returns whether a stored row is NaN. FIXUP: the head-isolation pass (one head, HEADS = 1)."""
+    stores O and LSE and returns (whether a stored row is NaN, whether a row was stored as O = 0). FIXUP: the
+    head-isolation pass (one head, HEADS = 1). UNSCORED (with FIXUP): the rare pass over rows whose keep-flags keep
+    no key, which rewrites as NaN those whose every score before the keep-flags is -inf (``_nan_unscored_rows``)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * HEADS
     BLOCK_C: tl.constexpr = HEADS * BLOCK_D
 
@@ -189,11 +198,18 @@ def attend_tile(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_pt
                             qk_scale, inv_scale, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
                             stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d, stride_v2b,
                             stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amn, KEY_MASK,
-                            ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N, FIXUP)
-    _finish(acc, m_i, l_i, row_ok, col_ok, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr, km_ptr, am_base, LK, LK2,
-            stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh,
-            stride_lm, KEY_MASK, ATTN_MASK, BLOCK_M, BLOCK_N)
-    return tl.max(((l_i != l_i) & row_ok).to(tl.int32), axis=0) > 0
+                            ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N, FIXUP, UNSCORED)
+    if UNSCORED:
+        _nan_unscored_rows(m_i, l_i, row_ok, col_ok, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr, km_ptr, am_base,
+                           LK, LK2, stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om, stride_oh, stride_od,
+                           stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, BLOCK_M, BLOCK_N)
+        zero_rows = row_ok != row_ok  # (none)
+    else:
+        zero_rows = _finish(acc, m_i, l_i, row_ok, col_ok, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr, km_ptr,
+                            am_base, LK, LK2, stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om, stride_oh,
+                            stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, BLOCK_M, BLOCK_N)
+    return (tl.max(((l_i != l_i) & row_ok).to(tl.int32), axis=0) > 0,
+            tl.max(zero_rows.to(tl.int32), axis=0) > 0)
 
 
 @triton.jit
@@ -205,7 +221,7 @@ def _finish(acc, m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_
     l_i == 0: no key with a finite score. O = 0 and LSE = -inf where the keep-flag masks (or Lk + Lk2 = 0) leave the
     row no key at all, as SDPA gives; NaN where the row kept keys that all score -inf (softmax over -inf, as eager
     gives). The rows are stored first (0 / -inf) and the rare NaN rows rewritten after, so the accumulator is dead
-    while their masks are read."""
+    while their masks are read. Returns the rows stored as O = 0 ([BLOCK_M] bool)."""
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
@@ -224,3 +240,44 @@ def _finish(acc, m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_
             nan_rows = empty & (LK + LK2 > 0)
         tl.store(o_ptrs, tl.full(omask.shape, float("nan"), o_ptr.dtype.element_ty), mask=omask & nan_rows[:, None])
         tl.store(lse_ptrs, tl.full(nan_rows.shape, float("nan"), tl.float32), mask=nan_rows)
+        empty = empty & ~nan_rows
+    return empty
+
+
+@triton.jit
+def _nan_unscored_rows(m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr, km_ptr, am_base,
+                       LK, LK2, stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om, stride_oh, stride_od,
+                       stride_lb, stride_lh, stride_lm, KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """From (m_i, l_i) of the scores before the keep-flags (``_attend`` SCORES_ONLY): store NaN in the rows
+    ``row_sel`` whose keep-flags keep no key and whose every score is -inf (m_i = -inf, no NaN), as eager attention
+    gives (-inf + finfo.min is -inf; softmax over -inf is NaN). ``_finish`` stored these rows as O = 0."""
+    keyless = _rows_with_a_key(km_ptr + b * stride_kmb, stride_kmn, am_base, stride_amn, LK, LK2, KEY_MASK, ATTN_MASK,
+                               BLOCK_M, BLOCK_N) == 0
+    rows = row_sel & keyless & (m_i == float("-inf")) & (l_i == l_i) & (LK + LK2 > 0)
+    omask = rows[:, None] & col_sel[None, :] & diag
+    tl.store(o_ptr + b * stride_ob + rq64[:, None] * stride_om + ch64[None, :] * stride_oh + cd64[None, :] * stride_od,
+             tl.full(omask.shape, float("nan"), o_ptr.dtype.element_ty), mask=omask)
+    tl.store(lse_ptr + b * stride_lb + rh64 * stride_lh + rq64 * stride_lm, tl.full(rows.shape, float("nan"),
+                                                                                  tl.float32), mask=rows)
+
+
+@triton.jit(noinline=True)
+def nan_unscored_rows(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK,
+                      LK2, D, GROUP, qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,
+                      stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b,
+                      stride_k2h, stride_k2n, stride_k2d, stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb,
+                      stride_kmn, stride_amb, stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh,
+                      stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr,
+                      HAS_K2: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, HEADS: tl.constexpr,
+                      BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rare pass (a called function, not inlined: the main tile's registers stay as they were): each of the
+    HEADS heads at a time, NaN in the rows without a kept key whose every score before the keep-flags is -inf."""
+    for hh in tl.range(0, HEADS, disable_licm=True):
+        attend_tile(
+            b, h0 + hh, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK, LK2, D,
+            GROUP, qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+            stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d,
+            stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amb, stride_amh,
+            stride_amm, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh, stride_lm,
+            KEY_MASK, ATTN_MASK, HAS_K2, PRECISION, BLOCK_Q, 1, BLOCK_D, BLOCK_N, True, True)

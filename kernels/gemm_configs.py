@@ -21,8 +21,10 @@ POOLED_MAX_A_PER_THREAD = 32
 PIX_MASK_MAX_BLOCK_N = 64
 
 
-def _config_ok(bm, bn, bk, warps, stages, elem_bytes, gated, a_mode="strided", pix_mask=False):
-    if _smem_estimate(bm, bn, bk, stages, elem_bytes, gated) > SMEM_BUDGET:
+def _config_ok(bm, bn, bk, warps, stages, elem_bytes, gated, a_mode="strided", pix_mask=False, smem=None):
+    """Whether a config fits: its pipeline buffers within ``smem`` bytes (default SMEM_BUDGET, the H100 budget; the
+    pruner passes ``smem_budget`` of the launch device) and the register limits the audit found."""
+    if _smem_estimate(bm, bn, bk, stages, elem_bytes, gated) > (SMEM_BUDGET if smem is None else smem):
         return False
     if pix_mask and bn > PIX_MASK_MAX_BLOCK_N:
         return False
@@ -31,10 +33,42 @@ def _config_ok(bm, bn, bk, warps, stages, elem_bytes, gated, a_mode="strided", p
     return not gated or bm * bn // (32 * warps) <= GATED_MAX_ACC_PER_THREAD
 # 128x256 tiles were tried and dropped: ptxas spills (80-208 B) with a GELU or norm epilogue at 8 warps.
 SMEM_BUDGET = 200 * 1024  # of the 227 KB an H100 block may use; leaves room for the epilogue's layout conversion
+H100_SMEM_PER_BLOCK = 232448  # 227 KB: the most shared memory one block may use on sm_90 (H100, H200)
+_SMEM_HEADROOM = H100_SMEM_PER_BLOCK - SMEM_BUDGET  # kept free on every device
+_DEVICE_SMEM = {}  # CUDA device index -> budget
 
 
 def _smem_estimate(bm, bn, bk, stages, elem_bytes, gated):
+    """Shared memory of the main loop's pipeline: ``stages`` buffers of the A tile and the weight tile(s), in the
+    inputs' element size (fp32 takes twice bf16's). The sm_90a audit reports exactly this for wgmma tiles (fp32 TF32
+    128x128x64, 3 stages: 196608 B; 4 stages: 262144 B, over the limit); the epilogue reuses the buffers."""
     return (bm * bk + bk * bn * (2 if gated else 1)) * elem_bytes * stages
+
+
+def smem_budget(t):
+    """Bytes of shared memory a config may use on the device of tensor ``t``: the device's per-block limit (Triton's
+    ``max_shared_mem``, read once per device) less the headroom SMEM_BUDGET leaves on an H100, and at most
+    SMEM_BUDGET (the audited budget). SMEM_BUDGET off CUDA (the interpreter, the sm_90 host-only driver)."""
+    idx = t.get_device() if hasattr(t, "get_device") else -1
+    if idx < 0:
+        return SMEM_BUDGET
+    budget = _DEVICE_SMEM.get(idx)
+    if budget is None:
+        budget = _DEVICE_SMEM[idx] = min(SMEM_BUDGET, _device_limit(idx) - _SMEM_HEADROOM)
+    return budget
+
+
+def _device_limit(idx):
+    return triton.runtime.driver.active.utils.get_device_properties(idx)["max_shared_mem"]
+
+
+def fit_stages(config, per_stage, smem):
+    """``config`` with fewer pipeline stages when ``stages * per_stage`` bytes exceed ``smem`` (at least 1): the
+    pruners' last resort when no config fits a small device."""
+    stages = max(1, min(config.num_stages, smem // max(per_stage, 1)))
+    if stages == config.num_stages:
+        return config
+    return triton.Config(dict(config.kwargs), num_warps=config.num_warps, num_stages=stages)
 
 
 def _prune_configs(configs, named_args, **kwargs):
@@ -43,9 +77,14 @@ def _prune_configs(configs, named_args, **kwargs):
     pix_mask = named_args.get("PIX_MASK", kwargs.get("PIX_MASK", False))
     a = named_args["a_ptr"]
     elem = a.element_size() if hasattr(a, "element_size") else 2
+    smem = smem_budget(a)
     kept = [c for c in configs if _config_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_warps,
-                                             c.num_stages, elem, gated, a_mode, pix_mask)]
-    return kept or configs[-1:]
+                                             c.num_stages, elem, gated, a_mode, pix_mask, smem)]
+    if kept:
+        return kept
+    last = configs[-1]
+    bm, bn, bk = last.kwargs["BLOCK_M"], last.kwargs["BLOCK_N"], last.kwargs["BLOCK_K"]
+    return [fit_stages(last, _smem_estimate(bm, bn, bk, 1, elem, gated), smem)]
 
 
 def _triton_configs():

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from . import _launch
 from ._interp import autotune_configs, dot_operand
+from .gemm_configs import SMEM_BUDGET, fit_stages, smem_budget
 
 FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
 
@@ -42,11 +43,10 @@ LN_CONFIGS = [
     (64, 32, 32, 4, 4),  # fp32
     (64, 64, 32, 4, 4),  # fp32
 ]
-SMEM_BUDGET = 200 * 1024
-
-
-def _config_ok(bm, bn, bk, warps, stages, elem_bytes):
-    if (bm * bk + bk * bn) * elem_bytes * stages > SMEM_BUDGET:
+def _config_ok(bm, bn, bk, warps, stages, elem_bytes, smem=SMEM_BUDGET):
+    """Whether a config fits: pipeline buffers within ``smem`` bytes (the launch device's ``smem_budget``), and the
+    audit's register limits."""
+    if (bm * bk + bk * bn) * elem_bytes * stages > smem:
         return False
     if elem_bytes == 4:  # tf32x3: the audit spills beyond a 64x64 accumulator and BLOCK_K 32
         return bm * bn <= 64 * 64 and bk <= 32 and warps == 4
@@ -56,9 +56,14 @@ def _config_ok(bm, bn, bk, warps, stages, elem_bytes):
 def _prune_configs(configs, named_args, **kwargs):
     a = named_args["a_ptr"]
     elem = a.element_size() if hasattr(a, "element_size") else 2
+    smem = smem_budget(a)
     kept = [c for c in configs if _config_ok(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"],
-                                             c.num_warps, c.num_stages, elem)]
-    return kept or configs[:1]
+                                             c.num_warps, c.num_stages, elem, smem)]
+    if kept:
+        return kept
+    first = configs[0]
+    return [fit_stages(first, (first.kwargs["BLOCK_M"] + first.kwargs["BLOCK_N"]) * first.kwargs["BLOCK_K"] * elem,
+                       smem)]
 
 
 def _triton_configs():

@@ -370,3 +370,26 @@ def test_bad_inputs_name_the_tensor():
         attention_fwd(q, k, v, config=(16, 1, 8, 4, 1))
     with pytest.raises(ValueError, match="attention_fwd: precision must be"):
         attention_fwd(q, k, v, precision="ieee")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_zero_heads_as_transformers(backend, monkeypatch, request):
+    """q/k/v with 0 heads: transformers' eager attention (and SDPA) return an empty [B, Lq, 0, D]; the op and the
+    references used to raise (ValueError "kv_heads dividing 0", ZeroDivisionError in ``full_kv``). k with heads
+    while q has none is still an error naming k."""
+    from transformers.models.blip_2.modeling_blip_2 import eager_attention_forward
+
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    monkeypatch.setenv("FASTVLM_BACKEND", backend)
+    q = torch.randn(2, 0, 3, 16, requires_grad=True)
+    k, v = torch.randn(2, 0, 5, 16), torch.randn(2, 0, 5, 16)
+    want = eager_attention_forward(torch.nn.Module().eval(), q, k, v, None, scaling=0.25)[0]
+    for ref in (eager_attention_ref, sdpa_attention_ref):
+        assert ref(q, k, v, scale=0.25).shape == want.shape == (2, 3, 0, 16)
+    out = fastvlm.attention(q, k, v, key_mask=torch.ones(2, 5, dtype=torch.bool), scale=0.25)
+    assert out.shape == want.shape and out.dtype == want.dtype
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    with pytest.raises(ValueError, match="k must be"):
+        fastvlm.attention(q, torch.randn(2, 1, 5, 16), torch.randn(2, 1, 5, 16))

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tarfile
 
 import pytest
@@ -133,3 +134,24 @@ def test_summary_judges_gpu_rows(tmp_path):
     assert "| projector | 45 | 45 | 40 | 124 (time limit) |" in text
     assert "- smoke: 2 tests, 1 passed, 1 failed" in text and "test_b: relative error 1.2e-01 > bound" in text
     assert "gemma3-4b@64 fwd fastvlm torch.bfloat16: rel_err 5.00e-01" in text  # an accuracy flag
+
+
+def test_dry_run_fails_when_a_step_fails(tmp_path):
+    """A failing step no longer ends in exit 0: every selected step still runs, then the dry run exits 1 naming the
+    failed steps. Cheap: a PYTHON that fails the install check (``-m pip``) and the env step, and passes the rest to
+    the real interpreter (the packing into $OUT still runs)."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'case " $* " in *" -m pip "*) exit 3 ;; *" fastvlm.bench.session env "*) exit 4 ;; esac\n'
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    res = _run(["--dry-run", "--only", "install,env"], out, 300, env={"PYTHON": str(fake)})
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "2 step(s) failed: install (exit 3),env (exit 4)" in res.stderr
+    with tarfile.open(out / "results.tar.gz") as tar:
+        (tsv,) = [m for m in tar.getmembers() if m.name.endswith("/steps.tsv")]
+        rows = [line.split("\t") for line in tar.extractfile(tsv).read().decode().splitlines()]
+    assert [(r[0], r[3]) for r in rows] == [("install", "3"), ("env", "4")]  # the second step ran after the first
+    ok = _run(["--dry-run", "--only", "install"], tmp_path / "ok", 300)
+    assert ok.returncode == 0, ok.stdout[-3000:] + ok.stderr[-3000:]

@@ -345,3 +345,44 @@ def test_register_attention_qformer_with_an_all_zero_encoder_mask(dtype, backend
             out = m(query_embeds=queries, encoder_hidden_states=enc, encoder_attention_mask=mask).last_hidden_state
     _ran(t, backend)
     assert_same(out, ref, dtype, 10 * 64, roundings=12)
+
+
+def _eager_keyless_zero(q, k, v, keep):
+    """Eager attention with keep-flags ``keep`` [B, 1|H, Lq|1, Lk] (as transformers' 0 / finfo.min mask), with the
+    documented zeros (0 * O: NaN stays NaN) on rows whose flags keep no key."""
+    out = _eager(q, k, v, torch.where(keep, 0.0, torch.finfo(q.dtype).min).to(q.dtype))
+    dead = ~keep.any(-1).expand(q.shape[:3])  # [B, H, Lq]
+    return torch.where(dead.transpose(1, 2)[..., None], out * 0, out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_row_without_a_kept_key_meets_a_nonfinite_score(backend, monkeypatch):
+    """Rows whose keep-flags keep no key: eager attention adds finfo.min to every score, so a NaN or +Inf score
+    makes the row NaN, and so do scores that are all -inf (-inf + finfo.min is -inf; softmax over -inf is NaN);
+    otherwise the documented zeros. Both paths, key mask and 4-D mask, 4 packed heads (the kernel's head isolation
+    pass meets the rows too)."""
+    _use(backend, monkeypatch)
+    B, H, Lq, Lk, D = 2, 4, 8, 6, 16
+    q, k, v = (t.clone() for t in _qkv(B, H, Lq, Lk, D, seed=7))
+    q[1, :3, :, 0] = 1.0
+    k[1, 0, 2, 5] = NAN  # head 0: a NaN score
+    k[1, 1, 3, 0] = INF  # head 1: a +Inf score
+    k[1, 2, :, 0] = -INF  # head 2: every score -inf
+    k[1, 3, 4, 1] = -INF if float(q[1, 3, 0, 1]) > 0 else INF  # head 3 (query 0): one -inf score among finite ones
+    k[0, 1, 5, 0] = INF  # batch 0: a masked key's +Inf score in rows that keep other keys
+    q[0, 1, :, 0] = 1.0
+    keep = torch.ones(B, Lk, dtype=torch.bool)
+    keep[1] = False
+    keep[0, 5] = False
+    full = keep[:, None, None, :].expand(B, 1, Lq, Lk).clone()
+    full[0, 0, 5:] = False  # batch 0: three rows without a key (scores finite except head 1's +Inf)
+    with fastvlm.trace() as t:
+        o1 = attention(q, k, v, key_mask=keep)
+        o2 = attention(q, k, v, attn_mask=full)
+    _ran(t, backend)
+    ref1 = _eager_keyless_zero(q, k, v, keep[:, None, None, :])
+    ref2 = _eager_keyless_zero(q, k, v, full)
+    assert torch.isnan(ref1[1, :, :3]).all() and torch.isfinite(ref1[1, 0, 3]).all() and not ref1[1, 0, 3].any()
+    assert torch.isnan(ref2[0, :, 1]).all() and not ref2[0, 5:, 0].any()
+    assert_same(o1, ref1, torch.float32, Lk, roundings=3)
+    assert_same(o2, ref2, torch.float32, Lk, roundings=3)

@@ -172,3 +172,25 @@ def test_compile_whole_patched_model(torch_backend):
     compiled = torch.compile(model, backend="aot_eager")
     with torch.no_grad():
         assert rel_err(compiled(**inputs).logits, ref) < 1e-5
+
+
+def test_patch_given_a_recognised_module_itself(torch_backend):
+    """``fastvlm.patch(projector)`` on a bare recognised module cannot swap it in place (it used to set an attribute
+    named "" on it): a ValueError that names fastvlm.nn.from_module, which gives the replacement; nothing changes.
+    A model that holds the module is patched as before; an already fused module is reported as such."""
+    from fastvlm.testing import build
+
+    proj = build("llava").eval()
+    children = dict(proj.named_children())
+    with pytest.raises(ValueError, match=r"fastvlm\.nn\.from_module"):
+        fastvlm.patch(proj)
+    assert "" not in proj._modules and "" not in proj.__dict__ and dict(proj.named_children()) == children
+    assert fastvlm.patch(proj, ops={"qwen2_vl"}).entries[0].status == "skipped"  # not selected: nothing to refuse
+    fused = fastvlm.nn.from_module(proj)
+    x = torch.randn(3, proj.linear_1.in_features)
+    with torch.no_grad():
+        assert rel_err(fused(x), proj(x)) < 1e-5
+    assert [e.status for e in fastvlm.patch(fused).entries] == ["already fused"]
+    holder = torch.nn.Module()
+    holder.proj = proj
+    assert [e.path for e in fastvlm.patch(holder).patched] == ["proj"]

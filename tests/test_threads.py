@@ -399,3 +399,61 @@ def test_shared_caches_fill_from_threads():
     assert not wrong, wrong[:5]
     copied = copy.deepcopy(store)
     assert copied["cache"].source == store["cache"].source
+
+
+def _factories():
+    """Every class factory of fastvlm.nn.REGISTRY with a recipe whose original class imports, plus the paired-norm
+    and structural factories."""
+    import fastvlm.nn as fnn
+
+    out = []
+    for recipes, factory in fnn.REGISTRY:
+        for r in recipes:
+            try:
+                factory(r)
+            except ImportError:
+                continue
+            out.append((factory.__name__, factory, (r,)))
+            break
+    from fastvlm.nn.pair_prenorm import _make_paired_norm_class
+
+    out.append(("_make_paired_norm_class", _make_paired_norm_class, (torch.nn.LayerNorm,)))
+    return out
+
+
+@pytest.mark.parametrize("name,factory,args", _factories(), ids=lambda v: v if isinstance(v, str) else "")
+def test_fused_class_factories_build_one_class_per_key(name, factory, args, monkeypatch):
+    """Two threads patching at once must get the same Fused<Original> class for a recipe (with an lru_cache, both
+    missed the cache, both built a class, and each got its own: isinstance checks and the class-level patch then
+    disagree). The build is slowed down so that every thread misses the cache at once."""
+    import importlib
+    import time
+
+    real_import = importlib.import_module
+
+    def slow_import(*a, **kw):
+        time.sleep(0.02)
+        return real_import(*a, **kw)
+
+    kept = dict(getattr(factory, "values", {}))  # restored after: other tests hold the classes built so far
+    factory.cache_clear()
+    monkeypatch.setattr(importlib, "import_module", slow_import)
+    n = 6
+    barrier, got = threading.Barrier(n), [None] * n
+
+    def worker(i):
+        barrier.wait()
+        got[i] = factory(*args)
+
+    try:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert all(g is not None for g in got)
+        assert len({id(g) for g in got}) == 1, f"{name}: {len({id(g) for g in got})} classes for one key"
+    finally:
+        if hasattr(factory, "values"):
+            factory.values.clear()
+            factory.values.update(kept)

@@ -29,7 +29,6 @@ the inside of an element of a stack of repeated layers), where Linear-act-Linear
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import math
 import warnings
@@ -46,6 +45,7 @@ from fastvlm.nn.patch_embed import _FusedEmbedMixin
 from fastvlm.nn.patch_embed_recipes import EmbedRecipe
 from fastvlm.nn.projector import _FusedProjectorMixin
 from fastvlm.nn.projector_recipes import ProjectorRecipe
+from fastvlm._cache import once
 
 _QKV = {"q_proj", "k_proj", "v_proj", "q", "k", "v", "query", "key", "value", "wq", "wk", "wv", "to_q", "to_k",
         "to_v", "q_lin", "k_lin", "v_lin"}
@@ -145,7 +145,7 @@ class _StructuralMixin:
         return None, list(reasons) + [self._DROPOUT]
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_structural_class(base, recipe):
     """``Fused<base>``: a subclass of the recognised class running ``recipe``'s fused computation."""
     sig = inspect.signature(base.forward)

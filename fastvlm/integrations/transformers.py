@@ -124,7 +124,18 @@ def patch(model: nn.Module, *, ops=None, verify: bool = False, still_images: boo
 
     Atomic: if anything inside raises, every swap, pairing and hand-off made by this call is undone before the
     exception propagates.
+
+    ``model`` is the container whose modules are swapped; it cannot swap itself (``patch`` works in place and
+    returns a report, and no caller's reference to ``model`` could be updated). Given a recognised module itself,
+    a bare ``LlavaMultiModalProjector`` say, it raises ValueError pointing at ``fastvlm.nn.from_module(module)``,
+    which returns the fused replacement (sharing the module's parameters), and changes nothing.
     """
+    found = recipe_for(model)
+    if found is not None and not is_fused(model) and _selected(ops, found[0]):
+        raise ValueError(
+            f"fastvlm.patch swaps the recognised modules inside a model in place, and cannot replace the module it is "
+            f"given: a {type(model).__name__}. Use fastvlm.nn.from_module(module), which returns its fused "
+            f"replacement ({found[1](found[0]).__name__}, sharing its parameters), or patch the model that holds it")
     report = PatchReport(type(model).__name__)
     txn = _Transaction(model)
     try:

@@ -17,7 +17,6 @@ unsupported activations or pooling shapes), and says why (``fastvlm.FastVLMFallb
 """
 from __future__ import annotations
 
-import functools
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from fastvlm.reference.feature_map import CAbstractor, LDPv2Projector, grid_of
 from ._base import _child_reasons, _FusedBase
 from .projector import fused_class
 from .projector_recipes import RECIPES
+from fastvlm._cache import once
 
 
 def _pair(p):
@@ -144,7 +144,7 @@ class _FeatureMapProjectorMixin:
         return super()._fastvlm_forward(x, *extra)
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_feature_map_class(recipe):
     base = fused_class(recipe)
     doc = (f"Drop-in fused replacement for transformers' ``{recipe.cls}`` ({recipe.family}): same constructor, "

@@ -18,7 +18,6 @@ the conv weight's own column order: no weight copy, no im2col copy). ``fastvlm.p
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass
 
@@ -27,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
-from fastvlm._cache import cached_arange
+from fastvlm._cache import cached_arange, once
 from fastvlm.nn._base import _FusedBase, _child_reasons, _run_original
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.linear_norm import linear_residual_layernorm
@@ -118,7 +117,7 @@ def _merger_probe_args(self):
     return (torch.randn(7, w.shape[1], device=w.device, dtype=w.dtype),)
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_glm_class(recipe: GlmMergerRecipe):
     base = getattr(importlib.import_module(recipe.module), recipe.cls)
     return type(recipe.fused_name, (_FusedBase, base), {

@@ -7,7 +7,6 @@ tensor through and run their original code on anything else. docs/design-patch-e
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import threading
 
@@ -17,6 +16,7 @@ import torch.nn as nn
 from fastvlm._cache import cached_arange, slot
 from fastvlm.nn.pair_state import call_for, call_of, hand_off, has_hooks, taken, unexpected
 from fastvlm.ops.patch_embed import patch_embed
+from fastvlm._cache import once
 
 
 def _norm_ok(pair, dtype):
@@ -76,7 +76,7 @@ def _paired_norm_class(base):
         return _make_paired_norm_class(base)
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def _make_paired_norm_class(base):
     def forward(self, input):
         call = call_of(self)

@@ -18,7 +18,6 @@ fastvlm/nn/embed_pairing.py and docs/design-patch-embed.md.
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from typing import Optional
 
@@ -36,6 +35,7 @@ from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.navit_positions import navit_position_ids
 from fastvlm.ops.patch_embed import patch_embed
 from fastvlm.ops.rows_embed import rows_embed
+from fastvlm._cache import once
 
 
 class _FusedEmbedMixin(_FusedBase):
@@ -392,7 +392,7 @@ def _pair2(v):
     return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_embed_class(recipe: EmbedRecipe):
     base = getattr(importlib.import_module(recipe.module), recipe.cls)
     doc = (f"Drop-in fused replacement for transformers' ``{recipe.cls}`` ({recipe.family}): same constructor, "

@@ -15,7 +15,6 @@ says why (a ``FastVLMFallbackWarning`` once, or an error under FASTVLM_STRICT=1)
 """
 from __future__ import annotations
 
-import functools
 import importlib
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.perceiver import perceiver_resampler
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
+from fastvlm._cache import once
 
 
 @dataclass(frozen=True)
@@ -243,7 +243,7 @@ class _FusedConnectorMixin(_FusedBase):
 _MIXINS = {"resampler": _FusedResamplerMixin, "connector": _FusedConnectorMixin}
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_perceiver_class(recipe: PerceiverRecipe):
     """Build (once) the ``Fused<Original>`` class of a recipe. Raises ImportError when the original is absent."""
     base = getattr(importlib.import_module(recipe.module), recipe.cls)

@@ -6,7 +6,6 @@ as the fused GEMM reading the windows in channel-major order (the conv weight's 
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import space_to_depth_rows
 from fastvlm.ops.pool import pool_tokens
 from fastvlm.ops.projector import mlp_projector
+from fastvlm._cache import once
 
 
 @dataclass(frozen=True)
@@ -93,7 +93,7 @@ def _fwd(self, image_features):
     return self._fastvlm_forward(image_features)
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_pool_class(recipe: PoolRecipe):
     base = getattr(importlib.import_module(recipe.module), recipe.cls)
     doc = f"Drop-in fused replacement for transformers' ``{recipe.cls}``: same constructor, state_dict and forward."

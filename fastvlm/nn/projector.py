@@ -16,7 +16,6 @@ original's own children and parameters: nothing is copied, and both modules see 
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import math
 
@@ -32,6 +31,7 @@ from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import pool_rows, ragged_space_to_depth_rows, space_to_depth_rows
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
+from fastvlm._cache import once
 
 
 # RMSNorm classes whose math is exactly ``weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`` (checked in the
@@ -338,7 +338,7 @@ _FORWARDS = {"image_features": _fwd_image_features, "hidden_states": _fwd_hidden
              "vision_outputs": _fwd_vision_outputs, ("image_features", "image_sizes"): _fwd_image_features_sizes}
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_class(recipe: ProjectorRecipe):
     """Build (once) the ``Fused<Original>`` class of a recipe. Raises ImportError when the original is absent."""
     base = getattr(importlib.import_module(recipe.module), recipe.cls)

@@ -54,6 +54,7 @@ from fastvlm.reference.activations import activation_name
 
 from . import _plan
 from ._base import _FusedBase
+from fastvlm._cache import once
 
 
 @dataclass(frozen=True)
@@ -373,7 +374,7 @@ def _fwd_instructblip(self, input_ids: torch.LongTensor, attention_mask: torch.T
                                  encoder_attention_mask=encoder_attention_mask, kwargs=kwargs)
 
 
-@functools.lru_cache(maxsize=None)
+@once
 def fused_qformer_class(recipe: QFormerRecipe):
     """Build (once) the ``Fused<Original>`` Q-Former class of a recipe. Raises ImportError when the original is
     absent."""

@@ -54,7 +54,7 @@ def _validate(q, k, v, key_mask, attn_mask, k2=None, v2=None):
     B, H, LQ, D = q.shape
     LK = k.shape[2]
     HKV = k.shape[1]
-    if k.shape[0] != B or HKV == 0 or H % HKV or k.shape[3] != D:
+    if k.shape[0] != B or (HKV == 0) != (H == 0) or (HKV and H % HKV) or k.shape[3] != D:  # (0 heads: as eager)
         raise ValueError(f"attention: k must be [{B}, {H}, keys, {D}] (or [{B}, kv_heads, keys, {D}] with kv_heads "
                          f"dividing {H}) to match q {tuple(q.shape)}, got {tuple(k.shape)}")
     if v.shape != k.shape:

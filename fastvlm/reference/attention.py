@@ -27,6 +27,8 @@ Masks (both optional):
   a row masked entirely by transformers' finite ``finfo.min`` bias averages its values like eager attention; a row
   whose keep-flags keep no key gives O = 0 and LSE = -inf (as SDPA does); a row whose kept keys all score -inf (a -inf
   bias, or -inf products) gives NaN, as eager's softmax does; NaN anywhere in a row's scores makes the row NaN.
+  Keep-flags add -inf to a masked key's score (as eager adds finfo.min): its NaN or +Inf score makes the row NaN, also
+  in a row without a kept key, and so does a row without a kept key whose every score before the flags is -inf.
 """
 
 import torch
@@ -54,7 +56,7 @@ def full_kv(q, k, v, key_mask=None, k2=None, v2=None):
             pad = (torch.ones if key_mask.dtype == torch.bool else torch.zeros)(
                 (key_mask.shape[0], k2.shape[2]), dtype=key_mask.dtype, device=key_mask.device)
             key_mask = torch.cat([key_mask, pad], dim=1)
-    group = q.shape[1] // k.shape[1]
+    group = q.shape[1] // k.shape[1] if k.shape[1] else 1  # (0 heads: nothing to repeat)
     if group > 1:
         k = k.repeat_interleave(group, dim=1)
         v = v.repeat_interleave(group, dim=1)
@@ -118,21 +120,33 @@ def mask_bias(m, dtype):
     return torch.where((b <= limit) & (b > float("-inf")), torch.full((), BIAS_FLOOR, dtype=dtype, device=b.device), b)
 
 
-def scores_ref(q, k, key_mask=None, attn_mask=None, scale=None, dtype=None):
-    """``scale * q k^T + masks`` [B, H, Lq, Lk] in ``dtype`` (default: fp32, fp64 for fp64 inputs), masks applied as
-    the kernel applies them: keep-flags give -inf, additive biases go through ``mask_bias``."""
+def raw_scores(q, k, key_mask=None, attn_mask=None, scale=None, dtype=None):
+    """``(raw, keep)``: ``raw = scale * q k^T + additive biases`` [B, H, Lq, Lk] in ``dtype`` (default: fp32, fp64 for
+    fp64 inputs; biases through ``mask_bias``), and ``keep`` the keep-flags of the boolean masks combined
+    ([B|1, H|1, Lq|1, Lk] bool, None without any)."""
     ct = dtype or torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * scale
+    keep = None
     for m in (_as_4d(keep_flags(key_mask)), keep_flags(attn_mask)):
         if m is None:
             continue
         if m.dtype == torch.bool:
-            # a NaN score stays NaN as in eager attention (NaN + mask), also where the flag masks the key
-            s = s.masked_fill(~m & ~torch.isnan(s), float("-inf"))
+            keep = m if keep is None else keep & m
         else:
             s = s + mask_bias(m, ct)
-    return s
+    return s, keep
+
+
+def scores_ref(q, k, key_mask=None, attn_mask=None, scale=None, dtype=None, raw=None):
+    """``scale * q k^T + masks`` [B, H, Lq, Lk], masks applied as the kernel applies them: additive biases go through
+    ``mask_bias``, keep-flags add -inf. Adding, not filling: a masked key's NaN or +Inf score gives NaN and -inf stays
+    -inf, as eager attention's ``score + finfo.min`` does. ``raw``: ``raw_scores``'s result, if already computed."""
+    s, keep = raw or raw_scores(q, k, key_mask, attn_mask, scale, dtype)
+    if keep is None:
+        return s
+    return s + torch.where(keep, torch.zeros((), dtype=s.dtype, device=s.device),
+                           torch.full((), float("-inf"), dtype=s.dtype, device=s.device))
 
 
 def keyless_rows(key_mask, attn_mask, lk, device=None):
@@ -157,12 +171,16 @@ def attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None, k2=None, v
     """The fused op's result: ``(O [B, Lq, H, D] in q's dtype, LSE [B, H, Lq] fp32 (fp64 for fp64 inputs))``;
     differentiable (autograd through it is the gradient oracle). GQA and a second source as ``full_kv``."""
     k, v, key_mask = full_kv(q, k, v, key_mask, k2, v2)
-    s = scores_ref(q, k, key_mask, attn_mask, scale)
+    raw = raw_scores(q, k, key_mask, attn_mask, scale)
+    s = scores_ref(q, k, raw=raw)
     lse = torch.logsumexp(s, dim=-1)
     keyless = keyless_rows(key_mask, attn_mask, k.shape[2], s.device).expand(lse.shape)
-    # -inf: no key at all (O = 0); a row whose kept keys all score -inf is NaN, as softmax makes it
-    lse = torch.where(torch.isneginf(lse) & ~keyless, torch.full((), float("nan"), dtype=lse.dtype,
-                                                                   device=lse.device), lse)
+    # LSE -inf (no finite score): O = 0 where the keep-flags keep no key, as SDPA gives; NaN where the row kept keys
+    # that all score -inf (softmax over -inf, as eager gives), and where it kept none but every score before the
+    # keep-flags is -inf (eager: -inf + finfo.min is -inf, softmax NaN). Lk = 0 stays 0 (eager's empty matmul).
+    unscored = torch.isneginf(raw[0]).all(dim=-1) & (k.shape[2] > 0)
+    nan_row = torch.isneginf(lse) & (~keyless | unscored)
+    lse = torch.where(nan_row, torch.full((), float("nan"), dtype=lse.dtype, device=lse.device), lse)
     p = probs_from_lse(s, lse)
     o = torch.matmul(p, v.to(s.dtype))
     return o.transpose(1, 2).to(q.dtype).contiguous(), lse

@@ -63,9 +63,6 @@ KNOWN = {}  # issue 14's known bugs: all fixed and merged (tests/property/test_k
 FOUND = {
     "rows_embed_still_inf": "rows_embed still-frames mode with an Inf pixel: x0 * (W0 + W1) is Inf where the original's "
                             "x0 * W0 + x0 * W1 is NaN (Inf - Inf)",
-    "attention_masked_nan_key": "a non-finite score of a key that keep-flags mask out: fixed for rows that keep a key "
-                                "(NaN as in eager); open for a row whose flags keep no key (fastvlm gives the "
-                                "documented zeros, eager NaN)",
 }
 
 

@@ -55,9 +55,10 @@ def test_rows_embed_still_frames_inf_pixel(backend):
 @pytest.mark.parametrize("where", ["k", "v"])
 def test_attention_nan_in_a_masked_key(where, backend):
     """A NaN in a key that keep-flags mask out: transformers' eager attention (0 / finfo.min mask) and SDPA (-inf mask)
-    give NaN for the rows that see it (NaN + mask = NaN); the PyTorch path of fastvlm.attention (``masked_fill`` of
-    the scores, fastvlm/reference/attention.py ``scores_ref``) returns finite rows, the kernel NaN like eager: the two
-    paths disagree. (A NaN in a masked key's value gives NaN on every side: kept as a guard.)"""
+    give NaN for the rows that see it (NaN + mask = NaN); the PyTorch path of fastvlm.attention used to fill masked
+    scores (``masked_fill``), fixed: keep-flags add -inf on both paths. Rows without a kept key: tests/test_nonfinite.py
+    ``test_attention_row_without_a_kept_key_meets_a_nonfinite_score``. (A NaN in a masked key's value gives NaN on
+    every side: kept as a guard.)"""
     q, k, v = torch.randn(1, 1, 2, 16), torch.randn(1, 1, 3, 16), torch.randn(1, 1, 3, 16)
     (k if where == "k" else v)[0, 0, 1, 0] = math.nan
     mask = torch.tensor([[True, False, True]])
