@@ -182,5 +182,7 @@ def attention_ref(q, k, v, key_mask=None, attn_mask=None, scale=None, k2=None, v
     nan_row = torch.isneginf(lse) & (~keyless | unscored)
     lse = torch.where(nan_row, torch.full((), float("nan"), dtype=lse.dtype, device=lse.device), lse)
     p = probs_from_lse(s, lse)
+    if q.dtype in (torch.float16, torch.bfloat16):  # eager's rounding point: P in the input dtype before P @ V (a
+        p = p.to(q.dtype).to(s.dtype)               # probability rounded to 0 meets an Inf value as 0 * Inf = NaN)
     o = torch.matmul(p, v.to(s.dtype))
     return o.transpose(1, 2).to(q.dtype).contiguous(), lse

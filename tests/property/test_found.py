@@ -77,3 +77,18 @@ def test_linear_residual_layernorm_backward_no_rows_warns_nothing(backend):
         warnings.simplefilter("ignore", fastvlm.FastVLMFallbackWarning)
         fastvlm.linear_residual_layernorm(x, w, ln_weight=torch.ones(3)).sum().backward()
     assert w.grad is not None and not w.grad.any()
+
+
+def test_attention_fp16_underflowing_probability_meets_inf_value(backend):
+    """fp16, no mask: key 1 scores 20 below key 0, so its probability (2e-9) rounds to 0 in fp16 and eager computes
+    0 * Inf = NaN for the channel where V holds Inf. The PyTorch path kept P in fp32 (2e-9 * Inf = Inf); fixed: it
+    rounds P to the input dtype where eager does. The kernel rounds its unnormalised probabilities to the input dtype
+    before P @ V, which gives the same here; it can still differ where only the normalised probability underflows
+    (conftest.FOUND "attention_lowp_v_inf")."""
+    q, k, v = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 2, 16), torch.ones(1, 1, 2, 16)
+    q[..., 0], k[0, 0, 1, 0], v[0, 0, 1, 0] = 1.0, -80.0, math.inf  # score: 1 * -80 / sqrt(16) = -20
+    q, k, v = q.half(), k.half(), v.half()
+    eager = eager_attention_ref(q, k, v)
+    assert torch.isnan(eager[0, 0, 0, 0])
+    out = fastvlm.attention(q, k, v)
+    assert torch.equal(torch.isnan(out), torch.isnan(eager)), (out, eager)
