@@ -47,6 +47,17 @@ def test_plans_built_from_threads(report):
     assert r["launches"] >= 4 * 3 * 2, r  # 4 threads x 3 calls x 2 GEMMs (+ the autotuner's first runs)
 
 
+def test_direct_launch_passes_what_compiled_kernel_run_passes(report):
+    """The driver-level launch (triton 3.8) gets the same grid, function, metadata, annotations and arguments as
+    Triton's own CompiledKernel.run path, for every case; on 3.8 every kernel here takes the direct launch."""
+    import triton
+
+    r = report["launch_paths"]
+    assert r["mismatched"] == [], r
+    if triton.__version__.startswith("3.8"):
+        assert r["paths"] == ["direct"], r
+
+
 def test_launch_hooks_see_every_launch(report):
     assert report["hooked_launches"] == 2
 
