@@ -89,14 +89,16 @@ def align_key(tensors):
 def _hooks_active():
     """Whether a launch hook is installed, on entry or exit (a HookChain with calls on triton >= 3.8, a callable
     before): then launches go through ``JITFunction.run``, which builds the hooks' launch metadata."""
-    if _RUNTIME is None:
+    rt = _RUNTIME
+    if rt is None:
         return False
-    for hook in (_RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook):
-        if hook is not None and getattr(hook, "calls", True):
-            return True
-    return False
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    if type(enter) is _HOOK_CHAIN and type(leave) is _HOOK_CHAIN:
+        return bool(enter.calls or leave.calls)
+    return bool(getattr(enter, "calls", enter is not None) or getattr(leave, "calls", leave is not None))
 
 
+_HOOK_CHAIN = getattr(getattr(triton, "knobs", None), "HookChain", None)
 _DRIVER = triton.runtime.driver  # its ``active`` is the current driver (tests and benchmarks may swap it)
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # launch hooks live here (triton >= 3.4)
 
