@@ -204,7 +204,9 @@ def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=Non
         _checks.check_indices("mlp_projector", "rows", rows, x.shape[0])
     if reasons is None:
         reasons = _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up)
-    reasons = list(reasons) + _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
+    auto = _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
+    if auto:
+        reasons = list(reasons) + auto
     backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w1, w2, rows, s))
     if backend == "triton":
         return _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up, memo)
@@ -322,7 +324,7 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
             raise ValueError(f"mlp_projector: a_mode {a_mode!r} needs rows, an int64 [M, Q] table of token indices")
         if x.dim() == 0:
             raise ValueError("mlp_projector: x must have a feature dimension [..., features], got a 0-D tensor")
-        lead = x.shape[:-1]
+        lead = x.shape[:-1] if x.dim() != 2 else None
         x2 = _checks.as_rows(x)
         K = x2.shape[1]
     else:
@@ -343,14 +345,21 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         reasons = memo = None
     else:
         s = _cached_spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
-        key = (s, torch.backends.cuda.matmul.allow_tf32,
-               _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
+        key = (s, _hot.allow_tf32(), _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
         checked = _CHECKED.get(key)
         if checked is None:  # a new shape key: the checks (shapes, dtypes and devices only) and the kernel's reasons
             _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
-            checked = (_reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up), {})
+            dense = all(t is None or t.is_contiguous() for t in (b1, b2, norm_weight, norm_bias, b_up))
+            checked = (_reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up), {}, dense and
+                       not _checks.is_meta(x2))
             _hot.remember(_CHECKED, key, checked)
-        reasons, memo = checked
+        reasons, memo, plain = checked
+        if plain:  # dense vectors and a real device, fixed by the key: the eager call, straight to the forward
+            if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (
+                    x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)):
+                y = _forward(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, False, w_up, b_up, reasons,
+                             memo)[0]
+                return y if lead is None else y.reshape(*lead, y.shape[-1])
     # per call (a no-op for parameters); the row table's values are checked per call in ``_forward``
     b1, b2, norm_weight, norm_bias, b_up = _checks.dense(b1, b2, norm_weight, norm_bias, b_up)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
