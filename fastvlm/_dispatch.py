@@ -37,7 +37,8 @@ BACKENDS = ("auto", "triton", "torch")
 # os.environ's own dict (bytes keys on POSIX), read directly on the hot path: ``os.environ.get`` encodes the name and
 # goes through two Python-level mapping methods per read, a few µs per op call. Same values (os.environ's setters
 # and deleters update this dict); anywhere else (Windows, another mapping put in os.environ's place) ``get`` is used.
-_ENV_KEYS = {n: os.fsencode(n) for n in ("FASTVLM_BACKEND", "FASTVLM_STRICT", "TRITON_INTERPRET")} \
+_ENV_KEYS = {n: os.fsencode(n) for n in ("FASTVLM_BACKEND", "FASTVLM_STRICT", "TRITON_INTERPRET",
+                                                "FASTVLM_SCATTER")} \
     if os.name == "posix" else {}
 
 
