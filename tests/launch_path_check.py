@@ -139,6 +139,45 @@ def compare_launch_paths(drv, calls):
     return dict(paths=paths, mismatched=mismatched)
 
 
+def compiled_launches(drv):
+    """A fused LLaVA projector under torch.compile(fullgraph=True) (AOT autograd, graph kept, no Inductor: Inductor
+    has no CPU Triton backend): the graph's calls, the launches per compiled call and whether they pass the driver
+    what the eager direct launches pass; again with FASTVLM_COMPILE_LAUNCH=op (the opaque custom op)."""
+    import os
+
+    import fastvlm
+    from fastvlm.testing import args_for, build
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    out = {}
+    for mode in ("inductor", "op"):
+        os.environ["FASTVLM_COMPILE_LAUNCH"] = mode
+        torch._dynamo.reset()
+        fused = fastvlm.nn.from_module(build("llava")).half()
+        args = tuple(a.half() for a in args_for("llava", fused))
+        graphs = []
+
+        def keep(gm, inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        compiled = torch.compile(fused, fullgraph=True, backend=aot_autograd(fw_compiler=keep))
+        fused(*args)
+        drv.utils.record = eager = []
+        fused(*args)
+        drv.utils.record = None
+        compiled(*args)  # (traces and compiles)
+        drv.utils.record = traced = []
+        n0 = drv.launches
+        compiled(*args)
+        drv.utils.record = None
+        calls = sorted({str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"})
+        out[mode] = dict(calls=calls, launches=drv.launches - n0, same_args=_normalised(eager) == _normalised(traced))
+    del os.environ["FASTVLM_COMPILE_LAUNCH"]
+    return out
+
+
 def cases():
     import fastvlm
     from fastvlm.ops.scatter import scatter_image_features
@@ -226,6 +265,7 @@ def main():
             row_stats(t, 1e-5, False)
         plans = [p for p in _launch._SIMPLE.values() if p.fn.__name__ == "_row_stats_kernel"]
         report["launch_paths"] = compare_launch_paths(drv, cases())
+        report["compiled"] = compiled_launches(drv)
         report["row_stats_x_types"] = sorted({str(k.src.signature["x_ptr"]) for p in plans for k in p.kernels.values()})
     print(json.dumps(report))
 

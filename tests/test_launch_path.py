@@ -58,6 +58,19 @@ def test_direct_launch_passes_what_compiled_kernel_run_passes(report):
         assert r["paths"] == ["direct"], r
 
 
+def test_compiled_projector_graph_launches_the_kernels(report):
+    """torch.compile(fullgraph=True): the graph holds the GEMM kernel calls themselves (triton_op + wrap_triton, so
+    Inductor launches them), two launches per call passing the driver exactly what the eager launches pass (same
+    compiled kernel, grid and arguments); FASTVLM_COMPILE_LAUNCH=op keeps the opaque custom op."""
+    r = report["compiled"]
+    assert r["inductor"]["calls"].count("triton_kernel_wrapper_functional") == 1, r  # (a set of call targets)
+    assert not any("fastvlm.mlp_projector" in c for c in r["inductor"]["calls"]), r
+    assert r["inductor"]["launches"] == 2 and r["inductor"]["same_args"], r
+    assert "fastvlm.mlp_projector.default" in r["op"]["calls"], r
+    assert "triton_kernel_wrapper_functional" not in r["op"]["calls"], r
+    assert r["op"]["launches"] == 2 and r["op"]["same_args"], r
+
+
 def test_launch_hooks_see_every_launch(report):
     assert report["hooked_launches"] == 2
 

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from fastvlm import _dispatch, _hot
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, projector_compiled
 from fastvlm.ops.projector_torch import Spec, backward, forward_torch, saves_h
 from fastvlm.reference.activations import ACTIVATIONS
 
@@ -370,7 +370,10 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     b1, b2, norm_weight, norm_bias, b_up = _checks.dense(b1, b2, norm_weight, norm_bias, b_up)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
-    if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
+    if torch.compiler.is_compiling() and not needs_grad and projector_compiled.wanted(x2, s, rows, w_up, _reasons(
+            x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)):  # Inductor launches the kernels itself
+        y = torch.ops.fastvlm.mlp_projector_launch(x2, w1, b1, w2, b2, s.act, s.act2, projector_compiled.precision_of(x2))
+    elif torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
         y = torch.ops.fastvlm.mlp_projector(*tensors, rows, w_up, b_up, s.norm, s.norm_group, s.eps, s.act, s.act2,
                                             s.a_mode, s.norm_src, s.gated, needs_grad)[0]
     elif needs_grad:
