@@ -37,19 +37,41 @@ class FastVLMFallbackError(RuntimeError):
 BACKENDS = ("auto", "triton", "torch")
 
 
+# os.environ's own dict (bytes keys on POSIX), read directly on the hot path: ``os.environ.get`` encodes the name and
+# goes through two Python-level mapping methods per read, a few µs per op call. Same values (os.environ's setters
+# and deleters update this dict); anywhere else (Windows, another mapping put in os.environ's place) ``get`` is used.
+_ENV_KEYS = {n: os.fsencode(n) for n in ("FASTVLM_BACKEND", "FASTVLM_STRICT", "TRITON_INTERPRET",
+                                                "FASTVLM_SCATTER", "FASTVLM_COMPILE_LAUNCH")} \
+    if os.name == "posix" else {}
+
+
+def getenv(name: str, default: str) -> str:
+    """``os.environ.get(name, default)``, read at every call (see ``_ENV_KEYS``)."""
+    try:
+        raw = os.environ._data.get(_ENV_KEYS[name])
+    except (AttributeError, KeyError, TypeError):
+        return os.environ.get(name, default)
+    if raw is None:
+        return default
+    return raw if type(raw) is str else os.fsdecode(raw)
+
+
 def requested_backend() -> str:
-    value = os.environ.get("FASTVLM_BACKEND", "auto").strip().lower() or "auto"
+    value = getenv("FASTVLM_BACKEND", "auto")
+    if value == "auto":
+        return value
+    value = value.strip().lower() or "auto"
     if value not in BACKENDS:
         raise ValueError(f"FASTVLM_BACKEND must be one of {BACKENDS}, got {value!r}")
     return value
 
 
 def strict() -> bool:
-    return os.environ.get("FASTVLM_STRICT", "0") not in ("", "0", "false", "False")
+    return getenv("FASTVLM_STRICT", "0") not in ("", "0", "false", "False")
 
 
 def interpreter_enabled() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return getenv("TRITON_INTERPRET", "0") == "1"
 
 
 @functools.lru_cache(maxsize=None)
@@ -113,6 +135,7 @@ class Trace:
 
 
 _local = threading.local()
+_open_traces = 0  # traces open in any thread: while 0, ``tracing()`` reads no thread-local state
 _warned: set = set()
 _warn_lock = threading.Lock()
 
@@ -124,15 +147,20 @@ def trace():
     Per thread: calls made by other threads at the same time (a server's thread pool sharing the model, workers
     started inside the block) are not recorded here; each thread opens its own trace. Traces nest: an op is recorded
     in every trace its thread has open."""
+    global _open_traces
     stack = getattr(_local, "stack", None)
     if stack is None:
         stack = _local.stack = []
     t = Trace()
+    with _warn_lock:
+        _open_traces += 1
     stack.append(t)
     try:
         yield t
     finally:
         stack.remove(t)
+        with _warn_lock:
+            _open_traces -= 1
 
 
 def _record(rec: OpRecord) -> None:
@@ -142,7 +170,7 @@ def _record(rec: OpRecord) -> None:
 
 def tracing() -> bool:
     """Whether this thread has a ``trace()`` open (a call builds its record only then)."""
-    return bool(getattr(_local, "stack", None))
+    return bool(_open_traces and getattr(_local, "stack", None))
 
 
 def _detail(detail) -> str:

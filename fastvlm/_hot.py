@@ -27,3 +27,32 @@ def remember(cache, key, value):
 def devices_key(tensors):
     """(shape, strides, dtype, device) of each tensor, None for None: for checks that also compare devices."""
     return tuple([None if t is None else (t.shape, t.stride(), t.dtype, t.device) for t in tensors])
+
+
+def _allow_tf32_attr():
+    import torch
+
+    return torch.backends.cuda.matmul.allow_tf32
+
+
+def allow_tf32():
+    """``torch.backends.cuda.matmul.allow_tf32`` (part of the GEMM ops' keys: it picks the kernel's precision), read
+    with the C call that attribute makes (its module-level ``__getattr__`` costs a few µs per call)."""
+    return _ALLOW_TF32()
+
+
+def _pick_tf32_reader():
+    import torch
+
+    reader = getattr(torch._C, "_get_cublas_allow_tf32", None)
+    return reader if reader is not None else _allow_tf32_attr
+
+
+class _LazyReader:
+    def __call__(self):
+        global _ALLOW_TF32
+        _ALLOW_TF32 = _pick_tf32_reader()
+        return _ALLOW_TF32()
+
+
+_ALLOW_TF32 = _LazyReader()

@@ -8,7 +8,11 @@ dtypes, layout class and flags. A ``Plan`` holds everything those decide once:
 * the compiled kernel per argument specialisation (Triton specialises on each pointer's 16-byte alignment and each
   integer's ``== 1`` / ``% 16 == 0`` / 32-bit range; ``spec_key`` computes a key at least that fine), launched
   directly: ``CompiledKernel.run(grid, stream, function, metadata, ..., *args, *constexprs)``, the call Triton's own
-  ``JITFunction.run`` ends with, without re-binding ~60 arguments or rebuilding its cache key.
+  ``JITFunction.run`` ends with, without re-binding ~60 arguments or rebuilding its cache key. On triton 3.8 one
+  step further: the driver's launch function itself (``utils.launch``, the C call ``CudaLauncher.__call__`` ends
+  with), with the launcher's argument annotations and signature read once per compiled kernel (``direct_launch``:
+  only for kernels that need no scratch memory and no tensor descriptors; any other version or case keeps
+  ``CompiledKernel.run`` and says why in ``Plan.paths``).
 
 Kernels get ``None`` for the pointers and strides their variant does not read (a constexpr ``None``: not
 specialised, not passed to the GPU).
@@ -105,14 +109,18 @@ def _on_device(idx):
 
 
 def _hooks_active():
-    """Whether a launch hook is installed (a HookChain with calls on triton >= 3.8, a callable before)."""
-    hook = getattr(_RUNTIME, "launch_enter_hook", None)
-    if hook is None:
+    """Whether a launch hook is installed, on entry or exit (a HookChain with calls on triton >= 3.8, a callable
+    before): then launches go through ``JITFunction.run``, which builds the hooks' launch metadata."""
+    rt = _RUNTIME
+    if rt is None:
         return False
-    calls = getattr(hook, "calls", None)
-    return True if calls is None else bool(calls)
+    enter, leave = rt.launch_enter_hook, rt.launch_exit_hook
+    if type(enter) is _HOOK_CHAIN and type(leave) is _HOOK_CHAIN:
+        return bool(enter.calls or leave.calls)
+    return bool(getattr(enter, "calls", enter is not None) or getattr(leave, "calls", leave is not None))
 
 
+_HOOK_CHAIN = getattr(getattr(triton, "knobs", None), "HookChain", None)
 _DRIVER = triton.runtime.driver  # its ``active`` is the current driver (tests and benchmarks may swap it)
 _RUNTIME = getattr(getattr(triton, "knobs", None), "runtime", None)  # launch hooks live here (triton >= 3.4)
 
@@ -122,7 +130,7 @@ class Plan:
     per argument specialisation. ``launch(grid, args)`` takes the runtime arguments in parameter order; the
     constexprs follow them in the kernel's signature."""
 
-    __slots__ = ("fn", "consts", "tail", "kernels", "meta", "n_ptr")
+    __slots__ = ("fn", "consts", "tail", "kernels", "direct", "paths", "meta", "n_ptr")
 
     def __init__(self, fn, consts, n_args, meta=None, n_ptr=None):
         self.fn = fn  # the JITFunction (or, under the interpreter, the InterpretedFunction)
@@ -132,7 +140,9 @@ class Plan:
         if missing:
             raise TypeError(f"{fn.__name__}: a plan needs values for {missing}")
         self.tail = tuple(self.consts[n] for n in names[n_args:])
-        self.kernels = {}
+        self.kernels = {}  # spec -> CompiledKernel
+        self.direct = {}  # spec -> the driver-level launch of that kernel (``direct_launch``), or None
+        self.paths = {}  # spec -> "direct" or why a kernel is launched through CompiledKernel.run
         self.meta = meta  # the launcher's own data (block sizes for the grid, ...)
         self.n_ptr = n_ptr  # with int_spec: the first n_ptr arguments are tensors or None, the rest fixed by the key
 
@@ -158,12 +168,22 @@ class Plan:
         kern = self.kernels.get(spec)
         if kern is None or _hooks_active():
             kern = self.fn.run(*args, grid=grid, warmup=False, **self.consts)
-            if getattr(kern, "function", None) is not None and hasattr(kern, "packed_metadata"):
-                self.kernels[spec] = kern
+            if spec not in self.kernels and getattr(kern, "function", None) is not None \
+                    and hasattr(kern, "packed_metadata"):
+                direct, why = direct_launch(kern)
+                self.direct[spec] = direct
+                self.paths[spec] = why or "direct"
+                self.kernels[spec] = kern  # (published last: a reader finding it finds its direct entry too)
             return
         stream = drv.get_current_stream(device)
-        kern.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream, kern.function,
-                 kern.packed_metadata, None, None, None, *args, *self.tail)
+        g0, g1, g2 = grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1
+        direct = self.direct[spec]
+        if direct is not None:
+            launch, function, coop, pdl, packed, annotations, signature = direct
+            launch(g0, g1, g2, stream, function, coop, pdl, packed, None, None, None, None, None, annotations,
+                   signature, (*args, *self.tail))
+            return
+        kern.run(g0, g1, g2, stream, kern.function, kern.packed_metadata, None, None, None, *args, *self.tail)
 
 
 def _is_wrapper(fn):
@@ -173,9 +193,10 @@ def _is_wrapper(fn):
 class Call:
     """What a launcher's checks established for one call key: its launch plan, grid and integer arguments (the
     arguments after the tensors), and anything else the launcher keeps (``info``). ``launch(tensors)`` is the
-    repeat path: the tensors' alignment, one dictionary lookup, the compiled kernel's launch."""
+    repeat path: the tensors' alignment, then the kernel of the last aligned launch on this device (``hot``), or
+    one dictionary lookup, and the kernel's launch."""
 
-    __slots__ = ("plan", "grid", "ints", "int_spec", "info", "tail", "ptr_pos", "dtypes")
+    __slots__ = ("plan", "grid", "ints", "int_spec", "info", "tail", "ptr_pos", "dtypes", "hot")
 
     def __init__(self, plan=None, grid=None, ints=(), info=None):
         self.plan, self.ints, self.info = plan, ints, info
@@ -184,6 +205,7 @@ class Call:
         self.tail = (*ints, *plan.tail) if plan is not None else ()
         self.ptr_pos = None  # positions of the tensors among the pointer arguments (fixed by the call key)
         self.dtypes = None  # their dtypes (fixed by the call key too; the plan's kernels are shared between keys)
+        self.hot = None  # (device, driver, direct launch) of the all-aligned specialisation, once launched directly
 
     def launch(self, tensors):
         """Launch with the tensors (or None) that precede the integer arguments in the kernel's signature."""
@@ -204,15 +226,66 @@ class Call:
         if other != device and other >= 0:  # the tensors live on another device: launch there, as a torch op would
             with _on_device(other):
                 return self.launch(tensors)
+        hot = self.hot
+        if hot is not None and acc & 15 == 0 and hot[0] == device and hot[1] is drv and not _hooks_active():
+            # the repeat path: every pointer 16-byte aligned, as in the launch that set ``hot``
+            launch, function, coop, pdl, packed, annotations, signature = hot[2]
+            g = self.grid
+            launch(g[0], g[1], g[2], drv.get_current_stream(device), function, coop, pdl, packed, None, None, None,
+                   None, None, annotations, signature, (*tensors, *self.tail))
+            return
+        aligned = acc & 15 == 0
         spec = (device, self.int_spec, self.dtypes,
-                True if acc & 15 == 0 else tuple(tensors[i].data_ptr() & 15 == 0 for i in pos))
+                True if aligned else tuple(tensors[i].data_ptr() & 15 == 0 for i in pos))
         kern = plan.kernels.get(spec)
         if kern is None or _hooks_active():
             plan.launch(self.grid, (*tensors, *self.ints), spec=spec)
             return
+        direct = plan.direct.get(spec)
         g = self.grid
-        kern.run(g[0], g[1], g[2], drv.get_current_stream(device), kern.function, kern.packed_metadata, None, None,
-                 None, *tensors, *self.tail)
+        stream = drv.get_current_stream(device)
+        if direct is None:
+            kern.run(g[0], g[1], g[2], stream, kern.function, kern.packed_metadata, None, None, None, *tensors,
+                     *self.tail)
+            return
+        if aligned:
+            self.hot = (device, drv, direct)
+        launch, function, coop, pdl, packed, annotations, signature = direct
+        launch(g[0], g[1], g[2], stream, function, coop, pdl, packed, None, None, None, None, None, annotations,
+               signature, (*tensors, *self.tail))
+
+
+_DIRECT_TRITON = ("3.8",)  # versions whose CudaLauncher.__call__ this module reproduces (see ``direct_launch``)
+_LAUNCHER_FIELDS = ("launch", "arg_annotations", "kernel_signature", "global_scratch_size", "profile_scratch_size",
+                    "launch_cooperative_grid", "launch_pdl")
+
+
+def direct_launch(kern):
+    """``(entry, None)`` where ``entry`` = (launch, function, cooperative, pdl, packed metadata, annotations,
+    signature) lets a launch call the driver's launch function directly, as triton 3.8's ``CudaLauncher.__call__``
+    does after allocating scratch memory (none here); ``(None, why)`` when the kernel must go through
+    ``CompiledKernel.run``: another triton version or backend, a kernel that needs global or profile scratch memory,
+    tensor descriptors, or a sanitizer. Same kernel, same arguments either way: only the Python in between differs."""
+    version = ".".join(triton.__version__.split(".")[:2])
+    if version not in _DIRECT_TRITON:
+        return None, f"triton {triton.__version__}: its launcher is called as is (direct launch written for 3.8)"
+    try:
+        run = kern.run
+    except Exception as exc:  # a kernel that cannot be loaded raises here and on its next launch alike
+        return None, f"CompiledKernel.run: {type(exc).__name__}"
+    if type(run).__name__ != "CudaLauncher":
+        return None, f"{type(run).__name__}: not triton 3.8's CudaLauncher"
+    missing = [f for f in _LAUNCHER_FIELDS if not hasattr(run, f)]
+    if missing:
+        return None, f"CudaLauncher without {missing}"
+    if getattr(run, "gsan_enabled", False):
+        return None, "the global sanitizer is enabled"
+    if run.global_scratch_size or run.profile_scratch_size:
+        return None, "the kernel needs scratch memory (allocated per launch by CudaLauncher)"
+    if getattr(kern.metadata, "tensordesc_meta", None):
+        return None, "the kernel takes tensor descriptors"
+    return (run.launch, kern.function, run.launch_cooperative_grid, run.launch_pdl, kern.packed_metadata,
+            run.arg_annotations, run.kernel_signature), None
 
 
 def simple_plan(kernel, n_args, n_ptr, consts, cache, key):

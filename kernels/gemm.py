@@ -202,6 +202,13 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
 
     call = memo[0] if memo is not None else None
     if call is not None:
+        if out is None and not store_pre and call.plan is not None:  # the repeat path of an op's call site
+            M, N, out_dtype, _, device = call.info
+            out = torch.empty(M, N, dtype=out_dtype, device=device)  # (ints, not a tuple: a faster parse)
+            call.launch((a, weight, up_weight, bias, up_bias, residual, out, None, None, mean, rstd, norm_weight,
+                         norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
+                         pos_weights if pos is not None else None, out_rows))
+            return out
         return _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias,
                     a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows,
                     store_pre)
@@ -233,9 +240,9 @@ def _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rs
     """Allocate the outputs and launch ``call`` (the checks of these arguments' key have passed)."""
     import torch
 
-    M, N, out_dtype, gated = call.info
+    M, N, out_dtype, gated, device = call.info
     if out is None:
-        out = torch.empty((M, N), device=a.device, dtype=out_dtype)
+        out = torch.empty(M, N, dtype=out_dtype, device=device)
     elif out.device != a.device:  # (the key holds a's device only)
         raise ValueError(f"fused_linear: out must be on {a.device}, got {out.device}")
     pre_gate = pre_up = None
@@ -251,9 +258,10 @@ def _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rs
     return (out, pre) if store_pre else out
 
 
-def _Call(M, N, out_dtype, gated, ints=(), plan=None, grid=None):
-    """What the checks of one shape key established: sizes, output dtype, the integer arguments and the plan."""
-    return _launch.Call(plan, grid, ints, info=(M, N, out_dtype, gated))
+def _Call(M, N, out_dtype, gated, device, ints=(), plan=None, grid=None):
+    """What the checks of one shape key established: sizes, output dtype, a's device (part of the key), the integer
+    arguments and the plan."""
+    return _launch.Call(plan, grid, ints, info=(M, N, out_dtype, gated, device))
 
 
 _CALLS = {}
@@ -344,7 +352,7 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
     if out_rows is not None:
         _check(out.device == a.device, f"fused_linear: out must be on {a.device}")
     if M == 0 or N == 0:
-        return _Call(M, N, out_dtype, gated)
+        return _Call(M, N, out_dtype, gated, a.device)
     out_strides = out.stride() if out is not None else (N, 1)
     pre_strides = (pre.stride() if pre is not None else (pre_width, 1)) if store_pre else (None, None)
     uses_q = a_mode in ("concat", "concat_cm", "mean", "max", "separable_mean")
@@ -372,7 +380,7 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
         plan = _gemm_plan(args, flags, config)
         _PLANS[key] = plan
     bm, bn = plan.meta
-    return _Call(M, N, out_dtype, gated, ints, plan, (_launch.cdiv(M, bm) * _launch.cdiv(N, bn),))
+    return _Call(M, N, out_dtype, gated, a.device, ints, plan, (_launch.cdiv(M, bm) * _launch.cdiv(N, bn),))
 
 
 _PLANS = {}

@@ -59,12 +59,23 @@ def scatter_rows(embeds, mask, features, csum=None):
     features = features if features.stride(1) == 1 else features.contiguous()
     if csum is None:
         csum = torch.cumsum(mask, 0, dtype=torch.int64)
-    block_d = min(_launch.next_pow2(D), 1024)
-    block_r = max(1, min(16, 4096 // block_d))
-    _launch.run(_scatter_rows_kernel, (_launch.cdiv(R, block_r),),
-                (embeds, features, csum, mask.view(torch.uint8), out, R, D, features.shape[0], embeds.stride(0),
-                 features.stride(0), out.stride(0)), BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+    mask = mask.view(torch.uint8)
+    key = (R, D, features.shape[0], embeds.stride(0), features.stride(0), out.stride(0), embeds.dtype,
+           features.dtype, out.dtype, csum.dtype, mask.dtype)
+    call = _CALLS.get(key)
+    if call is None:  # (the integer arguments and dtypes fix the plan and the kernel's specialisation but alignment)
+        block_d = min(_launch.next_pow2(D), 1024)
+        block_r = max(1, min(16, 4096 // block_d))
+        consts = dict(BLOCK_R=block_r, BLOCK_D=block_d, num_warps=4)
+        plan = _launch.simple_plan(_scatter_rows_kernel, 11, 5, consts, _PLANS, (block_r, block_d))
+        call = _launch.Call(plan, (_launch.cdiv(R, block_r),), key[:6])
+        _launch.remember(_CALLS, key, call)
+    call.launch((embeds, features, csum, mask, out))
     return out
+
+
+_CALLS = {}  # (sizes, strides, dtypes) -> Call
+_PLANS = {}
 
 
 def audit_cases():

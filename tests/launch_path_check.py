@@ -56,11 +56,18 @@ def no_sync_allowed(seen):
 
 @contextmanager
 def count_slow_path(counts):
-    """Count calls of Triton's JITFunction.run, Autotuner.run and Heuristics.run (the path a plan skips)."""
+    """Count calls of Triton's JITFunction.run, Autotuner.run and Heuristics.run (the path a plan skips), and on
+    triton 3.8 of CudaLauncher.__call__ (the direct launch calls the driver's launch function itself)."""
     import triton.runtime.autotuner as at
     import triton.runtime.jit as jit
 
+    from fastvlm.kernels import _launch
+
     targets = [(jit.JITFunction, "run"), (at.Autotuner, "run"), (at.Heuristics, "run")]
+    if ".".join(triton_version().split(".")[:2]) in _launch._DIRECT_TRITON:
+        from triton.backends.nvidia.driver import CudaLauncher
+
+        targets.append((CudaLauncher, "__call__"))
     saved = [(cls, name, getattr(cls, name)) for cls, name in targets]
 
     def wrap(key, fn):
@@ -76,6 +83,99 @@ def count_slow_path(counts):
     finally:
         for cls, name, fn in saved:
             setattr(cls, name, fn)
+
+
+def triton_version():
+    import triton
+
+    return triton.__version__
+
+
+def _normalised(record):
+    """A launch's arguments with tensors as (dtype, shape, strides, alignment): comparable between two calls."""
+    out = []
+    for entry in record:
+        *head, args = entry
+        args = tuple((a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a
+                     for a in args)
+        out.append((*head, args))
+    return out
+
+
+def compare_launch_paths(drv, calls):
+    """The driver-level arguments of each case's repeat call through the direct launch, and again with every
+    kernel launched through CompiledKernel.run (the direct entries and hot kernels dropped): they must be equal."""
+    import gc
+
+    from fastvlm.kernels import _launch
+
+    for call in calls.values():  # plans and kernels built (a first call may compile)
+        call()
+    objs = [o for o in gc.get_objects() if isinstance(o, (_launch.Plan, _launch.Call))]
+    paths = sorted({p for o in objs if isinstance(o, _launch.Plan) for p in o.paths.values()})
+    direct = {}
+    for name, call in calls.items():
+        drv.utils.record = direct[name] = []
+        call()
+    saved = [(o, dict(o.direct)) for o in objs if isinstance(o, _launch.Plan)]
+    hots = [(o, o.hot) for o in objs if isinstance(o, _launch.Call)]
+    for o, _ in saved:
+        o.direct.update({k: None for k in o.direct})
+    for o, _ in hots:
+        o.hot = None
+    mismatched = []
+    try:
+        for name, call in calls.items():
+            drv.utils.record = through_run = []
+            call()
+            if _normalised(through_run) != _normalised(direct[name]) or not direct[name]:
+                mismatched.append(name)
+    finally:
+        drv.utils.record = None
+        for o, d in saved:
+            o.direct.update(d)
+        for o, h in hots:
+            o.hot = h
+    return dict(paths=paths, mismatched=mismatched)
+
+
+def compiled_launches(drv):
+    """A fused LLaVA projector under torch.compile(fullgraph=True) (AOT autograd, graph kept, no Inductor: Inductor
+    has no CPU Triton backend): the graph's calls, the launches per compiled call and whether they pass the driver
+    what the eager direct launches pass; again with FASTVLM_COMPILE_LAUNCH=op (the opaque custom op)."""
+    import os
+
+    import fastvlm
+    from fastvlm.testing import args_for, build
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    out = {}
+    for mode in ("inductor", "op"):
+        os.environ["FASTVLM_COMPILE_LAUNCH"] = mode
+        torch._dynamo.reset()
+        fused = fastvlm.nn.from_module(build("llava")).half()
+        args = tuple(a.half() for a in args_for("llava", fused))
+        graphs = []
+
+        def keep(gm, inputs):
+            graphs.append(gm)
+            return make_boxed_func(gm.forward)
+
+        compiled = torch.compile(fused, fullgraph=True, backend=aot_autograd(fw_compiler=keep))
+        fused(*args)
+        drv.utils.record = eager = []
+        fused(*args)
+        drv.utils.record = None
+        compiled(*args)  # (traces and compiles)
+        drv.utils.record = traced = []
+        n0 = drv.launches
+        compiled(*args)
+        drv.utils.record = None
+        calls = sorted({str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"})
+        out[mode] = dict(calls=calls, launches=drv.launches - n0, same_args=_normalised(eager) == _normalised(traced))
+    del os.environ["FASTVLM_COMPILE_LAUNCH"]
+    return out
 
 
 def cases():
@@ -164,6 +264,8 @@ def main():
         for t in (x, x.half(), x):
             row_stats(t, 1e-5, False)
         plans = [p for p in _launch._SIMPLE.values() if p.fn.__name__ == "_row_stats_kernel"]
+        report["launch_paths"] = compare_launch_paths(drv, cases())
+        report["compiled"] = compiled_launches(drv)
         report["row_stats_x_types"] = sorted({str(k.src.signature["x_ptr"]) for p in plans for k in p.kernels.values()})
     print(json.dumps(report))
 

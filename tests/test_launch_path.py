@@ -47,6 +47,30 @@ def test_plans_built_from_threads(report):
     assert r["launches"] >= 4 * 3 * 2, r  # 4 threads x 3 calls x 2 GEMMs (+ the autotuner's first runs)
 
 
+def test_direct_launch_passes_what_compiled_kernel_run_passes(report):
+    """The driver-level launch (triton 3.8) gets the same grid, function, metadata, annotations and arguments as
+    Triton's own CompiledKernel.run path, for every case; on 3.8 every kernel here takes the direct launch."""
+    import triton
+
+    r = report["launch_paths"]
+    assert r["mismatched"] == [], r
+    if triton.__version__.startswith("3.8"):
+        assert r["paths"] == ["direct"], r
+
+
+def test_compiled_projector_graph_launches_the_kernels(report):
+    """torch.compile(fullgraph=True): the graph holds the GEMM kernel calls themselves (triton_op + wrap_triton, so
+    Inductor launches them), two launches per call passing the driver exactly what the eager launches pass (same
+    compiled kernel, grid and arguments); FASTVLM_COMPILE_LAUNCH=op keeps the opaque custom op."""
+    r = report["compiled"]
+    assert r["inductor"]["calls"].count("triton_kernel_wrapper_functional") == 1, r  # (a set of call targets)
+    assert not any("fastvlm.mlp_projector" in c for c in r["inductor"]["calls"]), r
+    assert r["inductor"]["launches"] == 2 and r["inductor"]["same_args"], r
+    assert "fastvlm.mlp_projector.default" in r["op"]["calls"], r
+    assert "triton_kernel_wrapper_functional" not in r["op"]["calls"], r
+    assert r["op"]["launches"] == 2 and r["op"]["same_args"], r
+
+
 def test_launch_hooks_see_every_launch(report):
     assert report["hooked_launches"] == 2
 

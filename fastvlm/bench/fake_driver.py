@@ -49,6 +49,7 @@ class _HostUtils:
         self.launches = 0
         self.last_grid = None
         self.last_args = 0
+        self.record = None  # a list to append each launch's arguments to (tests compare launch paths with it)
         self._handles = itertools.count(1)
         self._positions = {}  # id(annotations) -> (annotations, positions of kernel arguments)
 
@@ -69,6 +70,9 @@ class _HostUtils:
                enter_hook, exit_hook, global_scratch, profile_scratch, annotations, signature, args):
         if enter_hook is not None:
             enter_hook(launch_metadata)
+        if self.record is not None:
+            self.record.append((grid_x, grid_y, grid_z, stream, function, cooperative, pdl, kernel_metadata,
+                                global_scratch, profile_scratch, annotations, signature, args))
         # the C launcher converts each kernel argument in C: a pointer argument costs a data_ptr() call, an int
         # nothing measurable, so only pointers are touched here (their positions are found once per launcher)
         entry = self._positions.get(id(annotations))

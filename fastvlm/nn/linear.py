@@ -14,6 +14,9 @@ from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
 
 
+_NO_BIAS = object()
+
+
 class FusedLinear(nn.Linear):
     """Drop-in ``torch.nn.Linear`` running the fused GEMM (BLIP-2's ``language_projection`` is a bare Linear)."""
 
@@ -24,7 +27,11 @@ class FusedLinear(nn.Linear):
         if reasons:
             _dispatch.report_fallback("FusedLinear", reasons, f"x{tuple(input.shape)}")
             return super().forward(input)
-        return mlp_projector(input, self.weight, self.bias, act="none")
+        params = self._parameters  # (nn.Module.__getattr__ costs a few µs per call: read the table)
+        weight, bias = params.get("weight"), params.get("bias", _NO_BIAS)
+        if weight is None or bias is _NO_BIAS:  # a weight or bias that is no longer a parameter: the usual lookup
+            weight, bias = self.weight, self.bias
+        return mlp_projector(input, weight, bias, act="none")
 
     @classmethod
     def from_module(cls, original):

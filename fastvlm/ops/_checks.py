@@ -36,8 +36,13 @@ def trusted_extent(table):
     return mark[0] if mark is not None and mark[1] == table._version else None
 
 
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)  # one C call when autocast is off
+
+
 def autocast_on(device) -> bool:
     """``torch.is_autocast_enabled`` for ``device``'s type; False for device types without autocast (meta)."""
+    if not _any_autocast():
+        return False
     try:
         return torch.is_autocast_enabled(device.type)
     except RuntimeError:  # "unknown device type for autocast"

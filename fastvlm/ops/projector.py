@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from fastvlm import _dispatch, _hot, choice
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, projector_compiled
 from fastvlm.ops.projector_torch import Spec, backward, forward_torch, saves_h
 from fastvlm.reference.activations import ACTIVATIONS
 
@@ -149,6 +149,12 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b
         m1, m2 = memo.get((1, save)), memo.get((2, save))
         if m1 is None:
             m1, m2 = memo[(1, save)], memo[(2, save)] = [None], [None]
+        elif not save and m1[0] is not None and s.a_mode == "strided" and s.norm == "none" and not s.gated \
+                and w_up is None:  # the plain linear(s) of a repeat call: nothing below depends on more than the key
+            y = fused_linear(x, w1, b1, act=s.act, memo=m1)
+            if w2 is not None:
+                y = fused_linear(y, w2, b2, act=s.act2, memo=m2)
+            return y, None, None, None, None
 
     if x.stride(1) != 1:
         x = x.contiguous()
@@ -204,7 +210,10 @@ def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=Non
         _checks.check_indices("mlp_projector", "rows", rows, x.shape[0])
     if reasons is None:
         reasons = _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up)
-    reasons = list(reasons) + _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
+    auto = _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
+    if auto:
+        reasons = list(reasons) + auto
+
     def kernel():
         return _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s, save, w_up, b_up, memo)
 
@@ -337,7 +346,7 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
             raise ValueError(f"mlp_projector: a_mode {a_mode!r} needs rows, an int64 [M, Q] table of token indices")
         if x.dim() == 0:
             raise ValueError("mlp_projector: x must have a feature dimension [..., features], got a 0-D tensor")
-        lead = x.shape[:-1]
+        lead = x.shape[:-1] if x.dim() != 2 else None
         x2 = _checks.as_rows(x)
         K = x2.shape[1]
     else:
@@ -358,19 +367,29 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         reasons = memo = None
     else:
         s = _cached_spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
-        key = (s, torch.backends.cuda.matmul.allow_tf32,
-               _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
+        key = (s, _hot.allow_tf32(), _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
         checked = _CHECKED.get(key)
         if checked is None:  # a new shape key: the checks (shapes, dtypes and devices only) and the kernel's reasons
             _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
-            checked = (_reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up), {})
+            dense = all(t is None or t.is_contiguous() for t in (b1, b2, norm_weight, norm_bias, b_up))
+            checked = (_reasons(x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up), {}, dense and
+                       not _checks.is_meta(x2))
             _hot.remember(_CHECKED, key, checked)
-        reasons, memo = checked
+        reasons, memo, plain = checked
+        if plain:  # dense vectors and a real device, fixed by the key: the eager call, straight to the forward
+            if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (
+                    x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)):
+                y = _forward(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, False, w_up, b_up, reasons,
+                             memo)[0]
+                return y if lead is None else y.reshape(*lead, y.shape[-1])
     # per call (a no-op for parameters); the row table's values are checked per call in ``_forward``
     b1, b2, norm_weight, norm_bias, b_up = _checks.dense(b1, b2, norm_weight, norm_bias, b_up)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
-    if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
+    if torch.compiler.is_compiling() and not needs_grad and projector_compiled.wanted(x2, s, rows, w_up, _reasons(
+            x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)):  # Inductor launches the kernels itself
+        y = torch.ops.fastvlm.mlp_projector_launch(x2, w1, b1, w2, b2, s.act, s.act2, projector_compiled.precision_of(x2))
+    elif torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
         y = torch.ops.fastvlm.mlp_projector(*tensors, rows, w_up, b_up, s.norm, s.norm_group, s.eps, s.act, s.act2,
                                             s.a_mode, s.norm_src, s.gated, needs_grad)[0]
     elif needs_grad:

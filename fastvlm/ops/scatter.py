@@ -94,7 +94,8 @@ scatter_image_features_op.register_autograd(_backward, setup_context=_setup)
 def requested_backend(backend=None) -> str:
     """"auto" or "cuda" for one call, by the rule in the module docstring."""
     if backend is None:
-        value = os.environ.get(ENV, "").strip().lower() or "auto"
+        value = _dispatch.getenv(ENV, "")
+        value = value.strip().lower() or "auto" if value else "auto"
         if value not in BACKENDS:
             raise ValueError(f"{ENV} must be one of {BACKENDS}, got {value!r}")
         if value != "auto" and _dispatch.requested_backend() == "torch":
@@ -153,10 +154,12 @@ def scatter_image_features(inputs_embeds, image_mask, image_features, *, backend
         raise ValueError(f"scatter_image_features: image_mask must be {tuple(inputs_embeds.shape[:-1])}, got "
                          f"{tuple(image_mask.shape)}")
     D = inputs_embeds.shape[-1]
-    feats = image_features.reshape(-1, image_features.shape[-1])
+    feats = image_features if image_features.dim() == 2 else image_features.reshape(-1, image_features.shape[-1])
     if feats.shape[-1] != D:
         raise ValueError(f"scatter_image_features: image_features rows have width {feats.shape[-1]}, inputs_embeds {D}")
-    flat_mask = image_mask.reshape(-1).to(torch.bool)
+    flat_mask = image_mask.reshape(-1)
+    if flat_mask.dtype != torch.bool:
+        flat_mask = flat_mask.to(torch.bool)
     compiling = torch.compiler.is_compiling()
 
     if which == "cuda":
