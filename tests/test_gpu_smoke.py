@@ -317,25 +317,38 @@ def test_patched_tiny_llava_logits(monkeypatch):
     assert rel_err(got, ref) < 1e-5
 
 
-@pytest.mark.skipif(not CUDA, reason="the per-shape choice times on CUDA only")
-def test_per_shape_choice_times_on_cuda(monkeypatch, tmp_path):
-    """FASTVLM_BACKEND=auto: the first call of a shape times the kernel and the eager ops with CUDA events, the
-    winner is written to the JSON cache and named in trace(); the result is right whichever won."""
-    from fastvlm import choice
+def test_per_shape_choice_times_the_candidates(monkeypatch, tmp_path):
+    """FASTVLM_BACKEND=auto: the first call of a shape times the kernel and the eager ops (CUDA events on a GPU), the
+    winner is written to the JSON cache and named in trace(); the result is right whichever won. In the dry run the
+    choice is switched on for CPU tensors with a wall-clock timer, the kernel running in the interpreter."""
+    import time
+
+    from fastvlm import _dispatch, choice
     from fastvlm.ops.projector import mlp_projector
     from fastvlm.reference.projector import mlp_projector_ref
 
     monkeypatch.setenv("FASTVLM_BACKEND", "auto")
     monkeypatch.delenv("FASTVLM_CHOICE", raising=False)  # the GPU session turns it off for its benchmarks
     monkeypatch.setenv("FASTVLM_CACHE_DIR", str(tmp_path))
+    if not CUDA:
+        def wall_ms(fn, device):
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+
+        monkeypatch.setattr(choice, "applies", lambda device: choice.enabled())
+        monkeypatch.setattr(_dispatch, "environment_reasons", lambda device: [])
+        monkeypatch.setattr(choice, "timer", wall_ms)
     choice.forget()
-    M, K, I, O = 576, 1024, 4096, 4096
-    x = _r(M, K)
-    w1, b1, w2, b2 = _r(I, K, scale=K ** -0.5), _r(I, scale=0.1), _r(O, I, scale=I ** -0.5), _r(O, scale=0.1)
+    M, K, I, O = size((576, 1024, 4096, 4096), (9, 32, 48, 16))
+    dt = torch.bfloat16 if CUDA else torch.float32  # (the interpreter has no bf16 dots)
+    x = _r(M, K, dtype=dt)
+    w1, b1 = _r(I, K, dtype=dt, scale=K ** -0.5), _r(I, dtype=dt, scale=0.1)
+    w2, b2 = _r(O, I, dtype=dt, scale=I ** -0.5), _r(O, dtype=dt, scale=0.1)
     with fastvlm.trace() as t:
         y = mlp_projector(x, w1, b1, w2, b2, act="gelu")
     choice.forget()
     assert "per-shape choice" in t.records[0].note, str(t)
     assert (tmp_path / "choices.json").exists()
     ref = mlp_projector_ref(*(a.double() for a in (x, w1, b1, w2, b2)), act="gelu")
-    assert_close(y, ref, torch.bfloat16, I, roundings=2)
+    assert_close(y, ref, dt, I, roundings=2)
