@@ -391,3 +391,22 @@ def test_fast_modules_half_precision(kind, dtype, triton_backend):
         got = fastvlm.nn.from_module(ref.to(dtype))(x.to(dtype))
     # roundings: input, (pos-emb add | GELU output), pooled value, hidden activation, output (+ the conv for LDPv2)
     assert_close(got, want, dtype, 12 + 20 + 9, roundings=6)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ldpv2_empty_batch_raises_the_originals_error(backend, monkeypatch, request):
+    """MobileVLM's LDPv2 reshapes to (B, -1, side, side), which rejects B = 0; the fast module raises the same error
+    (it used to return an empty result). The C-Abstractor accepts an empty batch on every path."""
+    if backend == "triton":
+        request.getfixturevalue("triton_backend")
+    else:
+        monkeypatch.setenv("FASTVLM_BACKEND", "torch")
+    ref = randomize_(LDPv2Projector(12, 20, 9), std=0.3).eval()
+    x = torch.randn(0, 36, 12)
+    with pytest.raises(RuntimeError) as want:
+        ref(x)
+    with pytest.raises(RuntimeError) as got:
+        fastvlm.nn.from_module(ref)(x)
+    assert str(got.value) == str(want.value)
+    cabs = _cabs(0)
+    assert fastvlm.nn.from_module(cabs)(x).shape == cabs(x).shape

@@ -241,6 +241,8 @@ class FusedLDPv2Projector(_FusedBase, LDPv2Projector):
             return LDPv2Projector.forward(self, x)
         w1, b1, act, w2, b2 = plan
         B, L, C = x.shape
+        if B == 0:  # MobileVLM's reshape(B, -1, side, side) rejects an empty batch: the original's own error
+            return LDPv2Projector.forward(self, x)
         g = mlp_projector(x.reshape(B * L, C), w1, b1, act=act)
         o = self.out_side
         if k > 1:
