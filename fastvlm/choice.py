@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import threading
 import warnings
@@ -115,19 +114,11 @@ def _save():
 
 
 def cuda_timer(fn, device) -> float:
-    """Median milliseconds of ``fn()`` over REPS repetitions after WARMUP, timed with CUDA events."""
+    """Median milliseconds of ``fn()`` over REPS repetitions after WARMUP, timed with CUDA events on ``device``."""
+    from fastvlm.bench.harness import measure
+
     with torch.cuda.device(device):
-        for _ in range(WARMUP):
-            fn()
-        times = []
-        for _ in range(REPS):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        return measure(fn, warmup=WARMUP, reps=REPS, device="cuda")[0]
 
 
 timer = cuda_timer  # tests replace it (no GPU on CI)

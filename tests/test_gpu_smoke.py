@@ -321,9 +321,8 @@ def test_per_shape_choice_times_the_candidates(monkeypatch, tmp_path):
     """FASTVLM_BACKEND=auto: the first call of a shape times the kernel and the eager ops (CUDA events on a GPU), the
     winner is written to the JSON cache and named in trace(); the result is right whichever won. In the dry run the
     choice is switched on for CPU tensors with a wall-clock timer, the kernel running in the interpreter."""
-    import time
-
     from fastvlm import _dispatch, choice
+    from fastvlm.bench import harness
     from fastvlm.ops.projector import mlp_projector
     from fastvlm.reference.projector import mlp_projector_ref
 
@@ -331,14 +330,9 @@ def test_per_shape_choice_times_the_candidates(monkeypatch, tmp_path):
     monkeypatch.delenv("FASTVLM_CHOICE", raising=False)  # the GPU session turns it off for its benchmarks
     monkeypatch.setenv("FASTVLM_CACHE_DIR", str(tmp_path))
     if not CUDA:
-        def wall_ms(fn, device):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-
         monkeypatch.setattr(choice, "applies", lambda device: choice.enabled())
         monkeypatch.setattr(_dispatch, "environment_reasons", lambda device: [])
-        monkeypatch.setattr(choice, "timer", wall_ms)
+        monkeypatch.setattr(choice, "timer", lambda fn, device: harness.measure(fn, warmup=1, reps=3, device="cpu")[0])
     choice.forget()
     M, K, I, O = size((576, 1024, 4096, 4096), (9, 32, 48, 16))
     dt = torch.bfloat16 if CUDA else torch.float32  # (the interpreter has no bf16 dots)
