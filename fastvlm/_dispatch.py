@@ -194,7 +194,8 @@ def report_fallback(op: str, reasons, detail="", explicit: bool = False) -> None
         if key in _warned:
             return
         _warned.add(key)
-    warnings.warn(f"fastvlm: {op} ran its PyTorch path: " + "; ".join(reasons), FastVLMFallbackWarning, stacklevel=3)
+    what = "its PyTorch path" if op.startswith("fastvlm::") else "the original implementation"  # a fused module
+    warnings.warn(f"fastvlm: {op} ran {what}: " + "; ".join(reasons), FastVLMFallbackWarning, stacklevel=3)
 
 
 def choose_backend(op: str, device, reasons=(), detail="", choice=None) -> str:

@@ -186,6 +186,16 @@ def test_trace_and_fallback_warning(monkeypatch):
         mlp_projector(x, *ws, **kw)
 
 
+def test_fallback_warning_says_what_ran():
+    """An op's fallback runs its PyTorch path; a fused module's runs the original implementation."""
+    _dispatch.reset_warnings()
+    with pytest.warns(fastvlm.FastVLMFallbackWarning, match="fastvlm::x ran its PyTorch path: why"):
+        _dispatch.report_fallback("fastvlm::x", ["why"])
+    with pytest.warns(fastvlm.FastVLMFallbackWarning, match="FusedX ran the original implementation: why"):
+        _dispatch.report_fallback("FusedX", ["why"])
+    _dispatch.reset_warnings()
+
+
 def test_strict_and_explicit_triton_raise(monkeypatch):
     x, ws, kw = make("llava", torch.float64, requires_grad=False)
     monkeypatch.setenv("FASTVLM_STRICT", "1")
