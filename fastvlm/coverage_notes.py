@@ -102,6 +102,8 @@ NOTES = {
     "nemotron_h_omni": ("unsupported", "the projector is InternVL's code with a ReLU-squared activation, which has "
                                        "no fused kernel (recognised, reported as not swapped)"),
     "ovis2": ("unsupported", "a softmax over a visual vocabulary times an embedding table: no fused chain yet"),
+    "ovis2_5": ("unsupported", "Ovis2_5MultiModalProjector: a 2x2 row merge, Linear, LayerNorm, a softmax over the "
+                               "visual vocabulary, then an embedding-table Linear: no fused chain for the softmax yet"),
     "paddleocr_vl": ("unsupported", "PaddleOCRProjector: LayerNorm, a 2x2 gather of each image's grid from "
                                     "image_grid_thw, then an MLP (two inputs): not recognised yet"),
     "perception_lm": ("unsupported", "PerceptionLMMultiModalProjector: an MLP then 2x2 average pooling of its "
