@@ -68,6 +68,7 @@ def _check_outputs(out, steps):
     return rows, summary, names
 
 
+@pytest.mark.slow  # .ci/run runs the whole dry run after the default suite
 def test_dry_run_steps(tmp_path):
     """Four steps of the dry run: each ran to the end (exit 0); the GPU smoke subset passes in the interpreter (so it
     cannot rot between GPU sessions); rows carry the tiny flag, fwd+bwd rows checked every gradient, the summary

@@ -164,6 +164,7 @@ def test_hooks_and_gradients(torch_backend, quiet_fallbacks):
         assert rel_err(out, m(x, image_sizes=sizes).last_hidden_state) < 1e-12
 
 
+@pytest.mark.slow  # Inductor compiles two whole models (a minute or more cold): .ci/run runs it as its own step
 @pytest.mark.parametrize("family", ["mistral3", "qwen3_vl"])
 def test_compiled_patched_model(family, torch_backend, quiet_fallbacks):
     """torch.compile of a whole patched model whose patch embedding is paired (Pixtral's ln_pre, Qwen3-VL's

@@ -1,6 +1,9 @@
 """Every kernel x autotune config compiles for sm_90a: shared memory within the H100 limit, no spills, wgmma in the
 GEMM tiles. Runs ``python -m fastvlm.audit --json`` in a child process without TRITON_INTERPRET (the interpreter,
-which conftest turns on for this process, would make compilation fail)."""
+which conftest turns on for this process, would make compilation fail).
+
+Marked slow (about 3 minutes on 2 cores with a cold Triton cache): ``.ci/run`` runs it as its own step after the
+default suite; locally ``python -m pytest -m slow tests/compile/test_sm90_audit.py`` or ``fastvlm audit``."""
 import json
 import os
 import subprocess
@@ -18,6 +21,7 @@ def reports():
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_every_case_compiles(reports):
     from fastvlm.kernels import gemm
 
@@ -29,6 +33,7 @@ def test_every_case_compiles(reports):
     assert all(r["wgmma"] for r in reports if r["name"].startswith("attention[bf16 q32x2h"))
 
 
+@pytest.mark.slow
 def test_resources(reports):
     for r in reports:
         assert r["shared_bytes"] <= 232448, r
@@ -37,6 +42,7 @@ def test_resources(reports):
             assert r["wgmma"], f"{r['name']} does not use wgmma"
 
 
+@pytest.mark.slow
 def test_pipelining_report(reports):
     """The audit reports, per case, whether the main loop's tiles arrive by asynchronous copies and whether wgmma
     keeps a group in flight. The dense GEMM (plain strided A) must do both in every config; the summary line lists
