@@ -23,6 +23,8 @@ import warnings
 
 import torch
 
+from fastvlm import _dispatch
+
 FILE_VERSION = 1
 WARMUP, REPS = 1, 5
 KERNEL, EAGER = "triton", "torch"
@@ -39,7 +41,7 @@ def cache_path() -> str:
 
 
 def enabled() -> bool:
-    return os.environ.get("FASTVLM_CHOICE", "1") not in ("0", "false", "False", "off")
+    return _dispatch.getenv("FASTVLM_CHOICE", "1") not in ("0", "false", "False", "off")
 
 
 def applies(device) -> bool:
