@@ -197,7 +197,7 @@ def run(kinds, batches, providers, modes, dtype, reps, quick=False, out=None, cs
             if device == "cuda":
                 torch.cuda.empty_cache()
     if verbose:
-        harness.print_footer(env, rows, table=True)
+        harness.print_footer(env, rows, table=harness.format_rows)
     if csv_path:
         new = not os.path.exists(csv_path)
         os.makedirs(os.path.dirname(os.path.abspath(csv_path)), exist_ok=True)

@@ -222,11 +222,12 @@ def time_provider(rec, row, prepare, *, warmup, reps, device, cleanup=None):
     return med, p20, p80, extra, peak
 
 
-def print_footer(env, rows, out=None, table=False):
-    """The device line after a suite's run (the rows as a table first when ``table``; where they were appended)."""
+def print_footer(env, rows, out=None, table=None):
+    """The device line after a suite's run, then ``table(rows)`` when a formatter is given (a suite's own columns),
+    then where the rows were appended."""
     print(f"device: {env['device']}  torch {env['torch']}  triton {env['triton']}  commit {env['commit']}")
-    if table:
-        print(format_rows(rows))
+    if table is not None:
+        print(table(rows))
     if out:
         print(f"appended {len(rows)} rows to {out}")
 

@@ -154,7 +154,7 @@ def run(shapes=None, providers=None, dtype=torch.bfloat16, feat_dtype=None, reps
             torch.cuda.empty_cache()
     rows = rec.rows
     if verbose:
-        harness.print_footer(env, rows, out, table=True)
+        harness.print_footer(env, rows, out, table=format_rows)
     return rows
 
 
