@@ -31,6 +31,7 @@ from ._interp import autotune_configs, dot_operand
 from .activations import ACTIVATIONS, apply_act
 from .gemm_configs import GEMM_CONFIGS, _prune_configs, _triton_configs  # noqa: F401  (GEMM_CONFIGS re-exported)
 from .gemm_loads import _load_a_tile, _prologue_norm
+from .gemm_tma_plan import make_call as tma_call, tma_core_reason
 
 
 @triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "A_MODE", "GATED", "NORM", "ACT", "HAS_AFFINE", "PIX_MASK"],
@@ -366,6 +367,11 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
     flags = (col_scale is not None, pix_limits is not None, pos is not None, taps, out_rows is not None, a_mode, norm,
              norm_bias is not None, bool(norm_src), bias is not None, act, gated, residual is not None,
              bool(store_pre), precision)
+    if config is None:  # the Hopper core (kernels/gemm_tma.py) where the layout allows; why not: gemm_tma_plan
+        why = tma_core_reason(a, weight, flags, out_dtype, ints[-1])
+        if not why:
+            return tma_call((M, N, out_dtype, gated, a.device), M, N, K, ints[12:18], flags, ints[-1],
+                            a.element_size(), a.device)
     key = (flags, ints[3], N, K, ints[-1], ints[5], a.dtype, weight.dtype, out_dtype, config)
     plan = _PLANS.get(key)
     if plan is None:

@@ -1,0 +1,259 @@
+"""When and how the TMA core (kernels/gemm_tma.py) runs: eligibility, tile and split choice, and its launch.
+
+``tma_core_reason(...)`` says why a key of ``fused_linear`` stays on the pointer kernel ("" when the TMA core can
+take it); ``schedule(M, N, K, config, sms)`` is the wave arithmetic (also used by fastvlm/perfmodel.py);
+``TmaCall`` is the launch object ``fused_linear`` keeps per shape key (the same ``launch(tensors)`` as
+``_launch.Call``), so its repeat path is unchanged: per call it only builds the two host descriptors (A's and W's
+base pointers may change between calls of one key) and, for a split tail, the fp32 partials and zeroed counters.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+
+from fastvlm import _dispatch
+
+from . import _launch
+from ._interp import INTERPRETING
+from .gemm_tma import KERNEL_ARGS, _tma_linear_kernel
+
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 8 warps = two consumer warpgroups, each 64 (or 128) rows.
+TMA_CONFIGS = [
+    (128, 256, 64, 8, 3),
+    (256, 128, 64, 8, 3),
+    (128, 128, 64, 8, 4),
+    (64, 128, 64, 4, 4),
+]
+# Model efficiency of one tile's main loop relative to the tensor-core peak (a larger tile reuses each loaded byte
+# more): a choice rule until GPU timings replace it, not a measurement.
+TILE_EFFICIENCY = {(128, 256): 0.85, (256, 128): 0.85, (128, 128): 0.75, (64, 128): 0.55}
+MIN_K_TILES_PER_SPLIT = 4  # a K range shorter than 4 x BLOCK_K cannot fill the pipeline
+MAX_SPLIT = 8
+TAIL_SPLIT_BELOW = 0.85  # split the last wave's tiles when they fill less than this share of the SMs
+H100_SMS = 132
+# variants whose A passes through registers (the norm prologue): wider tiles would spill, see the audit
+NORM_CONFIGS = {(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)}
+SMEM_LIMIT = 232448
+
+
+def core_override():
+    """FASTVLM_GEMM_CORE: "pointer" keeps every call on the pointer kernel, "tma" takes the TMA core wherever the
+    layout allows (also off sm_90: the interpreter runs it), anything else ("auto") the TMA core on sm_90 only.
+    Read when a shape key is first planned."""
+    return os.environ.get("FASTVLM_GEMM_CORE", "auto").strip().lower()
+
+
+def _has_descriptors():
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401  (triton >= 3.4)
+    except ImportError:
+        return False
+    return True
+
+
+_SM90 = {}
+
+
+def _is_sm90(device):
+    idx = device.index if device.index is not None else 0
+    ok = _SM90.get(idx)
+    if ok is None:
+        import torch
+
+        ok = _SM90[idx] = torch.cuda.get_device_capability(idx)[0] == 9
+    return ok
+
+
+def tma_core_reason(a, weight, flags, out_dtype, norm_group):
+    """"" when the TMA core can run this key, else why not. ``flags`` as ``fused_linear``'s ``_prepare`` builds them
+    (has_affine, pix_mask, has_pos, taps, out_remap, a_mode, norm, has_norm_bias, norm_src, has_bias, act, gated,
+    has_res, store_pre, precision)."""
+    import torch
+
+    mode = core_override()
+    if mode == "pointer":
+        return "FASTVLM_GEMM_CORE=pointer"
+    affine, pix, pos, _, remap, a_mode, norm, _, norm_src, _, _, gated, _, _, _ = flags
+    if a_mode != "strided":
+        return f"A-mode {a_mode!r} gathers rows: pointer loads"
+    if gated or pos or remap or affine or pix or norm_src:
+        return "epilogue or prologue variant outside the TMA core (gated pair, positions, remap or affine A)"
+    if a.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != a.dtype or out_dtype != a.dtype:
+        return "TMA core takes bf16/fp16 A, W and output of one dtype"
+    if not _has_descriptors():
+        return f"triton {triton.__version__} has no host tensor descriptors"
+    if mode != "tma":
+        if INTERPRETING or a.device.type != "cuda" or not _is_sm90(a.device):
+            return "not an sm_90 device"
+    elt = a.element_size()
+    if a.stride(1) != 1 or weight.stride(1) != 1:
+        return "A or W has a non-unit inner stride (TMA needs a contiguous last dimension)"
+    if (a.stride(0) * elt) % 16 or (weight.stride(0) * elt) % 16 or a.shape[1] * elt < 16:
+        return "A or W row stride is not a multiple of 16 bytes (TMA)"
+    if norm != "none" and norm_group % 64:
+        return "norm group not a multiple of the 64-column K tile"
+    return ""
+
+
+def config_ok(config, norm, elem_bytes=2):
+    bm, bn, bk, _, stages = config
+    if norm != "none" and tuple(config) not in NORM_CONFIGS:
+        return False
+    return stages * (bm * bk + bn * bk) * elem_bytes <= SMEM_LIMIT - 32 * 1024
+
+
+def schedule(M, N, K, config, sms=H100_SMS):
+    """The persistent grid of ``config``: (programs, dp_tiles, split, k_tiles_per_split, tiles, modelled time in
+    tile-main-loop units). Whole waves run data-parallel; a last wave filling under TAIL_SPLIT_BELOW of the SMs is
+    split over K so its tiles' ranges fill them."""
+    bm, bn, bk = config[:3]
+    tiles = _launch.cdiv(M, bm) * _launch.cdiv(N, bn)
+    k_tiles = max(1, _launch.cdiv(K, bk))
+    waves, tail = divmod(tiles, sms)
+    split = 1
+    if tail and tail < TAIL_SPLIT_BELOW * sms:
+        split = max(1, min(sms // tail, k_tiles // MIN_K_TILES_PER_SPLIT, MAX_SPLIT))
+    kps = _launch.cdiv(k_tiles, split)
+    split = _launch.cdiv(k_tiles, kps)  # no empty range
+    dp = tiles - tail if split > 1 else tiles
+    units = dp + (tiles - dp) * split
+    programs = min(sms, units)
+    if split > 1:
+        cost = waves + _launch.cdiv(tail * split, sms) * kps / k_tiles
+    else:
+        cost = _launch.cdiv(tiles, sms)
+    eff = TILE_EFFICIENCY.get((bm, bn), 0.5)
+    t = cost * bm * bn / eff  # tile-time units (K is common to all configs)
+    return programs, dp, split, kps, tiles, t
+
+
+def choose(M, N, K, norm, sms=H100_SMS, elem_bytes=2):
+    """The config with the least modelled time, and its schedule."""
+    best = None
+    for cfg in TMA_CONFIGS:
+        if not config_ok(cfg, norm, elem_bytes):
+            continue
+        sch = schedule(M, N, K, cfg, sms)
+        if best is None or sch[-1] < best[1][-1]:
+            best = (cfg, sch)
+    return best
+
+
+_SMS = {}
+
+
+def sm_count(device):
+    if device.type != "cuda":
+        return H100_SMS
+    idx = device.index if device.index is not None else 0
+    n = _SMS.get(idx)
+    if n is None:
+        import torch
+
+        n = _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+class TmaCall:
+    """What ``fused_linear`` keeps for one shape key on the TMA core; ``launch(tensors)`` takes its 23 tensors."""
+
+    __slots__ = ("plan", "info", "grid", "ints", "sched", "cfg", "M", "N", "K", "note", "kernels")
+
+    def __init__(self, info, ints, cfg, sched, plan):
+        self.info, self.cfg, self.sched, self.plan = info, cfg, sched, plan
+        self.M, self.N, self.K = ints[0], ints[1], ints[2]
+        self.ints = ints
+        self.grid = (sched[0], 1, 1)
+        self.kernels = {}
+        bm, bn = cfg[:2]
+        programs, dp, split, _, tiles, _ = sched
+        self.note = (f"gemm core: TMA {bm}x{bn} persistent {programs} programs, {tiles} tiles"
+                     + (f", last {tiles - dp} split {split}-way over K" if split > 1 else ""))
+
+    def launch(self, t):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a, w = t[0], t[1]
+        if a.data_ptr() & 15:  # TMA needs 16-byte aligned bases (a view at an odd offset): an aligned copy
+            a = a.clone(memory_format=_contiguous())
+        if w.data_ptr() & 15:
+            w = w.clone(memory_format=_contiguous())
+        if _dispatch._open_traces and _dispatch.tracing():
+            annotate(self.note)
+        bm, bn, bk = self.cfg[:3]
+        M, N, K = self.M, self.N, self.K
+        ad = TensorDescriptor(a, [M, K], [a.stride(0), 1], [bm, bk])
+        wd = TensorDescriptor(w, [N, K], [w.stride(0), 1], [bn, bk])
+        _, dp, split, _, tiles, _ = self.sched
+        part = cnt = None
+        if split > 1:
+            import torch
+
+            tail = tiles - dp
+            part = torch.empty(tail * split * bm * bn, dtype=torch.float32, device=a.device)
+            cnt = torch.zeros(tail, dtype=torch.int32, device=a.device)
+        ptrs = (t[3], t[5], t[6], t[7], t[9], t[10], t[11], t[12], part, cnt)
+        args = (ad, wd, *ptrs, *self.ints)
+        plan = self.plan
+        if INTERPRETING:
+            plan.fn[self.grid](*args, **plan.consts)
+            return
+        drv = _launch._DRIVER.active
+        device = drv.get_current_device()
+        idx = a.get_device()
+        if idx != device:
+            import torch
+
+            with torch.cuda.device(idx):
+                return self.launch(t)
+        spec = (device, _launch.align_key(ptrs))
+        kern = self.kernels.get(spec)
+        if kern is None or _launch._hooks_active():
+            kern = plan.fn.run(*args, grid=self.grid, warmup=False, **plan.consts)
+            if getattr(kern, "function", None) is not None and hasattr(kern, "packed_metadata"):
+                self.kernels[spec] = kern
+            return
+        kern.run(self.grid[0], 1, 1, drv.get_current_stream(device), kern.function, kern.packed_metadata, None, None,
+                 None, *args, *plan.tail)
+
+
+_PLANS = {}
+
+
+def _contiguous():
+    import torch
+
+    return torch.contiguous_format
+
+
+def annotate(note):
+    """Add ``note`` to the latest record of every open ``fastvlm.trace()`` of this thread (the op that called the
+    GEMM recorded itself just before): the trace shows which GEMM core ran, without a record of its own."""
+    for t in getattr(_dispatch._local, "stack", ()):
+        if t.records:
+            r = t.records[-1]
+            if note not in r.note:
+                r.note = f"{r.note}; {note}" if r.note else note
+
+
+def make_call(info, M, N, K, strides, flags, norm_group, elem_bytes, device, config=None, sms=None):
+    """The TmaCall of one key. ``strides``: (res m, res n, out m, out n, pre m, pre n); ``config`` forces a tile
+    config, ``sms`` the number of SMs the schedule fills (tests shrink it to reach the split tail)."""
+    norm = flags[6]
+    sms = sms or sm_count(device)
+    if config is not None:
+        cfg, sched = tuple(config), schedule(M, N, K, config, sms)
+    else:
+        cfg, sched = choose(M, N, K, norm, sms, elem_bytes)
+    programs, dp, split, kps, _, _ = sched
+    consts = dict(NORM=norm, HAS_NORM_BIAS=flags[7], HAS_BIAS=flags[9], ACT=flags[10], HAS_RES=flags[12],
+                  STORE_PRE=flags[13], HAS_SPLIT=split > 1, NUM_PROGS=programs, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
+                  BLOCK_K=cfg[2], GROUP_M=8, num_warps=cfg[3], num_stages=cfg[4])
+    key = tuple(sorted(consts.items()))
+    plan = _PLANS.get(key)
+    if plan is None:
+        fn = _launch.jit_function(_tma_linear_kernel)
+        plan = _PLANS[key] = _launch.Plan(fn, consts, len(KERNEL_ARGS) + 13)
+    ints = (M, N, K, dp, split, kps, *strides, norm_group)
+    return TmaCall(info, ints, cfg, sched, plan)
