@@ -23,9 +23,9 @@ H100_SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (2
 
 
 def _cases():
-    from fastvlm.kernels import attention, gemm, linear_norm, norm_stats, pool, row_norm, scatter
+    from fastvlm.kernels import attention, gemm, gemm_tma_audit, linear_norm, norm_stats, pool, row_norm, scatter
 
-    return (gemm.audit_cases() + norm_stats.audit_cases() + scatter.audit_cases() + attention.audit_cases()
+    return (gemm.audit_cases() + gemm_tma_audit.audit_cases() + norm_stats.audit_cases() + scatter.audit_cases() + attention.audit_cases()
             + pool.audit_cases() + linear_norm.audit_cases() + _perceiver_cases() + row_norm.audit_cases())
 
 
@@ -42,27 +42,48 @@ def _ptxas():
     return path if os.path.exists(path) else None
 
 
+_DOT_OPS = ("tt.dot ", "tt.dot_scaled", "ttng.warp_group_dot ", "ttng.tc_gen5_mma")
+
+
 def loop_loads(ttgir):
-    """(asynchronous copies, synchronous tile loads) inside scf.for bodies of a TTGIR listing. A tile load is a
-    tt.load of a tensor of rank >= 2 (per-row or per-column vectors such as a bias or norm statistics do not count)."""
-    depth, for_depths, n_async, n_sync = 0, [], 0, 0
+    """(asynchronous copies, synchronous tile loads) inside the main loop of a TTGIR listing. A tile load is a
+    tt.load of a tensor of rank >= 2 (per-row or per-column vectors such as a bias or norm statistics do not count).
+    The main loop is the scf.for that issues the matrix multiply, with the loops nested in it (a pooled A's window
+    loop); a persistent kernel's outer tile loop and its epilogue (split-K partial sums, a residual) are not part of
+    it. A listing without a matrix multiply counts every loop."""
+    frames = []  # (parent index, [n_async, n_sync], [has a dot directly])
+    stack = []  # (frame index, brace depth inside it)
+    depth = 0
+    outside = [0, 0]
     for line in ttgir.splitlines():
         opens, closes = line.count("{"), line.count("}")
-        in_loop = bool(for_depths)
-        if in_loop and ("async_copy_global_to_local" in line or "async_tma_copy_global_to_local" in line
-                        or "async_tma_gather" in line):
-            n_async += 1
-        elif in_loop and "tt.load" in line:
+        counts = frames[stack[-1][0]][1] if stack else outside
+        if stack and any(op in line for op in _DOT_OPS):
+            frames[stack[-1][0]][2][0] = True
+        if stack and ("async_copy_global_to_local" in line or "async_tma_copy_global_to_local" in line
+                      or "async_tma_gather" in line or "tt.descriptor_load" in line):
+            counts[0] += 1
+        elif stack and "tt.load" in line:
             m = re.search(r":\s*tensor<([0-9x]+)x!tt\.ptr", line)
             if m and m.group(1).count("x") >= 1:
-                n_sync += 1
-        elif in_loop and "tt.descriptor_load" in line:
-            n_async += 1
+                counts[1] += 1
         if "scf.for" in line and line.rstrip().endswith("{"):
-            for_depths.append(depth + opens - closes)
+            frames.append((stack[-1][0] if stack else None, [0, 0], [False]))
+            stack.append((len(frames) - 1, depth + opens - closes))
         depth += opens - closes
-        while for_depths and depth < for_depths[-1]:
-            for_depths.pop()
+        while stack and depth < stack[-1][1]:
+            stack.pop()
+    any_dot = any(f[2][0] for f in frames)
+
+    def counted(i):
+        while i is not None:
+            if frames[i][2][0]:
+                return True
+            i = frames[i][0]
+        return not any_dot
+
+    n_async = sum(f[1][0] for i, f in enumerate(frames) if counted(i))
+    n_sync = sum(f[1][1] for i, f in enumerate(frames) if counted(i))
     return n_async, n_sync
 
 
@@ -96,6 +117,7 @@ def compile_case(case, arch=90):
         "loop_sync_tile_loads": n_sync,
         "async_loads": n_async > 0 and n_sync == 0,
         "wgmma_in_flight": any(n >= 1 for n in waits),
+        "tma": "cp.async.bulk.tensor" in ptx,
         "registers": None,
         "spill_bytes": None,
     }
@@ -114,7 +136,7 @@ def compile_case(case, arch=90):
             report["registers"] = int(regs.group(1)) if regs else None
             report["spill_bytes"] = sum(int(s) for s in spills) if spills else 0
     report["ok"] = (report["shared_bytes"] <= H100_SMEM_LIMIT and (report["spill_bytes"] or 0) == 0
-                    and (report["wgmma"] or not report["expect_mma"]))
+                    and (report["wgmma"] or not report["expect_mma"]) and (report["tma"] or not case.get("expect_tma")))
     return report
 
 
@@ -166,8 +188,9 @@ def summary(reports):
     n_flight = sum(r["wgmma_in_flight"] for r in mma if r["wgmma"])
     n_wgmma = sum(r["wgmma"] for r in mma)
     sync = sorted({r["name"].split("]")[0] + "]" for r in mma if not r["async_loads"]})
+    n_tma = sum(bool(r.get("tma")) for r in mma)
     return (f"pipelining: {n_async}/{len(mma)} matrix cases load every tile of their main loop asynchronously, "
-            f"{n_flight}/{n_wgmma} wgmma cases keep >= 1 group in flight"
+            f"{n_flight}/{n_wgmma} wgmma cases keep >= 1 group in flight, {n_tma} load by TMA bulk copies"
             + (f"; synchronous tile loads in: {', '.join(sync)}" if sync else ""))
 
 

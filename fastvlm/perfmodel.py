@@ -20,8 +20,12 @@ passes), with or without a GPU:
 
 Ceilings come from fastvlm/bench/devices.py (the benchmarks' profiles): ≈790 TFLOP/s dense bf16 on H100 and H200
 (measured; the same SMs and clocks), device copies at ≈3.0 TB/s (H100) and ≈4.3 TB/s (H200), TF32 at half the bf16
-ceiling (derived); fp32 dots computed as tf32x3 are taken at a third of TF32. Both have 132 SMs. The model assumes the first autotune
-config (128×128×64 tiles; 128×64 for gated pairs) because it cannot know the autotuner's pick, and it runs every
+ceiling (derived); fp32 dots computed as tf32x3 are taken at a third of TF32. Both have 132 SMs. Dense bf16/fp16
+GEMMs (a strided A, no gated pair) run on the TMA core (kernels/gemm_tma.py) on sm_90: the model takes the tile and
+persistent schedule its launcher picks (kernels/gemm_tma_schedule.py: whole waves data-parallel, a thin last wave
+split over K; the fp32 partial tiles count as L2 -> SM bytes). The other GEMMs run the pointer core, for which the
+model assumes the first autotune config (128×128×64 tiles; 128×64 for gated pairs) because it cannot know the
+autotuner's pick. The model runs every
 GEMM at the ceiling times its SM fill: the GEMM core's own efficiency (pipelining, TMA, tile shape) is not a term,
 so the model's time is a bound the design could reach, not a prediction; GPU measurements are owed.
 
@@ -76,6 +80,18 @@ class Gemm:
     tile: tuple = (128, 128)
     elem: int = 2
     count: int = 1  # identical launches (layers)
+    core: str = "pointer"  # "tma": the Hopper core (kernels/gemm_tma.py) the dense bf16/fp16 path takes on sm_90
+    norm: bool = False  # a norm prologue (restricts the TMA core's tiles)
+
+    def __post_init__(self):
+        if self.core == "tma":  # the tile the launcher's schedule picks on 132 SMs
+            self.tile = tuple(self.schedule(132)[0][:2])
+
+    def schedule(self, sms):
+        """The TMA core's (config, (programs, dp_tiles, split, k_tiles_per_split, tiles, cost))."""
+        from fastvlm.kernels import gemm_tma_schedule as S
+
+        return S.choose(self.M, self.N, self.K, "layernorm" if self.norm else "none", sms, self.elem)
 
     @property
     def flops(self):
@@ -86,8 +102,24 @@ class Gemm:
         return math.ceil(self.M / self.tile[0]) * math.ceil(self.N / self.tile[1])
 
     def fill(self, sms):
+        """Mean share of the SMs busy. The pointer core: one CTA per tile, whole waves. The TMA core: whole waves
+        data-parallel, then the last wave's tiles split over K (each range 1/split of a tile's time)."""
+        if self.core == "tma":
+            cfg, (_, dp, split, kps, tiles, _) = self.schedule(sms)
+            k_tiles = math.ceil(self.K / cfg[2])
+            time = dp // sms + math.ceil((tiles - dp) * split / sms) * kps / k_tiles if split > 1 \
+                else math.ceil(tiles / sms)
+            return tiles / (sms * time)
         waves = math.ceil(self.ctas / sms)
         return self.ctas / (waves * sms)
+
+    @property
+    def split_partials(self):
+        """Bytes the TMA core's split tail writes and reads back as fp32 partial tiles (L2-resident)."""
+        if self.core != "tma":
+            return 0
+        _, (_, dp, split, _, tiles, _) = self.schedule(132)
+        return 2 * (tiles - dp) * split * self.tile[0] * self.tile[1] * 4 * self.count if split > 1 else 0
 
     @property
     def a_bytes(self):  # distinct input bytes the A-load touches
@@ -100,12 +132,12 @@ class Gemm:
     @property
     def l2_to_sm(self):
         tiles_m, tiles_n = math.ceil(self.M / self.tile[0]), math.ceil(self.N / self.tile[1])
-        return (tiles_n * self.a_bytes + tiles_m * self.w_bytes) * self.count
+        return (tiles_n * self.a_bytes + tiles_m * self.w_bytes) * self.count + self.split_partials
 
     @property
     def l2_to_sm_plain(self):  # the same GEMM with a plain (q = 1) A operand
         tiles_m, tiles_n = math.ceil(self.M / self.tile[0]), math.ceil(self.N / self.tile[1])
-        return (tiles_n * self.a_bytes // self.q + tiles_m * self.w_bytes) * self.count
+        return (tiles_n * self.a_bytes // self.q + tiles_m * self.w_bytes) * self.count + self.split_partials
 
 
 @dataclass
@@ -162,7 +194,7 @@ class OpModel:
 def llava(B, E=2):
     """(a) LLaVA-1.5-7B projector 1024 -> 4096 GELU -> 4096, bias; two GEMM launches, h round-trips HBM."""
     M, D, H = 576 * B, 1024, 4096
-    gemms = [Gemm("fc1+gelu", M, H, D), Gemm("fc2", M, H, H)]
+    gemms = [Gemm("fc1+gelu", M, H, D, core="tma"), Gemm("fc2", M, H, H, core="tma")]
     min_b = (M * D + H * D + H * H + M * H) * E + 2 * H * E
     return OpModel("llava_projector", f"LLaVA-1.5-7B B={B}", gemms, min_b, {"h write+read": 2 * M * H * E},
                    fill_target=FILL_MIN_LLAVA_B1 if B == 1 else FILL_MIN_B8)
@@ -180,7 +212,7 @@ def gemma3(B, E=2, N=2560):
     from fastvlm.ops.projector import POOL_FIRST_MIN_N
 
     if N >= POOL_FIRST_MIN_N:
-        gemms = [Gemm("norm+matmul on pooled rows", M, N, D)]
+        gemms = [Gemm("norm+matmul on pooled rows", M, N, D, core="tma", norm=True)]
         extra = {"pooled rows write": pooled, "norm stats read": pooled, "GEMM A read": pooled}
     else:  # the pooled A-load inside the GEMM, statistics from a pass over the input
         gemms = [Gemm("pool+norm+matmul", M, N, D, q=16)]
@@ -206,7 +238,7 @@ def clip_patch(B, E=2):
 def qwen2vl_merger(patches, E=2):
     """(d) Qwen2-VL-7B merger: LayerNorm(1280) per patch (statistics pass), free 2x2 merge, 5120 -> 5120 GELU -> 3584."""
     M, D, H, O = patches // 4, 5120, 5120, 3584
-    gemms = [Gemm("norm+fc1+gelu", M, H, D), Gemm("fc2", M, O, H)]
+    gemms = [Gemm("norm+fc1+gelu", M, H, D, core="tma", norm=True), Gemm("fc2", M, O, H, core="tma")]
     x = patches * 1280 * E
     min_b = x + (H * D + O * H) * E + M * O * E + (2 * 1280 + H + O) * E
     extra = {"norm stats pass": x, "h write+read": 2 * M * H * E}
@@ -239,10 +271,11 @@ def perceiver(B, N=729, E=2, depth=3):
     4096 -> 16384 -> 4096 on the latents; RMSNorm statistics passes over context and latents."""
     L, D, F = 64 * B, 4096, 16384
     Mkv = (N + 64) * B
-    gemms = [Gemm("q", L, 16 * 96, D, count=depth), Gemm("kv", Mkv, 2 * 4 * 96, D, count=depth),
-             Gemm("o+res", L, D, 16 * 96, count=depth),
-             Gemm("gate/up pair", L, F, D, gated=True, tile=(128, 64), count=depth),
-             Gemm("down+res", L, D, F, count=depth)]
+    gemms = [Gemm("q", L, 16 * 96, D, count=depth, core="tma", norm=True),
+             Gemm("kv", Mkv, 2 * 4 * 96, D, count=depth, core="tma", norm=True),
+             Gemm("o+res", L, D, 16 * 96, count=depth, core="tma"),
+             Gemm("gate/up pair", L, F, D, gated=True, tile=(128, 64), count=depth),  # gated: the pointer core
+             Gemm("down+res", L, D, F, count=depth, core="tma")]
     attn = 4 * B * 16 * 64 * 96 * (N + 64) * depth
     weights = depth * (D * 16 * 96 * 2 + D * 2 * 4 * 96 + 3 * D * F) * E
     ctx = B * N * D * E

@@ -75,7 +75,9 @@ def _tma_linear_kernel(
     NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr, HAS_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPI_SPLIT: tl.constexpr,
 ):
+    EPI_N: tl.constexpr = BLOCK_N // EPI_SPLIT
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
@@ -124,12 +126,25 @@ def _tma_linear_kernel(
             tl.store(base + split * tile_elems + rt, acc, cache_modifier=".cg")
             tl.debug_barrier()  # every thread's partial is written before the counter says so
             arrived = tl.atomic_add(cnt_ptr + tail, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:  # the last range of this tile: sum all partials in index order
-                acc = tl.load(base + rt, cache_modifier=".cg")
-                for s in range(1, SPLIT):
-                    acc += tl.load(base + s * tile_elems + rt, cache_modifier=".cg")
-                _epilogue(acc, rm64, rn64, mask_m, mask_n, bias_ptr, res_ptr, out_ptr, pre_ptr, stride_rm, stride_rn,
-                          stride_om, stride_on, stride_pm, stride_pn, HAS_BIAS, ACT, HAS_RES, STORE_PRE)
+            if arrived == SPLIT - 1:  # the last range of this tile: sum all partials in index order, by halves
+                for h in tl.static_range(EPI_SPLIT):
+                    cols = h * EPI_N + tl.arange(0, EPI_N)
+                    rh = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + cols[None, :]
+                    part = tl.load(base + rh, cache_modifier=".cg")
+                    for s in range(1, SPLIT):
+                        part += tl.load(base + s * tile_elems + rh, cache_modifier=".cg")
+                    rnh = off_n + cols
+                    _epilogue(part, rm64, rnh.to(tl.int64), mask_m, rnh < N, bias_ptr, res_ptr, out_ptr, pre_ptr,
+                              stride_rm, stride_rn, stride_om, stride_on, stride_pm, stride_pn, HAS_BIAS, ACT,
+                              HAS_RES, STORE_PRE)
+        elif EPI_SPLIT == 2:  # two column halves, one after the other: half the epilogue's live registers
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, EPI_N)), (0, 2, 1)))
+            rn0 = off_n + tl.arange(0, EPI_N)
+            rn1 = rn0 + EPI_N
+            _epilogue(acc0, rm64, rn0.to(tl.int64), mask_m, rn0 < N, bias_ptr, res_ptr, out_ptr, pre_ptr, stride_rm,
+                      stride_rn, stride_om, stride_on, stride_pm, stride_pn, HAS_BIAS, ACT, HAS_RES, STORE_PRE)
+            _epilogue(acc1, rm64, rn1.to(tl.int64), mask_m, rn1 < N, bias_ptr, res_ptr, out_ptr, pre_ptr, stride_rm,
+                      stride_rn, stride_om, stride_on, stride_pm, stride_pn, HAS_BIAS, ACT, HAS_RES, STORE_PRE)
         else:
             _epilogue(acc, rm64, rn64, mask_m, mask_n, bias_ptr, res_ptr, out_ptr, pre_ptr, stride_rm, stride_rn,
                       stride_om, stride_on, stride_pm, stride_pn, HAS_BIAS, ACT, HAS_RES, STORE_PRE)

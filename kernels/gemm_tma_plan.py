@@ -1,7 +1,7 @@
 """When and how the TMA core (kernels/gemm_tma.py) runs: eligibility, tile and split choice, and its launch.
 
 ``tma_core_reason(...)`` says why a key of ``fused_linear`` stays on the pointer kernel ("" when the TMA core can
-take it); ``schedule(M, N, K, config, sms)`` is the wave arithmetic (also used by fastvlm/perfmodel.py);
+take it); the tile and split choice is kernels/gemm_tma_schedule.py (also used by fastvlm/perfmodel.py);
 ``TmaCall`` is the launch object ``fused_linear`` keeps per shape key (the same ``launch(tensors)`` as
 ``_launch.Call``), so its repeat path is unchanged: per call it only builds the two host descriptors (A's and W's
 base pointers may change between calls of one key) and, for a split tail, the fp32 partials and zeroed counters.
@@ -16,26 +16,8 @@ from fastvlm import _dispatch
 
 from . import _launch
 from ._interp import INTERPRETING
+from . import gemm_tma_schedule as S
 from .gemm_tma import KERNEL_ARGS, _tma_linear_kernel
-
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). 8 warps = two consumer warpgroups, each 64 (or 128) rows.
-TMA_CONFIGS = [
-    (128, 256, 64, 8, 3),
-    (256, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (64, 128, 64, 4, 4),
-]
-# Model efficiency of one tile's main loop relative to the tensor-core peak (a larger tile reuses each loaded byte
-# more): a choice rule until GPU timings replace it, not a measurement.
-TILE_EFFICIENCY = {(128, 256): 0.85, (256, 128): 0.85, (128, 128): 0.75, (64, 128): 0.55}
-MIN_K_TILES_PER_SPLIT = 4  # a K range shorter than 4 x BLOCK_K cannot fill the pipeline
-MAX_SPLIT = 8
-TAIL_SPLIT_BELOW = 0.85  # split the last wave's tiles when they fill less than this share of the SMs
-H100_SMS = 132
-# variants whose A passes through registers (the norm prologue): wider tiles would spill, see the audit
-NORM_CONFIGS = {(128, 128, 64, 8, 4), (64, 128, 64, 4, 4)}
-SMEM_LIMIT = 232448
-
 
 def core_override():
     """FASTVLM_GEMM_CORE: "pointer" keeps every call on the pointer kernel, "tma" takes the TMA core wherever the
@@ -96,56 +78,12 @@ def tma_core_reason(a, weight, flags, out_dtype, norm_group):
     return ""
 
 
-def config_ok(config, norm, elem_bytes=2):
-    bm, bn, bk, _, stages = config
-    if norm != "none" and tuple(config) not in NORM_CONFIGS:
-        return False
-    return stages * (bm * bk + bn * bk) * elem_bytes <= SMEM_LIMIT - 32 * 1024
-
-
-def schedule(M, N, K, config, sms=H100_SMS):
-    """The persistent grid of ``config``: (programs, dp_tiles, split, k_tiles_per_split, tiles, modelled time in
-    tile-main-loop units). Whole waves run data-parallel; a last wave filling under TAIL_SPLIT_BELOW of the SMs is
-    split over K so its tiles' ranges fill them."""
-    bm, bn, bk = config[:3]
-    tiles = _launch.cdiv(M, bm) * _launch.cdiv(N, bn)
-    k_tiles = max(1, _launch.cdiv(K, bk))
-    waves, tail = divmod(tiles, sms)
-    split = 1
-    if tail and tail < TAIL_SPLIT_BELOW * sms:
-        split = max(1, min(sms // tail, k_tiles // MIN_K_TILES_PER_SPLIT, MAX_SPLIT))
-    kps = _launch.cdiv(k_tiles, split)
-    split = _launch.cdiv(k_tiles, kps)  # no empty range
-    dp = tiles - tail if split > 1 else tiles
-    units = dp + (tiles - dp) * split
-    programs = min(sms, units)
-    if split > 1:
-        cost = waves + _launch.cdiv(tail * split, sms) * kps / k_tiles
-    else:
-        cost = _launch.cdiv(tiles, sms)
-    eff = TILE_EFFICIENCY.get((bm, bn), 0.5)
-    t = cost * bm * bn / eff  # tile-time units (K is common to all configs)
-    return programs, dp, split, kps, tiles, t
-
-
-def choose(M, N, K, norm, sms=H100_SMS, elem_bytes=2):
-    """The config with the least modelled time, and its schedule."""
-    best = None
-    for cfg in TMA_CONFIGS:
-        if not config_ok(cfg, norm, elem_bytes):
-            continue
-        sch = schedule(M, N, K, cfg, sms)
-        if best is None or sch[-1] < best[1][-1]:
-            best = (cfg, sch)
-    return best
-
-
 _SMS = {}
 
 
 def sm_count(device):
     if device.type != "cuda":
-        return H100_SMS
+        return S.H100_SMS
     idx = device.index if device.index is not None else 0
     n = _SMS.get(idx)
     if n is None:
@@ -243,13 +181,13 @@ def make_call(info, M, N, K, strides, flags, norm_group, elem_bytes, device, con
     norm = flags[6]
     sms = sms or sm_count(device)
     if config is not None:
-        cfg, sched = tuple(config), schedule(M, N, K, config, sms)
+        cfg, sched = tuple(config), S.schedule(M, N, K, config, sms)
     else:
-        cfg, sched = choose(M, N, K, norm, sms, elem_bytes)
+        cfg, sched = S.choose(M, N, K, norm, sms, elem_bytes)
     programs, dp, split, kps, _, _ = sched
     consts = dict(NORM=norm, HAS_NORM_BIAS=flags[7], HAS_BIAS=flags[9], ACT=flags[10], HAS_RES=flags[12],
                   STORE_PRE=flags[13], HAS_SPLIT=split > 1, NUM_PROGS=programs, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
-                  BLOCK_K=cfg[2], GROUP_M=8, num_warps=cfg[3], num_stages=cfg[4])
+                  BLOCK_K=cfg[2], GROUP_M=8, EPI_SPLIT=S.epi_split(cfg), num_warps=cfg[3], num_stages=cfg[4])
     key = tuple(sorted(consts.items()))
     plan = _PLANS.get(key)
     if plan is None:

@@ -9,7 +9,7 @@ from helpers import Guarded, assert_close, guarded_copy
 from fastvlm.reference.activations import act_ref
 from fastvlm.reference.projector import norm_ref
 
-from fastvlm.kernels import gemm, gemm_tma_plan as tp  # noqa: E402
+from fastvlm.kernels import gemm, gemm_tma_plan as tp, gemm_tma_schedule as ts  # noqa: E402
 from fastvlm.kernels.norm_stats import row_stats  # noqa: E402
 
 TEST_CFG = (32, 32, 64, 4, 1)  # small tiles, so 70 x 100 makes 12 ragged tiles and K = 200 four ragged K steps
@@ -23,11 +23,11 @@ def _rand(shape, dtype, scale=1.0):
 def tma(monkeypatch):
     """The TMA core forced on (the interpreter), with small tiles; ``sms(n)`` sets the SM count the schedule fills."""
     monkeypatch.setenv("FASTVLM_GEMM_CORE", "tma")
-    monkeypatch.setattr(tp, "TMA_CONFIGS", [TEST_CFG])
-    monkeypatch.setattr(tp, "NORM_CONFIGS", {TEST_CFG})
-    monkeypatch.setattr(tp, "MIN_K_TILES_PER_SPLIT", 1)
+    monkeypatch.setattr(ts, "TMA_CONFIGS", [TEST_CFG])
+    monkeypatch.setattr(ts, "NORM_CONFIGS", {TEST_CFG})
+    monkeypatch.setattr(ts, "MIN_K_TILES_PER_SPLIT", 1)
     gemm._CALLS.clear()
-    yield lambda n: monkeypatch.setattr(tp, "H100_SMS", n)
+    yield lambda n: monkeypatch.setattr(ts, "H100_SMS", n)
     gemm._CALLS.clear()
 
 
@@ -139,12 +139,30 @@ def test_dispatch_reasons(monkeypatch):
 def test_schedule_llava_waves():
     """Wave arithmetic on 132 SMs: LLaVA-1.5 B=1 (M = 576) fills the SMs through the split tail."""
     for K in (1024, 4096):
-        cfg, (programs, dp, split, kps, tiles, _) = tp.choose(576, 4096, K, "none")
+        cfg, (programs, dp, split, kps, tiles, _) = ts.choose(576, 4096, K, "none")
         units = dp + (tiles - dp) * split
         assert programs == min(132, units)
         fill = (tiles * 1.0) / (132 * (dp // 132 + (tiles - dp) * split / 132 / split
                                        if split > 1 else -(-tiles // 132)))
         assert split > 1 and units >= 0.85 * 132, (cfg, tiles, split)
         assert fill > 0.7
-    cfg, (_, dp, split, _, tiles, _) = tp.choose(576 * 64, 4096, 4096, "none")  # B=64: many waves
+    cfg, (_, dp, split, _, tiles, _) = ts.choose(576 * 64, 4096, 4096, "none")  # B=64: many waves
     assert cfg[:2] in ((128, 256), (256, 128))
+
+
+@pytest.mark.parametrize("sms", [4, 8, 64])
+def test_epilogue_halves(tma, monkeypatch, sms):
+    """The epilogue over two column halves (tiles above 128x128 on the GPU), in the whole-tile and split paths."""
+    tma(sms)
+    monkeypatch.setattr(ts, "epi_split", lambda cfg: 2)
+    dtype, M, K, N = torch.bfloat16, 70, 200, 100
+    a, w, b = _rand((M, K), dtype), _rand((N, K), dtype, K ** -0.5), _rand((N,), dtype)
+    res = _rand((M, N), dtype)
+    out, pre = Guarded((M, N), dtype, "cpu"), Guarded((M, N), dtype, "cpu")
+    gemm.fused_linear(a, w, b, act="gelu", residual=res, store_pre=True, out=out.tensor, pre=pre.tensor)
+    assert _core(M, N, K).plan.consts["EPI_SPLIT"] == 2
+    h64 = a.double() @ w.double().T + b.double()
+    assert_close(pre.tensor, h64, dtype, K, what="pre-activation")
+    assert_close(out.tensor, act_ref(h64, "gelu") + res.double(), dtype, K, roundings=2)
+    out.check("out")
+    pre.check("pre")

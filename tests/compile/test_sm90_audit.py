@@ -54,6 +54,10 @@ def test_pipelining_report(reports):
     for r in dense:
         assert r["async_loads"] and r["loop_sync_tile_loads"] == 0, r
         assert r["wgmma_in_flight"], r
+    tma = [r for r in reports if r["name"].startswith("tma_linear[")]
+    assert tma
+    for r in tma:  # the Hopper core: TMA bulk copies, the main loop all asynchronous, wgmma overlapped
+        assert r["tma"] and r["async_loads"] and r["wgmma_in_flight"], r
     line = summary(reports)
     assert line.startswith("pipelining: ")
     for r in reports:
@@ -78,3 +82,23 @@ def test_loop_load_parser():
         "%y = tt.load %p : tensor<64x64x!tt.ptr<bf16>, #blocked>",
     ])
     assert loop_loads(ttgir) == (1, 1)
+    # a persistent kernel: the tile loop holds the K loop (the dot, TMA loads) and the epilogue's loads, which are
+    # not main-loop loads; a loop nested in the K loop (a pooled A's window) still counts
+    persistent = "\n".join([
+        "scf.for %u = %p to %U step %P : i32 {",
+        "  %acc = scf.for %k = %c0 to %K step %c1 iter_args(%a = %z) -> (tensor<128x128xf32>) : i32 {",
+        "    %x = ttng.async_tma_copy_global_to_local %d[%m, %k] %buf, %bar, %t : !tt.tensordesc<> -> <128x64xbf16>",
+        "    %w = scf.for %q = %c0 to %Q step %c1 iter_args(%b = %z) -> (tensor<64x128xf32>) : i32 {",
+        "      %t = tt.load %pt, %mt : tensor<64x128x!tt.ptr<bf16>, #blocked>",
+        "      scf.yield %t",
+        "    }",
+        "    %d = ttng.warp_group_dot %x, %w, %a : tensor<128x64xbf16> * tensor<64x128xbf16> -> tensor<128x128xf32>",
+        "    scf.yield %d",
+        "  }",
+        "  scf.for %s = %c1 to %S step %c1 : i32 {",
+        "    %p = tt.load %pp : tensor<128x128x!tt.ptr<f32>, #blocked>",
+        "  }",
+        "  %r = tt.load %pr, %mr : tensor<128x128x!tt.ptr<bf16>, #blocked>",
+        "}",
+    ])
+    assert loop_loads(persistent) == (1, 1)
