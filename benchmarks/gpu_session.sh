@@ -32,7 +32,8 @@
 #   e2e                  25       20    issue 6: LLaVA-1.5 and Qwen2-VL: connector path and image features, eager vs patched
 #   ext                  15       10    CUDA extension: GPU tests of scatter + preprocessing, scatter benchmark
 #   overhead             30        8    fastvlm bench --overhead (host time per call; the kernels compile cold)
-#   more-shapes        rest        -    other shapes: Qwen2-VL merger 16384, Mistral 3, SigLIP, Idefics2, Pixtral, Qwen rows, uint8
+#   more-shapes        rest        -    pointer vs TMA GEMM core (LLaVA B=1/8, Qwen2-VL 16384); other shapes: Qwen2-VL
+#                                       merger 16384, Mistral 3, SigLIP, Idefics2, Pixtral, Qwen rows, uint8
 #   gpu-tests          rest        -    the remaining GPU tests (-m "not gpu_smoke"), per-test limit 90 s
 #   sum of budgets      510             + packing (~1 s after each step): the script ends by 520 s, under 9 minutes
 #
@@ -173,7 +174,9 @@ step ext 15 bash -c 'while [[ ! -f $1/ext-build.rc ]]; do sleep 1; done; cat "$1
 # (a dry run times only the Q-Former, the hand-off and the GEMM launch rows, 3 rounds: it checks the plumbing)
 if ((DRY)); then OVERHEAD=(--families none --rounds 3); else OVERHEAD=(); fi
 step overhead 30 "$PY" -m fastvlm.cli bench --overhead "${OVERHEAD[@]}"
-step more-shapes rest bash -c '"${@:2}" --modes fwd --providers hf_eager fastvlm --shapes qwen2-vl-7b@16384 \
+# first the dense GEMM's two cores side by side: the pointer kernel beside the "fastvlm" rows (the TMA core on sm_90)
+step more-shapes rest bash -c '"${@:2}" --modes fwd --providers fastvlm_pointer_core --shapes llava-1.5-7b@1 \
+    llava-1.5-7b@8 qwen2-vl-7b@16384 && "${@:2}" --modes fwd --providers hf_eager fastvlm --shapes qwen2-vl-7b@16384 \
     mistral-small-3.1@12100 gemma3-4b@8 qwen2-vl-7b@1024 &&
     "$0" -m fastvlm.bench.patch_embed --out "$1" --providers eager gemm fastvlm fastvlm_still --shapes \
     siglip-so400m-384@8 idefics2-980@8 pixtral-1024@8 qwen2-vl-rows@8 qwen3-vl-rows@8 &&

@@ -75,7 +75,7 @@ def _tma_linear_kernel(
     NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
     HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr, HAS_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    EPI_SPLIT: tl.constexpr,
+    EPI_SPLIT: tl.constexpr, RED_N: tl.constexpr,
 ):
     EPI_N: tl.constexpr = BLOCK_N // EPI_SPLIT
     pid = tl.program_id(0)
@@ -126,9 +126,9 @@ def _tma_linear_kernel(
             tl.store(base + split * tile_elems + rt, acc, cache_modifier=".cg")
             tl.debug_barrier()  # every thread's partial is written before the counter says so
             arrived = tl.atomic_add(cnt_ptr + tail, 1, sem="acq_rel", scope="gpu")
-            if arrived == SPLIT - 1:  # the last range of this tile: sum all partials in index order, by halves
-                for h in tl.static_range(EPI_SPLIT):
-                    cols = h * EPI_N + tl.arange(0, EPI_N)
+            if arrived == SPLIT - 1:  # the last range of this tile: sum all partials in index order, RED_N columns
+                for h in tl.static_range(BLOCK_N // RED_N):  # at a time (few live registers: 0 spills at 128x256)
+                    cols = h * RED_N + tl.arange(0, RED_N)
                     rh = tl.arange(0, BLOCK_M)[:, None] * BLOCK_N + cols[None, :]
                     part = tl.load(base + rh, cache_modifier=".cg")
                     for s in range(1, SPLIT):

@@ -28,7 +28,7 @@ def audit_cases():
                     consts = dict(stride_rn=1, stride_on=1, stride_pn=1, NORM=norm, HAS_NORM_BIAS=nbias,
                                   HAS_BIAS=bias, ACT=act, HAS_RES=res, STORE_PRE=pre, HAS_SPLIT=split, NUM_PROGS=132,
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
-                                  EPI_SPLIT=epi_split(cfg))
+                                  EPI_SPLIT=epi_split(cfg), RED_N=min(64, bn))
                     for n in consts:
                         sig[n] = "constexpr"
                     divisible = KERNEL_ARGS[2:] + ("N", "K", "stride_rm", "stride_om", "stride_pm", "NORM_GROUP")

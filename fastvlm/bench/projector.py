@@ -57,6 +57,9 @@ def _text(model_type, hidden, heads, kv, **kw):
 _SIGLIP_SO400M = dict(model_type="siglip_vision_model", hidden_size=1152, intermediate_size=4304, num_hidden_layers=1,
                       num_attention_heads=16, patch_size=14)
 PROVIDERS = ["hf_eager", "fastvlm", "hf_compile", "hf_compile_max_autotune"]
+# on request only: the fused module with its dense GEMMs kept on the pointer kernel (FASTVLM_GEMM_CORE=pointer while
+# its calls are planned), beside "fastvlm" (the TMA core on sm_90): the two GEMM cores side by side
+EXTRA_PROVIDERS = ["fastvlm_pointer_core"]
 MODES = ["fwd", "fwd+bwd"]
 
 
@@ -154,7 +157,38 @@ def _provider(name, m):
         if isinstance(m, InternVLShuffleEager):
             return fastvlm.nn.InternVLShuffleProjector.from_projector(m.projector, 0.5)
         return fastvlm.nn.from_module(m)
+    if name == "fastvlm_pointer_core":
+        return _PointerCore(fastvlm.nn.from_module(m))
     raise KeyError(name)
+
+
+class _PointerCore:
+    """Calls ``fused`` with FASTVLM_GEMM_CORE=pointer on its first call, when its GEMM calls are planned (the fused
+    module's call sites keep their plans; fused_linear's shared plans are cleared before and after, so neither this
+    provider nor the next one reuses the other core's)."""
+
+    def __init__(self, fused):
+        self.fused, self.first = fused, True
+
+    def __call__(self, *xs):
+        if not self.first:
+            return self.fused(*xs)
+        import os
+
+        from fastvlm.kernels import gemm
+
+        old = os.environ.get("FASTVLM_GEMM_CORE")
+        os.environ["FASTVLM_GEMM_CORE"] = "pointer"
+        gemm._CALLS.clear()
+        try:
+            return self.fused(*xs)
+        finally:
+            self.first = False
+            gemm._CALLS.clear()
+            if old is None:
+                del os.environ["FASTVLM_GEMM_CORE"]
+            else:
+                os.environ["FASTVLM_GEMM_CORE"] = old
 
 
 # FASTVLM_BENCH_TINY: each shape's module family at fastvlm.testing's tiny sizes (same classes, same code paths)
@@ -279,7 +313,7 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="fastvlm bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="*", help=f"default: all on GPU, llava-1.5-7b@1 on CPU. Choices: {SHAPES}")
-    ap.add_argument("--providers", nargs="*", choices=PROVIDERS)
+    ap.add_argument("--providers", nargs="*", choices=PROVIDERS + EXTRA_PROVIDERS)
     ap.add_argument("--modes", nargs="*", choices=MODES)
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--reps", type=int)
