@@ -25,7 +25,8 @@ H100_SMEM_LIMIT = 232448  # bytes of shared memory one block may use on sm_90 (2
 def _cases():
     from fastvlm.kernels import attention, gemm, gemm_tma_audit, linear_norm, norm_stats, pool, row_norm, scatter
 
-    return (gemm.audit_cases() + gemm_tma_audit.audit_cases() + norm_stats.audit_cases() + scatter.audit_cases() + attention.audit_cases()
+    return (gemm.audit_cases() + gemm_tma_audit.audit_cases() + norm_stats.audit_cases() + scatter.audit_cases()
+            + attention.audit_cases()
             + pool.audit_cases() + linear_norm.audit_cases() + _perceiver_cases() + row_norm.audit_cases())
 
 

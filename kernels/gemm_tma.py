@@ -11,7 +11,8 @@ and with which tile, grid and split.
   triton >= 3.4): each K step is one bulk tensor copy per operand into shared memory, zero-filled past the edges, so
   the K loop has no address arithmetic and no masks. The host builds the 128-byte tensor map per launch and passes it
   as a kernel parameter (no device allocation, no host-to-device copy, no ``triton.set_allocator``).
-* **Persistent, grouped.** ``NUM_PROGS`` programs (at most one per SM) walk the work units in steps of
+* **Persistent, grouped.** ``NUM_PROGS`` programs (at most one per SM; a runtime integer, so a new grid size does
+  not compile a new kernel) walk the work units in steps of
   ``NUM_PROGS``; consecutive tiles run ``GROUP_M`` row-tiles against one column-tile of W (L2 reuse of W).
 * **Split-K on the last wave only** (data-parallel + split-K tail): the first ``DP_TILES`` tiles (whole waves) run
   over all of K; each remaining tile is cut into ``SPLIT`` K ranges run by different programs. Every range stores
@@ -69,11 +70,11 @@ def _tma_linear_kernel(
     nb_ptr,  # [NORM_GROUP] norm bias (HAS_NORM_BIAS)
     part_ptr,  # [tail tiles * SPLIT, BLOCK_M, BLOCK_N] fp32 partial tiles (SPLIT > 1)
     cnt_ptr,  # [tail tiles] int32 arrival counters, zero on entry (SPLIT > 1)
-    M, N, K, DP_TILES, SPLIT, K_TILES_PER_SPLIT,
+    M, N, K, DP_TILES, SPLIT, K_TILES_PER_SPLIT, NUM_PROGS,
     stride_rm, stride_rn, stride_om, stride_on, stride_pm, stride_pn,
     NORM_GROUP,
     NORM: tl.constexpr, HAS_NORM_BIAS: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
-    HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr, HAS_SPLIT: tl.constexpr, NUM_PROGS: tl.constexpr,
+    HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr, HAS_SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPI_SPLIT: tl.constexpr, RED_N: tl.constexpr,
 ):

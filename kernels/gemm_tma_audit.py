@@ -22,11 +22,11 @@ def audit_cases():
                     sig = {n: f"*{dt}" for n in KERNEL_ARGS}
                     sig.update(a_desc=f"tensordesc<{dt}[{bm}, {bk}]>", w_desc=f"tensordesc<{dt}[{bn}, {bk}]>",
                                mean_ptr="*fp32", rstd_ptr="*fp32", part_ptr="*fp32", cnt_ptr="*i32")
-                    for n in ("M", "N", "K", "DP_TILES", "SPLIT", "K_TILES_PER_SPLIT", "stride_rm", "stride_om",
-                              "stride_pm", "NORM_GROUP"):
+                    for n in ("M", "N", "K", "DP_TILES", "SPLIT", "K_TILES_PER_SPLIT", "NUM_PROGS", "stride_rm",
+                              "stride_om", "stride_pm", "NORM_GROUP"):
                         sig[n] = "i32"
                     consts = dict(stride_rn=1, stride_on=1, stride_pn=1, NORM=norm, HAS_NORM_BIAS=nbias,
-                                  HAS_BIAS=bias, ACT=act, HAS_RES=res, STORE_PRE=pre, HAS_SPLIT=split, NUM_PROGS=132,
+                                  HAS_BIAS=bias, ACT=act, HAS_RES=res, STORE_PRE=pre, HAS_SPLIT=split,
                                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                                   EPI_SPLIT=epi_split(cfg), RED_N=min(64, bn))
                     for n in consts:

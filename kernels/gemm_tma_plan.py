@@ -186,13 +186,13 @@ def make_call(info, M, N, K, strides, flags, norm_group, elem_bytes, device, con
         cfg, sched = S.choose(M, N, K, norm, sms, elem_bytes)
     programs, dp, split, kps, _, _ = sched
     consts = dict(NORM=norm, HAS_NORM_BIAS=flags[7], HAS_BIAS=flags[9], ACT=flags[10], HAS_RES=flags[12],
-                  STORE_PRE=flags[13], HAS_SPLIT=split > 1, NUM_PROGS=programs, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
+                  STORE_PRE=flags[13], HAS_SPLIT=split > 1, BLOCK_M=cfg[0], BLOCK_N=cfg[1],
                   BLOCK_K=cfg[2], GROUP_M=8, EPI_SPLIT=S.epi_split(cfg),
                   RED_N=min(64, cfg[1]), num_warps=cfg[3], num_stages=cfg[4])
     key = tuple(sorted(consts.items()))
     plan = _PLANS.get(key)
     if plan is None:
         fn = _launch.jit_function(_tma_linear_kernel)
-        plan = _PLANS[key] = _launch.Plan(fn, consts, len(KERNEL_ARGS) + 13)
-    ints = (M, N, K, dp, split, kps, *strides, norm_group)
+        plan = _PLANS[key] = _launch.Plan(fn, consts, len(KERNEL_ARGS) + 14)
+    ints = (M, N, K, dp, split, kps, programs, *strides, norm_group)
     return TmaCall(info, ints, cfg, sched, plan)
