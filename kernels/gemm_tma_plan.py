@@ -71,8 +71,11 @@ def tma_core_reason(a, weight, flags, out_dtype, norm_group):
     elt = a.element_size()
     if a.stride(1) != 1 or weight.stride(1) != 1:
         return "A or W has a non-unit inner stride (TMA needs a contiguous last dimension)"
-    if (a.stride(0) * elt) % 16 or (weight.stride(0) * elt) % 16 or a.shape[1] * elt < 16:
+    K = a.shape[1]
+    if (a.stride(0) * elt) % 16 or (weight.stride(0) * elt) % 16 or K * elt < 16:
         return "A or W row stride is not a multiple of 16 bytes (TMA)"
+    if a.stride(0) < K or weight.stride(0) < K:
+        return "A or W rows overlap (row stride under K): not a TMA tensor map"
     if norm != "none" and norm_group % 64:
         return "norm group not a multiple of the 64-column K tile"
     return ""
@@ -114,9 +117,9 @@ class TmaCall:
 
         a, w = t[0], t[1]
         if a.data_ptr() & 15:  # TMA needs 16-byte aligned bases (a view at an odd offset): an aligned copy
-            a = a.clone(memory_format=_contiguous())
+            a = _aligned_copy(a)
         if w.data_ptr() & 15:
-            w = w.clone(memory_format=_contiguous())
+            w = _aligned_copy(w)
         if _dispatch._open_traces and _dispatch.tracing():
             annotate(self.note)
         bm, bn, bk = self.cfg[:3]
@@ -159,10 +162,12 @@ class TmaCall:
 _PLANS = {}
 
 
-def _contiguous():
+def _aligned_copy(x):
+    """``x`` copied to fresh (16-byte aligned) memory with the same row stride, which the plan found TMA-legal."""
     import torch
 
-    return torch.contiguous_format
+    buf = torch.empty((x.shape[0], x.stride(0)), dtype=x.dtype, device=x.device)[:, :x.shape[1]]
+    return buf.copy_(x)
 
 
 def annotate(note):

@@ -103,6 +103,9 @@ def test_misaligned_base_and_repeat(tma):
     a = buf[1:].view(M, K)
     assert a.data_ptr() % 16
     w = _rand((N, K), dtype, K ** -0.5)
+    padded = _rand((M * 208 + 1,), dtype)[1:].view(M, 208)[:, :K]  # and rows padded to 208 (416 bytes)
+    assert_close(gemm.fused_linear(padded, w, None), padded.double() @ w.double().T, dtype, K)
+    assert sum(isinstance(c, tp.TmaCall) for c in gemm._CALLS.values()) == 2  # both keys on the TMA core
     out = gemm.fused_linear(a, w, None)
     assert_close(out, a.double() @ w.double().T, dtype, K)
     a2 = _rand((M, K), dtype)
@@ -131,6 +134,7 @@ def test_dispatch_reasons(monkeypatch):
     odd = torch.zeros(8, 60, dtype=bf)  # 120-byte rows
     assert "16 bytes" in tp.tma_core_reason(odd, torch.zeros(16, 60, dtype=bf), flags, bf, 60)
     assert "inner stride" in tp.tma_core_reason(torch.zeros(64, 8, dtype=bf).T, w, flags, bf, 64)
+    assert "overlap" in tp.tma_core_reason(torch.zeros(1, 64, dtype=bf).expand(8, 64), w, flags, bf, 64)
     monkeypatch.setenv("FASTVLM_GEMM_CORE", "pointer")
     assert tp.tma_core_reason(a, w, flags, bf, 64) == "FASTVLM_GEMM_CORE=pointer"
 
