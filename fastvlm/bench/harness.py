@@ -222,6 +222,40 @@ def time_provider(rec, row, prepare, *, warmup, reps, device, cleanup=None):
     return med, p20, p80, extra, peak
 
 
+def time_modes(rec, m, inputs, *, base, modes, providers, flops, min_bytes, dtype, float_ref, one, warmup, reps,
+               device):
+    """The loop every module suite runs for one built shape: per mode (forward, or a training step with a fixed
+    upstream gradient) a float64 reference, then each provider timed beside the eager one. ``float_ref(mode, gy)``
+    returns (output, gradients); ``one(provider, mode, gy, ref, ref_grads)`` returns (fn, rel_err, grad_rel_err).
+    ``flops`` is (forward, training step); a training step is taken to move ``3 * min_bytes``."""
+    for mode in modes:
+        torch.manual_seed(0)
+        gy = None
+        if mode != "fwd":
+            with torch.no_grad():
+                gy = torch.randn_like(m(*inputs)) * 0.01
+        ref, ref_grads = float_ref(mode, gy)
+        fl = flops[0] if mode == "fwd" else flops[1]
+        nbytes = min_bytes if mode == "fwd" else 3 * min_bytes
+        cols = roofline(fl, nbytes, dtype)
+        eager_ms = None
+        for prov in providers:
+            row = dict(base, mode=mode, provider=prov, dtype=str(dtype), flops=fl, min_bytes=nbytes, **cols)
+
+            def prepare(prov=prov, mode=mode, gy=gy, ref=ref, ref_grads=ref_grads):
+                fn, err, gerr = one(prov, mode, gy, ref, ref_grads)
+                return fn, dict(rel_err=err, grad_rel_err=gerr)
+
+            timed = time_provider(rec, row, prepare, warmup=warmup, reps=reps, device=device,
+                                  cleanup=lambda: release_grads(m))
+            if timed is None:
+                continue
+            med, p20, p80, extra, peak = timed
+            eager_ms = med if prov == "hf_eager" else eager_ms
+            rec.add(dict(row, **timing_cols(med, p20, p80, fl, cols["roofline_ms"], eager_ms), **extra,
+                         peak_mem_bytes=peak))
+
+
 def print_footer(env, rows, out=None, table=None):
     """The device line after a suite's run, then ``table(rows)`` when a formatter is given (a suite's own columns),
     then where the rows were appended."""

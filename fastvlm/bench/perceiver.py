@@ -154,32 +154,12 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
         print(harness.header())
     for shape in shapes:
         m, x, mask, f_fwd, f_train, min_bytes = build(shape, device, dtype)
-        for mode in modes:
-            torch.manual_seed(0)
-            gy = None
-            if mode != "fwd":
-                with torch.no_grad():
-                    gy = torch.randn_like(m(x, mask)) * 0.01
-            ref, ref_grads = _float_ref(m, x, mask, mode, gy)
-            flops = f_fwd if mode == "fwd" else f_train
-            nbytes = min_bytes if mode == "fwd" else 3 * min_bytes
-            cols = harness.roofline(flops, nbytes, dtype)
-            eager_ms = None
-            for prov in providers:
-                row = dict(suite="perceiver", shape=shape, mode=mode, provider=prov, dtype=str(dtype), flops=flops,
-                           min_bytes=nbytes, **cols, **env)
-                def prepare():
-                    fn, err, gerr = _one(prov, m, x, mask, mode, gy, ref, ref_grads)
-                    return fn, dict(rel_err=err, grad_rel_err=gerr)
-
-                timed = harness.time_provider(rec, row, prepare, warmup=2 if device == "cpu" else 5, reps=reps,
-                                              device=device, cleanup=lambda: harness.release_grads(m))
-                if timed is None:
-                    continue
-                med, p20, p80, extra, peak = timed
-                eager_ms = med if prov == "hf_eager" else eager_ms
-                rec.add(dict(row, **harness.timing_cols(med, p20, p80, flops, cols["roofline_ms"], eager_ms), **extra,
-                             peak_mem_bytes=peak))
+        harness.time_modes(
+            rec, m, (x, mask), base=dict(suite="perceiver", shape=shape, **env), modes=modes, providers=providers,
+            flops=(f_fwd, f_train), min_bytes=min_bytes, dtype=dtype,
+            float_ref=lambda mode, gy: _float_ref(m, x, mask, mode, gy),
+            one=lambda prov, mode, gy, ref, rg: _one(prov, m, x, mask, mode, gy, ref, rg),
+            warmup=2 if device == "cpu" else 5, reps=reps, device=device)
         m = x = None  # release before the next shape
     if verbose:
         harness.print_footer(env, rec.rows, out)

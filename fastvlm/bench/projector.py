@@ -279,31 +279,12 @@ def run(shapes=None, providers=None, modes=None, dtype=torch.bfloat16, reps=None
         return rec.rows  # nothing to time here: no model is built
     for shape in shapes:
         m, xs, f_fwd, f_train, min_bytes = (build_tiny if harness.tiny() else build)(shape, device, dtype)
-        for mode in modes:
-            torch.manual_seed(0)
-            gy = None
-            if mode != "fwd":
-                with torch.no_grad():
-                    gy = torch.randn_like(m(*xs)) * 0.01
-            ref, ref_grads = _float_ref(m, xs, mode, gy)
-            flops = f_fwd if mode == "fwd" else f_train
-            cols = harness.roofline(flops, min_bytes if mode == "fwd" else 3 * min_bytes, dtype)
-            eager_ms = None
-            for prov in providers:
-                row = dict(suite="projector", shape=shape, mode=mode, provider=prov, dtype=str(dtype), flops=flops,
-                           min_bytes=min_bytes if mode == "fwd" else 3 * min_bytes, **cols, **env)
-                def prepare():
-                    fn, err, gerr = _one(prov, m, xs, mode, gy, ref, ref_grads, device)
-                    return fn, dict(rel_err=err, grad_rel_err=gerr)
-
-                timed = harness.time_provider(rec, row, prepare, warmup=3 if device == "cpu" else 10, reps=reps,
-                                              device=device, cleanup=lambda: harness.release_grads(m))
-                if timed is None:
-                    continue
-                med, p20, p80, extra, peak = timed
-                eager_ms = med if prov == "hf_eager" else eager_ms
-                rec.add(dict(row, **harness.timing_cols(med, p20, p80, flops, cols["roofline_ms"], eager_ms), **extra,
-                             peak_mem_bytes=peak))
+        harness.time_modes(
+            rec, m, xs, base=dict(suite="projector", shape=shape, **env), modes=modes, providers=providers,
+            flops=(f_fwd, f_train), min_bytes=min_bytes, dtype=dtype,
+            float_ref=lambda mode, gy: _float_ref(m, xs, mode, gy),
+            one=lambda prov, mode, gy, ref, rg: _one(prov, m, xs, mode, gy, ref, rg, device),
+            warmup=3 if device == "cpu" else 10, reps=reps, device=device)
         m = xs = None  # release before the next shape
     if verbose:
         harness.print_footer(env, rec.rows, out)
