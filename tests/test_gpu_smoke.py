@@ -2,7 +2,8 @@
 
 The first step of benchmarks/gpu_session.sh (``pytest -m gpu_smoke``, under two minutes on an H200): compiled kernels
 can fail where the interpreter passed (layouts, masks, races), so each family runs once at a connector's real width
-before any benchmark: the dense GEMM with its norm prologue, GELU epilogue and backward; the gather A-modes (pixel
+before any benchmark: the dense GEMM with its norm prologue, GELU epilogue and backward, and its TMA core's split
+tail at LLaVA B=1; the gather A-modes (pixel
 shuffle concat, pooled mean with Gemma's RMSNorm, max); the im2col patch embedding with class token, positions and the
 row-norm pass, and its uint8 masked load; Qwen-VL rows with position taps and still frames; the NCHW feature-map
 load; the Q-Former's linear + residual + LayerNorm; cross-attention with a key mask and the Perceiver's two-source
@@ -78,6 +79,35 @@ def test_dense_gemm_norm_prologue_gelu_and_backward():
     ref.backward(gy.double())
     for p, q, name in zip(params, p64, ("w1", "b1", "w2", "b2", "norm weight", "norm bias")):
         assert_close(p.grad, q.grad, dt, M, roundings=4, what=f"gradient of {name}")
+
+
+def test_dense_gemm_tma_core_split_tail(monkeypatch):
+    """LLaVA-1.5 at B=1 (576 x 1024 -> 4096 -> 4096): on sm_90 the TMA core (kernels/gemm_tma.py) runs both GEMMs
+    with their last wave split over K. Against float64, and the same bits on every call (the split tail sums its
+    partials in index order whatever order they arrive in; a missing or stale partial would change the result)."""
+    from fastvlm.kernels import gemm
+    from fastvlm.ops.projector import mlp_projector
+    from fastvlm.reference.projector import mlp_projector_ref
+
+    if CUDA and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the TMA core is for sm_90")
+    monkeypatch.setenv("FASTVLM_GEMM_CORE", "tma")  # (on sm_90 the default too; the interpreter runs it tiny)
+    gemm._CALLS.clear()
+    M, K, I = size((576, 1024, 4096), (70, 256, 100))
+    dt = torch.bfloat16
+    x = _r(M, K, dtype=dt)
+    w1, b1 = _r(I, K, dtype=dt, scale=K ** -0.5), _r(I, dtype=dt, scale=0.1)
+    w2, b2 = _r(I, I, dtype=dt, scale=I ** -0.5), _r(I, dtype=dt, scale=0.1)
+    with torch.no_grad(), fastvlm.trace() as t:
+        ys = [mlp_projector(x, w1, b1, w2, b2, act="gelu") for _ in range(4)]
+    gemm._CALLS.clear()
+    _only_triton(t)
+    assert all("gemm core: TMA" in r.note for r in t.records if r.op.startswith("fastvlm::")), str(t)
+    if CUDA:
+        assert "split 4-way" in t.records[0].note, str(t)  # 160 tiles: 132 whole, 28 split over K
+    ref = mlp_projector_ref(x.double(), w1.double(), b1.double(), w2.double(), b2.double(), act="gelu")
+    assert_close(ys[0], ref, dt, I, roundings=2)
+    assert all(torch.equal(y, ys[0]) for y in ys[1:])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
