@@ -13,11 +13,11 @@ GEMM_CONFIGS = [
     (64, 64, 64, 4, 4),
 ]
 # fp32 inputs (tf32x3 by default: each operand split into hi/lo TF32 halves in registers) run their own rows, all
-# BLOCK_K 32 and at most 32 accumulator elements per thread: with the 16-bit rows above (BLOCK_K 64) ptxas spilled in
-# 11 of 32 fp32 tf32x3 variant x config cases (8-700 B; 20-272 B in the dense GEMM) and the "ieee" FMA path in 3 of 5
-# configs (16-64 B); 128x128x32 on 8 warps (64 accumulators per thread) spilled 16-1628 B in 4 of 16 variants. These
-# rows compile every variant with 0 spills (fastvlm audit, the "fused_linear[fp32 ..." rows). 16-bit inputs never
-# run them, nor fp32 the 16-bit rows.
+# BLOCK_K 32 and at most 32 accumulator elements per thread. With the 16-bit rows above, ptxas spilled in the dense
+# fp32 GEMM at 3 of the 5 rows that fit (20-700 B tf32x3; 16-64 B "ieee") and in 7 of 32 variant x row cases at the
+# other two (8-428 B); 128x128x32 on 8 warps (64 accumulators per thread) spilled 16-1628 B in 4 of 16 variants.
+# These rows compile every variant with 0 spills (fastvlm audit, the "fused_linear[fp32 ..." rows; numbers in
+# docs/design-projector.md). 16-bit inputs never run them, nor fp32 the 16-bit rows.
 FP32_GEMM_CONFIGS = [
     (128, 64, 32, 8, 4),
     (128, 64, 32, 8, 3),
