@@ -20,9 +20,10 @@ passes), with or without a GPU:
 
 Ceilings come from fastvlm/bench/devices.py (the benchmarks' profiles): ≈790 TFLOP/s dense bf16 on H100 and H200
 (measured; the same SMs and clocks), device copies at ≈3.0 TB/s (H100) and ≈4.3 TB/s (H200), TF32 at half the bf16
-ceiling (derived); fp32 dots computed as tf32x3 are taken at a third of TF32. Both have 132 SMs. The model assumes the first autotune
-config (128×128×64 tiles; 128×64 for gated pairs and for fp32, whose BLOCK_K 32 rows start there) because it cannot know the autotuner's pick, and it runs every
-GEMM at the ceiling times its SM fill: the GEMM core's own efficiency (pipelining, TMA, tile shape) is not a term,
+ceiling (derived); fp32 dots computed as tf32x3 are taken at a third of TF32. Both have 132 SMs. The model assumes
+the first autotune config (128×128×64 tiles; 128×64 for gated pairs and for fp32, whose BLOCK_K 32 rows start there;
+linear_norm's split variant 64×32) because it cannot know the autotuner's pick, and it runs every GEMM at the ceiling
+times its SM fill: the GEMM core's own efficiency (pipelining, TMA, tile shape) is not a term,
 so the model's time is a bound the design could reach, not a prediction; GPU measurements are owed.
 
     python -m fastvlm.perfmodel [--device H100|H200] [--json]

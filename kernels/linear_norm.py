@@ -23,8 +23,9 @@ docs/design-qformer.md for the byte and grid arithmetic.
 
 Numerics: fp32 accumulation and statistics; the pre-norm value is rounded once to ``out``'s dtype between the passes
 (eager rounds dense's output and the residual sum). fp32 inputs use ``PRECISION`` "tf32x3" (about fp32-accurate on
-tensor cores; the default), "tf32" (when torch.backends.cuda.matmul.allow_tf32 is set) or "ieee" (FMA, for
-reference; slow). 16-bit inputs go to the tensor cores as they are. All offsets are int64.
+tensor cores; the default), "tf32" (when torch allows TF32) or "ieee" (FMA; on request: ``precision=`` or
+FASTVLM_FP32_PRECISION, see fastvlm._hot.fp32_precision). 16-bit inputs go to the tensor cores as they are. All
+offsets are int64.
 """
 import triton
 import triton.language as tl
