@@ -41,7 +41,8 @@ BACKENDS = ("auto", "triton", "torch")
 # goes through two Python-level mapping methods per read, a few µs per op call. Same values (os.environ's setters
 # and deleters update this dict); anywhere else (Windows, another mapping put in os.environ's place) ``get`` is used.
 _ENV_KEYS = {n: os.fsencode(n) for n in ("FASTVLM_BACKEND", "FASTVLM_STRICT", "TRITON_INTERPRET",
-                                                "FASTVLM_SCATTER", "FASTVLM_COMPILE_LAUNCH", "FASTVLM_CHOICE")} \
+                                                "FASTVLM_SCATTER", "FASTVLM_COMPILE_LAUNCH", "FASTVLM_CHOICE",
+                                                "FASTVLM_FP32_PRECISION")} \
     if os.name == "posix" else {}
 
 

@@ -6,6 +6,8 @@ The key holds everything the checks read: each tensor's shape, strides and dtype
 """
 from __future__ import annotations
 
+from fastvlm import _dispatch
+
 
 def tensors_key(device, tensors):
     """``device`` and the (shape, strides, dtype) of each tensor, None for None: what a launcher's checks depend on
@@ -41,11 +43,28 @@ def allow_tf32():
     return _ALLOW_TF32()
 
 
+def _tf32_new_api():
+    """TF32 for cuBLAS matmuls as torch's ``fp32_precision`` API states it (torch >= 2.9): the legacy readers raise
+    once a program has set that API to "tf32" (torch refuses to answer for a mix of the two APIs)."""
+    import torch
+
+    return getattr(torch.backends.cuda.matmul, "fp32_precision", "none") == "tf32"
+
+
 def _pick_tf32_reader():
     import torch
 
     reader = getattr(torch._C, "_get_cublas_allow_tf32", None)
-    return reader if reader is not None else _allow_tf32_attr
+    if reader is None:
+        reader = _allow_tf32_attr
+
+    def read():
+        try:
+            return reader()
+        except RuntimeError:  # the legacy flag and torch.backends.cuda.matmul.fp32_precision both set
+            return _tf32_new_api()
+
+    return read
 
 
 class _LazyReader:
@@ -56,3 +75,21 @@ class _LazyReader:
 
 
 _ALLOW_TF32 = _LazyReader()
+
+
+FP32_PRECISIONS = ("tf32x3", "tf32", "ieee")
+FP32_ENV = "FASTVLM_FP32_PRECISION"
+
+
+def fp32_precision() -> str:
+    """The precision of fp32 dots in the GEMM-shaped kernels (fused GEMM, linear_norm) when the caller names none:
+    ``FASTVLM_FP32_PRECISION`` when set ("tf32x3", "tf32" or "ieee", read at every call); else "tf32" when torch
+    allows TF32 for matmuls (``torch.backends.cuda.matmul.allow_tf32``, ``torch.set_float32_matmul_precision("high")``
+    or ``fp32_precision = "tf32"``); else "tf32x3" (three TF32 tensor-core dots, about fp32-accurate). "ieee" (FMA
+    units, no tensor cores) only on request."""
+    value = _dispatch.getenv(FP32_ENV, "")
+    if value:
+        if value not in FP32_PRECISIONS:
+            raise ValueError(f"{FP32_ENV} must be one of {FP32_PRECISIONS}, got {value!r}")
+        return value
+    return "tf32" if _ALLOW_TF32() else "tf32x3"

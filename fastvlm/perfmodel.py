@@ -23,10 +23,10 @@ Ceilings come from fastvlm/bench/devices.py (the benchmarks' profiles): ≈790 T
 ceiling (derived); fp32 dots computed as tf32x3 are taken at a third of TF32. Both have 132 SMs. Dense bf16/fp16
 GEMMs (a strided A, no gated pair) run on the TMA core (kernels/gemm_tma.py) on sm_90: the model takes the tile and
 persistent schedule its launcher picks (kernels/gemm_tma_schedule.py: whole waves data-parallel, a thin last wave
-split over K; the fp32 partial tiles count as L2 -> SM bytes). The other GEMMs run the pointer core, for which the
-model assumes the first autotune config (128×128×64 tiles; 128×64 for gated pairs) because it cannot know the
-autotuner's pick. The model runs every
-GEMM at the ceiling times its SM fill: the GEMM core's own efficiency (pipelining, TMA, tile shape) is not a term,
+split over K; the fp32 partial tiles count as L2 -> SM bytes). For the other GEMMs (the pointer core) the model
+assumes the first autotune config (128×128×64 tiles; 128×64 for gated pairs and for fp32, whose BLOCK_K 32 rows start
+there; linear_norm's split variant 64×32) because it cannot know the autotuner's pick, and it runs every GEMM at the
+ceiling times its SM fill: the GEMM core's own efficiency (pipelining, TMA, tile shape) is not a term,
 so the model's time is a bound the design could reach, not a prediction; GPU measurements are owed.
 
     python -m fastvlm.perfmodel [--device H100|H200] [--json]
@@ -245,23 +245,50 @@ def qwen2vl_merger(patches, E=2):
     return OpModel("qwen2vl_merger", f"Qwen2-VL-7B {patches} patches", gemms, min_b, extra, fill_target=FILL_MIN_B8)
 
 
-def qformer(B, E=4, layers=12, cross_every=2):
+# fp32 GEMM tiles (kernels/gemm_configs.py FP32_GEMM_CONFIGS[0]: BLOCK_K 32 rows, the audited tf32x3 tiles) and
+# linear_norm's (kernels/linear_norm.py): 64-row tiles; the split-N variant's first config is 64x32, the single pass
+# owns whole rows. The variant rule is linear_norm's own (``single_pass_fill`` < SINGLE_PASS_MIN_FILL -> split).
+FP32_TILE = (128, 64)
+LN_BLOCK_M, LN_SPLIT_BLOCK_N, LN_FIN_N = 64, 32, 256
+LN_SINGLE_PASS_MIN_FILL = 0.85
+
+
+def linear_norm_split(M, sms):
+    """Whether linear_norm runs its split-N variant at M rows on ``sms`` SMs (kernels/linear_norm.py's rule)."""
+    tiles = math.ceil(M / LN_BLOCK_M)
+    return tiles / (math.ceil(tiles / sms) * sms) < LN_SINGLE_PASS_MIN_FILL
+
+
+def linear_norm_workspace_bytes(M, N):
+    """HBM bytes of the split variant's row statistics: [2, T, M] fp32 written once, read by each of the
+    normalising launch's cdiv(N, 256) column programs of a row block (the pre-norm h round trip, through ``out``,
+    is the single pass's too and stays in L2 at these sizes)."""
+    ws = 2 * math.ceil(N / LN_SPLIT_BLOCK_N) * M * 4
+    return ws * (1 + math.ceil(N / LN_FIN_N))
+
+
+def qformer(B, E=4, layers=12, cross_every=2, sms=132):
     """(c') BLIP-2 Q-Former query path in fp32 (tf32x3 dots): 32 queries x 768, image 257 x 1408, 12 heads. The
-    image-side K/V of all cross-attention layers in one GEMM; dense + residual + LayerNorm in linear_norm, whose
-    grid is cdiv(M, 64) programs that each own full 768-wide rows."""
+    image-side K/V of all cross-attention layers in one GEMM (fp32 tiles 128x64); dense + residual + LayerNorm in
+    linear_norm: below 85% SM fill of its cdiv(M, 64) whole-row programs (every B < 264) the split-N variant, a
+    [cdiv(M, 64) x cdiv(768, 32)] grid plus a normalising launch, else the single pass (64 x 768 tiles)."""
     Mq, Mi, D, Di, F = 32 * B, 257 * B, 768, 1408, 3072
     n_cross = layers // cross_every
-    ln = lambda name, k, count: Gemm(name, Mq, D, k, tile=(64, D), elem=E, count=count)  # noqa: E731
-    gemms = [Gemm("self qkv", Mq, 3 * D, D, elem=E, count=layers), ln("self dense+res+LN", D, layers),
-             Gemm("cross q", Mq, D, D, elem=E, count=n_cross),
-             Gemm("cross kv (all layers)", Mi, 2 * D * n_cross, Di, elem=E),
-             ln("cross dense+res+LN", D, n_cross), Gemm("ffn fc1+gelu", Mq, F, D, elem=E, count=layers),
+    split = linear_norm_split(Mq, sms)
+    ln_tile = (LN_BLOCK_M, LN_SPLIT_BLOCK_N if split else D)
+    ln = lambda name, k, count: Gemm(name, Mq, D, k, tile=ln_tile, elem=E, count=count)  # noqa: E731
+    g = lambda name, m, n, k, count=1: Gemm(name, m, n, k, tile=FP32_TILE, elem=E, count=count)  # noqa: E731
+    gemms = [g("self qkv", Mq, 3 * D, D, layers), ln("self dense+res+LN", D, layers),
+             g("cross q", Mq, D, D, n_cross), g("cross kv (all layers)", Mi, 2 * D * n_cross, Di),
+             ln("cross dense+res+LN", D, n_cross), g("ffn fc1+gelu", Mq, F, D, layers),
              ln("ffn fc2+res+LN", F, layers)]
     attn = 4 * B * 12 * 32 * 64 * (32 * layers + 257 * n_cross)
     weights = (layers * (4 * D * D + 2 * D * F) + n_cross * (2 * D * D + 2 * D * Di)) * E
     min_b = weights + (Mi * Di + 2 * Mq * D) * E
     extra = {"per-layer activations write+read": 2 * layers * Mq * (3 * D + 2 * D + F) * E,
              "image K/V write+read": 2 * Mi * 2 * D * n_cross * E}
+    if split:
+        extra["linear_norm split: row statistics"] = (2 * layers + n_cross) * linear_norm_workspace_bytes(Mq, D)
     return OpModel("qformer", f"BLIP-2 Q-Former B={B}", gemms, min_b, extra, attn_flops=attn, dtype="fp32",
                    fill_target=FILL_MIN_B8 if B >= 8 else 0.0)
 

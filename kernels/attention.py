@@ -229,7 +229,7 @@ def attention_fwd(q, k, v, *, key_mask=None, attn_mask=None, scale=None, precisi
     if config is not None:
         config = tuple(config)
     try:
-        key = (scale, precision, torch.backends.cuda.matmul.allow_tf32, config,
+        key = (scale, precision, _hot.allow_tf32(), config,
                _hot.devices_key((q, k, v, k2, v2, key_mask, attn_mask, out, lse)))
     except AttributeError:  # not tensors: the checks name the argument
         key = None
@@ -306,7 +306,7 @@ def _prepare(q, k, v, key_mask, attn_mask, scale, precision, config, out, lse, k
     if q.dtype != torch.float32:
         precision = "ieee"  # ignored by 16-bit dots
     elif precision is None:
-        precision = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "tf32x3"
+        precision = "tf32" if _hot.allow_tf32() else "tf32x3"  # (a reader that survives torch's fp32_precision API)
     _check(precision in FP32_PRECISIONS or q.dtype != torch.float32,
            f"attention_fwd: precision must be one of {FP32_PRECISIONS} for float32 inputs, got {precision!r}")
 

@@ -20,11 +20,14 @@ A-load hook: ``_load_a_tile`` produces each tile of the *logical* A from the sto
 table; "mean" averages the rows of a pooling window as they are loaded. Patch embedding's im2col will be one more
 branch. The K loop, prologue and epilogue are shared by all.
 
-Numerics: fp32 accumulation always. fp32 inputs use ``PRECISION`` ("ieee" unless the caller allowed TF32, matching
-torch.backends.cuda.matmul.allow_tf32). All offsets are int64.
+Numerics: fp32 accumulation always. fp32 inputs use ``PRECISION``: "tf32x3" by default (three TF32 tensor-core dots,
+about fp32-accurate), "tf32" when torch allows TF32 (torch.backends.cuda.matmul.allow_tf32), "ieee" (FMA units) only
+on request (``precision=`` or FASTVLM_FP32_PRECISION; fastvlm._hot.fp32_precision). All offsets are int64.
 """
 import triton
 import triton.language as tl
+
+from fastvlm import _hot
 
 from . import _launch
 from ._interp import autotune_configs, dot_operand
@@ -196,7 +199,7 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuple that bypasses the autotuner
     (tests use it to cover every tile shape under the interpreter).
     ``memo``: a one-element list an op keeps for this call site under its own checked key (which fixes every
-    argument's shape, strides, dtype and device, and torch.backends.cuda.matmul.allow_tf32): the checks of the
+    argument's shape, strides, dtype and device, and the fp32 precision ``fastvlm._hot.fp32_precision`` picks): the checks of the
     first call are kept there and trusted on the next ones, without keying them again here.
     """
     import torch
@@ -214,7 +217,7 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
                     a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows,
                     store_pre)
     if precision is None:
-        precision = "tf32" if (a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
+        precision = _hot.fp32_precision() if a.dtype == torch.float32 else "ieee"  # (16-bit dots ignore it)
     if config is not None:
         config = tuple(config)
     key = (act, norm, norm_group, norm_src, a_mode, store_pre, out_dtype, precision, config, _launch.tensors_key(a.device, (

@@ -2,7 +2,7 @@
 registers and shared memory the sm_90a audit found safe."""
 import triton
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages). The first one is what the interpreter runs.
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of 16-bit inputs. The first one is what the interpreter runs.
 # 64-row tiles reach wgmma with 4 warps (one warpgroup); 128-row tiles use 8 warps (two warpgroups).
 GEMM_CONFIGS = [
     (128, 128, 64, 8, 3),
@@ -12,6 +12,20 @@ GEMM_CONFIGS = [
     (128, 64, 64, 8, 3),  # for gated pairs (two accumulators): wider tiles spill
     (64, 64, 64, 4, 4),
 ]
+# fp32 inputs (tf32x3 by default: each operand split into hi/lo TF32 halves in registers) run their own rows, all
+# BLOCK_K 32 and at most 32 accumulator elements per thread. With the 16-bit rows above, ptxas spilled in the dense
+# fp32 GEMM at 3 of the 5 rows that fit (20-700 B tf32x3; 16-64 B "ieee") and in 7 of 32 variant x row cases at the
+# other two (8-428 B); 128x128x32 on 8 warps (64 accumulators per thread) spilled 16-1628 B in 4 of 16 variants.
+# These rows compile every variant with 0 spills (fastvlm audit, the "fused_linear[fp32 ..." rows; numbers in
+# docs/design-projector.md). 16-bit inputs never run them, nor fp32 the 16-bit rows.
+FP32_GEMM_CONFIGS = [
+    (128, 64, 32, 8, 4),
+    (128, 64, 32, 8, 3),
+    (64, 64, 32, 4, 4),
+    (64, 32, 32, 4, 4),
+]
+FP32_BLOCK_K = 32
+assert all(c[2] == FP32_BLOCK_K for c in FP32_GEMM_CONFIGS) and all(c[2] != FP32_BLOCK_K for c in GEMM_CONFIGS)
 GATED_MAX_ACC_PER_THREAD = 32  # a gated pair holds two fp32 accumulators; more than this per thread spills
 # "separable_mean" sums each A tile in an fp32 register tile with int64 offsets: above 32 A elements per thread
 # (128x64 A tiles on 4 warps) ptxas spilled 144-156 B (fastvlm audit), so those tiles are not launched for it
@@ -24,6 +38,8 @@ PIX_MASK_MAX_BLOCK_N = 64
 def _config_ok(bm, bn, bk, warps, stages, elem_bytes, gated, a_mode="strided", pix_mask=False, smem=None):
     """Whether a config fits: its pipeline buffers within ``smem`` bytes (default SMEM_BUDGET, the H100 budget; the
     pruner passes ``smem_budget`` of the launch device) and the register limits the audit found."""
+    if (bk == FP32_BLOCK_K) != (elem_bytes == 4):  # each dtype runs its own rows
+        return False
     if _smem_estimate(bm, bn, bk, stages, elem_bytes, gated) > (SMEM_BUDGET if smem is None else smem):
         return False
     if pix_mask and bn > PIX_MASK_MAX_BLOCK_N:
@@ -82,11 +98,16 @@ def _prune_configs(configs, named_args, **kwargs):
                                              c.num_stages, elem, gated, a_mode, pix_mask, smem)]
     if kept:
         return kept
-    last = configs[-1]
+    last = ([c for c in configs if (c.kwargs["BLOCK_K"] == FP32_BLOCK_K) == (elem == 4)] or configs)[-1]
     bm, bn, bk = last.kwargs["BLOCK_M"], last.kwargs["BLOCK_N"], last.kwargs["BLOCK_K"]
     return [fit_stages(last, _smem_estimate(bm, bn, bk, 1, elem, gated), smem)]
 
 
+def configs_for(elem_bytes):
+    """The rows inputs of ``elem_bytes`` per element may run (before the shared-memory and register pruning)."""
+    return FP32_GEMM_CONFIGS if elem_bytes == 4 else GEMM_CONFIGS
+
+
 def _triton_configs():
     return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in GEMM_CONFIGS]
+            for bm, bn, bk, w, s in GEMM_CONFIGS + FP32_GEMM_CONFIGS]

@@ -8,7 +8,7 @@ and can capture it in a CUDA graph (``mode="reduce-overhead"``).
 What differs from the eager launcher (``fused_linear``), because the body is traced with fake tensors:
 
 * nothing reads a data pointer, and nothing is cached per call: the arguments are built from shapes and strides;
-* the tile config is chosen by rule, not timed: the first of ``GEMM_CONFIGS`` that fits the dtype (the same pruning
+* the tile config is chosen by rule, not timed: the first row of the dtype's configs (``configs_for``) that fits (the same pruning
   the autotuner applies); the heuristics' values are computed here (they depend on constexprs only);
 * only the variants the compiled projector uses: a strided A, no norm, optional bias, an activation.
 
@@ -21,7 +21,7 @@ import triton
 
 from . import _launch
 from .gemm import _FLAG_NAMES, _fused_linear_kernel
-from .gemm_configs import GEMM_CONFIGS, _config_ok
+from .gemm_configs import _config_ok, configs_for
 
 
 def traceable() -> bool:
@@ -31,10 +31,11 @@ def traceable() -> bool:
 
 def rule_config(elem_bytes):
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the first config that fits ``elem_bytes`` inputs."""
-    for cfg in GEMM_CONFIGS:
+    rows = configs_for(elem_bytes)  # fp32 has its own rows (BLOCK_K 32)
+    for cfg in rows:
         if _config_ok(*cfg, elem_bytes, False):
             return cfg
-    return GEMM_CONFIGS[-1]
+    return rows[-1]
 
 
 def traced_linear(a, weight, bias, act, precision):

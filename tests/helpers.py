@@ -5,8 +5,8 @@ is derived, never tuned to pass:
     tol = 2 * eps(dtype) * sqrt(roundings) + 2 * sqrt(K) * eps(accumulator)
 ``roundings`` is how many times a result passes through ``dtype`` on its way out (e.g. norm output, activation,
 final output), ``K`` the reduction length. eps is torch.finfo's machine epsilon; the factor 2 covers the interpreter's
-round-toward-zero casts to bf16 (GPUs round to nearest even). fp32 accumulation is exact-to-rounding on the GPU with
-``ieee`` precision (fastvlm's default for fp32).
+round-toward-zero casts to bf16 (GPUs round to nearest even). fp32 dots are fp32-accurate on the GPU with ``tf32x3``
+(fastvlm's default for fp32; docs/design-projector.md measures it) and ``ieee`` (on request).
 """
 import math
 

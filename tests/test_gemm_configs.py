@@ -42,32 +42,42 @@ def _smem(cfg, dtype, gated=False):
 
 def test_fp32_tiles_are_pruned_by_the_devices_shared_memory(device_limit):
     device_limit.update({0: H100, 1: A100, 2: SM89})
-    # H100 / H200: fp32 128x128x64 with 3 stages is 192 KB of buffers (the audit's ptxas reports 196608 B), within
-    # the 227 KB a block may use; 4 stages (256 KB) are not
+    # fp32 runs its own rows (BLOCK_K 32: the audited tf32x3 tiles without spills), 16-bit never runs them
     h100 = _kept(torch.float32, 0)
-    assert (128, 128, 64, 8, 3) in h100 and (128, 128, 64, 8, 4) not in h100
-    # A100 (163 KB): the 192 KB fp32 tile goes; bf16 keeps it (96 KB)
-    a100 = _kept(torch.float32, 1)
-    assert (128, 128, 64, 8, 3) not in a100 and a100
+    assert h100 == [c for c in G.FP32_GEMM_CONFIGS if _smem(c, torch.float32) <= G.SMEM_BUDGET]
+    assert not set(h100) & set(G.GEMM_CONFIGS)
+    assert not set(_kept(torch.bfloat16, 0)) & set(G.FP32_GEMM_CONFIGS)
+    # A100 (163 KB): bf16 keeps 128x128x64 at 3 stages (96 KB); SM89 (99 KB) drops fp32 128x64x32 at 4 stages (128 KB)
     assert (128, 128, 64, 8, 3) in _kept(torch.bfloat16, 1)
+    assert (128, 64, 32, 8, 4) in h100 and (128, 64, 32, 8, 4) not in _kept(torch.float32, 2)
     for dev, limit in ((0, H100), (1, A100), (2, SM89)):
         for dtype in (torch.float32, torch.bfloat16, torch.float16):
             for gated in (False, True):
                 kept = _kept(dtype, dev, gated)
                 assert kept, (dev, dtype, gated)
                 assert all(_smem(c, dtype, gated) <= limit - (H100 - G.SMEM_BUDGET) for c in kept), (dev, dtype, kept)
+                assert all((c[2] == G.FP32_BLOCK_K) == (dtype == torch.float32) for c in kept), (dtype, kept)
 
 
 def test_no_config_fits_takes_fewer_stages(device_limit):
-    device_limit[0] = SM89  # 99 KB: no fp32 gated config fits with its stages
-    (cfg,) = _kept(torch.float32, 0, gated=True)
-    assert cfg[:4] == G.GEMM_CONFIGS[-1][:4] and cfg[4] < G.GEMM_CONFIGS[-1][4]
-    assert _smem(cfg, torch.float32, gated=True) <= SM89 - (H100 - G.SMEM_BUDGET)
+    device_limit[0] = 40 * 1024  # a small budget: no gated config fits with its stages
+    for dtype, rows in ((torch.float32, G.FP32_GEMM_CONFIGS), (torch.bfloat16, G.GEMM_CONFIGS)):
+        (cfg,) = _kept(dtype, 0, gated=True)
+        assert cfg[:4] == rows[-1][:4] and cfg[4] < rows[-1][4]  # the dtype's own smallest row
+        assert _smem(cfg, dtype, gated=True) <= max(40 * 1024 - (H100 - G.SMEM_BUDGET), _smem(cfg[:4] + (1,), dtype,
+                                                                                             gated=True))
 
 
 def test_cpu_tensors_use_the_audited_budget(device_limit):
     """The interpreter and the host-only sm_90 driver (CPU tensors): the H100 budget, no device query."""
-    assert _kept(torch.float32, -1) == [c for c in G.GEMM_CONFIGS if _smem(c, torch.float32) <= G.SMEM_BUDGET]
+    assert _kept(torch.float32, -1) == [c for c in G.FP32_GEMM_CONFIGS if _smem(c, torch.float32) <= G.SMEM_BUDGET]
+    assert _kept(torch.bfloat16, -1) == [c for c in G.GEMM_CONFIGS if _smem(c, torch.bfloat16) <= G.SMEM_BUDGET]
+
+
+def test_traced_rule_config_takes_the_dtypes_rows():
+    from fastvlm.kernels.gemm_traced import rule_config
+
+    assert rule_config(4) == G.FP32_GEMM_CONFIGS[0] and rule_config(2) == G.GEMM_CONFIGS[0]
 
 
 def test_linear_norm_pruner_follows_the_device(device_limit):

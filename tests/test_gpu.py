@@ -22,7 +22,13 @@ def test_real_sizes_vs_float64(shape, dtype):
     assert_close(out, ref, dtype, x.shape[-1], roundings=3)
 
 
-def test_fp32_ieee_vs_float64():
+@pytest.mark.parametrize("precision", ["", "ieee"], ids=["tf32x3", "ieee"])
+def test_fp32_vs_float64(precision, monkeypatch):
+    """fp32 GEMMs: tf32x3 by default (about fp32-accurate), "ieee" on request: both within the fp32 tolerance."""
+    if precision:
+        monkeypatch.setenv("FASTVLM_FP32_PRECISION", precision)
+    else:
+        monkeypatch.delenv("FASTVLM_FP32_PRECISION", raising=False)
     m, x, *_ = build("qwen2-vl-7b@1024", "cuda", torch.float32)
     with torch.no_grad():
         out = fastvlm.nn.from_module(m)(x)

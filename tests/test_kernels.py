@@ -12,6 +12,7 @@ from fastvlm.reference.activations import act_ref
 from fastvlm.reference.projector import norm_ref, norm_stats_ref
 
 from fastvlm.kernels.gemm import GEMM_CONFIGS, fused_linear  # noqa: E402
+from fastvlm.kernels.gemm_configs import FP32_GEMM_CONFIGS  # noqa: E402
 from fastvlm.kernels.norm_stats import row_stats  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -91,11 +92,12 @@ def test_gated_pair_and_residual(device, dtype):
     out.check("out")
 
 
-@pytest.mark.parametrize("config", GEMM_CONFIGS, ids=lambda c: "x".join(map(str, c[:3])))
+@pytest.mark.parametrize("config", GEMM_CONFIGS + FP32_GEMM_CONFIGS, ids=lambda c: "x".join(map(str, c)))
 def test_every_autotune_tile(device, config):
-    """Each production tile shape on a ragged problem (the interpreter otherwise only runs the first config)."""
+    """Each production tile shape on a ragged problem (the interpreter otherwise only runs the first config): the
+    16-bit rows in bf16, the fp32 rows (BLOCK_K 32) in fp32."""
     M, K, N = 130, 72, 136
-    dtype = torch.bfloat16
+    dtype = torch.float32 if config in FP32_GEMM_CONFIGS else torch.bfloat16
     a, w, b = _rand((M, K), dtype, device), _rand((N, K), dtype, device, K ** -0.5), _rand((N,), dtype, device)
     out = Guarded((M, N), dtype, device)
     fused_linear(a, w, b, act="gelu", out=out.tensor, config=config)

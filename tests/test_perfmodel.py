@@ -74,3 +74,23 @@ def test_fastvlm_model_command(capsys):
     assert main(["model", "--device", "H200", "--markdown"]) == 0
     out = capsys.readouterr().out
     assert "| Gemma 3-4B B=64 |" in out
+
+
+def test_qformer_follows_the_linear_norm_and_fp32_designs():
+    """The Q-Former row uses the kernels' own constants: linear_norm's variant rule and split tile, the fp32 GEMM
+    tile; at B = 8 the dense + residual + LayerNorm GEMMs are split (4 x 24 = 96 CTAs, 73% fill, was 4 CTAs)."""
+    from fastvlm.kernels import gemm_configs, linear_norm, linear_norm_split
+
+    assert perfmodel.FP32_TILE == gemm_configs.FP32_GEMM_CONFIGS[0][:2]
+    assert perfmodel.LN_SPLIT_BLOCK_N == linear_norm_split.SPLIT_CONFIGS[0][1]
+    assert perfmodel.LN_FIN_N == linear_norm_split.FIN_N_MAX and perfmodel.LN_BLOCK_M == linear_norm.BLOCK_M
+    assert perfmodel.LN_SINGLE_PASS_MIN_FILL == linear_norm.SINGLE_PASS_MIN_FILL
+    for M in (32, 256, 64 * 132, 64 * 133, 64 * 250):
+        assert perfmodel.linear_norm_split(M, 132) == (linear_norm.single_pass_fill(M, 132)
+                                                       < linear_norm.SINGLE_PASS_MIN_FILL)
+    m = perfmodel.qformer(8)
+    ln = [g for g in m.gemms if "LN" in g.name]
+    assert len(ln) == 3 and all(g.ctas == 96 and g.fill(132) == pytest.approx(96 / 132) for g in ln)
+    ws = 2 * 24 * 256 * 4 * (1 + 3)  # [2, 24 tiles, 256 rows] fp32: written once, read by 3 column programs
+    assert m.extra["linear_norm split: row statistics"] == 30 * ws  # 12 self + 6 cross + 12 FFN outputs
+    assert 0.70 < m.fill(H100) < 0.85  # qkv (55%) and the cross-attention query GEMM (18%) keep it under target

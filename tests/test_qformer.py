@@ -337,13 +337,14 @@ def test_patch_tiny_model(family, torch_backend):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("M", [32, 2048])
 def test_gpu_linear_norm_real_sizes(M, dtype):
-    """BLIP-2's SelfOutput (K = 768) and Output (K = 3072) at batch 1 and 64, every precision."""
+    """BLIP-2's SelfOutput (K = 768) and Output (K = 3072) at batch 1 and 64, both variants, every precision."""
     from fastvlm.kernels.linear_norm import linear_norm
 
     for K in (768, 3072):
         a, w, b, r, g, beta = (None if t is None else t.cuda() for t in _ln_inputs(M, K, 768, dtype))
         ref = linear_norm_ref(a, w, b, r, g, beta, 1e-12)
-        assert_close(linear_norm(a, w, b, r, g, beta, 1e-12), ref, dtype, K, roundings=2)
+        for split in (None, False, True):
+            assert_close(linear_norm(a, w, b, r, g, beta, 1e-12, split=split), ref, dtype, K, roundings=2)
         if dtype == torch.float32:
             assert_close(linear_norm(a, w, b, r, g, beta, 1e-12, precision="ieee"), ref, dtype, K, roundings=2)
 

@@ -24,7 +24,7 @@ from fastvlm.ops import _checks
 from fastvlm.reference.linear_norm import linear_norm_eager
 
 OP_NAME = "fastvlm::linear_residual_layernorm"
-PRECISIONS = ("", "tf32x3", "tf32", "ieee")  # "" = the kernel's default (tf32x3, or tf32 under allow_tf32)
+PRECISIONS = ("", "tf32x3", "tf32", "ieee")  # "" = the kernel's default (fastvlm._hot.fp32_precision)
 
 
 def _validate(x, w, b, residual, ln_w, ln_b, precision):
@@ -153,8 +153,8 @@ def linear_residual_layernorm(x, weight, bias=None, residual=None, ln_weight=Non
                               precision=""):
     """``F.layer_norm(x @ weight^T + bias + residual, ln_weight, ln_bias, eps)`` over the last dimension of ``x``
     (any leading dimensions; ``residual`` has the output's shape). ``precision``: fp32 dot precision of the kernel
-    ("" = tf32x3, or tf32 under allow_tf32; "ieee"). Eager calls skip the dispatcher; under torch.compile the call is
-    the registered custom op."""
+    ("" = tf32x3, tf32 under allow_tf32, or FASTVLM_FP32_PRECISION when set; "ieee"). Eager calls skip the
+    dispatcher; under torch.compile the call is the registered custom op."""
     if x.dim() == 0 or (residual is not None and residual.dim() == 0):
         raise ValueError("linear_residual_layernorm: x and residual need a feature dimension [..., features], got a "
                          "0-D tensor")

@@ -367,7 +367,7 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
         reasons = memo = None
     else:
         s = _cached_spec(norm, group, eps, act, act2, a_mode, norm_src, gated)
-        key = (s, _hot.allow_tf32(), _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
+        key = (s, _hot.fp32_precision(), _hot.devices_key((x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, w_up, b_up)))
         checked = _CHECKED.get(key)
         if checked is None:  # a new shape key: the checks (shapes, dtypes and devices only) and the kernel's reasons
             _validate(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, w_up, b_up)
@@ -399,6 +399,6 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     return y if lead is None else y.reshape(*lead, y.shape[-1])
 
 
-# (spec, allow_tf32, tensors' metadata) -> (the Triton kernel's reasons, the launchers' memo): the checks passed
+# (spec, fp32 precision, tensors' metadata) -> (the Triton kernel's reasons, the launchers' memo): the checks passed
 _CHECKED = {}
 _cached_spec = functools.lru_cache(maxsize=1024)(_spec)  # eager calls share Spec objects

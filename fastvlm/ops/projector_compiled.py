@@ -48,7 +48,7 @@ def wanted(x, spec, rows, w_up, reasons) -> bool:
 
 def precision_of(x) -> str:
     """The GEMM's fp32 precision, as ``fused_linear`` picks it (read when tracing)."""
-    return "tf32" if (x.dtype == torch.float32 and _hot.allow_tf32()) else "ieee"
+    return _hot.fp32_precision() if x.dtype == torch.float32 else "ieee"
 
 
 @triton_op(OP_NAME, mutates_args=())

@@ -2,7 +2,8 @@
 GEMM tiles. Runs ``python -m fastvlm.audit --json`` in a child process without TRITON_INTERPRET (the interpreter,
 which conftest turns on for this process, would make compilation fail).
 
-Marked slow (about 3 minutes on 2 cores with a cold Triton cache): ``.ci/run`` runs it as its own step after the
+Marked slow (about 3 minutes on 2 cores with a cold Triton cache before issue 12 added the fp32 GEMM and split
+linear_norm cases: 245 cases now, an estimated 6-8 minutes): ``.ci/run`` runs it as its own step after the
 default suite; locally ``python -m pytest -m slow tests/compile/test_sm90_audit.py`` or ``fastvlm audit``."""
 import json
 import os
@@ -40,6 +41,25 @@ def test_resources(reports):
         assert r["spill_bytes"] == 0, r
         if r["expect_mma"]:
             assert r["wgmma"], f"{r['name']} does not use wgmma"
+
+
+@pytest.mark.slow
+def test_fp32_and_split_linear_norm_variants(reports):
+    """Issue 12: fp32 GEMM variants compile on tensor cores (tf32x3, every variant x fp32 row) and the "ieee" path on
+    request compiles too, with 0 spills; both linear_norm variants (single pass, split tile + normalising launch)."""
+    from fastvlm.kernels import gemm_configs
+
+    fp32 = [r for r in reports if r["name"].startswith("fused_linear[fp32 tf32x3 ")]
+    assert len({r["name"].split("]")[0] for r in fp32}) >= 16
+    assert all(r["wgmma"] and r["spill_bytes"] == 0 for r in fp32)
+    assert all(r["name"].split("] ")[1].split(" ")[0].endswith("x32") for r in fp32)
+    ieee = [r for r in reports if r["name"].startswith("fused_linear[fp32 ieee ")]
+    assert len(ieee) == len(gemm_configs.FP32_GEMM_CONFIGS) and all(r["spill_bytes"] == 0 for r in ieee)
+    split = [r for r in reports if r["name"].startswith("linear_norm_split[")]
+    assert {r["name"].split("]")[0] for r in split} == {"linear_norm_split[bf16 ieee", "linear_norm_split[fp32 tf32x3",
+                                                         "linear_norm_split[fp32 tf32"}
+    assert all(r["wgmma"] and r["spill_bytes"] == 0 and r["async_loads"] for r in split)
+    assert any(r["name"].startswith("linear_norm_finish[fp32]") for r in reports)
 
 
 @pytest.mark.slow
