@@ -264,7 +264,8 @@ def _real_cases():
             torch.randn(16, 8), "a copy of qwen2_vl's PatchMerger"),
         "video_llama_3 projector": lambda: (
             _cls("video_llama_3.modeling_video_llama_3.VideoLlama3Projector")(_cfg(
-                "VideoLlama3Config", vision_config=dict(hidden_size=16), text_config=dict(hidden_size=24))),
+                "VideoLlama3Config", vision_config=dict(hidden_size=16),
+                text_config=dict(model_type="qwen2", hidden_size=24))),
             torch.randn(7, 16), "as Linear-GELU-Linear"),
         "janus aligner": lambda: (
             _cls("janus.modeling_janus.JanusVisionAlignerMLP")(_cfg(
