@@ -1,0 +1,128 @@
+"""The thin repeat path of a module whose fused call is a chain of plain GEMM launches (a single Linear, a LLaVA-style
+Linear -> act -> Linear): once a call has taken the kernels, the next call with the same inputs launches them again
+without going through the op (its key, backend choice and launchers).
+
+A ``Chain`` is kept by the module (``fastvlm.nn``) and holds what the slow call established:
+
+* ``token()``: the process state the backend choice read (FASTVLM_BACKEND / STRICT / CHOICE, TRITON_INTERPRET, the
+  dispatch's environment check and the per-shape choice's generation) and ``allow_tf32`` (the kernel's precision);
+* the input's (shape, strides, dtype, device), and each parameter *object* with its (shape, strides, dtype, device):
+  ``.half()``, ``.to()`` and ``param.data = ...`` keep the object but change these; a replaced parameter
+  (``load_state_dict(assign=True)``, ``lin.weight = ...``) is another object; in-place updates and
+  ``load_state_dict`` (copies) change only values, which every launch reads from memory;
+* the launchers' checked calls (``kernels.gemm`` ``Call``: plan, grid, integer arguments) of each step.
+
+A call takes the chain only when all of these match and nothing per call asks for more: no open ``trace()``,
+autocast off, no input needing a gradient, not under torch.compile. Otherwise ``run`` returns ``None`` and the module
+takes its usual path (which reports fallbacks, records traces, applies strict mode), and installs a new chain where
+the usual path ran the kernels. The tensors handed to the launch are the caller's own: a row view of ``x``
+(``x.reshape(-1, K)``, a view by the key's strides) has ``x``'s data pointer, which is all a launch reads (under the
+Triton interpreter, which reads more, the view is taken).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fastvlm import _dispatch, _hot, choice
+from fastvlm.ops._checks import _any_autocast, autocast_on
+
+_NONE6, _NONE9 = (None,) * 6, (None,) * 9  # the GEMM's pointer arguments around ``a_rows`` (unused here)
+_ENV = tuple(os.fsencode(n) for n in ("FASTVLM_BACKEND", "FASTVLM_STRICT", "FASTVLM_CHOICE", "TRITON_INTERPRET")) \
+    if os.name == "posix" else None
+STALE, PASS = object(), object()  # ``run``'s answers besides a result
+
+
+def token():
+    """The process state a kernel decision depends on (see the module docstring); None where it cannot be read
+    cheaply (then no chain is used)."""
+    data = getattr(os.environ, "_data", None)
+    if _ENV is None or type(data) is not dict:
+        return None
+    b, s, c, i = _ENV
+    return (data.get(b), data.get(s), data.get(c), data.get(i), _dispatch.environment_reasons, choice.applies,
+            choice.generation, _hot.allow_tf32())
+
+
+def meta(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype, t.device)
+
+
+class Chain:
+    """See the module docstring. ``steps``: ((call, weight index, bias index, output shape, output dtype, row table,
+    its version), ...) with the indices into ``params`` (the outputs live on x's device, part of the call's key); None: the usual path did not run the kernels for this state (it runs again, nothing installed)."""
+
+    __slots__ = ("token", "x_meta", "params", "p_meta", "steps", "view")
+
+    def __init__(self, tok, x, params, steps, a=None):
+        from fastvlm.kernels._interp import INTERPRETING  # (triton is imported by the call that built the steps)
+
+        self.token, self.x_meta, self.params, self.steps = tok, meta(x), tuple(params), steps
+        self.p_meta = tuple(meta(p) for p in params)
+        # the interpreter reads the tensor, not only its pointer: it gets the view the launch was planned for
+        self.view = (tuple(a.shape), a.stride()) if INTERPRETING and a is not None and a is not x else None
+
+    def run(self, x, params):
+        """The chain's result for ``x`` with the module's current ``params``, ``STALE`` when something it was built
+        from changed (the module rebuilds it after its usual path), ``PASS`` when this call needs the usual path
+        (nothing to rebuild)."""
+        if _dispatch._open_traces or torch.compiler.is_compiling() or (_any_autocast() and autocast_on(x.device)):
+            return PASS
+        if torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad for p in params)):
+            return PASS
+        shape, stride, dtype, device = self.x_meta
+        if x.shape != shape or x.stride() != stride or x.dtype is not dtype or x.device != device \
+                or token() != self.token:
+            return STALE
+        for p, held, m in zip(params, self.params, self.p_meta):
+            if p is not held:
+                return STALE
+            if p is not None and (p.shape != m[0] or p.stride() != m[1] or p.dtype is not m[2] or p.device != m[3]):
+                return STALE
+        steps = self.steps
+        if steps is None:
+            return PASS
+        a = x if self.view is None else x.as_strided(*self.view, x.storage_offset())
+        empty = torch.empty
+        for call, wi, bi, out_shape, out_dtype, rows, version in steps:
+            if rows is not None and rows._version != version:  # the row table was edited in place
+                return STALE
+            out = empty(*out_shape, dtype=out_dtype, device=device)  # (ints, not a tuple: a faster parse)
+            if call.plan is not None:
+                call.launch((a, params[wi], None, params[bi], None, None, out, *_NONE6, rows, *_NONE9))
+            a = out
+        return a
+
+
+def launched(memo, tok):
+    """Mark an op's memo (its checked key's launchers) as having run the kernels under ``tok``."""
+    memo["hot"] = tok
+
+
+def plain_chain(x, y, params, memo, tok, a=None, rows=None):
+    """The ``Chain`` for a call of the plain linear(s) ``params`` = (w1, b1[, w2, b2]) on ``x`` that gave ``y``,
+    from the op's ``memo``; a chain with no steps when that call did not run the kernels under ``tok``. ``a``: the
+    2-D view of ``x`` the first launch read (default: its rows, which the launch read with unit column stride);
+    ``rows``: the row table of the first launch's merged A (a layout table: fixed by x's shape and device)."""
+    steps = None
+    if a is None:
+        a = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        if a.stride(-1) != 1:  # the op read a contiguous copy
+            a = None
+    if memo is not None and memo.get("hot") == tok and tok is not None and a is not None:
+        calls = [memo.get((1, False)), memo.get((2, False))][:len(params) // 2]
+        if all(c is not None and c[0] is not None for c in calls) and a.data_ptr() == x.data_ptr():
+            shapes = [(c[0].info[0], c[0].info[1]) for c in calls]  # (a copy would live elsewhere)
+            shapes[-1] = tuple(y.shape)
+            steps = tuple((c[0], 2 * i, 2 * i + 1, shape, c[0].info[2], t, None if t is None else t._version)
+                          for i, (c, shape, t) in enumerate(zip(calls, shapes, (rows, None))))
+    return Chain(tok, x, params, steps, a)
+
+
+def wanted(x, params):
+    """Whether a chain may be built from this call (the conditions ``run`` reads per call hold)."""
+    if _dispatch._open_traces or torch.compiler.is_compiling() or autocast_on(x.device) or _ENV is None:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or any(p is not None and p.requires_grad
+                                                                    for p in params)))
