@@ -55,13 +55,19 @@ class Chain:
 
     __slots__ = ("token", "x_meta", "params", "p_meta", "steps", "view")
 
-    def __init__(self, tok, x, params, steps, a=None):
+    def __init__(self, tok, x, params, steps, a=None, copy=False):
         from fastvlm.kernels._interp import INTERPRETING  # (triton is imported by the call that built the steps)
 
         self.token, self.x_meta, self.params, self.steps = tok, meta(x), tuple(params), steps
         self.p_meta = tuple(meta(p) for p in params)
-        # the interpreter reads the tensor, not only its pointer: it gets the view the launch was planned for
-        self.view = (tuple(a.shape), a.stride()) if INTERPRETING and a is not None and a is not x else None
+        # what the first launch reads: x itself (its pointer is all a launch reads), or the view the launch was
+        # planned for (the interpreter reads the tensor, not only its pointer), or x's rows copied (``copy``: x's
+        # layout has no 2-D view, and the op read its rows from a contiguous copy, as ``reshape`` makes)
+        self.view = None
+        if copy:
+            self.view = x.shape[-1]
+        elif INTERPRETING and a is not None and a is not x:
+            self.view = (tuple(a.shape), a.stride())
 
     def run(self, x, params):
         """The chain's result for ``x`` with the module's current ``params``, ``STALE`` when something it was built
@@ -83,7 +89,8 @@ class Chain:
         steps = self.steps
         if steps is None:
             return PASS
-        a = x if self.view is None else x.as_strided(*self.view, x.storage_offset())
+        view = self.view
+        a = x if view is None else x.reshape(-1, view) if type(view) is int else x.as_strided(*view, x.storage_offset())
         empty = torch.empty
         for call, wi, bi, out_shape, out_dtype, rows, version in steps:
             if rows is not None and rows._version != version:  # the row table was edited in place
@@ -106,18 +113,22 @@ def plain_chain(x, y, params, memo, tok, a=None, rows=None):
     2-D view of ``x`` the first launch read (default: its rows, which the launch read with unit column stride);
     ``rows``: the row table of the first launch's merged A (a layout table: fixed by x's shape and device)."""
     steps = None
+    copy = False
     if a is None:
         a = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
         if a.stride(-1) != 1:  # the op read a contiguous copy
             a = None
+        elif a.data_ptr() != x.data_ptr():  # no 2-D view of x: its rows were copied (contiguous), per call too
+            copy = a.is_contiguous()
+            a = a if copy else None
     if memo is not None and memo.get("hot") == tok and tok is not None and a is not None:
         calls = [memo.get((1, False)), memo.get((2, False))][:len(params) // 2]
-        if all(c is not None and c[0] is not None for c in calls) and a.data_ptr() == x.data_ptr():
-            shapes = [(c[0].info[0], c[0].info[1]) for c in calls]  # (a copy would live elsewhere)
+        if all(c is not None and c[0] is not None for c in calls) and (copy or a.data_ptr() == x.data_ptr()):
+            shapes = [(c[0].info[0], c[0].info[1]) for c in calls]
             shapes[-1] = tuple(y.shape)
             steps = tuple((c[0], 2 * i, 2 * i + 1, shape, c[0].info[2], t, None if t is None else t._version)
                           for i, (c, shape, t) in enumerate(zip(calls, shapes, (rows, None))))
-    return Chain(tok, x, params, steps, a)
+    return Chain(tok, x, params, steps, a, copy)
 
 
 def wanted(x, params):
