@@ -170,3 +170,22 @@ def test_chains_are_not_copied(triton_backend):
             clone.weight.mul_(2.0)
         assert_close(_call(clone, x), _ref(clone, x), torch.float32, 16)
         assert_close(_call(m, x), _ref(m, x), torch.float32, 16)
+
+
+def test_index_tables_are_checked_again_after_an_edit():
+    """check_indices keeps what it found on the table (bounds, version, memory): an unedited table is not read again,
+    an edited, moved or swapped one is."""
+    from fastvlm.ops import _checks
+
+    t = torch.tensor([0, 3, 2])
+    _checks.check_indices("op", "rows", t, 4)
+    assert t._fastvlm_checked[:2] == (0, 3)
+    _checks.check_indices("op", "rows", t, 4)  # the mark answers
+    with pytest.raises(IndexError, match=r"holds indices 0\.\.3, outside the 3 rows"):  # fewer rows than checked
+        _checks.check_indices("op", "rows", t, 3)
+    t[1] = 9  # in place: the version counter moves
+    with pytest.raises(IndexError, match=r"holds indices 0\.\.9"):
+        _checks.check_indices("op", "rows", t, 4)
+    t.data = torch.tensor([0, 7, 1])  # same object, other memory
+    with pytest.raises(IndexError, match=r"holds indices 0\.\.7"):
+        _checks.check_indices("op", "rows", t, 4)
