@@ -223,9 +223,11 @@ def chain_modules():
     width = fast_vlm.linear_1.in_features
     tokens = torch.randn(1, width, 3, 3, dtype=torch.float16).flatten(2).transpose(1, 2)  # one feature map's view
     idefics3 = fastvlm.nn.from_module(build("idefics3")).half()
+    mlp = fastvlm.nn.from_module(build("idefics2:mlp")).half()
     return {"fused_linear": (lin, (torch.randn(2, 5, 32, dtype=torch.float16),)),
             "fast_vlm_map": (fast_vlm, (tokens,)),
-            "idefics3": (idefics3, tuple(a.half() for a in args_for("idefics3", idefics3)))}
+            "idefics3": (idefics3, tuple(a.half() for a in args_for("idefics3", idefics3))),
+            "idefics2_mlp": (mlp, tuple(a.half() for a in args_for("idefics2:mlp", mlp)))}
 
 
 def compare_chain_paths(drv):

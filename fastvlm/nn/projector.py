@@ -304,11 +304,13 @@ class _FusedProjectorMixin(_FusedBase):
         tp = plan.get("_tp")
         if tp is not None:  # the local shards of a Colwise -> Rowwise plan, reduced by the plan's own collective
             y = distributed.forward(tp, mlp_projector, x2, w1, b1, w2, b2, rows=rows, a_mode=mode, **kw)
-        elif rebuild and _chain_layout(r, plan, x, rows) and _fast.wanted(x, call[:4]):
-            params = (w1, b1) if w2 is None else (w1, b1, w2, b2)
+        elif rebuild and _chain_layout(r, plan, x, rows) and _fast.wanted(x, call[:4] + (kw.get("w_up"),
+                                                                                          kw.get("b_up"))):
+            params = ((w1, b1) if w2 is None else (w1, b1, w2, b2)) + ((kw["w_up"], kw["b_up"]) if r.up else ())
             memo = {}
             y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, _memo_out=memo, **kw)
-            plan["_chain"] = _fast.plain_chain(x, y, params, memo.get("memo"), memo.get("token"), rows=rows)
+            plan["_chain"] = _fast.plain_chain(x, y, params, memo.get("memo"), memo.get("token"), rows=rows,
+                                               up=bool(r.up))
         else:
             y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **kw)
         return y

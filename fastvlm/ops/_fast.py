@@ -50,8 +50,8 @@ def meta(t):
 
 
 class Chain:
-    """See the module docstring. ``steps``: ((call, weight index, bias index, output shape, output dtype, row table,
-    its version), ...) with the indices into ``params`` (the outputs live on x's device, part of the call's key); None: the usual path did not run the kernels for this state (it runs again, nothing installed)."""
+    """See the module docstring. ``steps``: ((call, weight index, bias index, up weight index or None, output shape,
+    output dtype, row table, its version), ...) with the indices into ``params`` (the up bias follows the up weight) (the outputs live on x's device, part of the call's key); None: the usual path did not run the kernels for this state (it runs again, nothing installed)."""
 
     __slots__ = ("token", "x_meta", "params", "p_meta", "steps", "view")
 
@@ -92,12 +92,13 @@ class Chain:
         view = self.view
         a = x if view is None else x.reshape(-1, view) if type(view) is int else x.as_strided(*view, x.storage_offset())
         empty = torch.empty
-        for call, wi, bi, out_shape, out_dtype, rows, version in steps:
+        for call, wi, bi, ui, out_shape, out_dtype, rows, version in steps:
             if rows is not None and rows._version != version:  # the row table was edited in place
                 return STALE
             out = empty(*out_shape, dtype=out_dtype, device=device)  # (ints, not a tuple: a faster parse)
             if call.plan is not None:
-                call.launch((a, params[wi], None, params[bi], None, None, out, *_NONE6, rows, *_NONE9))
+                up, up_bias = (None, None) if ui is None else (params[ui], params[ui + 1])
+                call.launch((a, params[wi], up, params[bi], up_bias, None, out, *_NONE6, rows, *_NONE9))
             a = out
         return a
 
@@ -107,11 +108,12 @@ def launched(memo, tok):
     memo["hot"] = tok
 
 
-def plain_chain(x, y, params, memo, tok, a=None, rows=None):
+def plain_chain(x, y, params, memo, tok, a=None, rows=None, up=False):
     """The ``Chain`` for a call of the plain linear(s) ``params`` = (w1, b1[, w2, b2]) on ``x`` that gave ``y``,
     from the op's ``memo``; a chain with no steps when that call did not run the kernels under ``tok``. ``a``: the
     2-D view of ``x`` the first launch read (default: its rows, which the launch read with unit column stride);
-    ``rows``: the row table of the first launch's merged A (a layout table: fixed by x's shape and device)."""
+    ``rows``: the row table of the first launch's merged A (a layout table: fixed by x's shape and device);
+    ``up``: the last two of ``params`` are the first launch's up weight and bias (a gated pair, Idefics2's MLP)."""
     steps = None
     copy = False
     if a is None:
@@ -122,12 +124,13 @@ def plain_chain(x, y, params, memo, tok, a=None, rows=None):
             copy = a.is_contiguous()
             a = a if copy else None
     if memo is not None and memo.get("hot") == tok and tok is not None and a is not None:
-        calls = [memo.get((1, False)), memo.get((2, False))][:len(params) // 2]
+        calls = [memo.get((1, False)), memo.get((2, False))][:(len(params) - 2 * up) // 2]
         if all(c is not None and c[0] is not None for c in calls) and (copy or a.data_ptr() == x.data_ptr()):
             shapes = [(c[0].info[0], c[0].info[1]) for c in calls]
             shapes[-1] = tuple(y.shape)
-            steps = tuple((c[0], 2 * i, 2 * i + 1, shape, c[0].info[2], t, None if t is None else t._version)
-                          for i, (c, shape, t) in enumerate(zip(calls, shapes, (rows, None))))
+            ups = (len(params) - 2 if up else None, None)
+            steps = tuple((c[0], 2 * i, 2 * i + 1, u, shape, c[0].info[2], t, None if t is None else t._version)
+                          for i, (c, shape, t, u) in enumerate(zip(calls, shapes, (rows, None), ups)))
     return Chain(tok, x, params, steps, a, copy)
 
 

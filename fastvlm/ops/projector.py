@@ -238,8 +238,8 @@ def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=Non
     if backend != "triton":
         return eager()
     out = kernel()
-    if tok is not None and memo is not None and not save and s.norm == "none" and not s.gated and w_up is None \
-            and s.a_mode in ("strided", "concat", "concat_cm"):  # (launched as planned: no pooling first)
+    if tok is not None and memo is not None and not save and s.norm == "none" and (not s.gated or w_up is not None) \
+            and s.a_mode in ("strided", "concat", "concat_cm"):  # (launched as planned: no pooling first, no halves)
         _fast.launched(memo, tok)
     return out
 
