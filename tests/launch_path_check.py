@@ -224,10 +224,12 @@ def chain_modules():
     tokens = torch.randn(1, width, 3, 3, dtype=torch.float16).flatten(2).transpose(1, 2)  # one feature map's view
     idefics3 = fastvlm.nn.from_module(build("idefics3")).half()
     mlp = fastvlm.nn.from_module(build("idefics2:mlp")).half()
+    vip = fastvlm.nn.from_module(build("vipllava")).half()  # a LayerNorm first: statistics, then the two GEMMs
     return {"fused_linear": (lin, (torch.randn(2, 5, 32, dtype=torch.float16),)),
             "fast_vlm_map": (fast_vlm, (tokens,)),
             "idefics3": (idefics3, tuple(a.half() for a in args_for("idefics3", idefics3))),
-            "idefics2_mlp": (mlp, tuple(a.half() for a in args_for("idefics2:mlp", mlp)))}
+            "idefics2_mlp": (mlp, tuple(a.half() for a in args_for("idefics2:mlp", mlp))),
+            "vipllava": (vip, tuple(a.half() for a in args_for("vipllava", vip)))}
 
 
 def compare_chain_paths(drv):

@@ -111,7 +111,8 @@ def test_fused_linear_chain_follows_changes(change, triton_backend):
         assert_close(out, _ref(m, *args), dtype, 24)
 
 
-@pytest.mark.parametrize("family", ["llava", "paligemma", "idefics3", "fast_vlm", "idefics2:mlp"])
+@pytest.mark.parametrize("family", ["llava", "paligemma", "idefics3", "fast_vlm", "idefics2:mlp", "vipllava",
+                                    "internvl"])
 def test_projector_chains_follow_parameter_and_dtype_changes(family, triton_backend):
     torch.manual_seed(0)
     fused = fastvlm.nn.from_module(build(family))

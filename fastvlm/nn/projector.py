@@ -306,11 +306,13 @@ class _FusedProjectorMixin(_FusedBase):
             y = distributed.forward(tp, mlp_projector, x2, w1, b1, w2, b2, rows=rows, a_mode=mode, **kw)
         elif rebuild and _chain_layout(r, plan, x, rows) and _fast.wanted(x, call[:4] + (kw.get("w_up"),
                                                                                           kw.get("b_up"))):
-            params = ((w1, b1) if w2 is None else (w1, b1, w2, b2)) + ((kw["w_up"], kw["b_up"]) if r.up else ())
+            norm = plan.get("norm")
+            params = ((w1, b1) if w2 is None else (w1, b1, w2, b2)) + ((kw["w_up"], kw["b_up"]) if r.up else ()) \
+                + ((kw["norm_weight"], kw["norm_bias"]) if norm else ())
             memo = {}
             y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, _memo_out=memo, **kw)
             plan["_chain"] = _fast.plain_chain(x, y, params, memo.get("memo"), memo.get("token"), rows=rows,
-                                               up=bool(r.up))
+                                               up=bool(r.up), norm=None if not norm else norm != "layernorm")
         else:
             y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **kw)
         return y
@@ -320,10 +322,10 @@ _A_MODES = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"
 
 
 def _chain_layout(r, plan, x, rows):
-    """Whether the fused call is plain linear(s) on x's rows (or on a pixel shuffle of them), which a repeat call
-    may launch directly."""
-    return ((rows is None or r.merge == "pixel_shuffle") and not r.merger and not r.merged_width and not r.gated
-            and not r.weight_in_out and "norm" not in plan and not plan.get("_dtensor") and x.dim() >= 2)
+    """Whether the fused call is plain linear(s) on x's rows, a norm of them first, or on a pixel shuffle of them,
+    which a repeat call may launch directly (the op says whether it launched them as planned)."""
+    return ((rows is None or r.merge == "pixel_shuffle" and "norm" not in plan) and not r.merger
+            and not r.merged_width and not r.gated and not r.weight_in_out and not plan.get("_dtensor") and x.dim() >= 2)
 _NORM_KEYS = ("norm", "norm_weight", "norm_bias", "eps", "norm_group")
 
 

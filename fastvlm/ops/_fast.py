@@ -53,13 +53,14 @@ class Chain:
     """See the module docstring. ``steps``: ((call, weight index, bias index, up weight index or None, output shape,
     output dtype, row table, its version), ...) with the indices into ``params`` (the up bias follows the up weight) (the outputs live on x's device, part of the call's key); None: the usual path did not run the kernels for this state (it runs again, nothing installed)."""
 
-    __slots__ = ("token", "x_meta", "params", "p_meta", "steps", "view")
+    __slots__ = ("token", "x_meta", "params", "p_meta", "steps", "view", "stats")
 
-    def __init__(self, tok, x, params, steps, a=None, copy=False):
+    def __init__(self, tok, x, params, steps, a=None, copy=False, stats=None):
         from fastvlm.kernels._interp import INTERPRETING  # (triton is imported by the call that built the steps)
 
         self.token, self.x_meta, self.params, self.steps = tok, meta(x), tuple(params), steps
         self.p_meta = tuple(meta(p) for p in params)
+        self.stats = stats  # (row_stats call, rows, rms, index of the norm weight in params) of a norm first
         # what the first launch reads: x itself (its pointer is all a launch reads), or the view the launch was
         # planned for (the interpreter reads the tensor, not only its pointer), or x's rows copied (``copy``: x's
         # layout has no 2-D view, and the op read its rows from a contiguous copy, as ``reshape`` makes)
@@ -92,14 +93,23 @@ class Chain:
         view = self.view
         a = x if view is None else x.reshape(-1, view) if type(view) is int else x.as_strided(*view, x.storage_offset())
         empty = torch.empty
+        mean = rstd = nw = nb = None
+        if self.stats is not None:  # the norm's statistics of x's rows, read by the first GEMM's prologue
+            scall, n, rms, ni = self.stats
+            rstd = empty(n, dtype=torch.float32, device=device)
+            mean = None if rms else empty(n, dtype=torch.float32, device=device)
+            scall.launch((a, rstd, rstd if mean is None else mean, rstd))
+            nw, nb = params[ni], params[ni + 1]
         for call, wi, bi, ui, out_shape, out_dtype, rows, version in steps:
             if rows is not None and rows._version != version:  # the row table was edited in place
                 return STALE
             out = empty(*out_shape, dtype=out_dtype, device=device)  # (ints, not a tuple: a faster parse)
             if call.plan is not None:
                 up, up_bias = (None, None) if ui is None else (params[ui], params[ui + 1])
-                call.launch((a, params[wi], up, params[bi], up_bias, None, out, *_NONE6, rows, *_NONE9))
+                call.launch((a, params[wi], up, params[bi], up_bias, None, out, None, None, mean, rstd, nw, nb, rows,
+                             *_NONE9))
             a = out
+            mean = rstd = nw = nb = None
         return a
 
 
@@ -108,13 +118,15 @@ def launched(memo, tok):
     memo["hot"] = tok
 
 
-def plain_chain(x, y, params, memo, tok, a=None, rows=None, up=False):
+def plain_chain(x, y, params, memo, tok, a=None, rows=None, up=False, norm=None):
     """The ``Chain`` for a call of the plain linear(s) ``params`` = (w1, b1[, w2, b2]) on ``x`` that gave ``y``,
     from the op's ``memo``; a chain with no steps when that call did not run the kernels under ``tok``. ``a``: the
     2-D view of ``x`` the first launch read (default: its rows, which the launch read with unit column stride);
     ``rows``: the row table of the first launch's merged A (a layout table: fixed by x's shape and device);
-    ``up``: the last two of ``params`` are the first launch's up weight and bias (a gated pair, Idefics2's MLP)."""
-    steps = None
+    ``up``: the up weight and bias of the first launch (a gated pair, Idefics2's MLP) follow the linears' in
+    ``params``; ``norm``: a norm over x's whole rows first (its weight and bias last in ``params``): True for an
+    RMS norm, False for a LayerNorm."""
+    steps = stats = None
     copy = False
     if a is None:
         a = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
@@ -124,14 +136,19 @@ def plain_chain(x, y, params, memo, tok, a=None, rows=None, up=False):
             copy = a.is_contiguous()
             a = a if copy else None
     if memo is not None and memo.get("hot") == tok and tok is not None and a is not None:
-        calls = [memo.get((1, False)), memo.get((2, False))][:(len(params) - 2 * up) // 2]
+        calls = [memo.get((1, False)), memo.get((2, False))][:(len(params) - 2 * up - 2 * (norm is not None)) // 2]
+        if norm is not None:
+            sc = memo.get((0, False))
+            stats = None if sc is None or sc[0] is None else (sc[0], sc[0].ints[0], norm, len(params) - 2)
+            if stats is None:
+                calls = [None]
         if all(c is not None and c[0] is not None for c in calls) and (copy or a.data_ptr() == x.data_ptr()):
             shapes = [(c[0].info[0], c[0].info[1]) for c in calls]
             shapes[-1] = tuple(y.shape)
-            ups = (len(params) - 2 if up else None, None)
+            ups = (len(params) - 2 - 2 * (norm is not None) if up else None, None)
             steps = tuple((c[0], 2 * i, 2 * i + 1, u, shape, c[0].info[2], t, None if t is None else t._version)
                           for i, (c, shape, t, u) in enumerate(zip(calls, shapes, (rows, None), ups)))
-    return Chain(tok, x, params, steps, a, copy)
+    return Chain(tok, x, params, steps, a, copy, stats if steps is not None else None)
 
 
 def wanted(x, params):

@@ -169,7 +169,8 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b
         elif s.a_mode == "strided":
             if s.norm_group != K and not x.is_contiguous():
                 x = x.contiguous()
-            mean, rstd = row_stats(x.reshape(-1, s.norm_group) if s.norm_group != K else x, s.eps, rms)
+            ms = memo.setdefault((0, save), [None]) if memo is not None and s.norm_group == K else None
+            mean, rstd = row_stats(x.reshape(-1, s.norm_group) if s.norm_group != K else x, s.eps, rms, memo=ms)
         else:  # a norm over whole merged (concat) or pooled (mean) rows
             mean, rstd = row_stats(x, s.eps, rms, rows=rows, mode=s.a_mode)
     gate = {}
@@ -238,8 +239,9 @@ def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=Non
     if backend != "triton":
         return eager()
     out = kernel()
-    if tok is not None and memo is not None and not save and s.norm == "none" and (not s.gated or w_up is not None) \
-            and s.a_mode in ("strided", "concat", "concat_cm"):  # (launched as planned: no pooling first, no halves)
+    if tok is not None and memo is not None and not save and (not s.gated or w_up is not None) and (
+            s.norm == "none" and s.a_mode in ("strided", "concat", "concat_cm")  # (no pooling first, no halves)
+            or s.a_mode == "strided" and not s.norm_src and s.norm_group == x.shape[1]):  # (stats of x's rows)
         _fast.launched(memo, tok)
     return out
 
