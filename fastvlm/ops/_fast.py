@@ -50,8 +50,8 @@ def meta(t):
 
 
 class Chain:
-    """See the module docstring. ``steps``: ((call, weight index, bias index, up weight index or None, output shape,
-    output dtype, row table, its version), ...) with the indices into ``params`` (the up bias follows the up weight) (the outputs live on x's device, part of the call's key); None: the usual path did not run the kernels for this state (it runs again, nothing installed)."""
+    """See the module docstring. ``steps``: ((call, weight index, bias index, up weight index or None, output
+    template, row table, its version), ...) with the indices into ``params`` (the up bias follows the up weight) (the outputs live on x's device, part of the call's key); None: the usual path did not run the kernels for this state (it runs again, nothing installed)."""
 
     __slots__ = ("token", "x_meta", "params", "p_meta", "steps", "view", "stats")
 
@@ -60,7 +60,7 @@ class Chain:
 
         self.token, self.x_meta, self.params, self.steps = tok, meta(x), tuple(params), steps
         self.p_meta = tuple(meta(p) for p in params)
-        self.stats = stats  # (row_stats call, rows, rms, index of the norm weight in params) of a norm first
+        self.stats = stats  # (row_stats call, template, rms, index of the norm weight in params) of a norm first
         # what the first launch reads: x itself (its pointer is all a launch reads), or the view the launch was
         # planned for (the interpreter reads the tensor, not only its pointer), or x's rows copied (``copy``: x's
         # layout has no 2-D view, and the op read its rows from a contiguous copy, as ``reshape`` makes)
@@ -92,18 +92,18 @@ class Chain:
             return PASS
         view = self.view
         a = x if view is None else x.reshape(-1, view) if type(view) is int else x.as_strided(*view, x.storage_offset())
-        empty = torch.empty
+        empty = torch.empty_like  # (of a template: one argument to parse, its shape, dtype and device)
         mean = rstd = nw = nb = None
         if self.stats is not None:  # the norm's statistics of x's rows, read by the first GEMM's prologue
-            scall, n, rms, ni = self.stats
-            rstd = empty(n, dtype=torch.float32, device=device)
-            mean = None if rms else empty(n, dtype=torch.float32, device=device)
+            scall, like, rms, ni = self.stats
+            rstd = empty(like)
+            mean = None if rms else empty(like)
             scall.launch((a, rstd, rstd if mean is None else mean, rstd))
             nw, nb = params[ni], params[ni + 1]
-        for call, wi, bi, ui, out_shape, out_dtype, rows, version in steps:
+        for call, wi, bi, ui, like, rows, version in steps:
             if rows is not None and rows._version != version:  # the row table was edited in place
                 return STALE
-            out = empty(*out_shape, dtype=out_dtype, device=device)  # (ints, not a tuple: a faster parse)
+            out = empty(like)
             if call.plan is not None:
                 up, up_bias = (None, None) if ui is None else (params[ui], params[ui + 1])
                 call.launch((a, params[wi], up, params[bi], up_bias, None, out, None, None, mean, rstd, nw, nb, rows,
@@ -111,6 +111,12 @@ class Chain:
             a = out
             mean = rstd = nw = nb = None
         return a
+
+
+def _like(shape, dtype, device):
+    """A template for ``torch.empty_like``: one element, expanded to ``shape`` (its result is a new contiguous
+    tensor of that shape, dtype and device; a faster call than ``torch.empty`` with keywords)."""
+    return torch.empty(1, dtype=dtype, device=device).expand(*shape)
 
 
 def launched(memo, tok):
@@ -139,15 +145,20 @@ def plain_chain(x, y, params, memo, tok, a=None, rows=None, up=False, norm=None)
         calls = [memo.get((1, False)), memo.get((2, False))][:(len(params) - 2 * up - 2 * (norm is not None)) // 2]
         if norm is not None:
             sc = memo.get((0, False))
-            stats = None if sc is None or sc[0] is None else (sc[0], sc[0].ints[0], norm, len(params) - 2)
+            stats = None if sc is None or sc[0] is None else (sc[0], _like((sc[0].ints[0],), torch.float32, x.device),
+                                                              norm, len(params) - 2)
             if stats is None:
                 calls = [None]
         if all(c is not None and c[0] is not None for c in calls) and (copy or a.data_ptr() == x.data_ptr()):
             shapes = [(c[0].info[0], c[0].info[1]) for c in calls]
             shapes[-1] = tuple(y.shape)
             ups = (len(params) - 2 - 2 * (norm is not None) if up else None, None)
-            steps = tuple((c[0], 2 * i, 2 * i + 1, u, shape, c[0].info[2], t, None if t is None else t._version)
+            steps = tuple((c[0], 2 * i, 2 * i + 1, u, _like(shape, c[0].info[2], x.device), t,
+                           None if t is None else t._version)
                           for i, (c, shape, t, u) in enumerate(zip(calls, shapes, (rows, None), ups)))
+            if not all(torch.empty_like(step[4]).is_contiguous() for step in steps) or (
+                    stats is not None and not torch.empty_like(stats[1]).is_contiguous()):
+                steps = None  # (a template whose empty_like is not contiguous: the usual path)
     return Chain(tok, x, params, steps, a, copy, stats if steps is not None else None)
 
 
