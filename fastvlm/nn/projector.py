@@ -325,7 +325,8 @@ def _chain_layout(r, plan, x, rows):
     """Whether the fused call is plain linear(s) on x's rows, a norm of them first, or on a pixel shuffle of them,
     which a repeat call may launch directly (the op says whether it launched them as planned)."""
     return ((rows is None or r.merge == "pixel_shuffle" and "norm" not in plan) and not r.merger
-            and not r.merged_width and not r.gated and not r.weight_in_out and not plan.get("_dtensor") and x.dim() >= 2)
+            and not r.merged_width and not r.gated and not r.weight_in_out and not plan.get("_dtensor")
+            and x.dim() >= 2)
 _NORM_KEYS = ("norm", "norm_weight", "norm_bias", "eps", "norm_group")
 
 

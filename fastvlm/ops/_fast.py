@@ -51,7 +51,9 @@ def meta(t):
 
 class Chain:
     """See the module docstring. ``steps``: ((call, weight index, bias index, up weight index or None, output
-    template, row table, its version), ...) with the indices into ``params`` (the up bias follows the up weight) (the outputs live on x's device, part of the call's key); None: the usual path did not run the kernels for this state (it runs again, nothing installed)."""
+    template, row table, its version), ...) with the indices into ``params`` (the up bias follows the up weight; the
+    outputs live on x's device, part of the call's key); None: the usual path did not run the kernels for this
+    state (it runs again, nothing is installed)."""
 
     __slots__ = ("token", "x_meta", "params", "p_meta", "steps", "view", "stats")
 
