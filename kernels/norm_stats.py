@@ -76,12 +76,14 @@ def _row_stats_kernel(
     tl.store(rstd_ptr + rows64, rstd, mask=mask_r)
 
 
-def row_stats(x, eps, rms, *, rows=None, mode="strided", block_r=None, block_c=None):
+def row_stats(x, eps, rms, *, rows=None, mode="strided", block_r=None, block_c=None, memo=None):
     """fp32 (mean, rstd) of logical rows of the 2-D tensor ``x`` [T, C] (mean is None for RMS).
 
     mode "strided": the rows of x; "concat" / "concat_cm": row r is the concatenation of x[rows[r, q]] over q (a
     space-to-depth merged row, patch-major or channel-major: the same elements in another order, so the same
     statistics); "mean": row r is the average of x[rows[r, q]] over q (a pooled row). ``rows``: int64 [R, Q].
+    ``memo``: a one-element list receiving the launch's ``Call`` (plan, grid and integer arguments; its tensors are
+    (x, rows or rstd, mean or rstd, rstd)), for a caller that repeats this launch under its own checked key.
     """
     import torch
 
@@ -102,11 +104,19 @@ def row_stats(x, eps, rms, *, rows=None, mode="strided", block_r=None, block_c=N
         return mean, rstd
     block_c = block_c or min(_launch.next_pow2(C), 1024)
     block_r = block_r or max(1, min(16, 4096 // block_c))
-    _launch.run(_row_stats_kernel, (_launch.cdiv(R, block_r),), (
-        x, rows if rows is not None else rstd, mean if mean is not None else rstd, rstd, R, C,
-        rows.shape[1] if rows is not None else 1, x.stride(0), float(eps)),
-        RMS=bool(rms), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    args = (x, rows if rows is not None else rstd, mean if mean is not None else rstd, rstd, R, C,
+            rows.shape[1] if rows is not None else 1, x.stride(0), float(eps))
+    consts = dict(RMS=bool(rms), MODE=mode, BLOCK_R=block_r, BLOCK_C=block_c, num_warps=4)
+    if memo is None:
+        _launch.run(_row_stats_kernel, (_launch.cdiv(R, block_r),), args, **consts)
+    else:
+        plan = _launch.simple_plan(_row_stats_kernel, len(args), 4, consts, _PLANS, tuple(consts.items()))
+        memo[0] = call = _launch.Call(plan, (_launch.cdiv(R, block_r),), args[4:])
+        call.launch(args[:4])
     return mean, rstd
+
+
+_PLANS = {}
 
 
 def audit_cases():

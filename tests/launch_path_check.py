@@ -92,12 +92,14 @@ def triton_version():
 
 
 def _normalised(record):
-    """A launch's arguments with tensors as (dtype, shape, strides, alignment): comparable between two calls."""
+    """A launch's arguments with tensors as what the driver reads from them, comparable between two calls: the
+    pointer (dtype, the memory it points into: storage size and element offset, alignment). A module's repeat path
+    may hand the launch its input ``x`` [B, T, K] where the op handed the row view [B*T, K]: the same pointer."""
     out = []
     for entry in record:
         *head, args = entry
-        args = tuple((a.dtype, tuple(a.shape), a.stride(), a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a
-                     for a in args)
+        args = tuple((a.dtype, a.untyped_storage().nbytes(), a.storage_offset(), a.data_ptr() % 16)
+                     if isinstance(a, torch.Tensor) else a for a in args)
         out.append((*head, args))
     return out
 
@@ -206,6 +208,61 @@ def cases():
     qf.fused.half()
     kw = {k: v.half() for k, v in qf.kwargs.items()}
     out["qformer"] = lambda: qf.fused(**kw)
+    out.update({name: (lambda m=m, a=a: m(*a)) for name, (m, a) in chain_modules().items()})
+    return out
+
+
+def chain_modules():
+    """Modules whose repeat call launches a chain (fastvlm.ops._fast): name -> (fused module, args)."""
+    import fastvlm
+    from fastvlm.nn.linear import FusedLinear
+    from fastvlm.testing import args_for, build
+
+    lin = FusedLinear.from_module(torch.nn.Linear(32, 48)).half()
+    fast_vlm = fastvlm.nn.from_module(build("fast_vlm")).half()
+    width = fast_vlm.linear_1.in_features
+    tokens = torch.randn(1, width, 3, 3, dtype=torch.float16).flatten(2).transpose(1, 2)  # one feature map's view
+    idefics3 = fastvlm.nn.from_module(build("idefics3")).half()
+    mlp = fastvlm.nn.from_module(build("idefics2:mlp")).half()
+    vip = fastvlm.nn.from_module(build("vipllava")).half()  # a LayerNorm first: statistics, then the two GEMMs
+    return {"fused_linear": (lin, (torch.randn(2, 5, 32, dtype=torch.float16),)),
+            "fast_vlm_map": (fast_vlm, (tokens,)),
+            "idefics3": (idefics3, tuple(a.half() for a in args_for("idefics3", idefics3))),
+            "idefics2_mlp": (mlp, tuple(a.half() for a in args_for("idefics2:mlp", mlp))),
+            "vipllava": (vip, tuple(a.half() for a in args_for("vipllava", vip)))}
+
+
+def compare_chain_paths(drv):
+    """For each chain module: whether its repeat call took the chain, and whether that call passed the driver what
+    the op's path passes (the same call right after the module's plans were dropped)."""
+    from fastvlm.nn._plan import fastvlm_clear_plan
+    from fastvlm.ops import _fast
+
+    taken = []
+    run = _fast.Chain.run
+
+    def spy(self, x, params):
+        y = run(self, x, params)
+        taken.append(isinstance(y, torch.Tensor))
+        return y
+
+    out = {}
+    for name, (module, args) in chain_modules().items():
+        module(*args)
+        module(*args)
+        _fast.Chain.run = spy
+        try:
+            drv.utils.record = chained = []
+            taken.clear()
+            module(*args)
+            took = taken == [True]
+            fastvlm_clear_plan(module)
+            drv.utils.record = through_op = []
+            module(*args)
+        finally:
+            _fast.Chain.run = run
+            drv.utils.record = None
+        out[name] = dict(chain=took, same_args=bool(chained) and _normalised(chained) == _normalised(through_op))
     return out
 
 
@@ -266,6 +323,7 @@ def main():
         plans = [p for p in _launch._SIMPLE.values() if p.fn.__name__ == "_row_stats_kernel"]
         report["launch_paths"] = compare_launch_paths(drv, cases())
         report["compiled"] = compiled_launches(drv)
+        report["chains"] = compare_chain_paths(drv)
         report["row_stats_x_types"] = sorted({str(k.src.signature["x_ptr"]) for p in plans for k in p.kernels.values()})
     print(json.dumps(report))
 

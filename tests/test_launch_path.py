@@ -26,7 +26,10 @@ def report():
 
 # launches per call: projector 2 GEMMs; merger stats + 2 GEMMs; Q-Former (2 layers, cross-attention in the first):
 # the image K/V GEMM, then per layer QKV GEMM, attention, dense+LN [, query GEMM, attention, dense+LN], FFN, out+LN
-CASES = {"llava": 2, "qwen2_vl": 3, "handoff": 1, "attention": 1, "linear_residual_layernorm": 1, "qformer": 14}
+# (the modules with a chain: FusedLinear 1 GEMM, FastVLM's projector on a feature map's view 2, Idefics3's shuffle 1,
+# Idefics2's gated MLP 2, VipLLaVA's norm statistics + 2)
+CASES = {"llava": 2, "qwen2_vl": 3, "handoff": 1, "attention": 1, "linear_residual_layernorm": 1, "qformer": 14,
+         "fused_linear": 1, "fast_vlm_map": 2, "idefics3": 1, "idefics2_mlp": 2, "vipllava": 3}
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -69,6 +72,13 @@ def test_compiled_projector_graph_launches_the_kernels(report):
     assert "fastvlm.mlp_projector.default" in r["op"]["calls"], r
     assert "triton_kernel_wrapper_functional" not in r["op"]["calls"], r
     assert r["op"]["launches"] == 2 and r["op"]["same_args"], r
+
+
+@pytest.mark.parametrize("case", ["fused_linear", "fast_vlm_map", "idefics3", "idefics2_mlp", "vipllava"])
+def test_repeat_call_takes_the_chain_with_the_ops_arguments(report, case):
+    """A module's repeat call launches its chain (fastvlm.ops._fast) and passes the driver what the op's path
+    passes for the same call (same kernels, grids, integers; tensors pointing into the same memory)."""
+    assert report["chains"][case] == dict(chain=True, same_args=True), report["chains"][case]
 
 
 def test_launch_hooks_see_every_launch(report):

@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from fastvlm import _dispatch
 from fastvlm.ops._checks import autocast_on
-from fastvlm.ops.feature_map import feature_map_projector, tokens_as_map
+from fastvlm.ops import _fast
+from fastvlm.ops.feature_map import feature_map_projector, token_matrix_view, tokens_as_map
 from fastvlm.ops.layout import pool_rows
 from fastvlm.ops.pool import pool_tokens
 from fastvlm.ops.projector import mlp_projector
@@ -137,10 +138,24 @@ class _FeatureMapProjectorMixin:
 
     def _fastvlm_forward(self, x, *extra):
         if x.dim() == 3 and x.stride(-1) != 1 and x.shape[-1] > 1 and not extra:
+            y, rebuild = self._fastvlm_repeat(x)  # the repeat path (fastvlm.ops._fast)
+            if y is not None:
+                return y
             plan, reasons = self._fastvlm_plan(x)
             if not reasons and plan.get("norm", "none") == "none" and not self._fastvlm_recipe.gated:
-                return feature_map_projector(tokens_as_map(x), plan["w1"], plan["b1"], plan["w2"], plan["b2"],
-                                             act=plan["act"], act2=plan["act2"])
+                m = tokens_as_map(x)
+                params = (plan["w1"], plan["b1"]) if plan["w2"] is None else \
+                    (plan["w1"], plan["b1"], plan["w2"], plan["b2"])
+                if not (rebuild and plan.get("_tp") is None and not self._fastvlm_recipe.weight_in_out
+                        and _fast.wanted(x, params)):
+                    return feature_map_projector(m, plan["w1"], plan["b1"], plan["w2"], plan["b2"],
+                                                 act=plan["act"], act2=plan["act2"])
+                memo = {}
+                y = feature_map_projector(m, plan["w1"], plan["b1"], plan["w2"], plan["b2"], act=plan["act"],
+                                          act2=plan["act2"], _memo_out=memo)
+                a = token_matrix_view(m)
+                plan["_chain"] = _fast.plain_chain(x, y, params, memo.get("memo"), memo.get("token"), a)
+                return y
         return super()._fastvlm_forward(x, *extra)
 
 

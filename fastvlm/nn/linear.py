@@ -7,7 +7,9 @@ import math
 import torch.nn as nn
 
 from fastvlm import _dispatch
+from fastvlm.nn import _plan
 from fastvlm.nn._base import _adopt
+from fastvlm.ops import _fast
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import space_to_depth_rows
 from fastvlm.ops.projector import mlp_projector
@@ -15,23 +17,39 @@ from fastvlm.reference.activations import activation_name
 
 
 _NO_BIAS = object()
+_CHAIN = _plan.PLAN_ATTR + "_chain"  # FusedLinear's repeat path (dropped with the plans: fastvlm_clear_plan, copies)
 
 
 class FusedLinear(nn.Linear):
     """Drop-in ``torch.nn.Linear`` running the fused GEMM (BLIP-2's ``language_projection`` is a bare Linear)."""
 
     def forward(self, input):
+        params = self._parameters  # (nn.Module.__getattr__ costs a few µs per call: read the table)
+        weight, bias = params.get("weight"), params.get("bias", _NO_BIAS)
+        chain = self.__dict__.get(_CHAIN)
+        if chain is not None and weight is not None and bias is not _NO_BIAS:  # the repeat call (fastvlm.ops._fast)
+            y = chain.run(input, (weight, bias))
+            if y is not _fast.STALE and y is not _fast.PASS:
+                return y
+            if y is _fast.PASS:
+                chain = False  # this call needs the usual path; the chain stays
         reasons = []
         if autocast_on(input.device):
             reasons.append("autocast is enabled (nn.Linear's forward reproduces autocast's casts)")
         if reasons:
             _dispatch.report_fallback("FusedLinear", reasons, f"x{tuple(input.shape)}")
             return super().forward(input)
-        params = self._parameters  # (nn.Module.__getattr__ costs a few µs per call: read the table)
-        weight, bias = params.get("weight"), params.get("bias", _NO_BIAS)
         if weight is None or bias is _NO_BIAS:  # a weight or bias that is no longer a parameter: the usual lookup
-            weight, bias = self.weight, self.bias
-        return mlp_projector(input, weight, bias, act="none")
+            return mlp_projector(input, self.weight, self.bias, act="none")
+        if chain is False or not _fast.wanted(input, (weight, bias)):
+            return mlp_projector(input, weight, bias, act="none")
+        memo = {}
+        y = mlp_projector(input, weight, bias, act="none", _memo_out=memo)
+        self.__dict__[_CHAIN] = _fast.plain_chain(input, y, (weight, bias), memo.get("memo"), memo.get("token"))
+        return y
+
+    def __getstate__(self):  # pickle / deepcopy: the chain (live references) is rebuilt on demand
+        return _plan.state_without_plan(super().__getstate__())
 
     @classmethod
     def from_module(cls, original):

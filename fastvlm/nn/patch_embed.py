@@ -188,7 +188,8 @@ class _FusedEmbedMixin(_FusedBase):
                 or x.shape[1] * p * p != w.shape[1] or x.shape[2] < p or x.shape[3] < p):
             return self._fastvlm_base.forward(self, hidden_states)  # the original's own result or error
         H, W = x.shape[-2:]
-        x = x[:, :, :H // p * p, :W // p * p]  # Unfold drops the remainder too
+        if H % p or W % p:
+            x = x[:, :, :H // p * p, :W // p * p]  # Unfold drops the remainder too
         return patch_embed(x, w.view(w.shape[0], -1, p, p))
 
     def _fastvlm_internvl_forward(self, pixel_values, bool_masked_pos=None):

@@ -29,6 +29,7 @@ from fastvlm.nn.linear import FusedLinear
 from fastvlm.nn.projector_recipes import ProjectorRecipe
 from fastvlm.ops._checks import autocast_on
 from fastvlm.ops.layout import pool_rows, ragged_space_to_depth_rows, space_to_depth_rows
+from fastvlm.ops import _fast
 from fastvlm.ops.projector import mlp_projector
 from fastvlm.reference.activations import activation_name
 from fastvlm._cache import once
@@ -186,6 +187,21 @@ class _FusedProjectorMixin(_FusedBase):
             reasons.append("autocast is enabled (the original forward reproduces autocast's casts)")
         return (None, reasons) if reasons else (plan, [])
 
+    def _fastvlm_repeat(self, x, extra=()):
+        """(result, None) of a repeat call that the plan's chain launches directly (fastvlm.ops._fast), else
+        (None, whether the usual path should build the chain again)."""
+        held = self.__dict__.get(_plan.PLAN_ATTR)
+        if held is None or held[0] != self.training or extra or held[2][0] is None:
+            return None, True
+        chain = held[2][0].get("_chain")
+        if chain is None or not held[1].valid() or any(
+                m is not None and (m._forward_hooks or m._forward_pre_hooks) for _, m in held[2][2]):
+            return None, True
+        y = chain.run(x, chain.params)
+        if y is _fast.STALE or y is _fast.PASS:
+            return None, y is _fast.STALE
+        return y, None
+
     def _fastvlm_scale(self, fp=None):
         fp = fp or _plan.Fingerprint()
         owner, _, attr = self._fastvlm_recipe.scale.rpartition(".")
@@ -255,6 +271,9 @@ class _FusedProjectorMixin(_FusedBase):
 
     def _fastvlm_forward(self, x, *extra):
         r = self._fastvlm_recipe
+        y, rebuild = self._fastvlm_repeat(x, extra)
+        if y is not None:
+            return y
         plan, reasons = self._fastvlm_plan(x)
         x2 = rows = shape = None
         if not reasons and x.numel() == 0:  # no data: the original decides (some accept 0 images, some reject them)
@@ -285,12 +304,29 @@ class _FusedProjectorMixin(_FusedBase):
         tp = plan.get("_tp")
         if tp is not None:  # the local shards of a Colwise -> Rowwise plan, reduced by the plan's own collective
             y = distributed.forward(tp, mlp_projector, x2, w1, b1, w2, b2, rows=rows, a_mode=mode, **kw)
+        elif rebuild and _chain_layout(r, plan, x, rows) and _fast.wanted(x, call[:4] + (kw.get("w_up"),
+                                                                                          kw.get("b_up"))):
+            norm = plan.get("norm")
+            params = ((w1, b1) if w2 is None else (w1, b1, w2, b2)) + ((kw["w_up"], kw["b_up"]) if r.up else ()) \
+                + ((kw["norm_weight"], kw["norm_bias"]) if norm else ())
+            memo = {}
+            y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, _memo_out=memo, **kw)
+            plan["_chain"] = _fast.plain_chain(x, y, params, memo.get("memo"), memo.get("token"), rows=rows,
+                                               up=bool(r.up), norm=None if not norm else norm != "layernorm")
         else:
             y = mlp_projector(x2, w1, b1, w2, b2, rows=rows, a_mode=mode, gated=r.gated, **kw)
         return y
 
 
 _A_MODES = {"pixel_shuffle": "concat", "unfold": "concat_cm", "avg_pool": "mean"}
+
+
+def _chain_layout(r, plan, x, rows):
+    """Whether the fused call is plain linear(s) on x's rows, a norm of them first, or on a pixel shuffle of them,
+    which a repeat call may launch directly (the op says whether it launched them as planned)."""
+    return ((rows is None or r.merge == "pixel_shuffle" and "norm" not in plan) and not r.merger
+            and not r.merged_width and not r.gated and not r.weight_in_out and not plan.get("_dtensor")
+            and x.dim() >= 2)
 _NORM_KEYS = ("norm", "norm_weight", "norm_bias", "eps", "norm_group")
 
 

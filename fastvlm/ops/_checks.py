@@ -11,6 +11,10 @@ reads. Index tables (``rows`` of ``mlp_projector`` / ``pool_tokens``, position r
 * on the device otherwise: ``torch._assert_async`` (a device-side assert, as an embedding lookup makes), never a
   host synchronisation.
 
+A table checked once (a module's ``position_ids`` buffer) is marked with what the check found, its version counter
+and its data pointer: the next call with the same, unedited table compares the mark with the rows of x and checks
+nothing again (an in-place edit bumps the version; ``.data = ...`` and ``.to()`` move the memory).
+
 Meta tensors (shape tracing) skip the value checks: there are no values.
 """
 from __future__ import annotations
@@ -89,6 +93,15 @@ def check_indices(op, name, idx, n, error=RANGE_ERROR):
         if extent > n:  # a layout table's indices are exactly 0 .. extent - 1
             raise IndexError(error.format(op=op, name=name, lo=0, hi=extent - 1, n=n))
         return
+    compiling = torch.compiler.is_compiling()  # (traced calls check every time, and mark nothing)
+    mark = None if compiling else getattr(idx, _CHECKED, None)  # checked before, unedited since
+    if mark is not None and mark[2] == idx._version and mark[3] == idx.data_ptr():
+        lo, hi = mark[0], mark[1]
+        if lo is None:  # asserted on the device against ``hi`` rows: holds for as many rows or more
+            if n >= hi:
+                return
+        elif lo >= 0 and hi < n:
+            return
     if idx.device.type == "cpu":
         lo, hi = torch.aminmax(idx)
         lo, hi = int(lo), int(hi)
@@ -96,6 +109,12 @@ def check_indices(op, name, idx, n, error=RANGE_ERROR):
             raise IndexError(error.format(op=op, name=name, lo=lo, hi=hi, n=n))
     else:
         torch._assert_async(((idx >= 0) & (idx < n)).all(), f"{op}: {name} holds indices outside [0, {n})")
+        lo, hi = None, n  # (a failing assert stops the device's work: a later call never reads past it)
+    if not compiling:
+        setattr(idx, _CHECKED, (lo, hi, idx._version, idx.data_ptr()))
+
+
+_CHECKED = "_fastvlm_checked"  # attribute of a table whose values were checked: (lo, hi, version, data pointer)
 
 
 def index_tensor(op, name, idx, device, dims=None):

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch, choice
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, _fast
 from fastvlm._cache import shared_cache
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 
@@ -166,12 +166,16 @@ def token_matrix_view(x):
     return x.as_strided((B * H * W, C), (st, sc), x.storage_offset())
 
 
-def _forward_triton(x, w1, b1, w2, b2, s: Spec, save):
+def _forward_triton(x, w1, b1, w2, b2, s: Spec, save, memo=None):
+    """``memo`` (a dict): receives the launchers' checked calls of the plain token-view path (fastvlm.ops._fast)."""
     from fastvlm.kernels.gemm import fused_linear
 
     view = None if s.pooled else token_matrix_view(x)
+    m1 = m2 = None
+    if memo is not None and view is not None and not save:
+        m1, m2 = memo[(1, False)], memo[(2, False)] = [None], [None]
     if view is not None:  # affine token rows: the plain strided A load (the compiler sees the strides)
-        first = fused_linear(view, w1, b1, act=s.act, store_pre=save and _saves_h(w2, s))
+        first = fused_linear(view, w1, b1, act=s.act, store_pre=save and _saves_h(w2, s), memo=m1)
     else:  # a batch of NCHW images, or pooling: gathered loads through int64 offset tables
         rows, cols = offset_tables(x, s.pool_h, s.pool_w)
         first = fused_linear(x, w1, b1, act=s.act, a_mode="separable_mean" if s.pooled else "separable",
@@ -179,7 +183,7 @@ def _forward_triton(x, w1, b1, w2, b2, s: Spec, save):
     a, h = first if isinstance(first, tuple) else (first, None)
     y, z = a, None
     if w2 is not None:
-        second = fused_linear(a, w2, b2, act=s.act2, store_pre=save and s.act2 != "none")
+        second = fused_linear(a, w2, b2, act=s.act2, store_pre=save and s.act2 != "none", memo=m2)
         y, z = second if isinstance(second, tuple) else (second, None)
     return y, h, z
 
@@ -194,8 +198,10 @@ def _forward_torch(x, w1, b1, w2, b2, s: Spec, save):
     return y, (h if save and _saves_h(w2, s) else None), (z if save and s.act2 != "none" else None)
 
 
-def _forward(x, w1, b1, w2, b2, s: Spec, save):
-    """(y [B*T, N], h, z); h/z are None unless saved for backward."""
+def _forward(x, w1, b1, w2, b2, s: Spec, save, memo_out=None):
+    """(y [B*T, N], h, z); h/z are None unless saved for backward. ``memo_out`` (a dict): receives the launchers'
+    memo of a plain token-view call that ran the kernels, and the state token it ran under (fastvlm.ops._fast)."""
+    tok = _fast.token() if memo_out is not None else None
     B, C, H, W = x.shape
     out_w = (w2 if w2 is not None else w1).shape[0]
     detail = f"map{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}"
@@ -207,7 +213,16 @@ def _forward(x, w1, b1, w2, b2, s: Spec, save):
     fast_key = lambda: (x.shape, x.dtype, x.device, w1.shape, None if w2 is None else w2.shape, s, save)  # noqa: E731
     per_shape = choice.per_shape(OP_NAME, x.device, fast_key, lambda: f"{detail} {s} save={save}", kernel, eager)
     backend = _dispatch.choose_backend(OP_NAME, x.device, _kernel_reasons(x, named), detail, per_shape)
-    return kernel() if backend == "triton" else eager()
+    if backend != "triton":
+        return eager()
+    if memo_out is None or tok is None:
+        return kernel()
+    memo = {}
+    out = _forward_triton(x, w1, b1, w2, b2, s, save, memo)
+    if memo.get((1, False), [None])[0] is not None:
+        _fast.launched(memo, tok)
+        memo_out.update(memo=memo, token=tok)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ backward
@@ -316,13 +331,14 @@ def _pair(p):
     return int(ph), int(pw)
 
 
-def feature_map_projector(x, w1, b1=None, w2=None, b2=None, *, act="none", act2="none", pool=1):
+def feature_map_projector(x, w1, b1=None, w2=None, b2=None, *, act="none", act2="none", pool=1, _memo_out=None):
     """``act2(linear_2(act(linear_1(tokens))))`` with ``tokens = avg_pool2d(x, pool).flatten(2).transpose(1, 2)``.
 
     ``x`` [B, C, H, W], any strides (NCHW, channels-last, a permuted view); ``pool``: int or (kh, kw), the
     AvgPool2d kernel (= stride, floor mode), 1 for a plain flatten. ``w2=None``: a single (optionally activated)
     Linear. Returns [B, T, out] with T = (H // kh) * (W // kw), in the weights' dtype. On CUDA the map is read in
     place by the fused GEMM (no transpose copy, no pooled copy); elsewhere the PyTorch path runs (and says why).
+    ``_memo_out`` (internal): see ``_forward``.
     """
     ph, pw = _pair(pool)
     s = _spec(act, act2, ph, pw)
@@ -334,7 +350,7 @@ def feature_map_projector(x, w1, b1=None, w2=None, b2=None, *, act="none", act2=
         return torch.ops.fastvlm.feature_map_projector(*tensors, s.act, s.act2, s.pool_h, s.pool_w, needs_grad)[0]
     if needs_grad:
         return _FeatureMapFunction.apply(*tensors, s)
-    y = _forward(*tensors, s, False)[0]
+    y = _forward(*tensors, s, False, _memo_out)[0]
     return y.reshape(_out_shape(x, w1, w2, s))
 
 

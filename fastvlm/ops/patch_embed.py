@@ -144,13 +144,16 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
                     ("norm weight", norm_weight), ("norm bias", norm_bias)):
         if t is not None and t.device != pixels.device:
             reasons.append(f"{name} is on {t.device} but the pixels on {pixels.device}")
-    detail = f"pixels{tuple(pixels.shape)} {str(pixels.dtype).replace('torch.', '')} p{patch} -> {D}"
-    if norm_weight is not None:
-        detail += " +rmsnorm" if norm_rms else " +layernorm"
-    if image_hw is not None:
-        detail += " padded"
-    if keep_rows is not None:
-        detail += f" keep {keep_rows.shape[0]}/{B * T}"
+    def detail():  # (built only for a trace or a fallback report)
+        text = f"pixels{tuple(pixels.shape)} {str(pixels.dtype).replace('torch.', '')} p{patch} -> {D}"
+        if norm_weight is not None:
+            text += " +rmsnorm" if norm_rms else " +layernorm"
+        if image_hw is not None:
+            text += " padded"
+        if keep_rows is not None:
+            text += f" keep {keep_rows.shape[0]}/{B * T}"
+        return text
+
     if backend is None:
         backend = _dispatch.choose_backend(OP_NAME, pixels.device, reasons, detail)
     out = torch.empty(B, T + prefix, D, device=pixels.device, dtype=w2.dtype)
@@ -162,7 +165,8 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
         sc, sh = _affine_cols(scale, shift, patch)
         lim, pk = _pix_tables(image_hw, B, gh, gw, patch, C) if image_hw is not None else (None, None)
         out_rows = _out_rows(B, T, prefix, first, pixels.device)
-        prows = None if pos is None else pos_rows.repeat(B) if pos_rows.shape[0] == T else pos_rows
+        # (one image: its T rows as they are; a batch: repeated per image)
+        prows = None if pos is None else pos_rows.repeat(B) if pos_rows.shape[0] == T and B != 1 else pos_rows
         if keep_rows is not None:  # only these patches: the A rows, positions and destinations of the kept ones
             out.zero_()
             rows = rows[keep_rows]

@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from fastvlm import _dispatch, _hot, choice
-from fastvlm.ops import _checks, projector_compiled
+from fastvlm.ops import _checks, _fast, projector_compiled
 from fastvlm.ops.projector_torch import Spec, backward, forward_torch, saves_h
 from fastvlm.reference.activations import ACTIVATIONS
 
@@ -149,9 +149,10 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b
         m1, m2 = memo.get((1, save)), memo.get((2, save))
         if m1 is None:
             m1, m2 = memo[(1, save)], memo[(2, save)] = [None], [None]
-        elif not save and m1[0] is not None and s.a_mode == "strided" and s.norm == "none" and not s.gated \
-                and w_up is None:  # the plain linear(s) of a repeat call: nothing below depends on more than the key
-            y = fused_linear(x, w1, b1, act=s.act, memo=m1)
+        elif not save and m1[0] is not None and _plain(s, w_up):
+            # the plain linear(s) of a repeat call: nothing below depends on more than the key (x's layout is part
+            # of it; the launches were planned for unit column stride)
+            y = fused_linear(x if x.stride(1) == 1 else x.contiguous(), w1, b1, act=s.act, memo=m1)
             if w2 is not None:
                 y = fused_linear(y, w2, b2, act=s.act2, memo=m2)
             return y, None, None, None, None
@@ -168,7 +169,8 @@ def _forward_triton(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b
         elif s.a_mode == "strided":
             if s.norm_group != K and not x.is_contiguous():
                 x = x.contiguous()
-            mean, rstd = row_stats(x.reshape(-1, s.norm_group) if s.norm_group != K else x, s.eps, rms)
+            ms = memo.setdefault((0, save), [None]) if memo is not None and s.norm_group == K else None
+            mean, rstd = row_stats(x.reshape(-1, s.norm_group) if s.norm_group != K else x, s.eps, rms, memo=ms)
         else:  # a norm over whole merged (concat) or pooled (mean) rows
             mean, rstd = row_stats(x, s.eps, rms, rows=rows, mode=s.a_mode)
     gate = {}
@@ -203,9 +205,16 @@ def _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up):
     return tuple(_kernel_reasons(x, named))
 
 
-def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None, reasons=None, memo=None):
+def _plain(s: Spec, w_up):
+    """The plain linear(s): a strided A, no norm, not gated."""
+    return s.a_mode == "strided" and s.norm == "none" and not s.gated and w_up is None
+
+
+def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=None, reasons=None, memo=None,
+             tok=None):
     """(y, h, z, mean, rstd); h/z/mean/rstd are None when not saved. ``reasons`` / ``memo``: the kernel's reasons for
-    these inputs and the launchers' memo, when the caller has them from its checked key."""
+    these inputs and the launchers' memo, when the caller has them from its checked key. ``tok``
+    (``fastvlm.ops._fast.token()``): the memo is marked when the plain linear(s) ran the kernels under it."""
     if rows is not None:  # the table's values, on every call (never cached with the shape key; under torch.compile too)
         _checks.check_indices("mlp_projector", "rows", rows, x.shape[0])
     if reasons is None:
@@ -227,7 +236,14 @@ def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=Non
                                  lambda: f"{_detail(x, w1, w2, rows, s)} w1{tuple(w1.shape)} {s} save={save}",
                                  kernel, eager)
     backend = _dispatch.choose_backend(OP_NAME, x.device, reasons, lambda: _detail(x, w1, w2, rows, s), per_shape)
-    return kernel() if backend == "triton" else eager()
+    if backend != "triton":
+        return eager()
+    out = kernel()
+    if tok is not None and memo is not None and not save and (not s.gated or w_up is not None) and (
+            s.norm == "none" and s.a_mode in ("strided", "concat", "concat_cm")  # (no pooling first, no halves)
+            or s.a_mode == "strided" and not s.norm_src and s.norm_group == x.shape[1]):  # (stats of x's rows)
+        _fast.launched(memo, tok)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ registration
@@ -326,7 +342,7 @@ class _MLPProjectorFunction(torch.autograd.Function):
 
 def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", norm="none", norm_weight=None,
                   norm_bias=None, norm_group=None, eps=1e-5, rows=None, a_mode="strided", norm_src=False,
-                  gated=False, w_up=None, b_up=None, out_lead=None):
+                  gated=False, w_up=None, b_up=None, out_lead=None, _memo_out=None):
     """Fused ``act2(linear_2(act(linear_1(norm(A(x))))))``.
 
     Without ``rows`` this works over the last dimension of ``x`` (any leading dimensions). With ``rows`` (an int64
@@ -340,6 +356,8 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     ``out_lead``: with ``rows``, the result's leading dimensions instead of [M] (their product is M; a fused module's
     [batch, tokens] or grid). With autograd the result is a tensor of its own, never a view of a [M, out] one.
     Eager calls skip the torch.library dispatcher; under torch.compile the call is the registered custom op.
+    ``_memo_out`` (internal, a dict): receives the launchers' memo of an eager inference call and the state token it
+    ran under (``fastvlm.ops._fast``: a module's repeat path is built from them).
     """
     if rows is None:
         if a_mode != "strided":
@@ -376,11 +394,16 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
                        not _checks.is_meta(x2))
             _hot.remember(_CHECKED, key, checked)
         reasons, memo, plain = checked
+        if _memo_out is not None:
+            _memo_out["memo"] = memo
         if plain:  # dense vectors and a real device, fixed by the key: the eager call, straight to the forward
             if not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (
                     x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)):
+                tok = None
+                if _memo_out is not None:
+                    tok = _memo_out["token"] = _fast.token()
                 y = _forward(x2, w1, b1, w2, b2, norm_weight, norm_bias, rows, s, False, w_up, b_up, reasons,
-                             memo)[0]
+                             memo, tok)[0]
                 return y if lead is None else y.reshape(*lead, y.shape[-1])
     # per call (a no-op for parameters); the row table's values are checked per call in ``_forward``
     b1, b2, norm_weight, norm_bias, b_up = _checks.dense(b1, b2, norm_weight, norm_bias, b_up)
