@@ -15,6 +15,10 @@ def tensors_key(device, tensors):
 
 MAX_ENTRIES = 4096
 
+# Depth of ``fastvlm.kernels._launch.traced()`` blocks: launches traced by torch.compile (a triton_op's body). Read
+# here by code that must not read values or time candidates then (the dispatch's per-shape choice, index checks).
+TRACED = [0]
+
 
 def remember(cache, key, value):
     """``cache[key] = value``, emptying the cache first when it has grown past MAX_ENTRIES (inputs of ever new

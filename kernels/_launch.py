@@ -33,15 +33,71 @@ lock (the autotuner object keeps per-call state of its own).
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import triton
 
-from fastvlm._hot import MAX_ENTRIES, remember, tensors_key  # noqa: F401  (launchers key their calls with these)
+from fastvlm import _hot
+from fastvlm._hot import MAX_ENTRIES, tensors_key  # noqa: F401  (launchers key their calls with these)
 
 from ._interp import INTERPRETING
 
+# Launches that take neither a plan's compiled kernel nor the direct launch: the interpreter's, and those traced by
+# torch.compile (``traced``). One flag, so the eager repeat path pays one check for both.
+_SPECIAL = INTERPRETING
+
 _tune_lock = threading.Lock()
 _I32_LO, _I32_HI = -(2 ** 31), 2 ** 31
+
+
+@contextmanager
+def traced():
+    """Launches inside this block are traced by torch.compile (a ``torch.library.triton_op``'s body, on fake or
+    functional tensors): each launch becomes ``wrap_triton(kernel)[grid](...)`` with the plan's constexprs, so the
+    graph holds the kernel call and Inductor launches it; an autotuned plan takes its config by rule (the first one
+    its pruning keeps; nothing is timed) and no launcher cache stores what is built here (``remember``), so eager
+    calls keep their timed plans. fastvlm/ops/compiled.py, docs/design-launch.md."""
+    global _SPECIAL
+    _hot.TRACED[0] += 1
+    _SPECIAL = True
+    try:
+        yield
+    finally:
+        _hot.TRACED[0] -= 1
+        _SPECIAL = INTERPRETING or _hot.TRACED[0] > 0
+
+
+def remember(cache, key, value):
+    """``cache[key] = value`` (bounded, see fastvlm._hot.remember); nothing is stored while launches are traced."""
+    if not _hot.TRACED[0]:
+        _hot.remember(cache, key, value)
+
+
+def _wrapped_launch(fn, grid, args, consts):
+    """The traced launch: ``fn`` (a JITFunction) through ``wrap_triton``, constexprs and options as keywords."""
+    from torch.library import wrap_triton
+
+    kw = {}
+    for name, value in consts.items():  # Config.all_kwargs() adds launch options at their defaults (num_ctas=1...)
+        if name in _TRACED_OPTIONS or name in fn.arg_names:
+            kw[name] = value
+        elif value is not None and not (name == "num_ctas" and value == 1):
+            raise NotImplementedError(f"{fn.__name__}: the launch option {name}={value!r} cannot be traced")
+    wrap_triton(fn)[tuple(grid)](*args, **kw)
+
+
+_TRACED_OPTIONS = ("num_warps", "num_stages")  # what wrap_triton takes beside the kernel's own arguments
+
+
+def rule_config(tuner, args, kwargs):
+    """The config a traced launch of autotuned ``tuner`` takes: the first that its own pruning keeps for these
+    arguments (the order of the configs is the kernel's preference), as ``Config.all_kwargs()``."""
+    configs = tuner.configs
+    prune = getattr(tuner, "early_config_prune", None)
+    if prune:
+        named = dict(zip(jit_function(tuner).arg_names, args))
+        configs = prune(configs, named, **kwargs) or configs
+    return dict(configs[0].all_kwargs())
 
 
 def cdiv(a, b):
@@ -150,8 +206,11 @@ class Plan:
         """Launch on ``grid``. ``int_spec``: ``spec_key`` of the arguments after the first ``n_ptr`` when the caller
         has it from its own key (then only the tensors' alignment is read here); ``spec``: the whole key, when the
         caller has computed it (``Call.launch``)."""
-        if INTERPRETING:
-            self.fn[grid](*args, **self.consts)
+        if _SPECIAL:
+            if _hot.TRACED[0]:
+                _wrapped_launch(self.fn, grid, args, self.consts)
+            else:
+                self.fn[grid](*args, **self.consts)
             return
         drv = _DRIVER.active
         device = drv.get_current_device()
@@ -210,7 +269,7 @@ class Call:
     def launch(self, tensors):
         """Launch with the tensors (or None) that precede the integer arguments in the kernel's signature."""
         plan = self.plan
-        if INTERPRETING:
+        if _SPECIAL:  # the interpreter, or a launch traced by torch.compile
             plan.launch(self.grid, (*tensors, *self.ints))
             return
         pos = self.ptr_pos
@@ -349,7 +408,10 @@ def jit_function(fn):
 
 def autotuned_config(tuner, grid, args, kwargs):
     """Launch ``tuner`` once through its own path (it benchmarks on a new key) and return the config it chose
-    (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...)."""
+    (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...). While launches are traced: the config by
+    rule (``rule_config``), nothing launched."""
+    if _hot.TRACED[0]:
+        return rule_config(tuner, args, kwargs)
     other = None if INTERPRETING else _other_device(args, _DRIVER.active.get_current_device())
     with _tune_lock:
         if other is None:

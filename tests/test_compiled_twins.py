@@ -1,0 +1,106 @@
+"""The triton_op twins (fastvlm.ops.compiled): the path a compiled graph takes, run here with real values.
+
+Under torch.compile a fused op's functional calls its twin ``fastvlm::NAME_launch``, whose body is the op's own
+implementation with every launch traced (``kernels._launch.traced``: ``wrap_triton(kernel)[grid](...)`` with the
+plan's constexprs, autotuned kernels on their rule config). The Triton interpreter's kernels cannot be traced, but
+``wrap_triton`` hands them back for an eager call: with ``torch.compiler.is_compiling`` forced True (and the
+interpreter allowed), each fused module runs through the twins eagerly, on the traced launch path, with its
+registered autograd; checked against the original module in float64, gradients too. That the compiled graph holds
+the kernel calls, with the eager launches' arguments, is tests/test_compiled_launch.py's part (no interpreter).
+"""
+import copy
+
+import pytest
+import torch
+
+import fastvlm
+from fastvlm.ops import compiled
+from helpers import assert_close
+
+pytestmark = pytest.mark.usefixtures("quiet_fallbacks")
+
+
+@pytest.fixture
+def twins(monkeypatch, triton_backend):
+    """Every fused op's compiled branch, run eagerly through the twins; yields the ops taken."""
+    taken = []
+    real = compiled.op_for
+
+    def op_for(name, x, named=()):
+        op = real(name, x, named)
+        taken.append(str(op))
+        return op
+
+    monkeypatch.setattr(compiled, "_interpreting", lambda: False)
+    monkeypatch.setattr(compiled, "op_for", op_for)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    yield taken
+
+
+def _double(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_double(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _double(v) for k, v in obj.items()}
+    return obj
+
+
+def _first(out):
+    while isinstance(out, (tuple, list)) or hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return out
+
+
+def _k(module):
+    """The reduction length along the module's chain of linears (the tolerance's K)."""
+    return max(64, sum(m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)))
+
+
+def _cases(family):
+    from fastvlm.bench.overhead import family_cases, handoff_case, qformer_case
+
+    if family == "qformer":
+        return [qformer_case(layers=2)]
+    if family == "handoff":
+        return [handoff_case()]
+    return family_cases(family)
+
+
+# projectors (plain, gated, merge + norm, shuffle, pooled), patch embeddings, Q-Former, perceiver, hand-off
+FAMILIES = ["llava", "qwen2_vl", "idefics3", "gemma3", "aya_vision", "idefics2", "qformer", "handoff"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_twins_match_the_original(family, twins):
+    cases = _cases(family)
+    assert cases
+    for case in cases:
+        with torch.no_grad():
+            out = _first(case.fused(*case.args, **case.kwargs))
+            ref = _first(copy.deepcopy(case.original).double()(*_double(case.args), **_double(case.kwargs)))
+        assert_close(out, ref, torch.float32, _k(case.original), roundings=4, what=case.name)
+    assert twins and all(t.endswith("_launch") for t in twins), twins
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "qformer"])
+def test_twins_backward(family, twins):
+    """Training calls take the twins too; their registered autograd (the op's PyTorch backward) gives the original
+    module's parameter gradients."""
+    for case in _cases(family):
+        params = [p for p in case.fused.parameters() if p.requires_grad]
+        out = _first(case.fused(*case.args, **case.kwargs))
+        g = torch.randn_like(out)
+        grads = torch.autograd.grad(out, params, g, allow_unused=True)
+        ref_mod = copy.deepcopy(case.original).double()
+        ref_params = dict(ref_mod.named_parameters())
+        ref_out = _first(ref_mod(*_double(case.args), **_double(case.kwargs)))
+        names = [n for n, p in case.fused.named_parameters() if p.requires_grad]
+        ref_grads = torch.autograd.grad(ref_out, [ref_params[n] for n in names], g.double(), allow_unused=True)
+        for n, a, b in zip(names, grads, ref_grads):
+            if b is None or n.endswith("key.bias"):  # (a key bias's gradient is 0: softmax ignores a shift per row)
+                continue
+            assert a is not None, n
+            assert_close(a, b, torch.float32, _k(ref_mod), roundings=4, what=f"{case.name}: {n}.grad")
+    assert twins and all(t.endswith("_launch") for t in twins), twins
