@@ -80,38 +80,95 @@ def compiled_case(drv, case, mode="inductor"):
         graphs.append(gm)
         return make_boxed_func(gm.forward)
 
-    compiled = torch.compile(fused, fullgraph=True, backend=aot_autograd(fw_compiler=keep))
+    # Mistral3's projector reads image_sizes.tolist() (as the original does): a graph break before the fused op
+    full = not case.name.startswith("mistral3")
+    compiled = torch.compile(fused, fullgraph=full, backend=aot_autograd(fw_compiler=keep))
     with torch.no_grad():
         fused(*args, **kwargs)
         drv.utils.record = eager = []
         fused(*args, **kwargs)
         drv.utils.record = None
+        TAKEN.clear()
         compiled(*args, **kwargs)  # traces and compiles
+        taken = sorted(set(TAKEN))
         drv.utils.record = traced = []
         n0 = drv.launches
         compiled(*args, **kwargs)
         drv.utils.record = None
     calls = _graph_calls(graphs)
-    return dict(fastvlm_ops=[c for c in calls if c.startswith("fastvlm.")],
+    return dict(taken=taken, fastvlm_ops=[c for c in calls if c.startswith("fastvlm.")],
                 kernels=sum(c == "triton_kernel_wrapper_functional" for c in calls), launches=drv.launches - n0,
                 eager_launches=len(eager), same_args=_normalised(eager) == _normalised(traced))
+
+
+TAKEN = []  # the ops compiled calls took (fastvlm.ops.compiled.op_for), while tracing
+
+
+def _record_taken():
+    from fastvlm.ops import compiled
+
+    real = compiled.op_for
+
+    def op_for(name, x, named=()):
+        op = real(name, x, named)
+        TAKEN.append(str(op))
+        return op
+
+    compiled.op_for = op_for
+
+
+def training_case(drv, case):
+    """A training call (parameters need gradients) compiled the same way: the forward graph launches the kernels
+    (the twin, its saved tensors included), the backward graph (the twin's registered autograd, PyTorch ops) runs."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    torch._dynamo.reset()
+    fused = case.fused.half()
+    args, kwargs = _half(case.args), _half(case.kwargs)
+    fw, bw = [], []
+
+    def keep(into):
+        def compiler(gm, inputs):
+            into.append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+
+    compiled = torch.compile(fused, fullgraph=True, backend=aot_autograd(fw_compiler=keep(fw), bw_compiler=keep(bw)))
+    TAKEN.clear()
+    out = compiled(*args, **kwargs)
+    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "last_hidden_state", out)
+    n0 = drv.launches
+    out.float().sum().backward()
+    grads = [p.grad is not None for p in fused.parameters() if p.requires_grad]
+    calls = _graph_calls(fw)
+    return dict(taken=sorted(set(TAKEN)), fastvlm_ops=[c for c in calls if c.startswith("fastvlm.")],
+                kernels=sum(c == "triton_kernel_wrapper_functional" for c in calls), backward_graphs=len(bw),
+                backward_launches=drv.launches - n0, grads=all(grads) and bool(grads))
+
+
+TRAIN = ("LlavaMultiModalProjector", "PatchMerger", "Q-Former")
 
 
 def main():
     sys.path.insert(0, os.path.dirname(__file__))
     drv = fake_driver.install(run_configs=False)
     _remember_binaries(drv)
+    _record_taken()
     torch.set_num_threads(1)
     warnings.simplefilter("ignore")
     from fastvlm.bench.overhead import all_cases
 
-    families = sys.argv[1:] or None
+    names = sys.argv[1:]  # family names (all when none), "qformer": the 2-layer Q-Former case (always with all)
+    families = [n for n in names if n != "qformer"] or (None if not names else ["none"])
     report = {}
-    for case in all_cases(families, qformer_layers=2):
+    for case in all_cases(families, qformer_layers=2 if (not names or "qformer" in names) else 0):
         if case.name.startswith("one fused GEMM"):
             continue
         try:
             report[case.name] = compiled_case(drv, case)
+            if any(t in case.name for t in TRAIN):
+                report[case.name]["train"] = training_case(drv, case)
         except Exception as exc:  # reported per case
             report[case.name] = dict(error=f"{type(exc).__name__}: {exc}"[:600], tb=traceback.format_exc()[-1500:])
     os.environ.pop("FASTVLM_COMPILE_LAUNCH", None)
