@@ -56,7 +56,7 @@ def traced():
     functional tensors): each launch becomes ``wrap_triton(kernel)[grid](...)`` with the plan's constexprs, so the
     graph holds the kernel call and Inductor launches it; an autotuned plan takes its config by rule (the first one
     its pruning keeps; nothing is timed) and no launcher cache stores what is built here (``remember``), so eager
-    calls keep their timed plans. fastvlm/ops/compiled.py, docs/design-launch.md."""
+    calls keep their timed plans. kernels/_traced.py, fastvlm/ops/compiled.py, docs/design-launch.md."""
     global _SPECIAL
     _hot.TRACED[0] += 1
     _SPECIAL = True
@@ -71,33 +71,6 @@ def remember(cache, key, value):
     """``cache[key] = value`` (bounded, see fastvlm._hot.remember); nothing is stored while launches are traced."""
     if not _hot.TRACED[0]:
         _hot.remember(cache, key, value)
-
-
-def _wrapped_launch(fn, grid, args, consts):
-    """The traced launch: ``fn`` (a JITFunction) through ``wrap_triton``, constexprs and options as keywords."""
-    from torch.library import wrap_triton
-
-    kw = {}
-    for name, value in consts.items():  # Config.all_kwargs() adds launch options at their defaults (num_ctas=1...)
-        if name in _TRACED_OPTIONS or name in fn.arg_names:
-            kw[name] = value
-        elif value is not None and not (name == "num_ctas" and value == 1):
-            raise NotImplementedError(f"{fn.__name__}: the launch option {name}={value!r} cannot be traced")
-    wrap_triton(fn)[tuple(grid)](*args, **kw)
-
-
-_TRACED_OPTIONS = ("num_warps", "num_stages")  # what wrap_triton takes beside the kernel's own arguments
-
-
-def rule_config(tuner, args, kwargs):
-    """The config a traced launch of autotuned ``tuner`` takes: the first that its own pruning keeps for these
-    arguments (the order of the configs is the kernel's preference), as ``Config.all_kwargs()``."""
-    configs = tuner.configs
-    prune = getattr(tuner, "early_config_prune", None)
-    if prune:
-        named = dict(zip(jit_function(tuner).arg_names, args))
-        configs = prune(configs, named, **kwargs) or configs
-    return dict(configs[0].all_kwargs())
 
 
 def cdiv(a, b):
@@ -208,7 +181,9 @@ class Plan:
         caller has computed it (``Call.launch``)."""
         if _SPECIAL:
             if _hot.TRACED[0]:
-                _wrapped_launch(self.fn, grid, args, self.consts)
+                from ._traced import wrapped_launch
+
+                wrapped_launch(self.fn, grid, args, self.consts)
             else:
                 self.fn[grid](*args, **self.consts)
             return
@@ -411,7 +386,9 @@ def autotuned_config(tuner, grid, args, kwargs):
     (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...). While launches are traced: the config by
     rule (``rule_config``), nothing launched."""
     if _hot.TRACED[0]:
-        return rule_config(tuner, args, kwargs)
+        from ._traced import rule_config
+
+        return rule_config(tuner, jit_function(tuner).arg_names, args, kwargs)
     other = None if INTERPRETING else _other_device(args, _DRIVER.active.get_current_device())
     with _tune_lock:
         if other is None:
