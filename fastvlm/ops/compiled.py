@@ -10,9 +10,9 @@ torch.compile traces the body (on fake / functional tensors) every launch of the
 with its own launcher (and captures them in ``mode="reduce-overhead"``'s CUDA graphs). Glue the op does around its
 launches (``torch.empty``, views, a row table) is traced as aten ops. docs/design-launch.md, "torch.compile".
 
-While compiling, an op's functional calls ``op_for(op, device, named)``: the twin when the Triton kernels would run
-and can be traced, else the opaque op, which decides and reports at run time as before. The twin is not taken
-(``reasons``) for:
+While compiling, an op's functional calls ``op_for(op, x, named)``: the twin when the Triton kernels would run and
+can be traced, else the opaque op, which decides and reports at run time as before. The twin is not taken
+(``reasons``), or hands over to the opaque op, for:
 
 * ``FASTVLM_COMPILE_LAUNCH=op`` (read when tracing): the opaque op for every call;
 * a call the kernels cannot run (FASTVLM_BACKEND=torch, the device, dtypes, autocast): the opaque op keeps the
@@ -20,7 +20,7 @@ and can be traced, else the opaque op, which decides and reports at run time as 
 * the Triton interpreter (TRITON_INTERPRET=1, the CPU tests): its kernels are Python functions that ``wrap_triton``
   cannot trace;
 * symbolic shapes (dynamic=True, or a recompile with automatic dynamic shapes): the launchers key their checks and
-  plans on concrete sizes and strides.
+  plans on concrete sizes and strides, so the twin's body calls the opaque op itself (it stays in the graph).
 
 Inside a twin the backend rule is applied when the graph is traced (a change of FASTVLM_BACKEND after that needs
 ``torch._dynamo.reset()``); a per-shape choice (fastvlm.choice) is not timed there (the kernel is taken); an
@@ -55,6 +55,8 @@ def register(op):
     def body(*args, **kwargs):
         from fastvlm.kernels import _launch
 
+        if _symbolic(a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)):
+            return getattr(torch.ops.fastvlm, op._name)(*args, **kwargs)  # the opaque op, in the graph
         with _launch.traced():
             return impl(*args, **kwargs)
 
@@ -68,10 +70,9 @@ def register(op):
 
 
 def _symbolic(tensors):
-    for t in tensors:
-        if t is not None and not all(type(s) is int for s in (*t.shape, *t.stride())):
-            return True
-    return False
+    """Whether a size or stride is symbolic (read in the twin's body, where sizes are SymInts: Dynamo's own tracing
+    of the functional treats them as ints)."""
+    return any(isinstance(s, torch.SymInt) for t in tensors for s in (*t.shape, *t.stride()))
 
 
 def _interpreting():
@@ -92,10 +93,7 @@ def reasons(x, named=()):
     why = _dispatch.environment_reasons(x.device)
     if _checks.autocast_on(x.device):
         why = why + ["autocast is on"]
-    why = why + _dispatch.dtype_device_reasons(x, named)
-    if _symbolic((x, *(t for _, t in named))):
-        why.append("symbolic shapes (the launchers key their plans on concrete sizes)")
-    return why
+    return why + _dispatch.dtype_device_reasons(x, named)
 
 
 def op_for(name, x, named=()):
