@@ -42,8 +42,8 @@ from fastvlm._hot import MAX_ENTRIES, tensors_key  # noqa: F401  (launchers key 
 
 from ._interp import INTERPRETING
 
-# Launches that take neither a plan's compiled kernel nor the direct launch: the interpreter's, and those traced by
-# torch.compile (``traced``). One flag, so the eager repeat path pays one check for both.
+# Launches off the plan path: the interpreter's, and those traced by torch.compile (``traced``; meanwhile other
+# threads' launches take ``JITFunction.run``). One flag: the eager repeat path pays one check for both.
 _SPECIAL = INTERPRETING
 
 _tune_lock = threading.Lock()
@@ -52,24 +52,31 @@ _I32_LO, _I32_HI = -(2 ** 31), 2 ** 31
 
 @contextmanager
 def traced():
-    """Launches inside this block are traced by torch.compile (a ``torch.library.triton_op``'s body, on fake or
-    functional tensors): each launch becomes ``wrap_triton(kernel)[grid](...)`` with the plan's constexprs, so the
-    graph holds the kernel call and Inductor launches it; an autotuned plan takes its config by rule (the first one
-    its pruning keeps; nothing is timed) and no launcher cache stores what is built here (``remember``), so eager
-    calls keep their timed plans. kernels/_traced.py, fastvlm/ops/compiled.py, docs/design-launch.md."""
-    global _SPECIAL
-    _hot.TRACED[0] += 1
-    _SPECIAL = True
+    """This thread's launches in this block are traced by torch.compile (a ``triton_op``'s body): each becomes
+    ``wrap_triton(kernel)[grid](...)`` with the plan's constexprs; autotuned plans take a config by rule, and no
+    launcher cache keeps what is built here (``remember``). kernels/_traced.py, docs/design-launch.md."""
+    global _SPECIAL, _tracing
+    local = _hot._traced
+    local.depth = getattr(local, "depth", 0) + 1
+    with _trace_lock:
+        _tracing += 1
+        _SPECIAL = True
     try:
         yield
     finally:
-        _hot.TRACED[0] -= 1
-        _SPECIAL = INTERPRETING or _hot.TRACED[0] > 0
+        local.depth -= 1
+        with _trace_lock:
+            _tracing -= 1
+            _SPECIAL = INTERPRETING or _tracing > 0
+
+
+_trace_lock = threading.Lock()
+_tracing = 0  # threads inside ``traced()``
 
 
 def remember(cache, key, value):
     """``cache[key] = value`` (bounded, see fastvlm._hot.remember); nothing is stored while launches are traced."""
-    if not _hot.TRACED[0]:
+    if not _hot.traced():
         _hot.remember(cache, key, value)
 
 
@@ -180,7 +187,7 @@ class Plan:
         has it from its own key (then only the tensors' alignment is read here); ``spec``: the whole key, when the
         caller has computed it (``Call.launch``)."""
         if _SPECIAL:
-            if _hot.TRACED[0]:
+            if _hot.traced():
                 from ._traced import wrapped_launch
 
                 wrapped_launch(self.fn, grid, args, self.consts)
@@ -385,7 +392,7 @@ def autotuned_config(tuner, grid, args, kwargs):
     """Launch ``tuner`` once through its own path (it benchmarks on a new key) and return the config it chose
     (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...). While launches are traced: the config by
     rule (``rule_config``), nothing launched."""
-    if _hot.TRACED[0]:
+    if _hot.traced():
         from ._traced import rule_config
 
         return rule_config(tuner, jit_function(tuner).arg_names, args, kwargs)

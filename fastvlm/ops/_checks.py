@@ -91,7 +91,7 @@ def check_indices(op, name, idx, n, error=RANGE_ERROR):
         if extent > n:  # a layout table's indices are exactly 0 .. extent - 1
             raise IndexError(error.format(op=op, name=name, lo=0, hi=extent - 1, n=n))
         return
-    if idx.device.type == "cpu" and not _hot.TRACED[0]:  # (traced by torch.compile: no value read, the device check)
+    if idx.device.type == "cpu" and not _hot.traced():  # (traced by torch.compile: no value read, the device check)
         lo, hi = torch.aminmax(idx)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= n:
