@@ -66,13 +66,35 @@ def _half(obj):
     return obj
 
 
+class _OpCase:
+    """A functional as a module case (token pooling and the feature-map projector have no tiny-model module)."""
+
+    def __init__(self, name, fn, args):
+        self.name, self.fused, self.args, self.kwargs = name, fn, args, {}
+
+
+def op_cases():
+    from fastvlm.ops.feature_map import feature_map_projector
+    from fastvlm.ops.layout import space_to_depth_rows
+    from fastvlm.ops.pool import pool_tokens
+
+    x = torch.randn(2 * 16, 24)
+    rows = space_to_depth_rows(2, 4, 4, 2)
+    fmap = torch.randn(2, 24, 4, 6)
+    w1, b1, w2, b2 = torch.randn(40, 24) / 5, torch.randn(40), torch.randn(32, 40) / 6, torch.randn(32)
+    return [_OpCase("pool_tokens (mean)", lambda t, r: pool_tokens(t, r, "mean"), (x, rows)),
+            _OpCase("pool_tokens (max)", lambda t, r: pool_tokens(t, r, "max"), (x, rows)),
+            _OpCase("feature_map_projector (pool 2)", lambda m, *w: feature_map_projector(
+                m, *w, act="gelu", pool=2), (fmap, w1, b1, w2, b2))]
+
+
 def compiled_case(drv, case, mode="inductor"):
     from functorch.compile import make_boxed_func
     from torch._dynamo.backends.common import aot_autograd
 
     os.environ["FASTVLM_COMPILE_LAUNCH"] = mode
     torch._dynamo.reset()
-    fused = case.fused.half()
+    fused = case.fused.half() if isinstance(case.fused, torch.nn.Module) else case.fused
     args, kwargs = _half(case.args), _half(case.kwargs)
     graphs = []
 
@@ -162,7 +184,7 @@ def main():
     names = sys.argv[1:]  # family names (all when none), "qformer": the 2-layer Q-Former case (always with all)
     families = [n for n in names if n != "qformer"] or (None if not names else ["none"])
     report = {}
-    for case in all_cases(families, qformer_layers=2 if (not names or "qformer" in names) else 0):
+    for case in [*all_cases(families, qformer_layers=2 if (not names or "qformer" in names) else 0), *op_cases()]:
         if case.name.startswith("one fused GEMM"):
             continue
         try:

@@ -3,8 +3,8 @@
 
 Runs tests/compiled_launch_check.py in a child process without TRITON_INTERPRET, on the host-only Triton driver
 (kernels compiled for sm_90, no GPU; values are not computed, see tests/test_compiled_twins.py for those). The
-default run covers the Qwen2-VL patch embedding and merger (norm statistics + two GEMMs; a training call too) and
-the hand-off; slow-marked: a 2-layer Q-Former (attention, linear + LayerNorm, projections; training too) and the
+default run covers the Qwen2-VL patch embedding and merger (norm statistics + two GEMMs; a training call too), the
+hand-off, token pooling and the feature-map projector; slow-marked: a 2-layer Q-Former (attention, linear + LayerNorm, projections; training too) and the
 sweep of every module of every tiny model.
 """
 import json
@@ -43,8 +43,8 @@ def report():
 
 
 def test_compiled_graphs_launch_the_kernels(report):
-    assert {"qwen2_vl: PatchEmbed", "qwen2_vl: PatchMerger", "hand-off: image rows into inputs_embeds"} <= set(
-        report), sorted(report)
+    assert {"qwen2_vl: PatchEmbed", "qwen2_vl: PatchMerger", "hand-off: image rows into inputs_embeds",
+            "pool_tokens (mean)", "pool_tokens (max)", "feature_map_projector (pool 2)"} <= set(report), sorted(report)
     _check(report)
     assert report["qwen2_vl: PatchMerger"]["launches"] == 3  # norm statistics, two GEMMs
     assert "train" in report["qwen2_vl: PatchMerger"]
@@ -66,4 +66,5 @@ def test_every_fused_module_launches_its_kernels_compiled():
     taken = {t for r in report.values() for t in r["taken"]}
     assert {"fastvlm.patch_embed_launch", "fastvlm.rows_embed_launch", "fastvlm.mlp_projector_launch",
             "fastvlm.attention_launch", "fastvlm.linear_residual_layernorm_launch", "fastvlm.norm_linear_launch",
-            "fastvlm.scatter_image_features_launch"} <= taken, sorted(taken)
+            "fastvlm.scatter_image_features_launch", "fastvlm.pool_tokens_launch",
+            "fastvlm.feature_map_projector_launch"} <= taken, sorted(taken)

@@ -15,6 +15,7 @@ import torch
 
 import fastvlm
 from fastvlm.ops import compiled
+from compiled_launch_check import op_cases
 from helpers import assert_close
 
 pytestmark = pytest.mark.usefixtures("quiet_fallbacks")
@@ -132,3 +133,21 @@ def test_symbolic_shapes_keep_the_opaque_op(monkeypatch, triton_backend):
         assert_close(out, m.double()(x.double()), torch.float32, _k(m))
     calls = {str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"}
     assert "fastvlm.mlp_projector.default" in calls and "triton_kernel_wrapper_functional" not in calls, calls
+
+
+def _op_reference(name, args):
+    a = [t.double() if t.is_floating_point() else t for t in args]
+    if name.startswith("pool_tokens"):
+        x, rows = a
+        return x[rows].mean(1) if "mean" in name else x[rows].amax(1)
+    fmap, w1, b1, w2, b2 = a
+    tokens = torch.nn.functional.avg_pool2d(fmap, 2).flatten(2).transpose(1, 2)
+    return torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(tokens, w1, b1)), w2, b2)
+
+
+def test_op_twins_pool_and_feature_map(twins):
+    for case in op_cases():
+        with torch.no_grad():
+            out = case.fused(*case.args)
+        assert_close(out, _op_reference(case.name, case.args), torch.float32, 64, roundings=2, what=case.name)
+    assert {"fastvlm.pool_tokens_launch", "fastvlm.feature_map_projector_launch"} <= set(twins), twins
