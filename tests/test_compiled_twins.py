@@ -151,3 +151,22 @@ def test_op_twins_pool_and_feature_map(twins):
             out = case.fused(*case.args)
         assert_close(out, _op_reference(case.name, case.args), torch.float32, 64, roundings=2, what=case.name)
     assert {"fastvlm.pool_tokens_launch", "fastvlm.feature_map_projector_launch"} <= set(twins), twins
+
+
+def test_reasons_for_the_opaque_op(monkeypatch, triton_backend):
+    """Why a compiled call keeps the opaque op, read when tracing: the switch, the backend, the interpreter, dtypes."""
+    x, w = torch.randn(3, 4), torch.randn(5, 4)
+    assert compiled.reasons(x, (("w", w),)) == ["the Triton interpreter's kernels cannot be traced by wrap_triton"]
+    monkeypatch.setattr(compiled, "_interpreting", lambda: False)
+    assert compiled.reasons(x, (("w", w),)) == []
+    assert "w is torch.float64" in compiled.reasons(x, (("w", w.double()),))[0]
+    monkeypatch.setenv("FASTVLM_COMPILE_LAUNCH", "op")
+    assert compiled.reasons(x) == ["FASTVLM_COMPILE_LAUNCH=op"]
+    assert str(compiled.op_for("fastvlm::mlp_projector", x)) == "fastvlm.mlp_projector"
+    monkeypatch.setenv("FASTVLM_COMPILE_LAUNCH", "inductor")
+    assert str(compiled.op_for("fastvlm::mlp_projector", x)) == "fastvlm.mlp_projector_launch"
+    monkeypatch.setenv("FASTVLM_BACKEND", "torch")
+    assert compiled.reasons(x) == ["FASTVLM_BACKEND=torch"]
+    monkeypatch.setenv("FASTVLM_COMPILE_LAUNCH", "nonsense")
+    with pytest.raises(ValueError, match="FASTVLM_COMPILE_LAUNCH"):
+        compiled.reasons(x)

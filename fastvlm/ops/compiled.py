@@ -88,9 +88,9 @@ def reasons(x, named=()):
         return ["FASTVLM_COMPILE_LAUNCH=op"]
     if _dispatch.requested_backend() == "torch":
         return ["FASTVLM_BACKEND=torch"]
-    if _interpreting():
+    why = _dispatch.environment_reasons(x.device)  # (first: it says when triton is missing)
+    if not why and _interpreting():
         return ["the Triton interpreter's kernels cannot be traced by wrap_triton"]
-    why = _dispatch.environment_reasons(x.device)
     if _checks.autocast_on(x.device):
         why = why + ["autocast is on"]
     return why + _dispatch.dtype_device_reasons(x, named)
