@@ -30,7 +30,10 @@ def _check(report):
     for name, r in report.items():
         assert "error" not in r, f"{name}: {r.get('tb', r['error'])}"
         assert r["taken"] and all(t.endswith("_launch") for t in r["taken"]), (name, r)  # the twins, no opaque op
-        assert r["fastvlm_ops"] == [] and r["kernels"] == 1, (name, r)  # kernel calls in the graph, no custom op
+        # kernel calls in the graph, no custom op; Mistral 3's merge is sized by image_sizes.tolist() (a graph break,
+        # then data-dependent sizes): its twin hands that call to the opaque op (symbolic shapes)
+        allowed = ["fastvlm.mlp_projector.default"] if name.startswith("mistral3") else []
+        assert r["fastvlm_ops"] == allowed and r["kernels"] == 1, (name, r)
         assert r["launches"] == r["eager_launches"] > 0 and r["same_args"], (name, r)
         if "train" in r:
             t = r["train"]
