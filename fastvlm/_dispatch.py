@@ -23,6 +23,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+from fastvlm import _hot
 from fastvlm._table import text_table
 
 
@@ -211,7 +212,7 @@ def choose_backend(op: str, device, reasons=(), detail="", choice=None) -> str:
     env = environment_reasons(device)
     if not reasons and not env:
         note = ""
-        if choice is not None and req == "auto" and not strict():
+        if choice is not None and req == "auto" and not strict() and not _hot.traced():  # (traced: nothing timed)
             from fastvlm import choice as per_shape
 
             if per_shape.applies(device):

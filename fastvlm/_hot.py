@@ -6,6 +6,8 @@ The key holds everything the checks read: each tensor's shape, strides and dtype
 """
 from __future__ import annotations
 
+import threading
+
 from fastvlm import _dispatch
 
 
@@ -16,6 +18,15 @@ def tensors_key(device, tensors):
 
 
 MAX_ENTRIES = 4096
+
+_traced = threading.local()
+
+
+def traced() -> bool:
+    """Whether this thread is inside ``fastvlm.kernels._launch.traced()``: launches traced by torch.compile (a
+    triton_op's body). Read by code that must not read values or time candidates then (the dispatch's per-shape
+    choice, index checks) and by the launchers."""
+    return getattr(_traced, "depth", 0) > 0
 
 
 def remember(cache, key, value):

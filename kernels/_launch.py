@@ -33,15 +33,51 @@ lock (the autotuner object keeps per-call state of its own).
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 
 import triton
 
-from fastvlm._hot import MAX_ENTRIES, remember, tensors_key  # noqa: F401  (launchers key their calls with these)
+from fastvlm import _hot
+from fastvlm._hot import MAX_ENTRIES, tensors_key  # noqa: F401  (launchers key their calls with these)
 
 from ._interp import INTERPRETING
 
+# Launches off the plan path: the interpreter's, and those traced by torch.compile (``traced``; meanwhile other
+# threads' launches take ``JITFunction.run``). One flag: the eager repeat path pays one check for both.
+_SPECIAL = INTERPRETING
+
 _tune_lock = threading.Lock()
 _I32_LO, _I32_HI = -(2 ** 31), 2 ** 31
+
+
+@contextmanager
+def traced():
+    """This thread's launches in this block are traced by torch.compile (a ``triton_op``'s body): each becomes
+    ``wrap_triton(kernel)[grid](...)`` with the plan's constexprs; autotuned plans take a config by rule, and no
+    launcher cache keeps what is built here (``remember``). kernels/_traced.py, docs/design-launch.md."""
+    global _SPECIAL, _tracing
+    local = _hot._traced
+    local.depth = getattr(local, "depth", 0) + 1
+    with _trace_lock:
+        _tracing += 1
+        _SPECIAL = True
+    try:
+        yield
+    finally:
+        local.depth -= 1
+        with _trace_lock:
+            _tracing -= 1
+            _SPECIAL = INTERPRETING or _tracing > 0
+
+
+_trace_lock = threading.Lock()
+_tracing = 0  # threads inside ``traced()``
+
+
+def remember(cache, key, value):
+    """``cache[key] = value`` (bounded, see fastvlm._hot.remember); nothing is stored while launches are traced."""
+    if not _hot.traced():
+        _hot.remember(cache, key, value)
 
 
 def cdiv(a, b):
@@ -150,8 +186,13 @@ class Plan:
         """Launch on ``grid``. ``int_spec``: ``spec_key`` of the arguments after the first ``n_ptr`` when the caller
         has it from its own key (then only the tensors' alignment is read here); ``spec``: the whole key, when the
         caller has computed it (``Call.launch``)."""
-        if INTERPRETING:
-            self.fn[grid](*args, **self.consts)
+        if _SPECIAL:
+            if _hot.traced():
+                from ._traced import wrapped_launch
+
+                wrapped_launch(self.fn, grid, args, self.consts)
+            else:
+                self.fn[grid](*args, **self.consts)
             return
         drv = _DRIVER.active
         device = drv.get_current_device()
@@ -210,7 +251,7 @@ class Call:
     def launch(self, tensors):
         """Launch with the tensors (or None) that precede the integer arguments in the kernel's signature."""
         plan = self.plan
-        if INTERPRETING:
+        if _SPECIAL:  # the interpreter, or a launch traced by torch.compile
             plan.launch(self.grid, (*tensors, *self.ints))
             return
         pos = self.ptr_pos
@@ -349,7 +390,12 @@ def jit_function(fn):
 
 def autotuned_config(tuner, grid, args, kwargs):
     """Launch ``tuner`` once through its own path (it benchmarks on a new key) and return the config it chose
-    (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...)."""
+    (``Config.all_kwargs()``: block sizes, num_warps, num_stages, ...). While launches are traced: the config by
+    rule (``rule_config``), nothing launched."""
+    if _hot.traced():
+        from ._traced import rule_config
+
+        return rule_config(tuner, jit_function(tuner).arg_names, args, kwargs)
     other = None if INTERPRETING else _other_device(args, _DRIVER.active.get_current_device())
     with _tune_lock:
         if other is None:

@@ -387,7 +387,7 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
                 norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
                 pos_weights if pos is not None else None, out_rows, *ints)
         plan = _gemm_plan(args, flags, config)
-        _PLANS[key] = plan
+        _launch.remember(_PLANS, key, plan)  # (not while traced: a rule-chosen config)
     bm, bn = plan.meta
     return _Call(M, N, out_dtype, gated, a.device, ints, plan, (_launch.cdiv(M, bm) * _launch.cdiv(N, bn),))
 

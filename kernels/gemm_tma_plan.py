@@ -13,7 +13,7 @@ import os
 
 import triton
 
-from fastvlm import _dispatch
+from fastvlm import _dispatch, _hot
 
 from . import _launch
 from ._interp import INTERPRETING
@@ -57,6 +57,8 @@ def tma_core_reason(a, weight, flags, out_dtype, norm_group):
     mode = core_override()
     if mode == "pointer":
         return "FASTVLM_GEMM_CORE=pointer"
+    if _hot.traced():  # a triton_op's body under torch.compile: wrap_triton traces pointer arguments
+        return "traced by torch.compile: the pointer kernel"
     affine, pix, pos, _, remap, a_mode, norm, _, norm_src, _, _, gated, _, _, _ = flags
     if a_mode != "strided":
         return f"A-mode {a_mode!r} gathers rows: pointer loads"

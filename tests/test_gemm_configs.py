@@ -75,9 +75,16 @@ def test_cpu_tensors_use_the_audited_budget(device_limit):
 
 
 def test_traced_rule_config_takes_the_dtypes_rows():
-    from fastvlm.kernels.gemm_traced import rule_config
+    """A launch traced by torch.compile takes the first config the GEMM's own pruner keeps: the dtype's first row."""
+    from types import SimpleNamespace
 
-    assert rule_config(4) == G.FP32_GEMM_CONFIGS[0] and rule_config(2) == G.GEMM_CONFIGS[0]
+    from fastvlm.kernels import _traced
+
+    # the GEMM autotuner's full list and pruner (the interpreter's tuner keeps only the first config)
+    tuner = SimpleNamespace(configs=G._triton_configs(), early_config_prune=G._prune_configs)
+    for dtype, rows in ((torch.float32, G.FP32_GEMM_CONFIGS), (torch.bfloat16, G.GEMM_CONFIGS)):
+        kw = _traced.rule_config(tuner, ["a_ptr", "GATED"], [_Tensor(dtype, -1), False], {})
+        assert (kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], kw["num_warps"], kw["num_stages"]) == rows[0]
 
 
 def test_linear_norm_pruner_follows_the_device(device_limit):

@@ -135,6 +135,10 @@ def test_dispatch_reasons(monkeypatch):
     assert "16 bytes" in tp.tma_core_reason(odd, torch.zeros(16, 60, dtype=bf), flags, bf, 60)
     assert "inner stride" in tp.tma_core_reason(torch.zeros(64, 8, dtype=bf).T, w, flags, bf, 64)
     assert "overlap" in tp.tma_core_reason(torch.zeros(1, 64, dtype=bf).expand(8, 64), w, flags, bf, 64)
+    from fastvlm.kernels import _launch
+
+    with _launch.traced():  # a triton_op's body under torch.compile: wrap_triton gets the pointer kernel
+        assert "torch.compile" in tp.tma_core_reason(a, w, flags, bf, 64)
     monkeypatch.setenv("FASTVLM_GEMM_CORE", "pointer")
     assert tp.tma_core_reason(a, w, flags, bf, 64) == "FASTVLM_GEMM_CORE=pointer"
 

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from fastvlm import _hot
+
 _TRUST = "_fastvlm_extent"  # attribute of a trusted table: (extent, version counter when trusted)
 
 
@@ -93,7 +95,7 @@ def check_indices(op, name, idx, n, error=RANGE_ERROR):
         if extent > n:  # a layout table's indices are exactly 0 .. extent - 1
             raise IndexError(error.format(op=op, name=name, lo=0, hi=extent - 1, n=n))
         return
-    compiling = torch.compiler.is_compiling()  # (traced calls check every time, and mark nothing)
+    compiling = torch.compiler.is_compiling() or _hot.traced()  # (traced calls check every time, mark nothing)
     mark = None if compiling else getattr(idx, _CHECKED, None)  # checked before, unedited since
     if mark is not None and mark[2] == idx._version and mark[3] == idx.data_ptr():
         lo, hi = mark[0], mark[1]
@@ -102,7 +104,7 @@ def check_indices(op, name, idx, n, error=RANGE_ERROR):
                 return
         elif lo >= 0 and hi < n:
             return
-    if idx.device.type == "cpu":
+    if idx.device.type == "cpu" and not _hot.traced():  # (traced by torch.compile: no value read, the device check)
         lo, hi = torch.aminmax(idx)
         lo, hi = int(lo), int(hi)
         if lo < 0 or hi >= n:

@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 
 from fastvlm import _dispatch, _hot, choice
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, compiled
 from fastvlm.reference.attention import attention_ref, full_kv, keep_flags, probs_from_lse, scores_ref
 
 OP_NAME = "fastvlm::attention"
@@ -228,6 +228,7 @@ def _op_backward(ctx, go, _glse):
 
 
 attention_op.register_autograd(_op_backward, setup_context=_setup_context)
+compiled.register(attention_op)  # its triton_op twin, taken while compiling (fastvlm.ops.compiled)
 
 
 class _AttentionFunction(torch.autograd.Function):
@@ -284,9 +285,11 @@ def attention(q, k, v, *, key_mask=None, attn_mask=None, scale=None, k2=None, v2
     tensors = (q, k, v, key_mask, attn_mask)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, k2, v2))
     if torch.compiler.is_compiling() or _checks.is_meta(q):  # meta: shape tracing, answered by the fake
+        op = compiled.op_for(OP_NAME, q, (("k", k), ("v", v), ("k2", k2), ("v2", v2))) \
+            if torch.compiler.is_compiling() else torch.ops.fastvlm.attention
         if k2 is None:
-            return torch.ops.fastvlm.attention(*tensors, scale)[0]
-        return torch.ops.fastvlm.attention(*tensors, scale, k2, v2)[0]
+            return op(*tensors, scale)[0]
+        return op(*tensors, scale, k2, v2)[0]
     if needs_grad:
         return _AttentionFunction.apply(*tensors, scale, k2, v2)
     return _forward(*tensors, scale, k2, v2, reasons)[0]

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch, choice
-from fastvlm.ops import _checks, _fast
+from fastvlm.ops import _checks, _fast, compiled
 from fastvlm._cache import shared_cache
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 
@@ -304,6 +304,7 @@ def _op_backward(ctx, gy, _gh, _gz):
 
 
 feature_map_projector_op.register_autograd(_op_backward, setup_context=_setup_context)
+compiled.register(feature_map_projector_op)  # its triton_op twin (fastvlm.ops.compiled)
 
 
 class _FeatureMapFunction(torch.autograd.Function):
@@ -347,7 +348,9 @@ def feature_map_projector(x, w1, b1=None, w2=None, b2=None, *, act="none", act2=
     tensors = (x, w1, b1, w2, b2)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or _checks.is_meta(x):  # meta: shape tracing, answered by the fake
-        return torch.ops.fastvlm.feature_map_projector(*tensors, s.act, s.act2, s.pool_h, s.pool_w, needs_grad)[0]
+        op = compiled.op_for(OP_NAME, x, (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))) \
+            if torch.compiler.is_compiling() else torch.ops.fastvlm.feature_map_projector
+        return op(*tensors, s.act, s.act2, s.pool_h, s.pool_w, needs_grad)[0]
     if needs_grad:
         return _FeatureMapFunction.apply(*tensors, s)
     y = _forward(*tensors, s, False, _memo_out)[0]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch, _hot, choice
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, compiled
 from fastvlm.reference.linear_norm import linear_norm_eager
 
 OP_NAME = "fastvlm::linear_residual_layernorm"
@@ -133,6 +133,8 @@ def _op_backward(ctx, gy):
 
 
 linear_residual_layernorm_op.register_autograd(_op_backward, setup_context=_setup_context)
+compiled.register(linear_residual_layernorm_op)  # its triton_op twin (fastvlm.ops.compiled)
+_NAMES = ("weight", "bias", "residual", "ln_weight", "ln_bias")
 
 
 class _LinearNormFunction(torch.autograd.Function):
@@ -173,7 +175,9 @@ def linear_residual_layernorm(x, weight, bias=None, residual=None, ln_weight=Non
     tensors = (x2, weight, bias, r2, ln_weight, ln_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
-        y = torch.ops.fastvlm.linear_residual_layernorm(*tensors, float(eps), precision)
+        op = compiled.op_for(OP_NAME, x2, tuple(zip(_NAMES, tensors[1:]))) if torch.compiler.is_compiling() \
+            else torch.ops.fastvlm.linear_residual_layernorm
+        y = op(*tensors, float(eps), precision)
     elif needs_grad:
         y = _LinearNormFunction.apply(*tensors, float(eps), precision)
     else:

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, compiled
 from fastvlm._cache import shared_cache
 
 OP_NAME = "fastvlm::patch_embed"
@@ -324,6 +324,7 @@ def _setup(ctx, inputs, output):
 
 
 patch_embed_op.register_autograd(_grads, setup_context=_setup)
+compiled.register(patch_embed_op)  # its triton_op twin, taken while compiling (fastvlm.ops.compiled)
 
 
 def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None, cls_pos=0, cls_first=True,
@@ -380,7 +381,9 @@ def patch_embed(pixels, weight, bias=None, *, pos=None, pos_rows=None, cls=None,
     args = (pixels, weight, bias, pos, cls, pos_rows, int(cls_pos), pixel_scale, pixel_shift, patch, bool(cls_first),
             norm_weight, norm_bias, float(eps), bool(norm_rms), image_hw, keep_rows)
     if torch.compiler.is_compiling() or _checks.is_meta(pixels):  # meta: shape tracing, answered by the fake
-        return torch.ops.fastvlm.patch_embed(*args)
+        op = compiled.op_for(OP_NAME, weight, (("bias", bias), ("pos", pos), ("cls", cls))) \
+            if torch.compiler.is_compiling() else torch.ops.fastvlm.patch_embed
+        return op(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:5] + args[11:13]):
         return _PatchEmbedFunction.apply(*args)
     return _forward(pixels, weight, bias, pos, pos_rows, cls, int(cls_pos), pixel_scale, pixel_shift, patch,

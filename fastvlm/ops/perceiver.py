@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch, _hot, choice
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, compiled
 from fastvlm.ops.attention import attention
 from fastvlm.reference.activations import ACTIVATIONS, act_grad_ref, act_ref
 from fastvlm.reference.projector import norm_ref, norm_stats_ref
@@ -238,6 +238,7 @@ def _op_backward(ctx, gy, _gh, _grstd):
 
 
 norm_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+compiled.register(norm_linear_op)  # its triton_op twin, taken while compiling (fastvlm.ops.compiled)
 
 
 class _NormLinearFunction(torch.autograd.Function):
@@ -287,7 +288,9 @@ def norm_linear(x, w, *, w_up=None, norm_weight=None, residual=None, eps=1e-6, a
     tensors = (x2, w, w_up, norm_weight, r2)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
     if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
-        y = torch.ops.fastvlm.norm_linear(*tensors, float(eps), act, needs_grad, rstd)[0]
+        op = compiled.op_for(OP_NAME, x2, (("w", w), ("w_up", w_up), ("norm_weight", norm_weight), ("residual", r2))) \
+            if torch.compiler.is_compiling() else torch.ops.fastvlm.norm_linear
+        y = op(*tensors, float(eps), act, needs_grad, rstd)[0]
     elif needs_grad:
         y = _NormLinearFunction.apply(*tensors, float(eps), act, rstd)
     else:

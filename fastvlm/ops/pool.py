@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from fastvlm import _dispatch
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, compiled
 
 OP_NAME = "fastvlm::pool_tokens"
 
@@ -63,6 +63,7 @@ def _op_backward(ctx, g):
 
 
 pool_tokens_op.register_autograd(_op_backward, setup_context=_setup)
+compiled.register(pool_tokens_op)  # its triton_op twin, taken while compiling (fastvlm.ops.compiled)
 
 
 class _PoolFunction(torch.autograd.Function):
@@ -86,7 +87,8 @@ def pool_tokens(x, rows, mode="mean"):
     if mode not in ("mean", "max"):
         raise ValueError(f"pool_tokens: mode must be 'mean' or 'max', got {mode!r}")
     if torch.compiler.is_compiling() or _checks.is_meta(x):  # meta: shape tracing, answered by the fake
-        return torch.ops.fastvlm.pool_tokens(x, rows, mode)
+        op = compiled.op_for(OP_NAME, x) if torch.compiler.is_compiling() else torch.ops.fastvlm.pool_tokens
+        return op(x, rows, mode)
     if torch.is_grad_enabled() and x.requires_grad:
         return _PoolFunction.apply(x, rows, mode)
     return _forward(x, rows, mode)

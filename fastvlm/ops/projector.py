@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 from fastvlm import _dispatch, _hot, choice
-from fastvlm.ops import _checks, _fast, projector_compiled
+from fastvlm.ops import _checks, _fast, compiled
 from fastvlm.ops.projector_torch import Spec, backward, forward_torch, saves_h
 from fastvlm.reference.activations import ACTIVATIONS
 
@@ -199,10 +199,13 @@ def _detail(x, w1, w2, rows, s):
     return detail
 
 
+def _named(w1, b1, w2, b2, nw, nb, w_up, b_up):
+    return (("linear_1.weight", w1), ("linear_1.bias", b1), ("linear_2.weight", w2), ("linear_2.bias", b2),
+            ("norm.weight", nw), ("norm.bias", nb), ("up_proj.weight", w_up), ("up_proj.bias", b_up))
+
+
 def _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up):
-    named = (("linear_1.weight", w1), ("linear_1.bias", b1), ("linear_2.weight", w2), ("linear_2.bias", b2),
-             ("norm.weight", nw), ("norm.bias", nb), ("up_proj.weight", w_up), ("up_proj.bias", b_up))
-    return tuple(_kernel_reasons(x, named))
+    return tuple(_kernel_reasons(x, _named(w1, b1, w2, b2, nw, nb, w_up, b_up)))
 
 
 def _plain(s: Spec, w_up):
@@ -314,6 +317,7 @@ def _op_backward(ctx, gy, _gh, _gz, _gmean, _grstd):
 
 
 mlp_projector_op.register_autograd(_op_backward, setup_context=_setup_context)
+compiled.register(mlp_projector_op)  # fastvlm::mlp_projector_launch, taken while compiling (fastvlm.ops.compiled)
 
 
 class _MLPProjectorFunction(torch.autograd.Function):
@@ -409,12 +413,11 @@ def mlp_projector(x, w1, b1=None, w2=None, b2=None, *, act="gelu", act2="none", 
     b1, b2, norm_weight, norm_bias, b_up = _checks.dense(b1, b2, norm_weight, norm_bias, b_up)
     tensors = (x2, w1, b1, w2, b2, norm_weight, norm_bias)
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, w_up, b_up))
-    if torch.compiler.is_compiling() and not needs_grad and projector_compiled.wanted(x2, s, rows, w_up, _reasons(
-            x2, w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)):  # Inductor launches the kernels itself
-        y = torch.ops.fastvlm.mlp_projector_launch(x2, w1, b1, w2, b2, s.act, s.act2, projector_compiled.precision_of(x2))
-    elif torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
-        y = torch.ops.fastvlm.mlp_projector(*tensors, rows, w_up, b_up, s.norm, s.norm_group, s.eps, s.act, s.act2,
-                                            s.a_mode, s.norm_src, s.gated, needs_grad)[0]
+    if torch.compiler.is_compiling() or _checks.is_meta(x2):  # meta: shape tracing, answered by the fake
+        op = compiled.op_for(OP_NAME, x2, _named(w1, b1, w2, b2, norm_weight, norm_bias, w_up, b_up)) \
+            if torch.compiler.is_compiling() else torch.ops.fastvlm.mlp_projector  # the twin: Inductor launches
+        y = op(*tensors, rows, w_up, b_up, s.norm, s.norm_group, s.eps, s.act, s.act2, s.a_mode, s.norm_src, s.gated,
+               needs_grad)[0]
     elif needs_grad:
         return _MLPProjectorFunction.apply(*tensors, rows, s, w_up, b_up, lead)
     else:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from fastvlm import _dispatch
-from fastvlm.ops import _checks
+from fastvlm.ops import _checks, compiled
 from fastvlm._cache import shared_cache
 
 OP_NAME = "fastvlm::rows_embed"
@@ -149,6 +149,7 @@ def _setup(ctx, inputs, output):
 
 
 rows_embed_op.register_autograd(_grads, setup_context=_setup)
+compiled.register(rows_embed_op)  # its triton_op twin, taken while compiling (fastvlm.ops.compiled)
 
 
 def rows_embed(x, weight, bias=None, *, pos=None, pos_idx=None, pos_weights=None, frames=0, chunk=0):
@@ -181,7 +182,9 @@ def rows_embed(x, weight, bias=None, *, pos=None, pos_idx=None, pos_weights=None
     bias, pos = _checks.dense(bias, pos)
     args = (x, weight, bias, pos, pos_idx, pos_weights, int(frames), int(chunk) if frames else 0)
     if torch.compiler.is_compiling() or _checks.is_meta(x):  # meta: shape tracing, answered by the fake
-        return torch.ops.fastvlm.rows_embed(*args)
+        op = compiled.op_for(OP_NAME, x, (("weight", weight), ("bias", bias), ("pos", pos))) \
+            if torch.compiler.is_compiling() else torch.ops.fastvlm.rows_embed
+        return op(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args[:4]):
         return _RowsEmbedFunction.apply(*args)
     return _forward(*args)

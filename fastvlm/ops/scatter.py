@@ -39,6 +39,7 @@ import os
 import torch
 
 from fastvlm import _dispatch
+from fastvlm.ops import compiled
 
 OP_NAME = "fastvlm::scatter_image_features"
 EXT_OP = "fastvlm_ext::scatter_image_features"
@@ -86,6 +87,7 @@ def _backward(ctx, g):
 
 
 scatter_image_features_op.register_autograd(_backward, setup_context=_setup)
+compiled.register(scatter_image_features_op)  # its triton_op twin (fastvlm.ops.compiled)
 
 
 # ---------------------------------------------------------------- backend rule and the count check
@@ -183,7 +185,9 @@ def scatter_image_features(inputs_embeds, image_mask, image_features, *, backend
         if not compiling and not _kernel_path(inputs_embeds, feats):
             check_token_count(n_tokens, feats.shape[0])  # masked_scatter needs the count right: checked before
         torch._check(feats.shape[0] >= 0)
-        out = torch.ops.fastvlm.scatter_image_features(embeds2, flat_mask, feats)
+        op = compiled.op_for(OP_NAME, embeds2, (("image_features", feats),)) if compiling \
+            else torch.ops.fastvlm.scatter_image_features
+        out = op(embeds2, flat_mask, feats)
     else:  # eager without autograd: the op's implementation directly (no dispatcher), the count from its cumsum
         out, n_tokens = _forward_counted(embeds2, flat_mask, feats)
     out = out.reshape(inputs_embeds.shape)
