@@ -31,9 +31,10 @@ from ._interp import autotune_configs, dot_operand
 from .activations import ACTIVATIONS, apply_act
 from .gemm_configs import GEMM_CONFIGS, _prune_configs, _triton_configs  # noqa: F401  (GEMM_CONFIGS re-exported)
 from .gemm_loads import _load_a_tile, _prologue_norm
+from .gemm_still import _still_frames_tile
 
 
-@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "A_MODE", "GATED", "NORM", "ACT", "HAS_AFFINE", "PIX_MASK"],
+@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "A_MODE", "GATED", "NORM", "ACT", "HAS_AFFINE", "PIX_MASK", "STILL_T"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.heuristics({
     "NORM_ALIGNED": lambda args: args["NORM"] != "none" and args["NORM_GROUP"] % args["BLOCK_K"] == 0,
@@ -43,7 +44,7 @@ from .gemm_loads import _load_a_tile, _prologue_norm
 def _fused_linear_kernel(
     a_ptr,  # [M, K]
     w_ptr,  # [N, K]
-    wu_ptr,  # [N, K] up weight of the gated pair (GATED), else unused
+    wu_ptr,  # [N, K] up weight of the gated pair (GATED); [N, STILL_T * K] the full kernel over time (STILL_T)
     bias_ptr,  # [N] (HAS_BIAS)
     bu_ptr,  # [N] bias of the up weight (GATED and HAS_BIAS)
     res_ptr,  # [M, N] residual (HAS_RES)
@@ -73,6 +74,7 @@ def _fused_linear_kernel(
     NORM_ALIGNED: tl.constexpr, NORM_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STILL_T: tl.constexpr = 0,
 ):
     # grouped program order: GROUP_M row-tiles share each column-tile of W while it is in L2
     pid = tl.program_id(0)
@@ -121,6 +123,8 @@ def _fused_linear_kernel(
         if GATED:
             wu = tl.load(wu_ptr + rk64[:, None] * stride_wuk + rn64[None, :] * stride_wun, mask=wmask, other=0.0)
             acc_up = tl.dot(dot_operand(a), dot_operand(wu), acc_up, input_precision=PRECISION)
+    if STILL_T > 0:  # a non-finite value in the tile (acc - acc is 0 for finite values only): see the end
+        still_odd = tl.max(tl.max(((acc - acc) != 0.0).to(tl.int32), axis=1), axis=0) > 0
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -154,6 +158,15 @@ def _fused_linear_kernel(
                        mask=omask, other=0.0).to(tl.float32)
     tl.store(out_ptr + orow[:, None] * stride_om + rn64[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=omask)
+    if STILL_T > 0:
+        # Still images: A read one frame against the time-summed kernel. With an Inf pixel x0 * (W0 + W1) can be Inf
+        # where the original's x0 * W0 + x0 * W1 is NaN, so a tile that met a non-finite value (never on finite
+        # inputs short of overflow) is computed again the original's way, every frame against its own kernel, in a
+        # called function (the main tile's registers stay as they were), and stored over.
+        if still_odd:
+            _still_frames_tile(pid_m, pid_n, a_ptr, rows_ptr, wu_ptr, bias_ptr, pos_ptr, pos_rows_ptr, pos_w_ptr,
+                               out_ptr, M, N, K, stride_ak, stride_wun, stride_wuk, stride_om, stride_on, stride_pos,
+                               HAS_BIAS, HAS_POS, POS_TAPS, STILL_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def _check(cond, msg):
@@ -177,7 +190,8 @@ def logical_k(a, a_rows, a_mode, a_cols=None):
 def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
                  norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None, norm_src=False,
                  a_rows=None, a_mode="strided", a_cols=None, col_scale=None, col_shift=None, pix_limits=None,
-                 pix_cols=None, pos=None, pos_rows=None, pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None, memo=None):
+                 pix_cols=None, pos=None, pos_rows=None, pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None, memo=None,
+                 still_frames=0, full_weight=None):
     """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
 
     ``a_mode``/``a_rows``: how the logical A [M, K] is read from ``a`` (see ``_load_a_tile``); with a row table,
@@ -192,6 +206,10 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     ``out`` / ``pre``: optional preallocated [M, N] outputs (any strides), written in place.
     With a gated pair and ``store_pre``, ``pre`` is [M, 2N] in the layout of one Linear whose output is chunked into
     (up, gate) halves, as Aya Vision's SwiGLU does: ``pre[:, :N]`` = up pre-activation, ``pre[:, N:]`` = gate.
+    ``still_frames`` = T > 1 with ``full_weight`` [N, T * K] (the kernel before its sum over time): still images,
+    "separable" with ``a_rows`` the element offsets of X's rows and ``a_cols`` the first frame's columns, ``weight``
+    the time-summed kernel; a tile that meets a non-finite value is computed again against ``full_weight`` over
+    every frame (columns ``a_rows[m] + j * a.stride(1)``), so NaN and Inf land where the original's do.
     ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuple that bypasses the autotuner
     (tests use it to cover every tile shape under the interpreter).
     ``memo``: a one-element list an op keeps for this call site under its own checked key (which fixes every
@@ -205,20 +223,22 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         if out is None and not store_pre and call.plan is not None:  # the repeat path of an op's call site
             M, N, out_dtype, _, device = call.info
             out = torch.empty(M, N, dtype=out_dtype, device=device)  # (ints, not a tuple: a faster parse)
-            call.launch((a, weight, up_weight, bias, up_bias, residual, out, None, None, mean, rstd, norm_weight,
+            call.launch((a, weight, up_weight if full_weight is None else full_weight, bias, up_bias, residual, out,
+                         None, None, mean, rstd, norm_weight,
                          norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
                          pos_weights if pos is not None else None, out_rows))
             return out
-        return _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias,
-                    a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows,
-                    store_pre)
+        return _run(call, a, weight, bias, up_weight if full_weight is None else full_weight, up_bias, residual, out,
+                    pre, mean, rstd, norm_weight, norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols,
+                    pos, pos_rows, pos_weights, out_rows, store_pre)
     if precision is None:
         precision = "tf32" if (a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     if config is not None:
         config = tuple(config)
-    key = (act, norm, norm_group, norm_src, a_mode, store_pre, out_dtype, precision, config, _launch.tensors_key(a.device, (
+    key = (act, norm, norm_group, norm_src, a_mode, store_pre, out_dtype, precision, config, still_frames,
+           full_weight is not None, _launch.tensors_key(a.device, (
         a, weight, up_weight, bias, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias, a_rows, a_cols,
-        col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows)))
+        col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows, full_weight)))
     call = _CALLS.get(key)
     if call is None:  # a new shape key: full validation and a launch plan (the same checks pass for the same key)
         call = _prepare(a, weight, bias, act=act, up_weight=up_weight, up_bias=up_bias, residual=residual,
@@ -226,13 +246,14 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
                         norm_bias=norm_bias, norm_src=norm_src, a_rows=a_rows, a_mode=a_mode, a_cols=a_cols,
                         col_scale=col_scale, col_shift=col_shift, pix_limits=pix_limits, pix_cols=pix_cols, pos=pos,
                         pos_rows=pos_rows, pos_weights=pos_weights, out_rows=out_rows, store_pre=store_pre,
-                        out_dtype=out_dtype, precision=precision, config=config, out=out, pre=pre)
+                        out_dtype=out_dtype, precision=precision, config=config, out=out, pre=pre,
+                        still_frames=still_frames, full_weight=full_weight)
         _launch.remember(_CALLS, key, call)
     if memo is not None:
         memo[0] = call
-    return _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias,
-                a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows,
-                store_pre)
+    return _run(call, a, weight, bias, up_weight if full_weight is None else full_weight, up_bias, residual, out, pre,
+                mean, rstd, norm_weight, norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos,
+                pos_rows, pos_weights, out_rows, store_pre)
 
 
 def _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias, a_rows,
@@ -269,7 +290,7 @@ _CALLS = {}
 
 def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_group, mean, rstd, norm_weight,
              norm_bias, norm_src, a_rows, a_mode, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
-             pos_weights, out_rows, store_pre, out_dtype, precision, config, out, pre):
+             pos_weights, out_rows, store_pre, out_dtype, precision, config, out, pre, still_frames=0, full_weight=None):
     """Validate a new shape key of ``fused_linear`` (ValueError naming the argument at fault) and plan its launch."""
     import torch
 
@@ -308,6 +329,14 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
     _check(norm in NORMS, f"fused_linear: unknown norm {norm!r}")
     N = weight.shape[0]
     gated = up_weight is not None
+    still = int(still_frames or 0)
+    _check((still > 1) == (full_weight is not None) and (not still or (
+        a_mode == "separable" and not gated and act == "none" and norm == "none" and col_scale is None
+        and residual is None and not store_pre and out_rows is None and a.dim() == 2
+        and full_weight.shape == (N, still * K) and full_weight.dtype == weight.dtype
+        and full_weight.device == weight.device)),
+        f"fused_linear: still_frames T > 1 comes with full_weight [{N}, T * {K}] of weight's dtype, a 'separable' "
+        "2-D a and no activation, norm, affine, gate, residual, pre or out_rows")
     if gated:
         _check(up_weight.shape == weight.shape, f"fused_linear: up_weight must be {tuple(weight.shape)}, got {tuple(up_weight.shape)}")
         _check((bias is None) == (up_bias is None), "fused_linear: give both bias and up_bias, or neither")
@@ -359,13 +388,14 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
     # integer arguments; strides the variant does not read are None
     ints = (M, N, K, _launch.next_pow2(M), a_rows.shape[1] if uses_q else None, a.shape[1] if a_mode == "concat" else None,
             a.stride(0), a.stride(1) if a.dim() > 1 else 1, weight.stride(0), weight.stride(1),
-            up_weight.stride(0) if gated else None, up_weight.stride(1) if gated else None,
+            (up_weight if gated else full_weight).stride(0) if gated or still else None,
+            (up_weight if gated else full_weight).stride(1) if gated or still else None,
             residual.stride(0) if residual is not None else None, residual.stride(1) if residual is not None else None,
             out_strides[0], out_strides[1], pre_strides[0], pre_strides[1], pos.stride(0) if pos is not None else None,
             norm_group if norm != "none" else K)
     flags = (col_scale is not None, pix_limits is not None, pos is not None, taps, out_rows is not None, a_mode, norm,
              norm_bias is not None, bool(norm_src), bias is not None, act, gated, residual is not None,
-             bool(store_pre), precision)
+             bool(store_pre), precision, still)
     key = (flags, ints[3], N, K, ints[-1], ints[5], a.dtype, weight.dtype, out_dtype, config)
     plan = _PLANS.get(key)
     if plan is None:
@@ -374,7 +404,8 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
             if store_pre and pre is None:
                 pre = torch.empty((M, pre_width), device=a.device, dtype=out_dtype)
         pre_gate, pre_up = ((pre[:, N:], pre[:, :N]) if gated else (pre, None)) if store_pre else (None, None)
-        args = (a, weight, up_weight, bias, up_bias, residual, out, pre_gate, pre_up, mean, rstd, norm_weight,
+        args = (a, weight, up_weight if full_weight is None else full_weight, bias, up_bias, residual, out, pre_gate,
+                pre_up, mean, rstd, norm_weight,
                 norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
                 pos_weights if pos is not None else None, out_rows, *ints)
         plan = _gemm_plan(args, flags, config)
@@ -385,7 +416,7 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
 
 _PLANS = {}
 _FLAG_NAMES = ("HAS_AFFINE", "PIX_MASK", "HAS_POS", "POS_TAPS", "OUT_REMAP", "A_MODE", "NORM", "HAS_NORM_BIAS",
-               "NORM_SRC", "HAS_BIAS", "ACT", "GATED", "HAS_RES", "STORE_PRE", "PRECISION")
+               "NORM_SRC", "HAS_BIAS", "ACT", "GATED", "HAS_RES", "STORE_PRE", "PRECISION", "STILL_T")
 
 
 def _gemm_plan(args, flags, config):

@@ -60,15 +60,7 @@ KNOWN = {}  # issue 14's known bugs: all fixed and merged (tests/property/test_k
 # Found by this fuzzing pass (not in issue 14's list): each has a failing regression test in
 # tests/property/test_found.py (strict xfail while open). The property tests steer clear of each region while
 # its key is here; delete the key once the fix is merged.
-FOUND = {
-    "rows_embed_still_inf": "rows_embed still-frames mode with an Inf pixel: x0 * (W0 + W1) is Inf where the original's "
-                            "x0 * W0 + x0 * W1 is NaN (Inf - Inf)",
-    "attention_lowp_v_inf": "fp16/bf16 attention with an Inf value: eager rounds the normalised probabilities to the "
-                            "input dtype before P @ V (a probability rounded to 0 meets Inf as 0 * Inf = NaN); the "
-                            "PyTorch path does the same, the kernel rounds its unnormalised probabilities, so it can "
-                            "give Inf where only the normalised one underflows. Found by longer fuzz runs (400 "
-                            "examples, seed 11); README Limitations",
-}
+FOUND = {}  # all fixed (tests/property/test_found.py keeps them as regression tests)
 
 
 def known(key):
