@@ -123,8 +123,8 @@ def _fused_linear_kernel(
         if GATED:
             wu = tl.load(wu_ptr + rk64[:, None] * stride_wuk + rn64[None, :] * stride_wun, mask=wmask, other=0.0)
             acc_up = tl.dot(dot_operand(a), dot_operand(wu), acc_up, input_precision=PRECISION)
-    if STILL_T > 0:  # a non-finite value in the tile (acc - acc is 0 for finite values only): see the end
-        still_odd = tl.max(tl.max(((acc - acc) != 0.0).to(tl.int32), axis=1), axis=0) > 0
+    if STILL_T > 0:  # a non-finite value in the tile: see the end
+        still_odd = tl.max(tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=1), axis=0) > 0
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
