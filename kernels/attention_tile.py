@@ -46,7 +46,8 @@ def _mask_bias(b, FP16: tl.constexpr):
 def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, col_ok, km_base, stride_kmn,
                    am_base, stride_amn, AM_OFF, qk_scale, inv_scale,
                    KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FIXUP: tl.constexpr, SCORES_ONLY: tl.constexpr = False, NORM_P: tl.constexpr = False):
+                   FIXUP: tl.constexpr, SCORES_ONLY: tl.constexpr = False, NORM_P: tl.constexpr = False,
+                   NO_V: tl.constexpr = False):
     """Online-softmax update of (acc, m_i, l_i) over the LKS keys of one key/value source. ``k_base``/``v_base``
     [BLOCK_C] point at key 0 of each packed column (its kv head and channel); ``km_base`` at this source's key mask
     (KEY_MASK "none" for a source without one); the full mask's key index is ``AM_OFF + n`` (the second source's keys
@@ -107,7 +108,7 @@ def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, 
             alpha = tl.math.exp2(m_i - m_use)
             p = tl.math.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, axis=1)
-            if not SCORES_ONLY:
+            if not (SCORES_ONLY or NO_V):  # (NO_V: the statistics with every mask, for the NORM_P pass)
                 vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
                              other=0.0)  # [BLOCK_N, BLOCK_C]
                 acc = acc * alpha[:, None]
@@ -123,7 +124,8 @@ def _attend(q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_
             stride_kmb, stride_kmn, stride_amn,
             KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, HAS_K2: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, FIXUP: tl.constexpr,
-            SCORES_ONLY: tl.constexpr = False, NORM_P: tl.constexpr = False, m_fin=None, l_fin=None):
+            SCORES_ONLY: tl.constexpr = False, NORM_P: tl.constexpr = False, m_fin=None, l_fin=None,
+            NO_V: tl.constexpr = False):
     """(acc, m_i, l_i) of the online softmax over every key: the first source, then the second (HAS_K2).
     SCORES_ONLY: m_i and l_i of the scores before the keep-flags (see ``_attend_source``). NORM_P: acc = P @ V with
     P normalised by the given final statistics ``m_fin``, ``l_fin`` and rounded to V's dtype (eager's rounding)."""
@@ -138,13 +140,13 @@ def _attend(q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_
         acc, m_i, l_i, q, k_ptr + b * stride_kb + ckv64 * stride_kh + cd64 * stride_kd,
         v_ptr + b * stride_vb + ckv64 * stride_vh + cd64 * stride_vd, stride_kn, stride_vn, LK, col_ok,
         km_ptr + b * stride_kmb, stride_kmn, am_base, stride_amn, 0, qk_scale, inv_scale,
-        KEY_MASK, ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY, NORM_P)
+        KEY_MASK, ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY, NORM_P, NO_V)
     if HAS_K2:  # the second source, read in place: the concatenation is never materialised
         acc, m_i, l_i = _attend_source(
             acc, m_i, l_i, q, k2_ptr + b * stride_k2b + ckv64 * stride_k2h + cd64 * stride_k2d,
             v2_ptr + b * stride_v2b + ckv64 * stride_v2h + cd64 * stride_v2d, stride_k2n, stride_v2n, LK2, col_ok,
             km_ptr, 0, am_base, stride_amn, LK, qk_scale, inv_scale,
-            "none", ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY, NORM_P)
+            "none", ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY, NORM_P, NO_V)
     return acc, m_i, l_i
 
 
@@ -189,7 +191,7 @@ def attend_tile(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_pt
     no key, which rewrites as NaN those whose every score before the keep-flags is -inf (``_nan_unscored_rows``).
     EAGER_P (with FIXUP): the rare pass over tiles with a non-finite output row, which rewrites those rows with P
     normalised before it is rounded to V's dtype, as eager attention computes P @ V (``_store_eager_rounded``).
-    Returns a third flag: whether a row with finite statistics (0 < l < inf) stored a non-finite value."""
+    Returns a third flag: whether the stored tile may hold a non-finite value (then the EAGER_P pass runs)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * HEADS
     BLOCK_C: tl.constexpr = HEADS * BLOCK_D
 
@@ -223,13 +225,14 @@ def attend_tile(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_pt
                             qk_scale, inv_scale, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
                             stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d, stride_v2b,
                             stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amn, KEY_MASK,
-                            ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N, FIXUP, UNSCORED)
+                            ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N, FIXUP, UNSCORED,
+                            NO_V=EAGER_P)
     if UNSCORED:
         _nan_unscored_rows(m_i, l_i, row_ok, col_ok, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr, km_ptr, am_base,
                            LK, LK2, stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om, stride_oh, stride_od,
                            stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, BLOCK_M, BLOCK_N)
         zero_rows = row_ok != row_ok  # (none)
-        odd = zero_rows
+        odd = False
     elif EAGER_P:
         _store_eager_rounded(acc, m_i, l_i, q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_base,
                              LK, LK2, qk_scale, inv_scale, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
@@ -238,14 +241,14 @@ def attend_tile(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_pt
                              row_ok, diag, rq64, ch64, o_ptr, stride_ob, stride_om, stride_oh, stride_od, KEY_MASK,
                              ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N)
         zero_rows = row_ok != row_ok  # (none)
-        odd = zero_rows
+        odd = False
     else:
         zero_rows, odd = _finish(acc, m_i, l_i, row_ok, col_ok, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr,
                                  km_ptr, am_base, LK, LK2, stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om,
                                  stride_oh, stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, BLOCK_M,
                                  BLOCK_N)
     return (tl.max(((l_i != l_i) & row_ok).to(tl.int32), axis=0) > 0,
-            tl.max(zero_rows.to(tl.int32), axis=0) > 0, tl.max(odd.to(tl.int32), axis=0) > 0)
+            tl.max(zero_rows.to(tl.int32), axis=0) > 0, odd)
 
 
 @triton.jit
@@ -256,15 +259,12 @@ def _store_eager_rounded(acc, m_i, l_i, q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr,
                          stride_ob, stride_om, stride_oh, stride_od, KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr,
                          HAS_K2: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_N: tl.constexpr):
-    """One head's tile (HEADS = 1) whose online softmax gave (acc, m_i, l_i): rows with finite statistics whose
-    output acc / l holds a non-finite value (an Inf or NaN in V) are recomputed with P normalised by the final
-    statistics before it is rounded to V's dtype, and stored. That is where eager attention rounds its softmax output:
+    """One head's tile (HEADS = 1) whose scores gave the statistics (m_i, l_i; ``acc`` is not formed): its rows with
+    finite statistics are recomputed with P normalised by the final statistics before it is rounded to V's dtype, and
+    stored (a finite row changes by a rounding only). That is where eager attention rounds its softmax output:
     a probability that rounds to 0 there meets an Inf value as 0 * Inf = NaN, which the unnormalised P of the online
-    softmax (larger by the factor l) can miss. Other rows keep what ``_finish`` stored."""
-    o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-    stats_ok = (l_i > 0.0) & (l_i < float("inf"))  # (a NaN l fails both)
-    bad = (o != o) | (tl.abs(o) == float("inf"))
-    rows = row_sel & stats_ok & (tl.max((bad & col_ok[None, :]).to(tl.int32), axis=1) > 0)
+    softmax (larger by the factor l) can miss. Other rows (no key, NaN) keep what ``_finish`` stored."""
+    rows = row_sel & (l_i > 0.0) & (l_i < float("inf"))  # (a NaN l fails both)
     acc2, m_i, l_i = _attend(q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_base, LK, LK2,
                              qk_scale, inv_scale, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
                              stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d, stride_v2b,
@@ -284,9 +284,9 @@ def _finish(acc, m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_
     l_i == 0: no key with a finite score. O = 0 and LSE = -inf where the keep-flag masks (or Lk + Lk2 = 0) leave the
     row no key at all, as SDPA gives; NaN where the row kept keys that all score -inf (softmax over -inf, as eager
     gives). The rows are stored first (0 / -inf) and the rare NaN rows rewritten after, so the accumulator is dead
-    while their masks are read. Returns the rows stored as O = 0 and the rows with finite statistics (0 < l < inf)
-    that stored a non-finite value (an Inf or NaN in V; ``_store_eager_rounded`` rewrites those), [BLOCK_M] bool
-    each."""
+    while their masks are read. Returns the rows stored as O = 0 ([BLOCK_M] bool) and whether the tile holds a
+    non-finite value (an Inf or NaN in V, or a NaN row; ``_store_eager_rounded`` rewrites the rows with finite
+    statistics among them)."""
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
@@ -296,9 +296,10 @@ def _finish(acc, m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_
     lse_ptrs = lse_ptr + b * stride_lb + rh64 * stride_lh + rq64 * stride_lm
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=omask)
     tl.store(lse_ptrs, lse, mask=row_sel)
-    # rows of the same head only (the diagonal block): another packed head's Inf value meets this row's zeros there
-    odd = ((tl.max((((o != o) | (tl.abs(o) == float("inf"))) & omask).to(tl.int32), axis=1) > 0) & (l_i > 0.0)
-           & (l_i < float("inf")))
+    # one sum over the tile, non-finite when a value is (or, harmlessly, when the sum overflows): a cheap trigger of
+    # the rare pass, which looks at each row's own head's values
+    total = tl.sum(tl.sum(o, axis=1), axis=0)
+    odd = (total != total) | (tl.abs(total) == float("inf"))
     empty = empty & row_sel
     if tl.max(empty.to(tl.int32), axis=0) > 0:
         if KEY_MASK == "bool" or ATTN_MASK == "bool":

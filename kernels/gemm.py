@@ -62,8 +62,8 @@ def _fused_linear_kernel(
     plim_ptr,  # [M] int32 (rows << 16 | cols) of patch m that lie inside its image (PIX_MASK)
     pk_ptr,  # [K] int32 (ki << 16 | kj) position of column k inside a patch (PIX_MASK)
     pos_ptr,  # [L, N] position table (HAS_POS)
-    pos_rows_ptr,  # [M, POS_TAPS] int64 rows of the position table for each output row (HAS_POS)
-    pos_w_ptr,  # [M, POS_TAPS] fp32 weight of each of those rows (HAS_POS and POS_TAPS > 1): interpolated tables
+    pos_rows_ptr,  # [M] or [M, POS_TAPS] int64 rows of the position table for each output row (HAS_POS)
+    pos_w_ptr,  # [M, POS_TAPS] fp32 weight of each of those rows (HAS_POS and POS_TAPS > 0): interpolated tables
     out_rows_ptr,  # [M] int64 destination row of each output row (OUT_REMAP): leaves room for class tokens
     M, N, K, M_BUCKET, Q, D_SRC,
     stride_am, stride_ak, stride_wn, stride_wk, stride_wun, stride_wuk,
@@ -130,7 +130,7 @@ def _fused_linear_kernel(
         acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
     if HAS_POS:
-        if POS_TAPS == 1:
+        if POS_TAPS == 0:  # a plain lookup (no weights; a single weighted tap takes the loop)
             prow = tl.load(pos_rows_ptr + rm64, mask=mask_m, other=0)
             acc += tl.load(pos_ptr + prow[:, None] * stride_pos + rn64[None, :], mask=omask, other=0.0).to(tl.float32)
         else:  # sum_t w[m, t] * pos[rows[m, t]] (Qwen3-VL's bilinear / bicubic table resampling), fp32
@@ -363,7 +363,7 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
                "fused_linear: out_rows needs a preallocated 2-D out with N columns and out_rows [M]")
     elif out is not None:
         _check(out.shape == (M, N) and out.device == a.device, f"fused_linear: out must be [{M}, {N}] on {a.device}")
-    taps = 1
+    taps = 0  # 0: pos_rows [M] without weights, a plain lookup
     if pos is not None and pos_weights is not None:
         taps = pos_weights.shape[-1]
         _check(pos_weights.shape == (M, taps) and pos_weights.dtype == torch.float32 and pos_weights.is_contiguous()

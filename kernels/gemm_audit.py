@@ -7,7 +7,7 @@ def audit_cases():
     """Compile cases for ``fastvlm audit``: every autotune config x the epilogue variants the ops launch on sm_90,
     with the specialisation the JIT would see for contiguous 16-aligned bf16 tensors (unit inner strides become
     constexpr 1; pointers, sizes and leading strides divisible by 16)."""
-    base = dict(HAS_AFFINE=False, PIX_MASK=False, HAS_POS=False, POS_TAPS=1, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
+    base = dict(HAS_AFFINE=False, PIX_MASK=False, HAS_POS=False, POS_TAPS=0, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
                 GATED=False, HAS_RES=False, STORE_PRE=False, STILL_T=0)
     variants = [
         ("linear_gelu+pre", dict(base, HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),

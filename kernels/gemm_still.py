@@ -39,7 +39,7 @@ def _still_frames_tile(pid_m, pid_n, a_ptr, rows_ptr, wf_ptr, bias_ptr, pos_ptr,
         acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
     if HAS_POS:
-        if POS_TAPS == 1:
+        if POS_TAPS == 0:
             prow = tl.load(pos_rows_ptr + rm64, mask=mask_m, other=0)
             acc += tl.load(pos_ptr + prow[:, None] * stride_pos + rn64[None, :], mask=omask, other=0.0).to(tl.float32)
         else:

@@ -46,7 +46,7 @@ def traced_linear(a, weight, bias, act, precision):
     N = weight.shape[0]
     out = a.new_empty((M, N))
     bm, bn, bk, warps, stages = rule_config(a.element_size())
-    flags = (False, False, False, 1, False, "strided", "none", False, False, bias is not None, act, False, False, False,
+    flags = (False, False, False, 0, False, "strided", "none", False, False, bias is not None, act, False, False, False,
              precision, 0)
     consts = dict(zip(_FLAG_NAMES, flags))
     consts.update(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8, NORM_ALIGNED=False, A_ALIGNED=False,

@@ -127,3 +127,13 @@ def test_attention_lowp_normalised_probability_underflows_meets_inf_value(dtype,
     assert torch.equal(torch.isinf(out), torch.isinf(eager)), (out, eager)
     fin = torch.isfinite(eager)
     assert torch.allclose(out[fin].float(), eager[fin].float(), atol=1e-2)
+
+
+def test_rows_embed_single_weighted_position_tap(backend):
+    """One position tap with a weight other than 1: the kernel path took the plain-lookup branch (``POS_TAPS == 1``
+    in kernels/gemm.py) and added the row unweighted (3.9157 where the original gives 3.5585). Found by the fuzz pass
+    (seed 101). Fixed: the plain lookup is ``POS_TAPS == 0`` (no weights); weighted taps, one or more, take the loop."""
+    x = w = pos = torch.tensor([[1.5410]])
+    idx, tw = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([[0.7682]])
+    out = rows_embed(x, w, pos=pos, pos_idx=idx, pos_weights=tw)
+    assert torch.allclose(out, x * w + pos * tw, rtol=1e-6), out
