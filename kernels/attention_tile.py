@@ -307,7 +307,9 @@ def _finish(acc, m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_
                                                  KEY_MASK, ATTN_MASK, BLOCK_M, BLOCK_N) != 0)
         else:
             nan_rows = empty & (LK + LK2 > 0)
-        tl.store(o_ptrs, tl.full(omask.shape, float("nan"), o_ptr.dtype.element_ty), mask=omask & nan_rows[:, None])
+        # (an fp32 NaN tile, cast: the interpreter cannot build a bf16 constant tile)
+        tl.store(o_ptrs, tl.full(omask.shape, float("nan"), tl.float32).to(o_ptr.dtype.element_ty),
+                 mask=omask & nan_rows[:, None])
         tl.store(lse_ptrs, tl.full(nan_rows.shape, float("nan"), tl.float32), mask=nan_rows)
         empty = empty & ~nan_rows
     return empty, odd
@@ -326,7 +328,7 @@ def _nan_unscored_rows(m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd
     rows = row_sel & keyless & (m_i == float("-inf")) & (l_i == l_i) & (LK + LK2 > 0)
     omask = rows[:, None] & col_sel[None, :] & diag
     tl.store(o_ptr + b * stride_ob + rq64[:, None] * stride_om + ch64[None, :] * stride_oh + cd64[None, :] * stride_od,
-             tl.full(omask.shape, float("nan"), o_ptr.dtype.element_ty), mask=omask)
+             tl.full(omask.shape, float("nan"), tl.float32).to(o_ptr.dtype.element_ty), mask=omask)
     tl.store(lse_ptr + b * stride_lb + rh64 * stride_lh + rq64 * stride_lm, tl.full(rows.shape, float("nan"),
                                                                                   tl.float32), mask=rows)
 

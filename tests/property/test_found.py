@@ -137,3 +137,13 @@ def test_rows_embed_single_weighted_position_tap(backend):
     idx, tw = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([[0.7682]])
     out = rows_embed(x, w, pos=pos, pos_idx=idx, pos_weights=tw)
     assert torch.allclose(out, x * w + pos * tw, rtol=1e-6), out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_no_keys_lowp(dtype, backend):
+    """Lk = 0 in bf16: the kernel path raised InterpreterError ("'InterpreterBuilder' object has no attribute
+    'get_bf16'") from ``tl.full(..., nan, bf16)`` in the keyless-row store, where the PyTorch path gives O = 0 (as
+    SDPA; fuzz pass, seed 101). Fixed: the NaN tile is built in fp32 and cast."""
+    q, k = torch.randn(1, 1, 1, 16).to(dtype), torch.empty(1, 1, 0, 16, dtype=dtype)
+    out = fastvlm.attention(q, k, k)
+    assert out.shape == (1, 1, 1, 16) and torch.equal(out.float(), torch.zeros(1, 1, 1, 16))
