@@ -147,3 +147,16 @@ def test_attention_no_keys_lowp(dtype, backend):
     q, k = torch.randn(1, 1, 1, 16).to(dtype), torch.empty(1, 1, 0, 16, dtype=dtype)
     out = fastvlm.attention(q, k, k)
     assert out.shape == (1, 1, 1, 16) and torch.equal(out.float(), torch.zeros(1, 1, 1, 16))
+
+
+@pytest.mark.xfail(strict=True, reason="open: the kernel path skips dropped patches (writes 0); the reference "
+                   "multiplies them by 0, so a NaN pixel in a dropped patch gives NaN (conftest.FOUND)")
+def test_patch_embed_keep_rows_drops_a_nan_patch(triton_backend, monkeypatch):
+    """keep_rows empty, one 1x1 patch with a NaN pixel: the PyTorch path (y * kept) and the property test's reference
+    give NaN, the kernel path 0 (fuzz pass, seed 101)."""
+    from fastvlm.ops.patch_embed import patch_embed
+
+    monkeypatch.setenv("FASTVLM_BACKEND", "triton")
+    x, w = torch.full((1, 1, 1, 1), math.nan), torch.tensor([[[[1.5410]]]])
+    out = patch_embed(x, w, None, keep_rows=torch.empty(0, dtype=torch.int64))
+    assert torch.isnan(out).all(), out

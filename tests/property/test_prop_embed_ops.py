@@ -16,7 +16,7 @@ from fastvlm.ops.rows_embed import rows_embed
 from fastvlm.reference.activations import act_ref
 from fastvlm.reference.projector import norm_ref
 from prop_rule import check, check_grads
-from prop_strategies import ROWS, WIDTH, dtypes, f64, laid_out, values, weight
+from prop_strategies import ROWS, WIDTH, dtypes, f64, has_specials, laid_out, values, weight
 
 PIX_LAYOUTS = ("contiguous", "channels_last", "sliced", "strided_rows", "expanded", "transposed")
 
@@ -103,7 +103,8 @@ def patch_embed_case(draw, path, grads=False):
                   eps=draw(st.sampled_from([1e-5, 1e-6])), norm_rms=norm == "rmsnorm")
         if norm == "layernorm" and draw(st.booleans()):
             kw["norm_bias"] = draw(values((D,), dtype, kinds=("normal",)))
-    if draw(st.integers(0, 3)) == 0:
+    if draw(st.integers(0, 3)) == 0 and not (path == "triton" and known("patch_embed_keep_rows_nonfinite")
+                                             and has_specials(pixels)):
         g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
         kw["keep_rows"] = torch.randperm(B * T, generator=g)[:draw(st.integers(0, B * T))].sort().values
     return dict(args=(pixels, w, b), kw=kw, dtype=dtype, k=C * p * p + D, roundings=3 + (norm != "none"))
