@@ -52,7 +52,7 @@ from fastvlm import _hot
 
 from . import _launch
 from ._interp import autotune_configs
-from .attention_tile import attend_tile, nan_unscored_rows
+from .attention_tile import attend_tile, eager_rounded_rows, nan_unscored_rows
 
 MASK_MODES = ("none", "bool", "additive")
 # fp32 dots: "tf32x3" (three TF32 MMAs, about fp32-accurate; the default) or "tf32" (when TF32 is allowed). "ieee"
@@ -134,7 +134,7 @@ def _attn_fwd_kernel(
     n_groups = tl.cdiv(H, HEADS)
     b = (pid_bh // n_groups).to(tl.int64)
     h0 = (pid_bh % n_groups) * HEADS
-    nan_rows, zero_rows = attend_tile(
+    nan_rows, zero_rows, odd_rows = attend_tile(
         b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK, LK2, D, GROUP,
         qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
         stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n,
@@ -158,6 +158,19 @@ def _attn_fwd_kernel(
                     stride_kmn, stride_amb, stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh,
                     stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, HAS_K2, PRECISION,
                     BLOCK_Q, 1, BLOCK_D, BLOCK_N, True)
+    # A row with finite statistics that stored a non-finite value met an Inf (or NaN) in V. Eager attention rounds
+    # the normalised probabilities to the input dtype before P @ V, so a probability that rounds to 0 there meets the
+    # Inf as 0 * Inf = NaN; the unnormalised P here (larger by the factor l) may not round to 0. A rare pass, one head
+    # at a time (after the head isolation, which may have stored such rows), recomputes those rows with P normalised
+    # first. Never taken on finite inputs.
+    if odd_rows or (HEADS > 1 and nan_rows):
+        eager_rounded_rows(
+            b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK, LK2, D,
+            GROUP, qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh,
+            stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n,
+            stride_k2d, stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amb,
+            stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh,
+            stride_lm, KEY_MASK, ATTN_MASK, HAS_K2, PRECISION, BLOCK_Q, HEADS, BLOCK_D, BLOCK_N)
     if KEY_MASK == "bool" or ATTN_MASK == "bool":
         # Rows whose keep-flags keep no key were stored as O = 0 (as SDPA gives); where every score before the
         # keep-flags is -inf, eager attention gives NaN (-inf + finfo.min is -inf, softmax over -inf). That needs

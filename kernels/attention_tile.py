@@ -46,16 +46,19 @@ def _mask_bias(b, FP16: tl.constexpr):
 def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, col_ok, km_base, stride_kmn,
                    am_base, stride_amn, AM_OFF, qk_scale, inv_scale,
                    KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
-                   FIXUP: tl.constexpr, SCORES_ONLY: tl.constexpr = False):
+                   FIXUP: tl.constexpr, SCORES_ONLY: tl.constexpr = False, NORM_P: tl.constexpr = False,
+                   NO_V: tl.constexpr = False):
     """Online-softmax update of (acc, m_i, l_i) over the LKS keys of one key/value source. ``k_base``/``v_base``
     [BLOCK_C] point at key 0 of each packed column (its kv head and channel); ``km_base`` at this source's key mask
     (KEY_MASK "none" for a source without one); the full mask's key index is ``AM_OFF + n`` (the second source's keys
     follow the first's in the mask, as in the concatenation it stands for).
     SCORES_ONLY (the rare ``_scored_rows`` pass): only m_i and l_i, of the scores before the keep-flags (boolean masks
     are skipped, additive ones applied), without V.
+    NORM_P (the rare ``eager_rounded_rows`` pass): m_i and l_i are the rows' final statistics and stay as given; P is
+    normalised before it is rounded to V's dtype for P @ V, as eager attention rounds its softmax output.
     """
     # FIXUP: the rare head-isolation pass, not pipelined (its buffers would raise the whole kernel's registers)
-    for n0 in tl.range(0, LKS, BLOCK_N, num_stages=1 if FIXUP or SCORES_ONLY else None):
+    for n0 in tl.range(0, LKS, BLOCK_N, num_stages=1 if FIXUP or SCORES_ONLY or NORM_P else None):
         n = n0 + tl.arange(0, BLOCK_N)
         n_ok = n < LKS
         n64 = n.to(tl.int64)
@@ -86,17 +89,31 @@ def _attend_source(acc, m_i, l_i, q, k_base, v_base, stride_kn, stride_vn, LKS, 
             kbias = tl.where(kk != 0, kbias, float("-inf"))
         s += kbias[None, :]
 
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf) = 0, no NaN
-        alpha = tl.math.exp2(m_i - m_use)
-        p = tl.math.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if not SCORES_ONLY:
+        if NORM_P:  # the final statistics: p = exp2(s - m) / l, rounded to V's dtype like eager's softmax output
+            m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+            l_use = tl.where(l_i > 0.0, l_i, 1.0)  # (rows with l = 0 or NaN are not stored by that pass)
+            p = tl.math.exp2(s - m_use[:, None]) / l_use[:, None]
+            # the probabilities that round to 0 in V's dtype, made 0 before the cast (the interpreter's bf16 cast
+            # mishandles subnormals): at or below half the smallest subnormal, 2^-25 (fp16), 2^-134 (bf16)
+            if v_base.dtype.element_ty == tl.float16:
+                p = tl.where(p <= 2.9802322387695312e-08, 0.0, p)
+            elif v_base.dtype.element_ty == tl.bfloat16:  # (scaled by 2^100: the threshold is an fp32 subnormal)
+                p = tl.where(p * 1.2676506002282294e30 <= 5.820766091346741e-11, 0.0, p)
             vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
                          other=0.0)  # [BLOCK_N, BLOCK_C]
-            acc = acc * alpha[:, None]
             acc = tl.dot(dot_operand(p.to(vt.dtype)), dot_operand(vt), acc, input_precision=PRECISION)
-        m_i = m_new
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no key yet: exp2(-inf) = 0, no NaN
+            alpha = tl.math.exp2(m_i - m_use)
+            p = tl.math.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if not (SCORES_ONLY or NO_V):  # (NO_V: the statistics with every mask, for the NORM_P pass)
+                vt = tl.load(v_base[None, :] + n64[:, None] * stride_vn, mask=n_ok[:, None] & col_ok[None, :],
+                             other=0.0)  # [BLOCK_N, BLOCK_C]
+                acc = acc * alpha[:, None]
+                acc = tl.dot(dot_operand(p.to(vt.dtype)), dot_operand(vt), acc, input_precision=PRECISION)
+            m_i = m_new
     return acc, m_i, l_i
 
 
@@ -107,23 +124,29 @@ def _attend(q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_
             stride_kmb, stride_kmn, stride_amn,
             KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, HAS_K2: tl.constexpr, PRECISION: tl.constexpr,
             BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr, FIXUP: tl.constexpr,
-            SCORES_ONLY: tl.constexpr = False):
+            SCORES_ONLY: tl.constexpr = False, NORM_P: tl.constexpr = False, m_fin=None, l_fin=None,
+            NO_V: tl.constexpr = False):
     """(acc, m_i, l_i) of the online softmax over every key: the first source, then the second (HAS_K2).
-    SCORES_ONLY: m_i and l_i of the scores before the keep-flags (see ``_attend_source``)."""
-    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    SCORES_ONLY: m_i and l_i of the scores before the keep-flags (see ``_attend_source``). NORM_P: acc = P @ V with
+    P normalised by the given final statistics ``m_fin``, ``l_fin`` and rounded to V's dtype (eager's rounding)."""
+    if NORM_P:
+        m_i = m_fin
+        l_i = l_fin
+    else:
+        m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_C), dtype=tl.float32)
     acc, m_i, l_i = _attend_source(
         acc, m_i, l_i, q, k_ptr + b * stride_kb + ckv64 * stride_kh + cd64 * stride_kd,
         v_ptr + b * stride_vb + ckv64 * stride_vh + cd64 * stride_vd, stride_kn, stride_vn, LK, col_ok,
         km_ptr + b * stride_kmb, stride_kmn, am_base, stride_amn, 0, qk_scale, inv_scale,
-        KEY_MASK, ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY)
+        KEY_MASK, ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY, NORM_P, NO_V)
     if HAS_K2:  # the second source, read in place: the concatenation is never materialised
         acc, m_i, l_i = _attend_source(
             acc, m_i, l_i, q, k2_ptr + b * stride_k2b + ckv64 * stride_k2h + cd64 * stride_k2d,
             v2_ptr + b * stride_v2b + ckv64 * stride_v2h + cd64 * stride_v2d, stride_k2n, stride_v2n, LK2, col_ok,
             km_ptr, 0, am_base, stride_amn, LK, qk_scale, inv_scale,
-            "none", ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY)
+            "none", ATTN_MASK, PRECISION, BLOCK_N, FIXUP, SCORES_ONLY, NORM_P, NO_V)
     return acc, m_i, l_i
 
 
@@ -160,11 +183,15 @@ def attend_tile(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_pt
                 stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh,
                 stride_lm, KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr, HAS_K2: tl.constexpr,
                 PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, HEADS: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_N: tl.constexpr, FIXUP: tl.constexpr, UNSCORED: tl.constexpr = False):
+                BLOCK_N: tl.constexpr, FIXUP: tl.constexpr, UNSCORED: tl.constexpr = False,
+                EAGER_P: tl.constexpr = False):
     """Attention for the HEADS packed heads h0 .. h0 + HEADS - 1 x BLOCK_Q queries (block ``pid_q``) of batch row b:
     stores O and LSE and returns (whether a stored row is NaN, whether a row was stored as O = 0). FIXUP: the
     head-isolation pass (one head, HEADS = 1). UNSCORED (with FIXUP): the rare pass over rows whose keep-flags keep
-    no key, which rewrites as NaN those whose every score before the keep-flags is -inf (``_nan_unscored_rows``)."""
+    no key, which rewrites as NaN those whose every score before the keep-flags is -inf (``_nan_unscored_rows``).
+    EAGER_P (with FIXUP): the rare pass over tiles with a non-finite output row, which rewrites those rows with P
+    normalised before it is rounded to V's dtype, as eager attention computes P @ V (``_store_eager_rounded``).
+    Returns a third flag: whether the stored tile may hold a non-finite value (then the EAGER_P pass runs)."""
     BLOCK_M: tl.constexpr = BLOCK_Q * HEADS
     BLOCK_C: tl.constexpr = HEADS * BLOCK_D
 
@@ -198,18 +225,54 @@ def attend_tile(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_pt
                             qk_scale, inv_scale, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
                             stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d, stride_v2b,
                             stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amn, KEY_MASK,
-                            ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N, FIXUP, UNSCORED)
+                            ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N, FIXUP, UNSCORED,
+                            NO_V=EAGER_P)
     if UNSCORED:
         _nan_unscored_rows(m_i, l_i, row_ok, col_ok, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr, km_ptr, am_base,
                            LK, LK2, stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om, stride_oh, stride_od,
                            stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, BLOCK_M, BLOCK_N)
         zero_rows = row_ok != row_ok  # (none)
+        odd = False
+    elif EAGER_P:
+        _store_eager_rounded(acc, m_i, l_i, q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_base,
+                             LK, LK2, qk_scale, inv_scale, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb,
+                             stride_vh, stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d,
+                             stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amn,
+                             row_ok, diag, rq64, ch64, o_ptr, stride_ob, stride_om, stride_oh, stride_od, KEY_MASK,
+                             ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N)
+        zero_rows = row_ok != row_ok  # (none)
+        odd = False
     else:
-        zero_rows = _finish(acc, m_i, l_i, row_ok, col_ok, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr, km_ptr,
-                            am_base, LK, LK2, stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om, stride_oh,
-                            stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, BLOCK_M, BLOCK_N)
+        zero_rows, odd = _finish(acc, m_i, l_i, row_ok, col_ok, diag, b, rq64, rh64, ch64, cd64, o_ptr, lse_ptr,
+                                 km_ptr, am_base, LK, LK2, stride_kmb, stride_kmn, stride_amn, stride_ob, stride_om,
+                                 stride_oh, stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK, ATTN_MASK, BLOCK_M,
+                                 BLOCK_N)
     return (tl.max(((l_i != l_i) & row_ok).to(tl.int32), axis=0) > 0,
-            tl.max(zero_rows.to(tl.int32), axis=0) > 0)
+            tl.max(zero_rows.to(tl.int32), axis=0) > 0, odd)
+
+
+@triton.jit
+def _store_eager_rounded(acc, m_i, l_i, q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_base, LK,
+                         LK2, qk_scale, inv_scale, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
+                         stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d, stride_v2b, stride_v2h,
+                         stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amn, row_sel, diag, rq64, ch64, o_ptr,
+                         stride_ob, stride_om, stride_oh, stride_od, KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr,
+                         HAS_K2: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_N: tl.constexpr):
+    """One head's tile (HEADS = 1) whose scores gave the statistics (m_i, l_i; ``acc`` is not formed): its rows with
+    finite statistics are recomputed with P normalised by the final statistics before it is rounded to V's dtype, and
+    stored (a finite row changes by a rounding only). That is where eager attention rounds its softmax output:
+    a probability that rounds to 0 there meets an Inf value as 0 * Inf = NaN, which the unnormalised P of the online
+    softmax (larger by the factor l) can miss. Other rows (no key, NaN) keep what ``_finish`` stored."""
+    rows = row_sel & (l_i > 0.0) & (l_i < float("inf"))  # (a NaN l fails both)
+    acc2, m_i, l_i = _attend(q, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, b, ckv64, cd64, col_ok, am_base, LK, LK2,
+                             qk_scale, inv_scale, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh,
+                             stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d, stride_v2b,
+                             stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amn, KEY_MASK,
+                             ATTN_MASK, HAS_K2, PRECISION, BLOCK_M, BLOCK_C, BLOCK_N, True, False, True, m_i, l_i)
+    omask = rows[:, None] & col_ok[None, :] & diag
+    tl.store(o_ptr + b * stride_ob + rq64[:, None] * stride_om + ch64[None, :] * stride_oh + cd64[None, :] * stride_od,
+             acc2.to(o_ptr.dtype.element_ty), mask=omask)
 
 
 @triton.jit
@@ -221,7 +284,9 @@ def _finish(acc, m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_
     l_i == 0: no key with a finite score. O = 0 and LSE = -inf where the keep-flag masks (or Lk + Lk2 = 0) leave the
     row no key at all, as SDPA gives; NaN where the row kept keys that all score -inf (softmax over -inf, as eager
     gives). The rows are stored first (0 / -inf) and the rare NaN rows rewritten after, so the accumulator is dead
-    while their masks are read. Returns the rows stored as O = 0 ([BLOCK_M] bool)."""
+    while their masks are read. Returns the rows stored as O = 0 ([BLOCK_M] bool) and whether the tile holds a
+    non-finite value (an Inf or NaN in V, or a NaN row; ``_store_eager_rounded`` rewrites the rows with finite
+    statistics among them)."""
     empty = l_i == 0.0
     o = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * _LN2)
@@ -231,6 +296,10 @@ def _finish(acc, m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_
     lse_ptrs = lse_ptr + b * stride_lb + rh64 * stride_lh + rq64 * stride_lm
     tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=omask)
     tl.store(lse_ptrs, lse, mask=row_sel)
+    # one sum over the tile, non-finite when a value is (or, harmlessly, when the sum overflows): a cheap trigger of
+    # the rare pass, which looks at each row's own head's values
+    total = tl.sum(tl.sum(o, axis=1), axis=0)
+    odd = (total != total) | (tl.abs(total) == float("inf"))
     empty = empty & row_sel
     if tl.max(empty.to(tl.int32), axis=0) > 0:
         if KEY_MASK == "bool" or ATTN_MASK == "bool":
@@ -238,10 +307,12 @@ def _finish(acc, m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd64, o_
                                                  KEY_MASK, ATTN_MASK, BLOCK_M, BLOCK_N) != 0)
         else:
             nan_rows = empty & (LK + LK2 > 0)
-        tl.store(o_ptrs, tl.full(omask.shape, float("nan"), o_ptr.dtype.element_ty), mask=omask & nan_rows[:, None])
+        # (an fp32 NaN tile, cast: the interpreter cannot build a bf16 constant tile)
+        tl.store(o_ptrs, tl.full(omask.shape, float("nan"), tl.float32).to(o_ptr.dtype.element_ty),
+                 mask=omask & nan_rows[:, None])
         tl.store(lse_ptrs, tl.full(nan_rows.shape, float("nan"), tl.float32), mask=nan_rows)
         empty = empty & ~nan_rows
-    return empty
+    return empty, odd
 
 
 @triton.jit
@@ -257,7 +328,7 @@ def _nan_unscored_rows(m_i, l_i, row_sel, col_sel, diag, b, rq64, rh64, ch64, cd
     rows = row_sel & keyless & (m_i == float("-inf")) & (l_i == l_i) & (LK + LK2 > 0)
     omask = rows[:, None] & col_sel[None, :] & diag
     tl.store(o_ptr + b * stride_ob + rq64[:, None] * stride_om + ch64[None, :] * stride_oh + cd64[None, :] * stride_od,
-             tl.full(omask.shape, float("nan"), o_ptr.dtype.element_ty), mask=omask)
+             tl.full(omask.shape, float("nan"), tl.float32).to(o_ptr.dtype.element_ty), mask=omask)
     tl.store(lse_ptr + b * stride_lb + rh64 * stride_lh + rq64 * stride_lm, tl.full(rows.shape, float("nan"),
                                                                                   tl.float32), mask=rows)
 
@@ -281,3 +352,25 @@ def nan_unscored_rows(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr,
             stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amb, stride_amh,
             stride_amm, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh, stride_lm,
             KEY_MASK, ATTN_MASK, HAS_K2, PRECISION, BLOCK_Q, 1, BLOCK_D, BLOCK_N, True, True)
+
+
+@triton.jit(noinline=True)
+def eager_rounded_rows(b, h0, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK,
+                       LK2, D, GROUP, qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb,
+                       stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b,
+                       stride_k2h, stride_k2n, stride_k2d, stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb,
+                       stride_kmn, stride_amb, stride_amh, stride_amm, stride_amn, stride_ob, stride_om, stride_oh,
+                       stride_od, stride_lb, stride_lh, stride_lm, KEY_MASK: tl.constexpr, ATTN_MASK: tl.constexpr,
+                       HAS_K2: tl.constexpr, PRECISION: tl.constexpr, BLOCK_Q: tl.constexpr, HEADS: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The rare pass over a tile that stored a non-finite value in a row with finite statistics (a called function,
+    not inlined, as ``nan_unscored_rows``): each of the HEADS heads at a time, those rows again with P normalised
+    before it is rounded to V's dtype, as eager attention computes P @ V (``_store_eager_rounded``)."""
+    for hh in tl.range(0, HEADS, disable_licm=True):
+        attend_tile(
+            b, h0 + hh, pid_q, q_ptr, k_ptr, v_ptr, k2_ptr, v2_ptr, km_ptr, am_ptr, o_ptr, lse_ptr, H, LQ, LK, LK2, D,
+            GROUP, qk_scale, inv_scale, stride_qb, stride_qh, stride_qm, stride_qd, stride_kb, stride_kh, stride_kn,
+            stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, stride_k2b, stride_k2h, stride_k2n, stride_k2d,
+            stride_v2b, stride_v2h, stride_v2n, stride_v2d, stride_kmb, stride_kmn, stride_amb, stride_amh,
+            stride_amm, stride_amn, stride_ob, stride_om, stride_oh, stride_od, stride_lb, stride_lh, stride_lm,
+            KEY_MASK, ATTN_MASK, HAS_K2, PRECISION, BLOCK_Q, 1, BLOCK_D, BLOCK_N, True, False, True)

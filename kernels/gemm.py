@@ -35,9 +35,10 @@ from .activations import ACTIVATIONS, apply_act
 from .gemm_configs import GEMM_CONFIGS, _prune_configs, _triton_configs  # noqa: F401  (GEMM_CONFIGS re-exported)
 from .gemm_loads import _load_a_tile, _prologue_norm
 from .gemm_tma_plan import make_call as tma_call, tma_core_reason
+from .gemm_still import _still_frames_tile
 
 
-@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "A_MODE", "GATED", "NORM", "ACT", "HAS_AFFINE", "PIX_MASK"],
+@triton.autotune(configs=autotune_configs(_triton_configs()), key=["M_BUCKET", "N", "K", "A_MODE", "GATED", "NORM", "ACT", "HAS_AFFINE", "PIX_MASK", "STILL_T"],
                  prune_configs_by={"early_config_prune": _prune_configs})
 @triton.heuristics({
     "NORM_ALIGNED": lambda args: args["NORM"] != "none" and args["NORM_GROUP"] % args["BLOCK_K"] == 0,
@@ -47,7 +48,7 @@ from .gemm_tma_plan import make_call as tma_call, tma_core_reason
 def _fused_linear_kernel(
     a_ptr,  # [M, K]
     w_ptr,  # [N, K]
-    wu_ptr,  # [N, K] up weight of the gated pair (GATED), else unused
+    wu_ptr,  # [N, K] up weight of the gated pair (GATED); [N, STILL_T * K] the full kernel over time (STILL_T)
     bias_ptr,  # [N] (HAS_BIAS)
     bu_ptr,  # [N] bias of the up weight (GATED and HAS_BIAS)
     res_ptr,  # [M, N] residual (HAS_RES)
@@ -65,8 +66,8 @@ def _fused_linear_kernel(
     plim_ptr,  # [M] int32 (rows << 16 | cols) of patch m that lie inside its image (PIX_MASK)
     pk_ptr,  # [K] int32 (ki << 16 | kj) position of column k inside a patch (PIX_MASK)
     pos_ptr,  # [L, N] position table (HAS_POS)
-    pos_rows_ptr,  # [M, POS_TAPS] int64 rows of the position table for each output row (HAS_POS)
-    pos_w_ptr,  # [M, POS_TAPS] fp32 weight of each of those rows (HAS_POS and POS_TAPS > 1): interpolated tables
+    pos_rows_ptr,  # [M] or [M, POS_TAPS] int64 rows of the position table for each output row (HAS_POS)
+    pos_w_ptr,  # [M, POS_TAPS] fp32 weight of each of those rows (HAS_POS and POS_TAPS > 0): interpolated tables
     out_rows_ptr,  # [M] int64 destination row of each output row (OUT_REMAP): leaves room for class tokens
     M, N, K, M_BUCKET, Q, D_SRC,
     stride_am, stride_ak, stride_wn, stride_wk, stride_wun, stride_wuk,
@@ -77,6 +78,7 @@ def _fused_linear_kernel(
     NORM_ALIGNED: tl.constexpr, NORM_SRC: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr, STORE_PRE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STILL_T: tl.constexpr = 0,
 ):
     # grouped program order: GROUP_M row-tiles share each column-tile of W while it is in L2
     pid = tl.program_id(0)
@@ -125,12 +127,14 @@ def _fused_linear_kernel(
         if GATED:
             wu = tl.load(wu_ptr + rk64[:, None] * stride_wuk + rn64[None, :] * stride_wun, mask=wmask, other=0.0)
             acc_up = tl.dot(dot_operand(a), dot_operand(wu), acc_up, input_precision=PRECISION)
+    if STILL_T > 0:  # a non-finite value in the tile: see the end
+        still_odd = tl.max(tl.max(((acc != acc) | (tl.abs(acc) == float("inf"))).to(tl.int32), axis=1), axis=0) > 0
 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     omask = mask_m[:, None] & mask_n[None, :]
     if HAS_POS:
-        if POS_TAPS == 1:
+        if POS_TAPS == 0:  # a plain lookup (no weights; a single weighted tap takes the loop)
             prow = tl.load(pos_rows_ptr + rm64, mask=mask_m, other=0)
             acc += tl.load(pos_ptr + prow[:, None] * stride_pos + rn64[None, :], mask=omask, other=0.0).to(tl.float32)
         else:  # sum_t w[m, t] * pos[rows[m, t]] (Qwen3-VL's bilinear / bicubic table resampling), fp32
@@ -158,6 +162,15 @@ def _fused_linear_kernel(
                        mask=omask, other=0.0).to(tl.float32)
     tl.store(out_ptr + orow[:, None] * stride_om + rn64[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=omask)
+    if STILL_T > 0:
+        # Still images: A read one frame against the time-summed kernel. With an Inf pixel x0 * (W0 + W1) can be Inf
+        # where the original's x0 * W0 + x0 * W1 is NaN, so a tile that met a non-finite value (never on finite
+        # inputs short of overflow) is computed again the original's way, every frame against its own kernel, in a
+        # called function (the main tile's registers stay as they were), and stored over.
+        if still_odd:
+            _still_frames_tile(pid_m, pid_n, a_ptr, rows_ptr, wu_ptr, bias_ptr, pos_ptr, pos_rows_ptr, pos_w_ptr,
+                               out_ptr, M, N, K, stride_ak, stride_wun, stride_wuk, stride_om, stride_on, stride_pos,
+                               HAS_BIAS, HAS_POS, POS_TAPS, STILL_T, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
 
 
 def _check(cond, msg):
@@ -181,7 +194,8 @@ def logical_k(a, a_rows, a_mode, a_cols=None):
 def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=None, residual=None,
                  norm="none", norm_group=None, mean=None, rstd=None, norm_weight=None, norm_bias=None, norm_src=False,
                  a_rows=None, a_mode="strided", a_cols=None, col_scale=None, col_shift=None, pix_limits=None,
-                 pix_cols=None, pos=None, pos_rows=None, pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None, memo=None):
+                 pix_cols=None, pos=None, pos_rows=None, pos_weights=None, out_rows=None, store_pre=False, out_dtype=None, precision=None, config=None, out=None, pre=None, memo=None,
+                 still_frames=0, full_weight=None):
     """Launch the fused GEMM. Returns ``out`` or ``(out, pre)`` when ``store_pre``.
 
     ``a_mode``/``a_rows``: how the logical A [M, K] is read from ``a`` (see ``_load_a_tile``); with a row table,
@@ -196,6 +210,10 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
     ``out`` / ``pre``: optional preallocated [M, N] outputs (any strides), written in place.
     With a gated pair and ``store_pre``, ``pre`` is [M, 2N] in the layout of one Linear whose output is chunked into
     (up, gate) halves, as Aya Vision's SwiGLU does: ``pre[:, :N]`` = up pre-activation, ``pre[:, N:]`` = gate.
+    ``still_frames`` = T > 1 with ``full_weight`` [N, T * K] (the kernel before its sum over time): still images,
+    "separable" with ``a_rows`` the element offsets of X's rows and ``a_cols`` the first frame's columns, ``weight``
+    the time-summed kernel; a tile that meets a non-finite value is computed again against ``full_weight`` over
+    every frame (columns ``a_rows[m] + j * a.stride(1)``), so NaN and Inf land where the original's do.
     ``config``: an explicit (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tuple that bypasses the autotuner
     (tests use it to cover every tile shape under the interpreter).
     ``memo``: a one-element list an op keeps for this call site under its own checked key (which fixes every
@@ -209,20 +227,22 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
         if out is None and not store_pre and call.plan is not None:  # the repeat path of an op's call site
             M, N, out_dtype, _, device = call.info
             out = torch.empty(M, N, dtype=out_dtype, device=device)  # (ints, not a tuple: a faster parse)
-            call.launch((a, weight, up_weight, bias, up_bias, residual, out, None, None, mean, rstd, norm_weight,
+            call.launch((a, weight, up_weight if full_weight is None else full_weight, bias, up_bias, residual, out,
+                         None, None, mean, rstd, norm_weight,
                          norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
                          pos_weights if pos is not None else None, out_rows))
             return out
-        return _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias,
-                    a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows,
-                    store_pre)
+        return _run(call, a, weight, bias, up_weight if full_weight is None else full_weight, up_bias, residual, out,
+                    pre, mean, rstd, norm_weight, norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols,
+                    pos, pos_rows, pos_weights, out_rows, store_pre)
     if precision is None:
         precision = _hot.fp32_precision() if a.dtype == torch.float32 else "ieee"  # (16-bit dots ignore it)
     if config is not None:
         config = tuple(config)
-    key = (act, norm, norm_group, norm_src, a_mode, store_pre, out_dtype, precision, config, _launch.tensors_key(a.device, (
+    key = (act, norm, norm_group, norm_src, a_mode, store_pre, out_dtype, precision, config, still_frames,
+           full_weight is not None, _launch.tensors_key(a.device, (
         a, weight, up_weight, bias, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias, a_rows, a_cols,
-        col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows)))
+        col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows, full_weight)))
     call = _CALLS.get(key)
     if call is None:  # a new shape key: full validation and a launch plan (the same checks pass for the same key)
         call = _prepare(a, weight, bias, act=act, up_weight=up_weight, up_bias=up_bias, residual=residual,
@@ -230,13 +250,14 @@ def fused_linear(a, weight, bias=None, *, act="none", up_weight=None, up_bias=No
                         norm_bias=norm_bias, norm_src=norm_src, a_rows=a_rows, a_mode=a_mode, a_cols=a_cols,
                         col_scale=col_scale, col_shift=col_shift, pix_limits=pix_limits, pix_cols=pix_cols, pos=pos,
                         pos_rows=pos_rows, pos_weights=pos_weights, out_rows=out_rows, store_pre=store_pre,
-                        out_dtype=out_dtype, precision=precision, config=config, out=out, pre=pre)
+                        out_dtype=out_dtype, precision=precision, config=config, out=out, pre=pre,
+                        still_frames=still_frames, full_weight=full_weight)
         _launch.remember(_CALLS, key, call)
     if memo is not None:
         memo[0] = call
-    return _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias,
-                a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows, pos_weights, out_rows,
-                store_pre)
+    return _run(call, a, weight, bias, up_weight if full_weight is None else full_weight, up_bias, residual, out, pre,
+                mean, rstd, norm_weight, norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos,
+                pos_rows, pos_weights, out_rows, store_pre)
 
 
 def _run(call, a, weight, bias, up_weight, up_bias, residual, out, pre, mean, rstd, norm_weight, norm_bias, a_rows,
@@ -273,7 +294,7 @@ _CALLS = {}
 
 def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_group, mean, rstd, norm_weight,
              norm_bias, norm_src, a_rows, a_mode, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
-             pos_weights, out_rows, store_pre, out_dtype, precision, config, out, pre):
+             pos_weights, out_rows, store_pre, out_dtype, precision, config, out, pre, still_frames=0, full_weight=None):
     """Validate a new shape key of ``fused_linear`` (ValueError naming the argument at fault) and plan its launch."""
     import torch
 
@@ -312,6 +333,14 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
     _check(norm in NORMS, f"fused_linear: unknown norm {norm!r}")
     N = weight.shape[0]
     gated = up_weight is not None
+    still = int(still_frames or 0)
+    _check((still > 1) == (full_weight is not None) and (not still or (
+        a_mode == "separable" and not gated and act == "none" and norm == "none" and col_scale is None
+        and residual is None and not store_pre and out_rows is None and a.dim() == 2
+        and full_weight.shape == (N, still * K) and full_weight.dtype == weight.dtype
+        and full_weight.device == weight.device)),
+        f"fused_linear: still_frames T > 1 comes with full_weight [{N}, T * {K}] of weight's dtype, a 'separable' "
+        "2-D a and no activation, norm, affine, gate, residual, pre or out_rows")
     if gated:
         _check(up_weight.shape == weight.shape, f"fused_linear: up_weight must be {tuple(weight.shape)}, got {tuple(up_weight.shape)}")
         _check((bias is None) == (up_bias is None), "fused_linear: give both bias and up_bias, or neither")
@@ -338,7 +367,7 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
                "fused_linear: out_rows needs a preallocated 2-D out with N columns and out_rows [M]")
     elif out is not None:
         _check(out.shape == (M, N) and out.device == a.device, f"fused_linear: out must be [{M}, {N}] on {a.device}")
-    taps = 1
+    taps = 0  # 0: pos_rows [M] without weights, a plain lookup
     if pos is not None and pos_weights is not None:
         taps = pos_weights.shape[-1]
         _check(pos_weights.shape == (M, taps) and pos_weights.dtype == torch.float32 and pos_weights.is_contiguous()
@@ -363,13 +392,14 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
     # integer arguments; strides the variant does not read are None
     ints = (M, N, K, _launch.next_pow2(M), a_rows.shape[1] if uses_q else None, a.shape[1] if a_mode == "concat" else None,
             a.stride(0), a.stride(1) if a.dim() > 1 else 1, weight.stride(0), weight.stride(1),
-            up_weight.stride(0) if gated else None, up_weight.stride(1) if gated else None,
+            (up_weight if gated else full_weight).stride(0) if gated or still else None,
+            (up_weight if gated else full_weight).stride(1) if gated or still else None,
             residual.stride(0) if residual is not None else None, residual.stride(1) if residual is not None else None,
             out_strides[0], out_strides[1], pre_strides[0], pre_strides[1], pos.stride(0) if pos is not None else None,
             norm_group if norm != "none" else K)
     flags = (col_scale is not None, pix_limits is not None, pos is not None, taps, out_rows is not None, a_mode, norm,
              norm_bias is not None, bool(norm_src), bias is not None, act, gated, residual is not None,
-             bool(store_pre), precision)
+             bool(store_pre), precision, still)
     if config is None:  # the Hopper core (kernels/gemm_tma.py) where the layout allows; why not: gemm_tma_plan
         why = tma_core_reason(a, weight, flags, out_dtype, ints[-1])
         if not why:
@@ -383,7 +413,8 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
             if store_pre and pre is None:
                 pre = torch.empty((M, pre_width), device=a.device, dtype=out_dtype)
         pre_gate, pre_up = ((pre[:, N:], pre[:, :N]) if gated else (pre, None)) if store_pre else (None, None)
-        args = (a, weight, up_weight, bias, up_bias, residual, out, pre_gate, pre_up, mean, rstd, norm_weight,
+        args = (a, weight, up_weight if full_weight is None else full_weight, bias, up_bias, residual, out, pre_gate,
+                pre_up, mean, rstd, norm_weight,
                 norm_bias, a_rows, a_cols, col_scale, col_shift, pix_limits, pix_cols, pos, pos_rows,
                 pos_weights if pos is not None else None, out_rows, *ints)
         plan = _gemm_plan(args, flags, config)
@@ -394,7 +425,7 @@ def _prepare(a, weight, bias, *, act, up_weight, up_bias, residual, norm, norm_g
 
 _PLANS = {}
 _FLAG_NAMES = ("HAS_AFFINE", "PIX_MASK", "HAS_POS", "POS_TAPS", "OUT_REMAP", "A_MODE", "NORM", "HAS_NORM_BIAS",
-               "NORM_SRC", "HAS_BIAS", "ACT", "GATED", "HAS_RES", "STORE_PRE", "PRECISION")
+               "NORM_SRC", "HAS_BIAS", "ACT", "GATED", "HAS_RES", "STORE_PRE", "PRECISION", "STILL_T")
 
 
 def _gemm_plan(args, flags, config):

@@ -13,8 +13,8 @@ def audit_cases():
     with the specialisation the JIT would see for contiguous 16-aligned tensors (unit inner strides become
     constexpr 1; pointers, sizes and leading strides divisible by 16): bf16 with the 16-bit rows, fp32 (tf32x3) with
     the fp32 rows, and fp32 "ieee" for the dense variant."""
-    base = dict(HAS_AFFINE=False, PIX_MASK=False, HAS_POS=False, POS_TAPS=1, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
-                GATED=False, HAS_RES=False, STORE_PRE=False)
+    base = dict(HAS_AFFINE=False, PIX_MASK=False, HAS_POS=False, POS_TAPS=0, OUT_REMAP=False, A_MODE="strided", NORM="none", HAS_NORM_BIAS=False, NORM_SRC=False, HAS_BIAS=False, ACT="none",
+                GATED=False, HAS_RES=False, STORE_PRE=False, STILL_T=0)
     variants = [
         ("linear_gelu+pre", dict(base, HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
         ("layernorm_linear_gelu", dict(base, NORM="layernorm", HAS_NORM_BIAS=True, HAS_BIAS=True, ACT="gelu")),
@@ -29,6 +29,7 @@ def audit_cases():
         ("maxpool_linear_gelu+pre", dict(base, A_MODE="max", HAS_BIAS=True, ACT="gelu", STORE_PRE=True)),
         ("im2col_bias_pos_remap", dict(base, A_MODE="separable", HAS_BIAS=True, HAS_POS=True, OUT_REMAP=True)),
         ("rows_bias_pos4", dict(base, HAS_BIAS=True, HAS_POS=True, POS_TAPS=4)),
+        ("rows_still2_bias_pos4", dict(base, A_MODE="separable", HAS_BIAS=True, HAS_POS=True, POS_TAPS=4, STILL_T=2)),
         ("im2col_uint8_affine", dict(base, A_MODE="separable", HAS_AFFINE=True, HAS_BIAS=True)),
         ("im2col_uint8_padded_navit", dict(base, A_MODE="separable", HAS_AFFINE=True, PIX_MASK=True, HAS_BIAS=True,
                                            HAS_POS=True)),
@@ -60,7 +61,8 @@ def audit_cases():
             constexprs.update(flags, PRECISION=prec, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=8,
                               NORM_ALIGNED=flags["NORM"] != "none", A_ALIGNED=flags["A_MODE"] == "concat")
             for name in ("HAS_AFFINE", "PIX_MASK", "HAS_POS", "POS_TAPS", "OUT_REMAP", "A_MODE", "A_ALIGNED", "NORM", "HAS_NORM_BIAS", "NORM_ALIGNED", "NORM_SRC", "HAS_BIAS", "ACT",
-                         "GATED", "HAS_RES", "STORE_PRE", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M"):
+                         "GATED", "HAS_RES", "STORE_PRE", "PRECISION", "BLOCK_M", "BLOCK_N", "BLOCK_K", "GROUP_M",
+                         "STILL_T"):
                 sig[name] = "constexpr"
             divisible = _PTR_ARGS + ("N", "K", "M_BUCKET", "D_SRC", "stride_am", "stride_wn", "stride_wun", "stride_rm",
                                      "stride_om", "stride_pm", "NORM_GROUP")

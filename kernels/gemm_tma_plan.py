@@ -59,11 +59,12 @@ def tma_core_reason(a, weight, flags, out_dtype, norm_group):
         return "FASTVLM_GEMM_CORE=pointer"
     if _hot.traced():  # a triton_op's body under torch.compile: wrap_triton traces pointer arguments
         return "traced by torch.compile: the pointer kernel"
-    affine, pix, pos, _, remap, a_mode, norm, _, norm_src, _, _, gated, _, _, _ = flags
+    affine, pix, pos, _, remap, a_mode, norm, _, norm_src, _, _, gated, _, _, _, still = flags
     if a_mode != "strided":
         return f"A-mode {a_mode!r} gathers rows: pointer loads"
-    if gated or pos or remap or affine or pix or norm_src:
-        return "epilogue or prologue variant outside the TMA core (gated pair, positions, remap or affine A)"
+    if gated or pos or remap or affine or pix or norm_src or still:
+        return ("epilogue or prologue variant outside the TMA core (gated pair, positions, remap, affine A or still "
+                "frames)")
     if a.dtype not in (torch.bfloat16, torch.float16) or weight.dtype != a.dtype or out_dtype != a.dtype:
         return "TMA core takes bf16/fp16 A, W and output of one dtype"
     if not _has_descriptors():

@@ -123,7 +123,7 @@ def test_misaligned_base_and_repeat(tma):
 def test_dispatch_reasons(monkeypatch):
     bf = torch.bfloat16
     a, w = torch.zeros(8, 64, dtype=bf), torch.zeros(16, 64, dtype=bf)
-    flags = (False, False, False, 1, False, "strided", "none", False, False, True, "gelu", False, False, False, "ieee")
+    flags = (False, False, False, 0, False, "strided", "none", False, False, True, "gelu", False, False, False, "ieee", 0)
     monkeypatch.setenv("FASTVLM_GEMM_CORE", "auto")
     assert tp.tma_core_reason(a, w, flags, bf, 64) == "not an sm_90 device"  # the CPU, the interpreter
     monkeypatch.setenv("FASTVLM_GEMM_CORE", "tma")

@@ -219,7 +219,7 @@ def test_rows_embed_position_taps_and_still_frames():
     with fastvlm.trace() as t:
         out = rows_embed(x, w.reshape(D, -1), b, pos=pos, pos_idx=idx, pos_weights=tw)
         still = rows_embed(x, w.float().sum(2).to(dt).reshape(D, -1), b, pos=pos, pos_idx=idx, pos_weights=tw,
-                           frames=2, chunk=q)
+                           frames=2, chunk=q, full_weight=w.reshape(D, -1))
     _only_triton(t)
     assert_close(out, ref, dt, 6 * q + 4)
     assert_close(still, ref, dt, 6 * q + 4, roundings=2)

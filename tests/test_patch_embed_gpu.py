@@ -148,7 +148,7 @@ def test_qwen3_vl_rows_with_interpolated_positions(dtype):
     with fastvlm.trace() as t:
         out = rows_embed(x, w.reshape(D, -1), b, pos=pos, pos_idx=idx, pos_weights=tw)
         still = rows_embed(x, w.float().sum(2).to(dtype).reshape(D, -1), b, pos=pos, pos_idx=idx, pos_weights=tw,
-                           frames=2, chunk=q)
+                           frames=2, chunk=q, full_weight=w.reshape(D, -1))
     assert [r.backend for r in t.records] == ["triton", "triton"]
     assert_close(out, ref, dtype, 1536 + 4)
     assert_close(still, ref, dtype, 1536 + 4, roundings=2)

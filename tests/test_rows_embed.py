@@ -49,7 +49,7 @@ def test_still_frames_equal_full_kernel(backend, dtype, monkeypatch):
     w = (torch.randn(D, C, T, q) / (C * q) ** 0.5).to(dtype)
     b = torch.randn(D).to(dtype)
     ws = w.float().sum(2).to(dtype).reshape(D, -1)
-    got = _forward(x, ws, b, None, None, None, T, q, backend=backend)
+    got = _forward(x, ws, b, None, None, None, T, q, w.reshape(D, -1), backend=backend)
     ref = x.double() @ w.reshape(D, -1).double().T + b.double()
     assert_close(got, ref, dtype, C * T * q, roundings=2)  # the summed kernel is rounded once more
     assert torch.equal(first_frame(x, T, q), frame.reshape(N, -1).to(dtype))
@@ -75,7 +75,8 @@ def test_still_gradients_of_the_summed_kernel():
     x = torch.randn(N, C, 1, q, dtype=torch.float64).expand(N, C, T, q).reshape(N, -1)
     w = torch.randn(D, C, T, q, dtype=torch.float64, requires_grad=True)
     g = torch.randn(N, D, dtype=torch.float64)
-    got, = torch.autograd.grad(rows_embed(x, w.sum(2).reshape(D, -1), frames=T, chunk=q), w, g)
+    got, = torch.autograd.grad(rows_embed(x, w.sum(2).reshape(D, -1), frames=T, chunk=q,
+                                          full_weight=w.reshape(D, -1)), w, g)
     ref, = torch.autograd.grad(x @ w.reshape(D, -1).T, w, g)
     assert rel_err(got, ref) < 1e-12
 
@@ -83,9 +84,9 @@ def test_still_gradients_of_the_summed_kernel():
 def test_opcheck_and_compile(torch_backend):
     N, K, D, L = 9, 12, 8, 6
     args = (torch.randn(N, K), torch.randn(D, K), torch.randn(D), torch.randn(L, D), torch.randint(0, L, (N, 4)),
-            torch.rand(N, 4), 0, 0)
+            torch.rand(N, 4), 0, 0, None)
     torch.library.opcheck(torch.ops.fastvlm.rows_embed.default, args)
-    still = (torch.randn(N, 2 * K), torch.randn(D, K), None, None, None, None, 2, 4)
+    still = (torch.randn(N, 2 * K), torch.randn(D, K), None, None, None, None, 2, 4, torch.randn(D, 2 * K))
     torch.library.opcheck(torch.ops.fastvlm.rows_embed.default, still)
     f = torch.compile(lambda x, w, b, p, i, t: rows_embed(x, w, b, pos=p, pos_idx=i, pos_weights=t),
                       fullgraph=True, backend="aot_eager")
@@ -104,6 +105,8 @@ def test_bad_inputs():
                    pos_weights=torch.rand(4, 1))
     with pytest.raises(ValueError, match="with frames=2 and chunk=5"):
         rows_embed(torch.randn(4, 24), w, frames=2, chunk=5)
+    with pytest.raises(ValueError, match="full_weight must be the kernel before its sum over time, \\[8, 24\\]"):
+        rows_embed(torch.randn(4, 24), w, frames=2, chunk=4)
 
 
 # --------------------------------------------------------------------------------- Qwen3-VL pairing and still mode

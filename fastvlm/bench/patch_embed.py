@@ -209,7 +209,7 @@ def _fastvlm_rows(mod, name, still):
     conv = mod.patch_embed.proj
     w = conv.weight
     ws = w.float().sum(2).to(w.dtype).reshape(w.shape[0], -1) if still else w.view(w.shape[0], -1)
-    kw = dict(frames=2, chunk=w[0, 0, 0].numel()) if still else {}
+    kw = dict(frames=2, chunk=w[0, 0, 0].numel(), full_weight=w.view(w.shape[0], -1)) if still else {}
     return lambda x, taps: rows_embed(x, ws, conv.bias, pos=mod.pos_embed.weight, pos_idx=taps[0],
                                       pos_weights=taps[1], **kw)
 

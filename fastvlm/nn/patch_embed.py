@@ -357,7 +357,8 @@ class _FusedEmbedMixin(_FusedBase):
         still = self._fastvlm_still(x, conv)
         kw = dict(pos=pos[0], pos_idx=pos[1], pos_weights=pos[2]) if pos else {}
         if still is not None:
-            out = rows_embed(x, still, conv.bias, frames=conv.kernel_size[0], chunk=w[0, 0, 0].numel(), **kw)
+            out = rows_embed(x, still, conv.bias, frames=conv.kernel_size[0], chunk=w[0, 0, 0].numel(),
+                             full_weight=w.view(D, -1), **kw)
         else:
             out = rows_embed(x, w.view(D, -1), conv.bias, **kw)
         if call is not None:

@@ -61,13 +61,9 @@ KNOWN = {}  # issue 14's known bugs: all fixed and merged (tests/property/test_k
 # tests/property/test_found.py (strict xfail while open). The property tests steer clear of each region while
 # its key is here; delete the key once the fix is merged.
 FOUND = {
-    "rows_embed_still_inf": "rows_embed still-frames mode with an Inf pixel: x0 * (W0 + W1) is Inf where the original's "
-                            "x0 * W0 + x0 * W1 is NaN (Inf - Inf)",
-    "attention_lowp_v_inf": "fp16/bf16 attention with an Inf value: eager rounds the normalised probabilities to the "
-                            "input dtype before P @ V (a probability rounded to 0 meets Inf as 0 * Inf = NaN); the "
-                            "PyTorch path does the same, the kernel rounds its unnormalised probabilities, so it can "
-                            "give Inf where only the normalised one underflows. Found by longer fuzz runs (400 "
-                            "examples, seed 11); README Limitations",
+    "patch_embed_keep_rows_nonfinite": "patch_embed keep_rows, kernel path: a dropped patch with a NaN/Inf pixel gives "
+                                       "0 (the kernel skips dropped rows) where the reference (y * kept) gives NaN; "
+                                       "found by the fuzz pass, seed 101; open (is y * kept the right original?)",
 }
 
 

@@ -37,19 +37,34 @@ def test_rows_embed_still_frames_with_no_rows(backend):
     """Still-frames mode with 0 patch rows: the PyTorch path raised "cannot reshape tensor of 0 elements into shape
     [0, -1, 2, 1]" (fastvlm/ops/rows_embed.py ``first_frame``); the kernel path returns [0, D]."""
     w = torch.randn(5, 3 * 4)
-    assert rows_embed(torch.empty(0, 3 * 2 * 4), w, frames=2, chunk=4).shape == (0, 5)
+    assert rows_embed(torch.empty(0, 3 * 2 * 4), w, frames=2, chunk=4, full_weight=torch.randn(5, 2 * 3 * 4)).shape \
+        == (0, 5)
 
 
-@pytest.mark.xfail(strict=True, reason="open: the opt-in still-image mode sums the two frames' kernels first "
-                   "(one rounding differs by design); non-finite pixels would need a check that synchronises")
-def test_rows_embed_still_frames_inf_pixel(backend):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rows_embed_still_frames_inf_pixel(dtype, backend):
     """Still-frames mode computes x0 @ (W0 + W1)^T where the original computes x0 W0 + x0 W1: with an Inf pixel and
-    weights of opposite signs the original gives Inf - Inf = NaN, the fused path Inf (both paths)."""
-    x = torch.full((2, 2), math.inf)  # one channel, two equal frames, one pixel per frame
-    full = torch.tensor([[1.0, -0.5]])  # the Conv3d kernel over the two frames
-    ref = torch.nn.functional.linear(x, full)
-    out = rows_embed(x, full.sum(1, keepdim=True), frames=2, chunk=1)
+    weights of opposite signs the original gives Inf - Inf = NaN (channel 0 of row 1), with one frame's weight 0
+    Inf * 0 = NaN (channel 1), where the summed kernel gave Inf (both paths; conftest.FOUND "rows_embed_still_inf").
+    Fixed: rows that come out non-finite are computed again against ``full_weight`` (kernel path: per tile in the
+    GEMM, kernels/gemm_still.py). Finite rows (0, 2) and the -Inf of channel 2 stay as they were."""
+    C, T, q, D = 2, 2, 3, 3
+    frame = torch.randn(3, C, 1, q)
+    frame[1, 0, 0, 1] = math.inf
+    x = frame.expand(3, C, T, q).reshape(3, -1).to(dtype)
+    full = torch.randn(D, C, T, q) * 0.3
+    full[0, 0, :, 1] = torch.tensor([1.0, -0.5])  # opposite signs: Inf - Inf
+    full[1, 0, :, 1] = torch.tensor([0.0, 1.0])  # Inf * 0 + Inf * 1
+    full[2, 0, :, 1] = torch.tensor([-1.0, -0.25])  # same signs: -Inf
+    full = full.to(dtype)
+    ref = torch.nn.functional.linear(x.float(), full.reshape(D, -1).float())
+    assert torch.isnan(ref[1, :2]).all() and ref[1, 2] == -math.inf
+    out = rows_embed(x, full.float().sum(2).to(dtype).reshape(D, -1), frames=T, chunk=q,
+                     full_weight=full.reshape(D, -1))
     assert torch.equal(torch.isnan(out), torch.isnan(ref)), (out, ref)
+    assert torch.equal(torch.isinf(out), torch.isinf(ref)), (out, ref)
+    fin = torch.isfinite(ref)
+    assert torch.allclose(out[fin].float(), ref[fin], atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.parametrize("where", ["k", "v"])
@@ -83,8 +98,7 @@ def test_attention_fp16_underflowing_probability_meets_inf_value(backend):
     """fp16, no mask: key 1 scores 20 below key 0, so its probability (2e-9) rounds to 0 in fp16 and eager computes
     0 * Inf = NaN for the channel where V holds Inf. The PyTorch path kept P in fp32 (2e-9 * Inf = Inf); fixed: it
     rounds P to the input dtype where eager does. The kernel rounds its unnormalised probabilities to the input dtype
-    before P @ V, which gives the same here; it can still differ where only the normalised probability underflows
-    (conftest.FOUND "attention_lowp_v_inf")."""
+    before P @ V, which gives the same here; where only the normalised one underflows see the next test."""
     q, k, v = torch.zeros(1, 1, 1, 16), torch.zeros(1, 1, 2, 16), torch.ones(1, 1, 2, 16)
     q[..., 0], k[0, 0, 1, 0], v[0, 0, 1, 0] = 1.0, -80.0, math.inf  # score: 1 * -80 / sqrt(16) = -20
     q, k, v = q.half(), k.half(), v.half()
@@ -92,3 +106,57 @@ def test_attention_fp16_underflowing_probability_meets_inf_value(backend):
     assert torch.isnan(eager[0, 0, 0, 0])
     out = fastvlm.attention(q, k, v)
     assert torch.equal(torch.isnan(out), torch.isnan(eager)), (out, eager)
+
+
+@pytest.mark.parametrize("dtype, k_low", [(torch.float16, -66.0), (torch.bfloat16, -368.0)])
+@pytest.mark.parametrize("heads", [1, 2])
+def test_attention_lowp_normalised_probability_underflows_meets_inf_value(dtype, k_low, heads, backend):
+    """Eight keys score 0 and key 8 scores k_low / 4 (-16.5 in fp16, -92 in bf16): its probability exp(s) / 8 rounds
+    to 0 in the input dtype, so eager computes 0 * Inf = NaN where V holds Inf; its unnormalised probability exp(s)
+    (the kernel's online softmax) does not round to 0, so the kernel gave Inf (conftest.FOUND "attention_lowp_v_inf",
+    found by a 400-example fuzz run, seed 11). Fixed: a tile that stores a non-finite value in a row with finite
+    statistics is recomputed with P normalised before the rounding (kernels/attention_tile.py
+    ``_store_eager_rounded``). With two packed heads, the second head's rows stay finite."""
+    q, k, v = torch.zeros(1, heads, 1, 16), torch.zeros(1, heads, 9, 16), torch.ones(1, heads, 9, 16)
+    q[..., 0], k[0, 0, 8, 0], v[0, 0, 8, 0] = 1.0, k_low, math.inf
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    eager = eager_attention_ref(q, k, v)
+    assert torch.isnan(eager[0, 0, 0, 0]) and torch.isfinite(eager[0, 0, 0, 1:]).all()
+    out = fastvlm.attention(q, k, v)
+    assert torch.equal(torch.isnan(out), torch.isnan(eager)), (out, eager)
+    assert torch.equal(torch.isinf(out), torch.isinf(eager)), (out, eager)
+    fin = torch.isfinite(eager)
+    assert torch.allclose(out[fin].float(), eager[fin].float(), atol=1e-2)
+
+
+def test_rows_embed_single_weighted_position_tap(backend):
+    """One position tap with a weight other than 1: the kernel path took the plain-lookup branch (``POS_TAPS == 1``
+    in kernels/gemm.py) and added the row unweighted (3.9157 where the original gives 3.5585). Found by the fuzz pass
+    (seed 101). Fixed: the plain lookup is ``POS_TAPS == 0`` (no weights); weighted taps, one or more, take the loop."""
+    x = w = pos = torch.tensor([[1.5410]])
+    idx, tw = torch.zeros(1, 1, dtype=torch.int64), torch.tensor([[0.7682]])
+    out = rows_embed(x, w, pos=pos, pos_idx=idx, pos_weights=tw)
+    assert torch.allclose(out, x * w + pos * tw, rtol=1e-6), out
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_attention_no_keys_lowp(dtype, backend):
+    """Lk = 0 in bf16: the kernel path raised InterpreterError ("'InterpreterBuilder' object has no attribute
+    'get_bf16'") from ``tl.full(..., nan, bf16)`` in the keyless-row store, where the PyTorch path gives O = 0 (as
+    SDPA; fuzz pass, seed 101). Fixed: the NaN tile is built in fp32 and cast."""
+    q, k = torch.randn(1, 1, 1, 16).to(dtype), torch.empty(1, 1, 0, 16, dtype=dtype)
+    out = fastvlm.attention(q, k, k)
+    assert out.shape == (1, 1, 1, 16) and torch.equal(out.float(), torch.zeros(1, 1, 1, 16))
+
+
+@pytest.mark.xfail(strict=True, reason="open: the kernel path skips dropped patches (writes 0); the reference "
+                   "multiplies them by 0, so a NaN pixel in a dropped patch gives NaN (conftest.FOUND)")
+def test_patch_embed_keep_rows_drops_a_nan_patch(triton_backend, monkeypatch):
+    """keep_rows empty, one 1x1 patch with a NaN pixel: the PyTorch path (y * kept) and the property test's reference
+    give NaN, the kernel path 0 (fuzz pass, seed 101)."""
+    from fastvlm.ops.patch_embed import patch_embed
+
+    monkeypatch.setenv("FASTVLM_BACKEND", "triton")
+    x, w = torch.full((1, 1, 1, 1), math.nan), torch.tensor([[[[1.5410]]]])
+    out = patch_embed(x, w, None, keep_rows=torch.empty(0, dtype=torch.int64))
+    assert torch.isnan(out).all(), out

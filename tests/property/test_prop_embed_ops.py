@@ -16,7 +16,7 @@ from fastvlm.ops.rows_embed import rows_embed
 from fastvlm.reference.activations import act_ref
 from fastvlm.reference.projector import norm_ref
 from prop_rule import check, check_grads
-from prop_strategies import ROWS, WIDTH, dtypes, f64, laid_out, values, weight
+from prop_strategies import ROWS, WIDTH, dtypes, f64, has_specials, laid_out, values, weight
 
 PIX_LAYOUTS = ("contiguous", "channels_last", "sliced", "strided_rows", "expanded", "transposed")
 
@@ -103,7 +103,8 @@ def patch_embed_case(draw, path, grads=False):
                   eps=draw(st.sampled_from([1e-5, 1e-6])), norm_rms=norm == "rmsnorm")
         if norm == "layernorm" and draw(st.booleans()):
             kw["norm_bias"] = draw(values((D,), dtype, kinds=("normal",)))
-    if draw(st.integers(0, 3)) == 0:
+    if draw(st.integers(0, 3)) == 0 and not (path == "triton" and known("patch_embed_keep_rows_nonfinite")
+                                             and has_specials(pixels)):
         g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 31 - 1)))
         kw["keep_rows"] = torch.randperm(B * T, generator=g)[:draw(st.integers(0, B * T))].sort().values
     return dict(args=(pixels, w, b), kw=kw, dtype=dtype, k=C * p * p + D, roundings=3 + (norm != "none"))
@@ -161,13 +162,12 @@ def rows_embed_case(draw, path, grads=False):
         C, T, q = draw(st.integers(1, 3)), draw(st.integers(2, 3)), draw(st.sampled_from([1, 4, 9]))
         if known("rows_embed_still_zero_rows"):
             assume(N > 0)
-        frame = draw(values((N, C, 1, q), dtype, kinds=("normal", "large") if known("rows_embed_still_inf")
-                            else kinds))
+        frame = draw(values((N, C, 1, q), dtype, kinds=kinds))
         x = frame.expand(N, C, T, q).reshape(N, C * T * q)
         full = draw(values((D, C, T, q), dtype, kinds=("normal",), scale=1 / math.sqrt(C * T * q)))
         w = full.sum(2).reshape(D, C * q)
         full = full.reshape(D, -1)
-        kw.update(frames=T, chunk=q)
+        kw.update(frames=T, chunk=q, full_weight=full)
         K = C * T * q
     else:
         K = draw(WIDTH)
@@ -187,9 +187,7 @@ def test_rows_embed(path):
     @budget(path, torch=60, triton=8)
     @given(c=rows_embed_case(path))
     def run(c):
-        orig = dict(full_weight=c["full"])
-        check(rows_embed, lambda *a, **k: _rows_original(*a, **k, **orig), c["args"], kwargs=c["kw"],
-              original64=lambda *a, **k: _rows_original(*a, **k, **f64(orig)), args64=f64(c["args"]),
+        check(rows_embed, _rows_original, c["args"], kwargs=c["kw"], original64=_rows_original, args64=f64(c["args"]),
               names=("x", "weight", "bias", "pos"), dtype=c["dtype"], k=c["k"], roundings=3 + bool(c["kw"].get(
                   "frames")))
 
