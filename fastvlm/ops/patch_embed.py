@@ -182,8 +182,8 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
         y = F.linear(a.to(w2.dtype), w2, bias).view(B, T, D)
         if pos is not None:
             y = y + pos[pos_rows].view(-1, T, D)
-        if keep_rows is not None:
-            y = y * _kept(keep_rows, B * T).view(B, T, 1)
+        if keep_rows is not None:  # dropped patches are 0, whatever their pixels hold (as the kernel skips them)
+            y = y.masked_fill(~_kept(keep_rows, B * T).view(B, T, 1), 0)
         out[:, first:first + T] = y
     if cls is not None:
         row = 0 if cls_first else T
@@ -199,9 +199,9 @@ def _forward(pixels, weight, bias, pos, pos_rows, cls, cls_pos, scale, shift, pa
 
 
 def _kept(keep_rows, n):
-    """[n] 0/1 mask of the kept patch rows."""
-    mask = torch.zeros(n, device=keep_rows.device)
-    mask[keep_rows] = 1.0
+    """[n] bool mask of the kept patch rows."""
+    mask = torch.zeros(n, dtype=torch.bool, device=keep_rows.device)
+    mask[keep_rows] = True
     return mask
 
 
@@ -241,7 +241,7 @@ def _backward(saved, g, patch, cls_pos, cls_first, needs, pos_len=0, eps=0.0, no
         gnb = gnb if need_nb else None
     gp = g[:, first:first + T].reshape(B * T, D)
     if keep_rows is not None:  # the other patch rows are constants (zero)
-        gp = gp * _kept(keep_rows, B * T).to(gp.dtype)[:, None]
+        gp = gp.masked_fill(~_kept(keep_rows, B * T)[:, None], 0)
     gx = gw_ = gb = gpos = gcls = None
     if need_w:
         a = im2col_ref(pixels, patch) if scale is None else _affine_patches(pixels, patch, scale, shift, image_hw)

@@ -60,11 +60,7 @@ KNOWN = {}  # issue 14's known bugs: all fixed and merged (tests/property/test_k
 # Found by this fuzzing pass (not in issue 14's list): each has a failing regression test in
 # tests/property/test_found.py (strict xfail while open). The property tests steer clear of each region while
 # its key is here; delete the key once the fix is merged.
-FOUND = {
-    "patch_embed_keep_rows_nonfinite": "patch_embed keep_rows, kernel path: a dropped patch with a NaN/Inf pixel gives "
-                                       "0 (the kernel skips dropped rows) where the reference (y * kept) gives NaN; "
-                                       "found by the fuzz pass, seed 101; open (is y * kept the right original?)",
-}
+FOUND = {}  # patch_embed_keep_rows_nonfinite: fixed (dropped patches are 0 on both paths, the op's contract)
 
 
 def known(key):

@@ -12,6 +12,7 @@ from fastvlm.ops.layout import space_to_depth_rows
 from fastvlm.ops.pool import pool_tokens
 from fastvlm.ops.rows_embed import rows_embed
 from fastvlm.reference.attention import eager_attention_ref, sdpa_attention_ref
+from fastvlm.testing import rel_err, tolerance
 
 
 @pytest.fixture(params=["torch", "triton"])
@@ -149,14 +150,28 @@ def test_attention_no_keys_lowp(dtype, backend):
     assert out.shape == (1, 1, 1, 16) and torch.equal(out.float(), torch.zeros(1, 1, 1, 16))
 
 
-@pytest.mark.xfail(strict=True, reason="open: the kernel path skips dropped patches (writes 0); the reference "
-                   "multiplies them by 0, so a NaN pixel in a dropped patch gives NaN (conftest.FOUND)")
-def test_patch_embed_keep_rows_drops_a_nan_patch(triton_backend, monkeypatch):
-    """keep_rows empty, one 1x1 patch with a NaN pixel: the PyTorch path (y * kept) and the property test's reference
-    give NaN, the kernel path 0 (fuzz pass, seed 101)."""
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_patch_embed_keep_rows_drops_a_nan_patch(path, monkeypatch):
+    """keep_rows drops the patches holding a NaN and an Inf pixel: they are 0 on both paths (the op's contract:
+    dropped patches are zero before the norm, as the kernel skips them). Found by the fuzz pass (seed 101): the
+    PyTorch path multiplied by a 0/1 mask, so NaN * 0 leaked into a dropped row. The weight's gradient is the
+    original's (Pixtral: the conv over the whole padded image, then the crop), NaN where its GEMM meets the NaN patch."""
     from fastvlm.ops.patch_embed import patch_embed
 
-    monkeypatch.setenv("FASTVLM_BACKEND", "triton")
-    x, w = torch.full((1, 1, 1, 1), math.nan), torch.tensor([[[[1.5410]]]])
-    out = patch_embed(x, w, None, keep_rows=torch.empty(0, dtype=torch.int64))
-    assert torch.isnan(out).all(), out
+    monkeypatch.setenv("FASTVLM_BACKEND", path)
+    x = torch.randn(1, 2, 4, 4)
+    x[0, 0, 0, 0], x[0, 1, 3, 3] = math.nan, math.inf  # patches 0 and 3 of a 2x2 grid of 2x2 patches
+    w = torch.randn(5, 2, 2, 2, requires_grad=True)
+    keep = torch.tensor([1, 2])
+    out = patch_embed(x, w, None, keep_rows=keep)
+    assert (out[0, 0] == 0).all() and (out[0, 3] == 0).all(), out
+    w64 = w.detach().double().requires_grad_()
+    ref = torch.nn.functional.conv2d(x.double(), w64, stride=2).flatten(2).transpose(1, 2)
+    tol = tolerance(torch.float32, 8)
+    assert rel_err(out[0, 1:3], ref[0, 1:3]) < tol
+    g = torch.randn(1, 4, 5)
+    out.backward(g)
+    ref[0, 1:3].backward(g[0, 1:3].double())
+    assert torch.equal(w.grad.isnan(), w64.grad.isnan()) and torch.equal(w.grad.isinf(), w64.grad.isinf())
+    fin = w64.grad.isfinite()
+    assert rel_err(w.grad[fin], w64.grad[fin]) < tol
