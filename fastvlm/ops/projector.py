@@ -223,6 +223,9 @@ def _forward(x, w1, b1, w2, b2, nw, nb, rows, s: Spec, save, w_up=None, b_up=Non
     if reasons is None:
         reasons = _reasons(x, w1, b1, w2, b2, nw, nb, w_up, b_up)
     auto = _checks.autocast_reasons(x.device)  # per call, never cached with the shape key
+    if s.norm != "none" and s.a_mode != "strided" and not s.norm_src and s.norm_group != _k_of(x, rows, s.a_mode):
+        auto = auto + [f"a norm over {s.norm_group}-column groups of a {s.a_mode} row (the kernels normalise a whole "
+                       "merged or pooled row, or each source row with norm_src)"]
     if auto:
         reasons = list(reasons) + auto
 

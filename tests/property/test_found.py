@@ -175,3 +175,24 @@ def test_patch_embed_keep_rows_drops_a_nan_patch(path, monkeypatch):
     assert torch.equal(w.grad.isnan(), w64.grad.isnan()) and torch.equal(w.grad.isinf(), w64.grad.isinf())
     fin = w64.grad.isfinite()
     assert rel_err(w.grad[fin], w64.grad[fin]) < tol
+
+
+def test_mlp_projector_norm_groups_of_a_merged_row(monkeypatch):
+    """A norm over groups of a concat row narrower than the row (and no ``norm_src``): the kernels normalise a whole
+    merged row or each source row only. The kernel path raised an internal ValueError from the launcher ("rstd must
+    be fp32 [2]"; fuzz pass, seed 101); it is now a kernel reason: forced Triton names it, the PyTorch path computes
+    it (checked against float64)."""
+    from fastvlm._dispatch import FastVLMFallbackError
+    from fastvlm.ops.projector import mlp_projector
+
+    x, w1 = torch.randn(3, 4), torch.randn(5, 8)
+    rows, nw = torch.tensor([[0, 2], [1, 1]]), torch.randn(2)
+    kw = dict(act="none", norm="rmsnorm", eps=1e-5, rows=rows, a_mode="concat", norm_group=2, norm_weight=nw)
+    monkeypatch.setenv("FASTVLM_BACKEND", "triton")
+    with pytest.raises(FastVLMFallbackError, match="2-column groups of a concat row"):
+        mlp_projector(x, w1, **kw)
+    monkeypatch.setenv("FASTVLM_BACKEND", "torch")
+    y = mlp_projector(x, w1, **kw)
+    a = x.double()[rows].reshape(2, 4, 2)  # merged rows in groups of 2 columns
+    a = a * torch.rsqrt(a.pow(2).mean(-1, keepdim=True) + 1e-5) * nw.double()
+    assert rel_err(y, a.reshape(2, 8) @ w1.double().T) < tolerance(torch.float32, 8, roundings=2)
