@@ -59,6 +59,7 @@ class _Fn:
 def fake(monkeypatch):
     drv, log = _Driver(), []
     monkeypatch.setattr(_launch, "INTERPRETING", False)
+    monkeypatch.setattr(_launch, "_SPECIAL", False)  # (interpreter-or-traced: the launchers read this one flag)
     monkeypatch.setattr(_launch, "_DRIVER", type("D", (), {"active": drv})())
     monkeypatch.setattr(_launch, "_hooks_active", lambda: False)
 
