@@ -31,9 +31,9 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._interp import autotune_configs, dot_operand
+from ._interp import autotune_configs
 from .gemm_configs import SMEM_BUDGET, fit_stages, smem_budget
-from .linear_norm_split import (FIN_M, FIN_N_MAX, SPLIT_CONFIGS, _linear_norm_finish_kernel,
+from .linear_norm_split import (FIN_M, FIN_N_MAX, SPLIT_CONFIGS, _linear_norm_finish_kernel, _pre_norm_tile,
                                 _linear_norm_tile_kernel)
 from fastvlm import _hot
 
@@ -120,24 +120,9 @@ def _linear_norm_body(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, lnw_ptr, lnb_ptr
         rn = n0 + tl.arange(0, BLOCK_N)
         mask_n = rn < N
         rn64 = rn.to(tl.int64)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            rk = k0 + tl.arange(0, BLOCK_K)
-            mask_k = rk < K
-            rk64 = rk.to(tl.int64)
-            a = tl.load(a_ptr + rm64[:, None] * stride_am + rk64[None, :] * stride_ak,
-                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-            w = tl.load(w_ptr + rk64[:, None] * stride_wk + rn64[None, :] * stride_wn,
-                        mask=mask_k[:, None] & mask_n[None, :], other=0.0)
-            acc = tl.dot(dot_operand(a), dot_operand(w), acc, input_precision=PRECISION)
-        omask = mask_m[:, None] & mask_n[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + rn64, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        if HAS_RES:
-            acc += tl.load(res_ptr + rm64[:, None] * stride_rm + rn64[None, :] * stride_rn,
-                           mask=omask, other=0.0).to(tl.float32)
-        tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on,
-                 acc.to(out_ptr.dtype.element_ty), mask=omask)
+        acc = _pre_norm_tile(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, rm64, mask_m, rn64, mask_n, K,
+                             stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+                             HAS_BIAS, HAS_RES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
         # the chunk's statistics, merged into the row's (Chan et al.): exact for any |mean| / std ratio
         nc = tl.minimum(N - n0, BLOCK_N).to(tl.float32)
         seen = n0 * 1.0

@@ -37,21 +37,12 @@ FIN_N_MAX = 256  # columns per program of launch 2 (the next power of two of N w
 
 
 @triton.jit
-def _linear_norm_tile_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, M, N, K, M_BUCKET,
-                             stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
-                             HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
-                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # consecutive programs share their A rows (an M tile) and walk N: A stays in L2 while W streams
-    pid = tl.program_id(0)
-    n_tiles = tl.cdiv(N, BLOCK_N)
-    pid_m = pid // n_tiles
-    pid_n = pid % n_tiles
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = rm < M
-    mask_n = rn < N
-    rm64 = rm.to(tl.int64)
-    rn64 = rn.to(tl.int64)
+def _pre_norm_tile(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, rm64, mask_m, rn64, mask_n, K,
+                   stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+                   HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of a @ w.T over the whole K, + bias + residual (fp32), stored into ``out`` as the
+    pre-norm values; returned for the caller's row statistics. Shared by the single pass and launch 1 here."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -70,6 +61,28 @@ def _linear_norm_tile_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, M
                        mask=omask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rm64[:, None] * stride_om + rn64[None, :] * stride_on, acc.to(out_ptr.dtype.element_ty),
              mask=omask)
+    return acc
+
+
+@triton.jit
+def _linear_norm_tile_kernel(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, ws_ptr, M, N, K, M_BUCKET,
+                             stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+                             HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # consecutive programs share their A rows (an M tile) and walk N: A stays in L2 while W streams
+    pid = tl.program_id(0)
+    n_tiles = tl.cdiv(N, BLOCK_N)
+    pid_m = pid // n_tiles
+    pid_n = pid % n_tiles
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = rm < M
+    mask_n = rn < N
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    acc = _pre_norm_tile(a_ptr, w_ptr, bias_ptr, res_ptr, out_ptr, rm64, mask_m, rn64, mask_n, K,
+                         stride_am, stride_ak, stride_wn, stride_wk, stride_rm, stride_rn, stride_om, stride_on,
+                         HAS_BIAS, HAS_RES, PRECISION, BLOCK_M, BLOCK_N, BLOCK_K)
     # the tile's per-row mean and M2 (fp32, from the accumulator, as the single pass takes its chunks')
     nc = tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
     tmean = tl.sum(tl.where(mask_n[None, :], acc, 0.0), axis=1) / nc
