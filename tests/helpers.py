@@ -57,3 +57,26 @@ def require_extension():
             pytest.fail(f"the CUDA extension failed to build or load: {why}")
         pytest.skip(f"CUDA extension not available: {why}")
     return _cext.load()
+
+
+def double(obj):
+    """Floating tensors in ``obj`` (nested lists, tuples, dicts) as float64: the inputs of a float64 reference."""
+    if isinstance(obj, torch.Tensor):
+        return obj.double() if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(double(o) for o in obj)
+    if isinstance(obj, dict):
+        return {k: double(v) for k, v in obj.items()}
+    return obj
+
+
+def first_output(out):
+    """The first tensor of a module's output (tuples, lists, ``last_hidden_state``)."""
+    while isinstance(out, (tuple, list)) or hasattr(out, "last_hidden_state"):
+        out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    return out
+
+
+def linear_k(module):
+    """The reduction length along the module's chain of linears (the tolerance's K)."""
+    return max(64, sum(m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)))

@@ -10,30 +10,10 @@ import torch
 
 import fastvlm
 from fastvlm.testing import FAMILIES, args_for, build
-from helpers import assert_close
+from helpers import assert_close, double as _double, first_output as _first, linear_k as _k
 
 pytestmark = pytest.mark.usefixtures("quiet_fallbacks")
 MODE = "reduce-overhead"
-
-
-def _double(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.double() if obj.is_floating_point() else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_double(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _double(v) for k, v in obj.items()}
-    return obj
-
-
-def _first(out):
-    while isinstance(out, (tuple, list)) or hasattr(out, "last_hidden_state"):
-        out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return out
-
-
-def _k(module):
-    return max(64, sum(m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)))
 
 
 def _check_module(original, fused, args, kwargs=None, fullgraph=True, train=False):

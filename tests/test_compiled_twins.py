@@ -16,7 +16,7 @@ import torch
 import fastvlm
 from fastvlm.ops import compiled
 from compiled_launch_check import op_cases
-from helpers import assert_close
+from helpers import assert_close, double as _double, first_output as _first, linear_k as _k
 
 pytestmark = pytest.mark.usefixtures("quiet_fallbacks")
 
@@ -36,27 +36,6 @@ def twins(monkeypatch, triton_backend):
     monkeypatch.setattr(compiled, "op_for", op_for)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     yield taken
-
-
-def _double(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.double() if obj.is_floating_point() else obj
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_double(o) for o in obj)
-    if isinstance(obj, dict):
-        return {k: _double(v) for k, v in obj.items()}
-    return obj
-
-
-def _first(out):
-    while isinstance(out, (tuple, list)) or hasattr(out, "last_hidden_state"):
-        out = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    return out
-
-
-def _k(module):
-    """The reduction length along the module's chain of linears (the tolerance's K)."""
-    return max(64, sum(m.in_features for m in module.modules() if isinstance(m, torch.nn.Linear)))
 
 
 def _cases(family):
